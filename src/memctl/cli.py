@@ -1,0 +1,278 @@
+"""The ``memctl`` command: one subcommand per pipeline stage.
+
+Every Snakemake rule calls exactly one of these with the stage's config subsection as
+``--settings`` JSON, so any stage can be rerun by hand with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from memctl.config import ConfigError, parse_settings
+
+log = logging.getLogger("memctl")
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory or hub id")
+    p.add_argument("--model-settings", default="{}", help="the config's `model` subsection (JSON)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+
+
+def _load(args):
+    from memctl.models import load_model, load_tokenizer
+
+    settings = parse_settings(args.model_settings)
+    _set_threads(args.threads)
+    return load_model(args.model, settings), load_tokenizer(args.model, settings), settings
+
+
+def _model_name(args) -> str:
+    from memctl.models import model_tag
+
+    settings = parse_settings(args.model_settings)
+    if settings.get("source") == "demo" and not settings.get("tag"):
+        return "demo"
+    return model_tag({**settings, "name_or_path": settings.get("name_or_path") or args.model})
+
+
+# --------------------------------------------------------------------------------------- stages
+
+
+def cmd_validate_config(args) -> None:
+    from memctl.config import load_config
+
+    cfg = load_config(args.config)
+    print(json.dumps(cfg, indent=2, sort_keys=True) if args.show else f"{args.config}: valid")
+
+
+def cmd_candidates(args) -> None:
+    from memctl.artifacts import Provenance, write_parquet
+    from memctl.config import prefix_suffix_lengths
+    from memctl.data import build_candidates
+    from memctl.models import load_tokenizer
+
+    settings = parse_settings(args.settings)
+    extract_settings = parse_settings(args.extract_settings)
+    prefix_len, suffix_len = prefix_suffix_lengths(extract_settings)
+    prov = Provenance(
+        "candidates",
+        {"candidates": settings, "prefix_len": prefix_len, "suffix_len": suffix_len},
+        {"model": args.model, "corpus": args.corpus, "path": settings.get("path")},
+    )
+    tokenizer = load_tokenizer(args.model, parse_settings(args.model_settings))
+    df, stats = build_candidates(settings, tokenizer, prefix_len, suffix_len, corpus_dir=args.corpus)
+    write_parquet(df, args.out)
+    prov.write(args.out, extra={"stats": stats})
+    log.info("wrote %d candidates to %s (%s)", len(df), args.out, stats)
+
+
+def cmd_extract(args) -> None:
+    import pandas as pd
+
+    from memctl.artifacts import Provenance
+    from memctl.extract import run_extraction, split_memorized, write_outputs
+
+    settings = parse_settings(args.settings)
+    prov = Provenance("extract", settings, {"model": args.model, "candidates": args.candidates})
+    candidates = pd.read_parquet(args.candidates)
+    model, tokenizer, _ = _load(args)
+    extraction = run_extraction(
+        model, candidates, tokenizer.pad_token_id, batch_size=int(settings.get("batch_size", 64))
+    )
+    splits = split_memorized(extraction, settings)
+    write_outputs(Path(args.out_dir), extraction, splits, prov)
+    log.info(
+        "extracted %d / %d candidates exactly; memorized train/test = %d/%d",
+        int(extraction["exact_match"].sum()), len(extraction),
+        len(splits["memorized_train"]), len(splits["memorized_test"]),
+    )
+
+
+def cmd_heldout(args) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from memctl.artifacts import Provenance, atomic_path
+    from memctl.data import heldout_texts, heldout_windows
+    from memctl.models import context_length, load_config, load_tokenizer
+
+    settings = parse_settings(args.settings)
+    prov = Provenance("heldout", settings, {"model": args.model, "corpus": args.corpus, "path": settings.get("path")})
+    model_settings = parse_settings(args.model_settings)
+    tokenizer = load_tokenizer(args.model, model_settings)
+    ctx = settings.get("context_length") or context_length(load_config(args.model, model_settings))
+    texts, sep = heldout_texts(settings, corpus_dir=args.corpus)
+    windows = heldout_windows(texts, sep, tokenizer, int(ctx), settings.get("max_windows"))
+    with atomic_path(args.out) as tmp:
+        save_file({"windows": torch.from_numpy(windows)}, str(tmp), metadata={"context_length": str(ctx)})
+    prov.write(args.out, extra={"windows": int(windows.shape[0]), "context_length": int(ctx)})
+    log.info("wrote %d held-out windows of %d tokens to %s", windows.shape[0], ctx, args.out)
+
+
+def cmd_evaluate(args) -> None:
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from memctl.artifacts import Provenance, write_parquet
+    from memctl.evaluate import evaluate_model
+
+    settings = parse_settings(args.settings)
+    prov = Provenance(
+        "evaluate",
+        dict(settings, edit=args.edit),
+        {"model": args.model, "memorized": args.memorized, "heldout": args.heldout},
+    )
+    memorized = pd.read_parquet(args.memorized)
+    heldout = load_file(args.heldout)["windows"].numpy()
+    model, tokenizer, _ = _load(args)
+    table, scores = evaluate_model(
+        model, memorized, heldout, tokenizer.pad_token_id, settings,
+        model_name=_model_name(args), edit=args.edit, method=args.method,
+    )
+    out_dir = Path(args.out_dir)
+    write_parquet(table, out_dir / "metrics.parquet")
+    write_parquet(scores, out_dir / "scores.parquet")
+    prov.write(out_dir / "metrics.parquet", out_dir / "scores.parquet")
+    log.info("metrics: %s", table.iloc[0].to_dict())
+
+
+def cmd_report(args) -> None:
+    import pandas as pd
+
+    from memctl import report
+    from memctl.artifacts import Provenance, atomic_path, write_parquet, write_text
+
+    prov = Provenance("report", {}, {f"metrics[{i}]": m for i, m in enumerate(args.metrics)})
+    metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
+    out = Path(args.out_dir)
+    outputs = [out / "results.md", out / "results.parquet"]
+    write_text(outputs[0], report.results_markdown(metrics))
+    write_parquet(metrics, outputs[1])
+    if args.by_copies:
+        by_copies = report.bucket_copies(pd.read_parquet(args.by_copies))
+        write_text(out / "extraction_by_copies.md", report.extraction_markdown(by_copies))
+        with atomic_path(out / "extraction_by_copies.png") as tmp:
+            report.plot_extraction(by_copies, tmp.with_suffix(".png"))
+            os.replace(tmp.with_suffix(".png"), tmp)
+        outputs += [out / "extraction_by_copies.md", out / "extraction_by_copies.png"]
+    prov.write(*outputs)
+    print(report.results_markdown(metrics))
+
+
+def cmd_verify(args) -> None:
+    from memctl.artifacts import SIDECAR_SUFFIX, verify
+
+    problems, checked = [], 0
+    for target in args.paths:
+        target = Path(target)
+        metas = [target.with_name(target.name + SIDECAR_SUFFIX)] if not target.is_dir() or (
+            target.with_name(target.name + SIDECAR_SUFFIX).exists()) else sorted(target.rglob("*" + SIDECAR_SUFFIX))
+        for meta in metas:
+            artifact = meta.with_name(meta.name[: -len(SIDECAR_SUFFIX)])
+            problems += verify(artifact)
+            checked += 1
+    for p in problems:
+        print(p)
+    print(f"checked {checked} artifacts: {len(problems)} problems")
+    if problems:
+        raise SystemExit(1)
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memctl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate-config", help="validate a config file against the schema")
+    p.add_argument("config")
+    p.add_argument("--show", action="store_true", help="print the config with defaults filled in")
+    p.set_defaults(func=cmd_validate_config)
+
+    p = sub.add_parser("candidates", help="build the candidate table (prefix/suffix token ids)")
+    _model_args(p)
+    p.add_argument("--corpus", default=None, help="demo corpus directory (source 'demo')")
+    p.add_argument("--settings", required=True, help="the `candidates` subsection (JSON)")
+    p.add_argument("--extract-settings", required=True, help="the `extract` subsection (for lengths)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_candidates)
+
+    p = sub.add_parser("extract", help="greedy extraction and memorized / non-memorized splits")
+    _model_args(p)
+    p.add_argument("--candidates", required=True)
+    p.add_argument("--settings", required=True, help="the `extract` subsection (JSON)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("heldout", help="held-out text as non-overlapping context windows")
+    _model_args(p)
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--settings", required=True, help="the `heldout` subsection (JSON)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_heldout)
+
+    p = sub.add_parser("evaluate", help="memorization and utility metrics of one (model, edit)")
+    _model_args(p)
+    p.add_argument("--edit", default="none")
+    p.add_argument("--method", default="Origin", help="row label in the results table")
+    p.add_argument("--memorized", required=True, help="memorized_test.parquet")
+    p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
+    p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="results tables and plots")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--by-copies", default=None, help="by_copies.parquet of the extraction stage")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("verify", help="check artifacts against their provenance checksums")
+    p.add_argument("paths", nargs="+", help="artifacts, or directories to scan for sidecars")
+    p.set_defaults(func=cmd_verify)
+
+    try:
+        from memctl.demo import cli as demo_cli
+    except ImportError:  # pragma: no cover - demo package is part of memctl
+        demo_cli = None
+    if demo_cli is not None:
+        demo_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        # Bad input: one clear line instead of a traceback deep inside a library.
+        from memctl.data import DataError
+
+        if isinstance(err, (ConfigError, DataError, FileNotFoundError)):
+            print(f"memctl {args.command}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+        raise
+
+
+if __name__ == "__main__":
+    main()

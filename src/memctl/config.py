@@ -1,0 +1,167 @@
+"""Configuration: schema validation with defaults, per-stage subsections, settings hashes.
+
+The Snakefile calls :func:`load_config` before any job is scheduled, so a wrong key, type or value
+fails at once with a message that names it. Stage commands receive their subsection as JSON
+(``--settings``), exactly the value Snakemake sees as the rule's params.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+# Prefix/suffix presets used by peers (reference facts): Pythia memorization evals, the LM
+# extraction benchmark and the pruning paper, the K-FAC paper.
+EXTRACTION_PRESETS: dict[str, tuple[int, int]] = {
+    "32/32": (32, 32),
+    "50/50": (50, 50),
+    "64/48": (64, 48),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, misspelt, of the wrong type or out of range."""
+
+
+def schema_path() -> Path:
+    return Path(str(resources.files("memctl") / "schemas" / "config.schema.yaml"))
+
+
+def load_schema() -> dict[str, Any]:
+    with open(schema_path(), encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _extend_with_defaults(validator_class):
+    """A validator that fills in ``default`` values of object properties while it validates."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator)
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    return path or "<top level>"
+
+
+def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """Return a validated copy of ``config`` with defaults filled in, or raise :class:`ConfigError`.
+
+    Every problem is reported, each with the dotted key it concerns.
+    """
+    resolved = copy.deepcopy(dict(config))
+    validator = _DefaultFillingValidator(load_schema())
+    errors = sorted(validator.iter_errors(resolved), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = []
+        for err in errors:
+            if err.validator == "additionalProperties":
+                allowed = sorted(err.schema.get("properties", {}))
+                lines.append(f"{_where(err)}: {err.message}; allowed keys: {', '.join(allowed)}")
+            else:
+                lines.append(f"{_where(err)}: {err.message}")
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
+    _check_semantics(resolved, source)
+    return resolved
+
+
+def _check_semantics(cfg: dict[str, Any], source: str) -> None:
+    """Cross-key rules that a JSON schema cannot express clearly."""
+    problems = []
+    model = cfg["model"]
+    if model["source"] != "demo" and not model.get("name_or_path"):
+        problems.append("model.name_or_path: required when model.source is not 'demo'")
+    cand = cfg["candidates"]
+    if cand["source"] in ("jsonl", "parquet", "npy") and not cand.get("path"):
+        problems.append(f"candidates.path: required when candidates.source is '{cand['source']}'")
+    if cand["source"] == "hf" and not cand.get("hf_name"):
+        problems.append("candidates.hf_name: required when candidates.source is 'hf'")
+    if cand["source"] == "demo" and model["source"] != "demo":
+        problems.append("candidates.source: 'demo' candidates need model.source 'demo'")
+    held = cfg["heldout"]
+    if held["source"] == "demo" and model["source"] != "demo":
+        problems.append("heldout.source: 'demo' held-out text needs model.source 'demo'")
+    if held["source"] in ("text", "jsonl", "parquet") and not held.get("path"):
+        problems.append(f"heldout.path: required when heldout.source is '{held['source']}'")
+    if held["source"] == "hf" and not held.get("hf_name"):
+        problems.append("heldout.hf_name: required when heldout.source is 'hf'")
+    ext = cfg["extract"]
+    if ext.get("preset") is None and (ext.get("prefix_len") is None or ext.get("suffix_len") is None):
+        problems.append("extract: set either preset or both prefix_len and suffix_len")
+    if problems:
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(problems))
+
+
+def load_config(path: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a YAML config file (or take a mapping) and validate it."""
+    if isinstance(path, Mapping):
+        return validate_config(path)
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    return validate_config(raw, source=str(path))
+
+
+def prefix_suffix_lengths(extract: Mapping[str, Any]) -> tuple[int, int]:
+    """Resolve the extraction window: explicit lengths win over the preset."""
+    if extract.get("prefix_len") is not None and extract.get("suffix_len") is not None:
+        return int(extract["prefix_len"]), int(extract["suffix_len"])
+    preset = extract.get("preset")
+    if preset not in EXTRACTION_PRESETS:
+        raise ConfigError(f"extract.preset: unknown preset {preset!r}; known: {sorted(EXTRACTION_PRESETS)}")
+    return EXTRACTION_PRESETS[preset]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def settings_hash(*parts: Any, length: int = 10) -> str:
+    """Short, stable hash of settings (and upstream hashes) used in artifact paths."""
+    digest = hashlib.sha256(canonical_json(list(parts)).encode()).hexdigest()
+    return digest[:length]
+
+
+def parse_settings(value: str | None) -> dict[str, Any]:
+    """Parse a ``--settings`` argument: inline JSON, or ``@file`` with JSON/YAML."""
+    if value is None or value == "":
+        return {}
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as err:
+            raise ConfigError(f"settings file not found: {path}") from err
+        loaded = yaml.safe_load(text)
+    else:
+        try:
+            loaded = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--settings is not valid JSON ({err}): {value[:200]}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--settings must be a JSON object, got {type(loaded).__name__}")
+    return loaded

@@ -1,0 +1,112 @@
+"""Extraction: greedy-decode every candidate's prefix, score the suffix, split memorized data.
+
+Outputs (one directory per model + candidates + settings):
+- ``extraction.parquet``: one row per candidate with prefix, suffix and generated ids, exact match,
+  matching positions, token Levenshtein distance;
+- ``memorized.parquet`` / ``nonmemorized.parquet``: the split by ``memorized_threshold``;
+- ``memorized_train.parquet`` / ``memorized_test.parquet``: a seeded split of the memorized set;
+- ``by_copies.parquet``: extraction rates by group and exposure count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from memctl import metrics
+from memctl.generation import greedy_generate
+
+OUTPUT_FILES = (
+    "extraction.parquet",
+    "memorized.parquet",
+    "nonmemorized.parquet",
+    "memorized_train.parquet",
+    "memorized_test.parquet",
+    "by_copies.parquet",
+)
+
+
+def run_extraction(
+    model, candidates: pd.DataFrame, pad_id: int, batch_size: int = 64, progress: bool = True
+) -> pd.DataFrame:
+    """Per-candidate generations and scores (the candidates' columns plus the score columns)."""
+    prefixes = [list(map(int, p)) for p in candidates["prefix_ids"]]
+    suffixes = [list(map(int, s)) for s in candidates["suffix_ids"]]
+    lengths = {len(s) for s in suffixes}
+    if len(lengths) != 1:
+        raise ValueError(f"candidates have suffixes of several lengths {sorted(lengths)}; expected one")
+    n_new = lengths.pop()
+    generated = greedy_generate(model, prefixes, n_new, pad_id, batch_size=batch_size, progress=progress)
+    scores = metrics.score_generations(generated, suffixes)
+    out = candidates.reset_index(drop=True).copy()
+    out["generated_ids"] = [row.astype(np.int64) for row in generated]
+    return pd.concat([out, scores], axis=1)
+
+
+def split_memorized(
+    extraction: pd.DataFrame, settings: Mapping[str, Any]
+) -> dict[str, pd.DataFrame]:
+    """Memorized / non-memorized sets and the seeded train/test split of the memorized set."""
+    threshold = float(settings.get("memorized_threshold", 1.0))
+    min_unique = int(settings.get("min_unique_tokens", 0))
+    diverse = pd.Series(True, index=extraction.index)
+    if min_unique:
+        diverse = [
+            len(set(map(int, p)) | set(map(int, s))) >= min_unique
+            for p, s in zip(extraction["prefix_ids"], extraction["suffix_ids"])
+        ]
+        diverse = pd.Series(diverse, index=extraction.index)
+    is_mem = (extraction["frac_match"] >= threshold) & diverse
+    memorized = extraction[is_mem].reset_index(drop=True)
+    nonmemorized = extraction[~is_mem & diverse].reset_index(drop=True)
+    rng = np.random.default_rng(int(settings.get("split_seed", 42)))
+    perm = rng.permutation(len(memorized))
+    n_test = int(round(len(memorized) * float(settings.get("test_fraction", 0.25))))
+    if len(memorized) >= 2:
+        n_test = min(max(n_test, 1), len(memorized) - 1)
+    test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    return {
+        "memorized": memorized,
+        "nonmemorized": nonmemorized,
+        "memorized_train": memorized.iloc[train_idx].reset_index(drop=True),
+        "memorized_test": memorized.iloc[test_idx].reset_index(drop=True),
+    }
+
+
+def rates_by_copies(extraction: pd.DataFrame) -> pd.DataFrame:
+    """Exact and fractional extraction by group and exposure count (the memorization curve)."""
+    rows = []
+    for (group, copies), part in extraction.groupby(["group", "copies"], sort=True):
+        rows.append(
+            {
+                "group": group,
+                "copies": int(copies),
+                "n": int(len(part)),
+                "exact_er": metrics.exact_er(part),
+                "fractional_er": metrics.fractional_er(part),
+                "loose_accuracy": metrics.loose_accuracy(part),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_outputs(out_dir: Path, extraction: pd.DataFrame, splits: dict[str, pd.DataFrame], prov) -> None:
+    from memctl.artifacts import write_parquet
+
+    paths = []
+    tables = {"extraction": extraction, **splits, "by_copies": rates_by_copies(extraction)}
+    for name, df in tables.items():
+        path = out_dir / f"{name}.parquet"
+        write_parquet(df, path)
+        paths.append(path)
+    prov.write(
+        *paths,
+        extra={
+            "counts": {k: int(len(v)) for k, v in splits.items()},
+            "exact_er_all_candidates": metrics.exact_er(extraction),
+        },
+    )

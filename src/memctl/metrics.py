@@ -1,0 +1,92 @@
+"""Every memorization and utility metric, defined once (see shared/notes/reference-facts.md).
+
+- Exact ER = strict accuracy: share of examples whose whole generated suffix equals the true suffix.
+- Fractional ER: share of suffix positions whose generated id equals the true id, position-wise with
+  no alignment, pooled over all positions of all examples.
+- Levenshtein: token-level edit distance ``d`` between id lists (rapidfuzz); normalised ``d/|S|``
+  with ``|S|`` the true suffix length. Loose accuracy: share with ``1 - d/|S| >= 0.75``.
+- Perplexity: ``exp`` of the mean token NLL pooled over all tokens (corpus perplexity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from rapidfuzz.distance import Levenshtein
+
+LOOSE_THRESHOLD = 0.75
+COPY_THRESHOLD = 0.95
+
+
+def position_matches(generated: Sequence[int], target: Sequence[int]) -> np.ndarray:
+    """Boolean per target position: generated id equals the true id (missing positions = False)."""
+    target = np.asarray(target)
+    gen = np.asarray(generated)[: len(target)]
+    out = np.zeros(len(target), dtype=bool)
+    out[: len(gen)] = gen == target[: len(gen)]
+    return out
+
+
+def token_levenshtein(generated: Sequence[int], target: Sequence[int]) -> int:
+    return int(Levenshtein.distance(list(map(int, generated)), list(map(int, target))))
+
+
+def score_generations(generated: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> pd.DataFrame:
+    """Per-example scores: exact match, matched positions, Levenshtein distance and similarity."""
+    rows = []
+    for gen, tgt in zip(generated, targets, strict=True):
+        matches = position_matches(gen, tgt)
+        dist = token_levenshtein(gen, tgt)
+        n = len(tgt)
+        rows.append(
+            {
+                "exact_match": bool(n > 0 and matches.all() and len(gen) >= n),
+                "n_match": int(matches.sum()),
+                "n_suffix": n,
+                "match_positions": np.flatnonzero(matches).astype(np.int32),
+                "frac_match": float(matches.mean()) if n else 0.0,
+                "levenshtein": dist,
+                "levenshtein_norm": dist / n if n else 0.0,
+                "levenshtein_sim": 1.0 - dist / n if n else 1.0,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def exact_er(scores: pd.DataFrame) -> float:
+    return float(scores["exact_match"].mean()) if len(scores) else math.nan
+
+
+def fractional_er(scores: pd.DataFrame) -> float:
+    total = scores["n_suffix"].sum()
+    return float(scores["n_match"].sum() / total) if total else math.nan
+
+
+def loose_accuracy(scores: pd.DataFrame, threshold: float = LOOSE_THRESHOLD) -> float:
+    return float((scores["levenshtein_sim"] >= threshold).mean()) if len(scores) else math.nan
+
+
+def average_levenshtein(scores: pd.DataFrame) -> float:
+    return float(scores["levenshtein_norm"].mean()) if len(scores) else math.nan
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    if n_tokens <= 0:
+        return math.nan
+    return float(math.exp(nll_sum / n_tokens))
+
+
+def memorization_summary(scores: pd.DataFrame, loose_threshold: float = LOOSE_THRESHOLD) -> dict[str, float]:
+    """The paper metrics over a set of scored generations."""
+    return {
+        "n_examples": int(len(scores)),
+        "exact_er": exact_er(scores),
+        "fractional_er": fractional_er(scores),
+        "strict_accuracy": exact_er(scores),
+        "loose_accuracy": loose_accuracy(scores, loose_threshold),
+        "copy_rate": loose_accuracy(scores, COPY_THRESHOLD),
+        "avg_levenshtein": average_levenshtein(scores),
+    }

@@ -1,0 +1,105 @@
+"""Load causal LMs and their tokenizers from a local HF directory or a hub id.
+
+One function serves the demo model (a local directory written by ``demo-pretrain``) and hub models
+(Pythia, GPT-Neo, OLMo-2) on a cluster. ``trust_remote_code`` stays off unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Architectures whose attention needs the eager implementation in recent transformers.
+_EAGER_ATTENTION = {"gpt_neo"}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_tag(model_settings: Mapping[str, Any]) -> str:
+    """Short, path-safe name for a model (``EleutherAI/pythia-70m`` -> ``EleutherAI__pythia-70m``)."""
+    if model_settings.get("tag"):
+        return str(model_settings["tag"])
+    name = model_settings.get("name_or_path") or "demo"
+    name = str(name).rstrip("/")
+    if model_settings.get("source") == "local":
+        name = Path(name).name
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "__", name)
+    rev = model_settings.get("revision")
+    return f"{tag}@{re.sub(r'[^A-Za-z0-9._-]+', '_', rev)}" if rev else tag
+
+
+def load_tokenizer(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None):
+    """Tokenizer with left padding and a pad token (needed for batched greedy decoding)."""
+    from transformers import AutoTokenizer
+
+    settings = settings or {}
+    tok = AutoTokenizer.from_pretrained(
+        str(ref),
+        revision=settings.get("revision"),
+        trust_remote_code=bool(settings.get("trust_remote_code", False)),
+    )
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer of {ref} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None):
+    """Causal LM in eval mode on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    settings = settings or {}
+    ref = str(ref)
+    if settings.get("source") in ("demo", "local") and not Path(ref).is_dir():
+        raise FileNotFoundError(f"model directory not found: {ref}")
+    trust = bool(settings.get("trust_remote_code", False))
+    revision = settings.get("revision")
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[settings.get("dtype", "float32")],
+        "revision": revision,
+        "trust_remote_code": trust,
+    }
+    attn = settings.get("attn_implementation")
+    if attn is None:
+        if load_config(ref, settings).model_type in _EAGER_ATTENTION:
+            attn = "eager"
+    if attn:
+        kwargs["attn_implementation"] = attn
+    model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    model.to(resolve_device(settings.get("device", "auto")))
+    model.eval()
+    return model
+
+
+def load_config(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None):
+    """The HF config of a model, without loading its weights."""
+    from transformers import AutoConfig
+
+    settings = settings or {}
+    return AutoConfig.from_pretrained(
+        str(ref),
+        revision=settings.get("revision"),
+        trust_remote_code=bool(settings.get("trust_remote_code", False)),
+    )
+
+
+def context_length(cfg) -> int:
+    """Longest sequence the model takes, from its HF config."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"cannot tell the context length from {type(cfg).__name__}")

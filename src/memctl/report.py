@@ -1,0 +1,113 @@
+"""Tables and plots that read like the papers' tables.
+
+``results.md`` holds one row per (model, edit); later methods add rows by adding metrics files.
+The extraction curve (exact extraction by exposure count) is a table and a plot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+# (column, header, format) in the order the papers print them.
+RESULT_COLUMNS = [
+    ("method", "Method", "{}"),
+    ("edit", "Edit", "{}"),
+    ("heldout_loss", "Held-out loss", "{:.3f}"),
+    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
+    ("fractional_er", "Fractional ER", "{:.3f}"),
+    ("exact_er", "Exact ER", "{:.3f}"),
+    ("loose_accuracy", "Loose acc.", "{:.3f}"),
+    ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
+    ("mem_loss", "Mem. loss", "{:.3f}"),
+    ("mem_ppl", "Mem. PPL", "{:.2f}"),
+    ("n_examples", "N", "{}"),
+]
+
+
+def _fmt(value, pattern: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return pattern.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def markdown_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
+    cols = [c for c in columns if c[0] in df.columns]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |"]
+    lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|")
+    for rec in df.to_dict("records"):
+        lines.append("| " + " | ".join(_fmt(rec[c], f) for c, _, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def results_markdown(metrics: pd.DataFrame) -> str:
+    parts = ["# memctl results", ""]
+    parts.append(
+        "Memorization is measured by greedy generation on the held-out memorized test split "
+        "(Exact ER = strict accuracy; loose = token Levenshtein similarity >= 0.75). "
+        "Held-out PPL is corpus perplexity over non-overlapping context-length windows; "
+        "Mem. loss/PPL is teacher-forced on the memorized suffixes."
+    )
+    for model, part in metrics.groupby("model", sort=True):
+        parts += ["", f"## {model}", "", markdown_table(part, RESULT_COLUMNS)]
+    return "\n".join(parts) + "\n"
+
+
+def extraction_markdown(by_copies: pd.DataFrame) -> str:
+    cols = [
+        ("group", "Group", "{}"),
+        ("copies", "Copies in training stream", "{}"),
+        ("n", "N", "{}"),
+        ("exact_er", "Exact ER", "{:.3f}"),
+        ("fractional_er", "Fractional ER", "{:.3f}"),
+        ("loose_accuracy", "Loose acc.", "{:.3f}"),
+    ]
+    return "# Extraction by exposure count\n\n" + markdown_table(by_copies, cols) + "\n"
+
+
+def bucket_copies(by_copies: pd.DataFrame) -> pd.DataFrame:
+    """Pool counts into powers of two (1, 2, 3-4, 5-8, ...) so natural duplicates read like canaries."""
+    df = by_copies[by_copies["copies"] > 0].copy()
+    df["bucket"] = df["copies"].map(lambda c: 1 << max(int(c) - 1, 0).bit_length())
+    rows = []
+    for (group, bucket), part in df.groupby(["group", "bucket"], sort=True):
+        w = part["n"]
+        rows.append(
+            {
+                "group": group,
+                "copies": int(bucket),
+                "n": int(w.sum()),
+                "exact_er": float((part["exact_er"] * w).sum() / w.sum()),
+                "fractional_er": float((part["fractional_er"] * w).sum() / w.sum()),
+                "loose_accuracy": float((part["loose_accuracy"] * w).sum() / w.sum()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_extraction(by_copies: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for group, part in by_copies.groupby("group", sort=True):
+        part = part.sort_values("copies")
+        ax.plot(part["copies"], part["exact_er"], marker="o", label=f"{group} (n={int(part['n'].sum())})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("copies in the training stream (<= bucket)")
+    ax.set_ylabel("exact extraction rate")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Greedy exact extraction by exposure count")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

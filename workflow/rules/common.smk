@@ -1,0 +1,114 @@
+# Helpers shared by every rule: the validated config, artifact paths and stage settings.
+#
+# Every artifact path carries a short hash of the settings (and upstream hashes) that made it, so
+# two settings never overwrite each other and a lab can share one artifact root.
+import json
+import os
+
+from memctl.config import ConfigError, load_config, prefix_suffix_lengths, settings_hash
+from memctl.models import model_tag
+
+try:
+    _resolved = load_config(config)
+except ConfigError as err:
+    raise WorkflowError(str(err))
+config.clear()
+config.update(_resolved)
+
+ROOT = config["root"].rstrip("/")
+RESULTS = config["results_dir"].rstrip("/")
+DEMO = config["model"]["source"] == "demo"
+PREFIX_LEN, SUFFIX_LEN = prefix_suffix_lengths(config["extract"])
+
+
+def as_json(section):
+    """A config subsection as canonical JSON: the rule's params and the command's --settings."""
+    return json.dumps(section, sort_keys=True, separators=(",", ":"))
+
+
+# --- the embedded demo model (only when model.source is 'demo') --------------------------------
+CORPUS_HASH = settings_hash(config["demo"]["corpus"], config["demo"]["canaries"])
+TOKENIZER_HASH = settings_hash(CORPUS_HASH, config["demo"]["tokenizer"])
+DEMO_MODEL_HASH = settings_hash(
+    TOKENIZER_HASH, config["demo"]["architecture"], config["demo"]["train"]
+)
+CORPUS_DIR = f"{ROOT}/demo/corpus-{CORPUS_HASH}"
+TOKENIZER_DIR = f"{ROOT}/demo/tokenizer-{TOKENIZER_HASH}"
+DEMO_MODEL_DIR = f"{ROOT}/demo/model-{DEMO_MODEL_HASH}"
+CORPUS_TABLES = ["train", "heldout", "canaries"]
+
+# --- the model under study ---------------------------------------------------------------------
+if DEMO:
+    MODEL_TAG = f"demo-{DEMO_MODEL_HASH}"
+    MODEL_REF = DEMO_MODEL_DIR
+    MODEL_KEY = DEMO_MODEL_HASH
+else:
+    MODEL_TAG = model_tag(config["model"])
+    MODEL_REF = config["model"]["name_or_path"]
+    MODEL_KEY = settings_hash(MODEL_REF, config["model"]["revision"])
+MODEL_SETTINGS = dict(config["model"], tag=config["model"]["tag"] or ("demo" if DEMO else MODEL_TAG))
+MODEL_DIR = f"{ROOT}/{MODEL_TAG}"
+
+
+def model_inputs(wildcards):
+    """The demo model and corpus are files the DAG builds; a hub model is just a name."""
+    if not DEMO:
+        return {}
+    corpus = {f"corpus_{name}": f"{CORPUS_DIR}/{name}.parquet" for name in CORPUS_TABLES}
+    return {"model": DEMO_MODEL_DIR, **corpus}
+
+
+def corpus_arg(wildcards, input):
+    """``--corpus DIR`` for the demo (derived from the rule's inputs), nothing otherwise."""
+    return f"--corpus {os.path.dirname(input.corpus_train)}" if DEMO else ""
+
+
+def parent_dir(wildcards, output):
+    """The directory of a rule's first output: stage commands write several files into it."""
+    return os.path.dirname(output[0])
+
+# --- data and extraction -----------------------------------------------------------------------
+CANDIDATES_SETTINGS = dict(config["candidates"], prefix_len=PREFIX_LEN, suffix_len=SUFFIX_LEN)
+CANDIDATES_HASH = settings_hash(MODEL_KEY, CANDIDATES_SETTINGS)
+CANDIDATES = f"{MODEL_DIR}/candidates-{CANDIDATES_HASH}/candidates.parquet"
+
+EXTRACT_HASH = settings_hash(CANDIDATES_HASH, config["model"], config["extract"])
+EXTRACT_DIR = f"{MODEL_DIR}/extract-{EXTRACT_HASH}"
+EXTRACT_TABLES = [
+    "extraction",
+    "memorized",
+    "nonmemorized",
+    "memorized_train",
+    "memorized_test",
+    "by_copies",
+]
+
+HELDOUT_HASH = settings_hash(MODEL_KEY, config["heldout"])
+HELDOUT = f"{MODEL_DIR}/heldout-{HELDOUT_HASH}/windows.safetensors"
+
+EVAL_HASH = settings_hash(EXTRACT_HASH, HELDOUT_HASH, config["model"], config["evaluate"])
+EVAL_DIR = f"{MODEL_DIR}/eval-{EVAL_HASH}"
+
+# Edits evaluated and reported; later stages (curvature edits, masks, baselines) add entries.
+EDITS = {"none": "Origin"}
+
+
+def final_outputs():
+    return [
+        f"{RESULTS}/results.md",
+        f"{RESULTS}/extraction_by_copies.md",
+        f"{RESULTS}/extraction_by_copies.png",
+    ]
+
+
+# --- resources ---------------------------------------------------------------------------------
+THREADS = config["resources"]["threads"]
+GPU = 1 if config["resources"]["gpu"] else 0
+
+
+def mem_mb(base):
+    """Memory request that grows with each retry (attempt 1, 2, ...)."""
+    return lambda wildcards, attempt: base * attempt
+
+
+ENV = "../../envs/memctl.yaml"

@@ -1,0 +1,74 @@
+# The embedded demo: an offline corpus with planted canaries, a BPE tokenizer and a small
+# GPT-NeoX pretrained on CPU. Used when model.source is 'demo'.
+
+
+rule demo_corpus:
+    output:
+        train=f"{CORPUS_DIR}/train.parquet",
+        heldout=f"{CORPUS_DIR}/heldout.parquet",
+        canaries=f"{CORPUS_DIR}/canaries.parquet",
+    params:
+        corpus=as_json(config["demo"]["corpus"]),
+        canaries=as_json(config["demo"]["canaries"]),
+        out_dir=parent_dir,
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/demo_corpus/{CORPUS_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/demo_corpus/{CORPUS_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=20,
+    shell:
+        "memctl demo-corpus --settings {params.corpus:q} --canary-settings {params.canaries:q}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule demo_tokenizer:
+    input:
+        train=rules.demo_corpus.output.train,
+    output:
+        directory(TOKENIZER_DIR),
+    params:
+        settings=as_json(config["demo"]["tokenizer"]),
+        corpus=lambda wildcards, input: os.path.dirname(input.train),
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/demo_tokenizer/{TOKENIZER_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/demo_tokenizer/{TOKENIZER_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=20,
+    shell:
+        "memctl demo-tokenizer --corpus {params.corpus} --settings {params.settings:q}"
+        " --out {output} > {log} 2>&1"
+
+
+rule demo_pretrain:
+    input:
+        train=rules.demo_corpus.output.train,
+        tokenizer=rules.demo_tokenizer.output,
+    output:
+        directory(DEMO_MODEL_DIR),
+    params:
+        arch=as_json(config["demo"]["architecture"]),
+        settings=as_json(config["demo"]["train"]),
+        corpus=lambda wildcards, input: os.path.dirname(input.train),
+    threads: THREADS
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/demo_pretrain/{DEMO_MODEL_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/demo_pretrain/{DEMO_MODEL_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(8000),
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "memctl demo-pretrain --corpus {params.corpus} --tokenizer {input.tokenizer}"
+        " --arch-settings {params.arch:q} --settings {params.settings:q} --out {output}"
+        " > {log} 2>&1"

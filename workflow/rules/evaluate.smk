@@ -1,0 +1,84 @@
+# Held-out text windows, per-(model, edit) metrics, and the results tables.
+
+
+rule heldout:
+    input:
+        unpack(model_inputs),
+    output:
+        HELDOUT,
+    params:
+        model=MODEL_REF,
+        model_settings=as_json(MODEL_SETTINGS),
+        settings=as_json(config["heldout"]),
+        corpus=corpus_arg,
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/heldout/{HELDOUT_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/heldout/{HELDOUT_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=30,
+    shell:
+        "memctl heldout --model {params.model:q} --model-settings {params.model_settings:q}"
+        " {params.corpus} --settings {params.settings:q} --out {output} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        unpack(model_inputs),
+        memorized=f"{EXTRACT_DIR}/memorized_test.parquet",
+        heldout=HELDOUT,
+    output:
+        metrics=f"{EVAL_DIR}/{{edit}}/metrics.parquet",
+        scores=f"{EVAL_DIR}/{{edit}}/scores.parquet",
+    params:
+        model=MODEL_REF,
+        model_settings=as_json(MODEL_SETTINGS),
+        settings=as_json(config["evaluate"]),
+        method=lambda wildcards: EDITS[wildcards.edit],
+        out_dir=parent_dir,
+    wildcard_constraints:
+        edit="none",
+    threads: THREADS
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/evaluate/{EVAL_HASH}-{{edit}}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/evaluate/{EVAL_HASH}-{{edit}}.tsv"
+    resources:
+        mem_mb=mem_mb(8000),
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "memctl evaluate --model {params.model:q} --model-settings {params.model_settings:q}"
+        " --threads {threads} --edit {wildcards.edit} --method {params.method:q}"
+        " --memorized {input.memorized} --heldout {input.heldout} --settings {params.settings:q}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule report:
+    input:
+        metrics=expand("{dir}/{edit}/metrics.parquet", dir=EVAL_DIR, edit=list(EDITS)),
+        by_copies=f"{EXTRACT_DIR}/by_copies.parquet",
+    output:
+        results=f"{RESULTS}/results.md",
+        table=f"{RESULTS}/results.parquet",
+        by_copies=f"{RESULTS}/extraction_by_copies.md",
+        plot=f"{RESULTS}/extraction_by_copies.png",
+    params:
+        out_dir=parent_dir,
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/report/{EVAL_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/report/{EVAL_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=10,
+    shell:
+        "memctl report --metrics {input.metrics} --by-copies {input.by_copies}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,55 @@
+# Candidates -> greedy extraction -> memorized / non-memorized splits.
+
+
+rule candidates:
+    input:
+        unpack(model_inputs),
+    output:
+        CANDIDATES,
+    params:
+        model=MODEL_REF,
+        model_settings=as_json(MODEL_SETTINGS),
+        settings=as_json(config["candidates"]),
+        extract=as_json(config["extract"]),
+        corpus=corpus_arg,
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/candidates/{CANDIDATES_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/candidates/{CANDIDATES_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(4000),
+        runtime=30,
+    shell:
+        "memctl candidates --model {params.model:q} --model-settings {params.model_settings:q}"
+        " {params.corpus} --settings {params.settings:q} --extract-settings {params.extract:q}"
+        " --out {output} > {log} 2>&1"
+
+
+rule extract:
+    input:
+        unpack(model_inputs),
+        candidates=CANDIDATES,
+    output:
+        expand("{dir}/{table}.parquet", dir=EXTRACT_DIR, table=EXTRACT_TABLES),
+    params:
+        model=MODEL_REF,
+        model_settings=as_json(MODEL_SETTINGS),
+        settings=as_json(config["extract"]),
+        out_dir=parent_dir,
+    threads: THREADS
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/extract/{EXTRACT_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/extract/{EXTRACT_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(8000),
+        runtime=120,
+        gpu=GPU,
+    shell:
+        "memctl extract --model {params.model:q} --model-settings {params.model_settings:q}"
+        " --threads {threads} --candidates {input.candidates} --settings {params.settings:q}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
