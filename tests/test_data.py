@@ -1,0 +1,142 @@
+"""Candidate loaders for every supported format, on small files written here."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memctl.data import (
+    DataError,
+    build_candidates,
+    count_occurrences,
+    heldout_texts,
+    heldout_windows,
+    read_npy_candidates,
+)
+
+P, S = 4, 3
+BASE = {"source": None, "path": None, "seed": 0, "max_candidates": None}
+
+
+def settings(**kw):
+    return {**BASE, **kw}
+
+
+def test_jsonl_whole_sequence_ids(tmp_path, tiny_tokenizer):
+    path = tmp_path / "c.jsonl"
+    rows = [{"id": "a", "tokens": list(range(10, 20))}, {"id": "b", "tokens": [1, 2, 3]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    df, stats = build_candidates(settings(source="jsonl", path=str(path)), tiny_tokenizer, P, S)
+    assert df["candidate_id"].tolist() == ["a"]
+    assert list(df["prefix_ids"][0]) == [10, 11, 12, 13]
+    assert list(df["suffix_ids"][0]) == [14, 15, 16]
+    assert stats["dropped_too_short"] == 1
+
+
+def test_jsonl_text_prefix_suffix_is_tokenized(tmp_path, tiny_tokenizer):
+    path = tmp_path / "c.jsonl"
+    prefix, suffix = "The quick brown fox jumps", " over the lazy dog. Pack my box"
+    path.write_text(json.dumps({"prefix": prefix, "suffix": suffix}) + "\n")
+    df, _ = build_candidates(settings(source="jsonl", path=str(path)), tiny_tokenizer, P, S)
+    p_ids = tiny_tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    s_ids = tiny_tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    # Last P prefix tokens, first S suffix tokens.
+    assert list(df["prefix_ids"][0]) == p_ids[-P:]
+    assert list(df["suffix_ids"][0]) == s_ids[:S]
+
+
+def test_parquet_with_named_columns(tmp_path, tiny_tokenizer):
+    path = tmp_path / "c.parquet"
+    pd.DataFrame(
+        {"key": [7, 8], "ctx": [[1, 2, 3, 4, 5], [6, 7, 8, 9]], "cont": [[9, 9, 9], [5, 5, 5, 5]], "copies": [3, 1]}
+    ).to_parquet(path)
+    s = settings(source="parquet", path=str(path), prefix_column="ctx", suffix_column="cont", id_column="key")
+    df, _ = build_candidates(s, tiny_tokenizer, P, S)
+    assert df["candidate_id"].tolist() == ["7", "8"]
+    assert [list(x) for x in df["prefix_ids"]] == [[2, 3, 4, 5], [6, 7, 8, 9]]
+    assert df["copies"].tolist() == [3, 1]
+
+
+def test_missing_column_names_the_file(tmp_path, tiny_tokenizer):
+    path = tmp_path / "c.parquet"
+    pd.DataFrame({"x": [1]}).to_parquet(path)
+    with pytest.raises(DataError, match=r"c\.parquet.*columns: \['x'\]"):
+        build_candidates(settings(source="parquet", path=str(path)), tiny_tokenizer, P, S)
+    with pytest.raises(DataError, match="column 'nope'"):
+        build_candidates(settings(source="parquet", path=str(path), prefix_column="nope"), tiny_tokenizer, P, S)
+
+
+def test_npy_benchmark_directory_layout(tmp_path, tiny_tokenizer):
+    """LM extraction benchmark: uint16 *_preprefix / *_prefix / *_suffix arrays."""
+    rng = np.random.default_rng(0)
+    pre = rng.integers(0, 250, size=(5, 6)).astype(np.uint16)
+    prefix = rng.integers(0, 250, size=(5, 5)).astype(np.uint16)
+    suffix = rng.integers(0, 250, size=(5, 3)).astype(np.uint16)
+    for name, arr in [("preprefix", pre), ("prefix", prefix), ("suffix", suffix)]:
+        np.save(tmp_path / f"train_{name}.npy", arr)
+    df, _ = build_candidates(settings(source="npy", path=str(tmp_path)), tiny_tokenizer, P, S)
+    assert len(df) == 5
+    np.testing.assert_array_equal(np.stack(df["prefix_ids"]), prefix[:, -P:])
+    np.testing.assert_array_equal(np.stack(df["suffix_ids"]), suffix)
+
+
+def test_npy_single_array(tmp_path):
+    arr = np.arange(40, dtype=np.uint16).reshape(4, 10)
+    np.save(tmp_path / "train_dataset.npy", arr)
+    df = read_npy_candidates(tmp_path / "train_dataset.npy", P, S)
+    np.testing.assert_array_equal(np.stack(df["suffix_ids"]), arr[:, -S:])
+    np.testing.assert_array_equal(np.stack(df["prefix_ids"]), arr[:, :-S])
+
+
+def test_npy_errors(tmp_path, tiny_tokenizer):
+    np.save(tmp_path / "x_prefix.npy", np.zeros((2, 5), dtype=np.uint16))
+    with pytest.raises(DataError, match="x_suffix.npy missing"):
+        read_npy_candidates(tmp_path, P, S)
+
+
+def test_hf_dataset_from_local_folder_and_saved_dataset(tmp_path, tiny_tokenizer):
+    import datasets
+
+    rows = {"text": ["The quick brown fox jumps over the lazy dog."] * 3, "id": ["x", "y", "z"]}
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pd.DataFrame(rows).to_parquet(folder / "train.parquet")
+    df, _ = build_candidates(settings(source="hf", hf_name=str(folder), hf_split="train"), tiny_tokenizer, P, S)
+    assert df["candidate_id"].tolist() == ["x", "y", "z"]
+    ids = tiny_tokenizer(rows["text"][0], add_special_tokens=False)["input_ids"]
+    assert list(df["prefix_ids"][0]) == ids[:P] and list(df["suffix_ids"][0]) == ids[P : P + S]
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict(rows).save_to_disk(str(saved))
+    df2, _ = build_candidates(settings(source="hf", hf_name=str(saved)), tiny_tokenizer, P, S)
+    assert [list(x) for x in df2["suffix_ids"]] == [list(x) for x in df["suffix_ids"]]
+
+
+def test_max_candidates_is_a_seeded_subsample(tmp_path, tiny_tokenizer):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"tokens": list(range(i, i + 8))}) for i in range(50)))
+    s = settings(source="jsonl", path=str(path), max_candidates=10, seed=3)
+    a, _ = build_candidates(s, tiny_tokenizer, P, S)
+    b, _ = build_candidates(s, tiny_tokenizer, P, S)
+    assert len(a) == 10 and a["candidate_id"].tolist() == b["candidate_id"].tolist()
+
+
+def test_count_occurrences_matches_brute_force():
+    rng = np.random.default_rng(1)
+    stream = rng.integers(0, 4, size=3000)
+    windows = [stream[i : i + 5].tolist() for i in (0, 17, 400, 2990)] + [[9, 9, 9, 9, 9]]
+    brute = [sum(stream[j : j + 5].tolist() == w for j in range(len(stream) - 4)) for w in windows]
+    assert count_occurrences(stream, windows).tolist() == brute
+
+
+def test_heldout_windows_are_non_overlapping(tmp_path, tiny_tokenizer):
+    path = tmp_path / "wiki.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    texts, sep = heldout_texts({"source": "text", "path": str(path)})
+    win = heldout_windows(texts, sep, tiny_tokenizer, 16)
+    ids = tiny_tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
+    assert win.shape == (len(ids) // 16, 16)
+    np.testing.assert_array_equal(win.reshape(-1), ids[: win.size])
+    with pytest.raises(DataError, match="fewer than one window"):
+        heldout_windows(["fox"], sep, tiny_tokenizer, 1000)

@@ -1,0 +1,77 @@
+"""Extraction outputs: memorized splits are seeded, disjoint and complete; rates by copies."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memctl.extract import rates_by_copies, run_extraction, split_memorized
+from memctl.generation import greedy_generate
+
+
+def fake_extraction(n=40):
+    rng = np.random.default_rng(0)
+    frac = rng.choice([0.0, 0.5, 1.0], size=n)
+    return pd.DataFrame(
+        {
+            "candidate_id": [f"c{i}" for i in range(n)],
+            "prefix_ids": [list(range(i, i + 4)) for i in range(n)],
+            "suffix_ids": [[1, 1, 1, 1] if i % 5 == 0 else [i + 10, i + 11, i + 12, i + 13] for i in range(n)],
+            "frac_match": frac,
+            "exact_match": frac == 1.0,
+            "n_match": (frac * 4).astype(int),
+            "n_suffix": 4,
+            "levenshtein_sim": frac,
+            "group": ["g"] * n,
+            "copies": [1 + i % 3 for i in range(n)],
+        }
+    )
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    ext = fake_extraction()
+    settings = {"memorized_threshold": 1.0, "test_fraction": 0.25, "split_seed": 42}
+    a, b = split_memorized(ext, settings), split_memorized(ext, settings)
+    mem = set(a["memorized"]["candidate_id"])
+    assert mem == set(ext.loc[ext["exact_match"], "candidate_id"])
+    assert set(a["nonmemorized"]["candidate_id"]) == set(ext["candidate_id"]) - mem
+    train, test = set(a["memorized_train"]["candidate_id"]), set(a["memorized_test"]["candidate_id"])
+    assert train.isdisjoint(test) and train | test == mem
+    assert len(test) == round(0.25 * len(mem))
+    assert a["memorized_test"]["candidate_id"].tolist() == b["memorized_test"]["candidate_id"].tolist()
+    c = split_memorized(ext, {**settings, "split_seed": 7})
+    assert c["memorized_test"]["candidate_id"].tolist() != a["memorized_test"]["candidate_id"].tolist()
+
+
+def test_threshold_and_diversity_filter():
+    ext = fake_extraction()
+    half = split_memorized(ext, {"memorized_threshold": 0.5})
+    assert set(half["memorized"]["candidate_id"]) == set(ext.loc[ext["frac_match"] >= 0.5, "candidate_id"])
+    diverse = split_memorized(ext, {"memorized_threshold": 0.5, "min_unique_tokens": 6})
+    # Every 5th candidate has suffix [1,1,1,1]: too few unique tokens, dropped from both sets.
+    dropped = {f"c{i}" for i in range(0, 40, 5)}
+    kept = set(diverse["memorized"]["candidate_id"]) | set(diverse["nonmemorized"]["candidate_id"])
+    assert kept.isdisjoint(dropped) and len(kept) == 40 - len(dropped)
+
+
+def test_rates_by_copies():
+    ext = fake_extraction(9)
+    table = rates_by_copies(ext)
+    for rec in table.to_dict("records"):
+        part = ext[ext["copies"] == rec["copies"]]
+        assert rec["n"] == len(part)
+        assert rec["exact_er"] == pytest.approx(part["exact_match"].mean())
+
+
+def test_run_extraction_marks_the_models_own_continuations_as_memorized(tiny_model, tiny_tokenizer):
+    """A suffix equal to the model's greedy continuation is extracted; a different one is not."""
+    pad = tiny_tokenizer.pad_token_id
+    prefixes = [[5, 6, 7, 8], [20, 21, 22, 23]]
+    own = greedy_generate(tiny_model, prefixes, 4, pad, progress=False)
+    other = [[(t + 1) % 250 for t in own[1]]]
+    cands = pd.DataFrame(
+        {"candidate_id": ["own", "other"], "prefix_ids": prefixes, "suffix_ids": [own[0].tolist(), other[0]]}
+    )
+    ext = run_extraction(tiny_model, cands, pad, batch_size=2, progress=False)
+    assert ext["exact_match"].tolist() == [True, False]
+    assert ext["frac_match"].tolist() == [1.0, 0.0]
+    assert ext["levenshtein"].tolist()[0] == 0

@@ -1,0 +1,62 @@
+"""Metric definitions against hand-computed cases (shared/notes/reference-facts.md)."""
+
+import math
+
+import pytest
+
+from memctl import metrics
+
+TARGET = [1, 2, 3, 4]
+GENERATED = [
+    [1, 2, 3, 4],  # identical: exact, 4/4 positions, d = 0
+    [1, 2, 9, 4],  # one substitution: 3/4 positions, d = 1, similarity 0.75 (loose boundary)
+    [2, 3, 4, 5],  # shifted by one: 0/4 positions but d = 2 (delete 1, insert 5)
+]
+
+
+@pytest.fixture
+def scores():
+    return metrics.score_generations(GENERATED, [TARGET] * 3)
+
+
+def test_per_example_scores(scores):
+    assert scores["exact_match"].tolist() == [True, False, False]
+    assert scores["n_match"].tolist() == [4, 3, 0]
+    assert scores["levenshtein"].tolist() == [0, 1, 2]
+    assert scores["levenshtein_norm"].tolist() == [0.0, 0.25, 0.5]
+    assert scores["match_positions"][1].tolist() == [0, 1, 3]
+
+
+def test_aggregate_rates(scores):
+    summary = metrics.memorization_summary(scores)
+    assert summary["exact_er"] == pytest.approx(1 / 3)
+    assert summary["strict_accuracy"] == summary["exact_er"]
+    # Fractional ER pools positions: (4 + 3 + 0) / 12.
+    assert summary["fractional_er"] == pytest.approx(7 / 12)
+    # Loose: similarity >= 0.75 holds for the first two (1.0 and exactly 0.75).
+    assert summary["loose_accuracy"] == pytest.approx(2 / 3)
+    assert summary["copy_rate"] == pytest.approx(1 / 3)
+    assert summary["avg_levenshtein"] == pytest.approx(0.25)
+
+
+def test_fractional_er_pools_positions_not_examples():
+    # Suffixes of different lengths: pooled 3/6, whereas a mean of per-example rates would be 0.625.
+    s = metrics.score_generations([[1, 0], [1, 2, 3, 0]], [[1, 2], [1, 2, 0, 4]])
+    assert metrics.fractional_er(s) == pytest.approx(3 / 6)
+
+
+def test_levenshtein_is_on_token_ids_not_characters():
+    # Ids 12 and 1,2 would collide if compared as strings.
+    assert metrics.token_levenshtein([12], [1, 2]) == 2
+    assert metrics.token_levenshtein([5, 6, 7], [5, 7]) == 1
+
+
+def test_short_generation_counts_missing_positions_as_misses():
+    s = metrics.score_generations([[1, 2]], [[1, 2, 3]])
+    assert not s["exact_match"][0]
+    assert s["n_match"][0] == 2
+
+
+def test_perplexity():
+    assert metrics.perplexity(2.0 * 10, 10) == pytest.approx(math.exp(2.0))
+    assert math.isnan(metrics.perplexity(0.0, 0))
