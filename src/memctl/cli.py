@@ -43,8 +43,6 @@ def _model_name(args) -> str:
     from memctl.models import model_tag
 
     settings = parse_settings(args.model_settings)
-    if settings.get("source") == "demo" and not settings.get("tag"):
-        return "demo"
     return model_tag({**settings, "name_or_path": settings.get("name_or_path") or args.model})
 
 
@@ -246,12 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="artifacts, or directories to scan for sidecars")
     p.set_defaults(func=cmd_verify)
 
-    try:
-        from memctl.demo import cli as demo_cli
-    except ImportError:  # pragma: no cover - demo package is part of memctl
-        demo_cli = None
-    if demo_cli is not None:
-        demo_cli.register(sub)
+    from memctl.demo import cli as demo_cli
+
+    demo_cli.register(sub)
     return parser
 
 

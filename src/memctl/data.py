@@ -9,7 +9,6 @@ datasets by name (or a local dataset directory).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -266,17 +265,20 @@ def demo_candidates(
     suffix_len: int,
     n_windows: int,
     seed: int,
+    n_duplicated: int = 0,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Planted canaries plus windows sampled from the demo training stream.
+    """Planted canaries plus windows of the demo training stream.
 
-    Each row's ``copies`` is how often its full prefix+suffix window occurs in the token stream the
-    model was trained on (for canaries also ``planted_copies``), so memorization can be read by
-    exposure count.
+    ``n_windows`` windows start at uniformly random positions; up to ``n_duplicated`` more are
+    windows that occur at least twice in the stream (natural duplicates such as licence headers
+    and boilerplate), so natural memorization can be read by duplication count. Every row's
+    ``copies`` is how often its full prefix+suffix window occurs in the token stream the model was
+    trained on (canaries also keep ``planted_copies``).
     """
     from memctl.demo.pretrain import train_token_stream
 
     corpus_dir = Path(corpus_dir)
-    stream = train_token_stream(corpus_dir, tokenizer)
+    stream = np.asarray(train_token_stream(corpus_dir, tokenizer), dtype=np.int64)
     canaries = pd.read_parquet(corpus_dir / "canaries.parquet")
     width = prefix_len + suffix_len
     rows, short = [], 0
@@ -300,24 +302,40 @@ def demo_candidates(
             f"{corpus_dir}/canaries.parquet: {short} canaries are shorter than {width} tokens; "
             "raise demo.canaries.words / digits or use a shorter extract preset"
         )
+    hashes = _window_hashes(stream, width)
+    uniq, first, inverse, counts = np.unique(hashes, return_index=True, return_inverse=True, return_counts=True)
     rng = np.random.default_rng(seed)
-    n_windows = min(n_windows, max(len(stream) - width, 0))
-    starts = np.sort(rng.choice(len(stream) - width, size=n_windows, replace=False)) if n_windows else []
-    for s in starts:
-        win = stream[s : s + width]
-        rows.append(
-            {
-                "candidate_id": f"window:{int(s)}",
-                "prefix_ids": win[:prefix_len].tolist(),
-                "suffix_ids": win[prefix_len:].tolist(),
-                "source": "demo-corpus",
-                "group": "corpus-window",
-                "planted_copies": -1,
-            }
-        )
+    n_windows = min(n_windows, len(hashes))
+    starts = rng.choice(len(hashes), size=n_windows, replace=False) if n_windows else np.zeros(0, int)
+    duplicated = np.setdiff1d(first[counts >= 2], starts)
+    n_duplicated = min(n_duplicated, len(duplicated))
+    dup_starts = rng.choice(duplicated, size=n_duplicated, replace=False) if n_duplicated else np.zeros(0, int)
+    for group, chosen in (("corpus-window", starts), ("corpus-duplicate", dup_starts)):
+        for s in np.sort(chosen):
+            win = stream[s : s + width]
+            rows.append(
+                {
+                    "candidate_id": f"window:{int(s)}",
+                    "prefix_ids": win[:prefix_len].tolist(),
+                    "suffix_ids": win[prefix_len:].tolist(),
+                    "source": "demo-corpus",
+                    "group": group,
+                    "planted_copies": -1,
+                }
+            )
     df = pd.DataFrame(rows)
-    df["copies"] = count_occurrences(stream, [p + s for p, s in zip(df["prefix_ids"], df["suffix_ids"])])
-    return df, {"canaries": int(len(canaries)), "windows": int(n_windows), "stream_tokens": int(len(stream))}
+    query = np.array([_window_hashes(np.asarray(p + s, dtype=np.int64), width)[0] for p, s in
+                      zip(df["prefix_ids"], df["suffix_ids"])], dtype=np.uint64)
+    pos = np.clip(np.searchsorted(uniq, query), 0, len(uniq) - 1)
+    df["copies"] = np.where(uniq[pos] == query, counts[pos], 0).astype(np.int64)
+    stats = {
+        "canaries": int(len(canaries)),
+        "windows": int(n_windows),
+        "duplicated_windows": int(n_duplicated),
+        "distinct_duplicated_windows_in_stream": int((counts >= 2).sum()),
+        "stream_tokens": int(len(stream)),
+    }
+    return df, stats
 
 
 def build_candidates(
@@ -339,7 +357,8 @@ def build_candidates(
         if corpus_dir is None:
             raise DataError("candidates.source 'demo' needs the demo corpus directory (--corpus)")
         df, stats = demo_candidates(
-            corpus_dir, tokenizer, prefix_len, suffix_len, int(settings.get("demo_windows", 0)), seed
+            corpus_dir, tokenizer, prefix_len, suffix_len, int(settings.get("demo_windows", 0)), seed,
+            n_duplicated=int(settings.get("demo_duplicated_windows", 0)),
         )
     elif src in ("jsonl", "parquet"):
         table = read_table(settings["path"])
@@ -418,10 +437,3 @@ def heldout_windows(
         n = min(n, max_windows)
     return np.asarray(ids[: n * context_length], dtype=np.int64).reshape(n, context_length)
 
-
-def ids_column_to_lists(df: pd.DataFrame, cols: Sequence[str] = ("prefix_ids", "suffix_ids")) -> list[list[list[int]]]:
-    return [[list(map(int, v)) for v in df[c]] for c in cols]
-
-
-def dumps_stats(stats: Mapping[str, Any]) -> str:
-    return json.dumps(stats, sort_keys=True)

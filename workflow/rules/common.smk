@@ -46,7 +46,8 @@ else:
     MODEL_TAG = model_tag(config["model"])
     MODEL_REF = config["model"]["name_or_path"]
     MODEL_KEY = settings_hash(MODEL_REF, config["model"]["revision"])
-MODEL_SETTINGS = dict(config["model"], tag=config["model"]["tag"] or ("demo" if DEMO else MODEL_TAG))
+# The model name that tables show: the tag of its artifact directory.
+MODEL_SETTINGS = dict(config["model"], tag=MODEL_TAG)
 MODEL_DIR = f"{ROOT}/{MODEL_TAG}"
 
 

@@ -1,0 +1,110 @@
+"""The whole DAG on a tiny config: outputs, provenance, determinism, and no-op reruns."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from memctl.artifacts import hash_path, verify
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = Path(__file__).with_name("tiny_config.yaml")
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        logs = "\n".join(p.read_text()[-3000:] for p in workdir.glob("results/logs/*/*.log"))
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-5000:]}\n--- logs ---\n{logs}")
+    return proc
+
+
+def make_workdir(path: Path, overrides: dict | None = None) -> Path:
+    (path / "config").mkdir(parents=True)
+    cfg = yaml.safe_load(TINY.read_text())
+    for section, values in (overrides or {}).items():
+        cfg[section].update(values)
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = make_workdir(tmp_path_factory.mktemp("dag") / "run")
+    snakemake(work)
+    return work
+
+
+def test_dag_produces_the_results_tables(tiny_run):
+    tables = tiny_run / "results" / "tables"
+    results = (tables / "results.md").read_text()
+    assert "| Origin | none |" in results
+    metrics = pd.read_parquet(tables / "results.parquet")
+    assert metrics["heldout_ppl"].iloc[0] > 1
+    assert metrics["n_examples"].iloc[0] > 0 and 0 <= metrics["exact_er"].iloc[0] <= 1
+    by_copies = (tables / "extraction_by_copies.md").read_text()
+    assert "canary-words" in by_copies and "corpus-window" in by_copies
+    assert (tables / "extraction_by_copies.png").stat().st_size > 1000
+
+
+def test_extraction_tables_are_consistent(tiny_run):
+    (ext_dir,) = tiny_run.glob("results/demo-*/extract-*")
+    ext = pd.read_parquet(ext_dir / "extraction.parquet")
+    assert {"prefix_ids", "suffix_ids", "generated_ids", "exact_match", "match_positions", "levenshtein"} <= set(ext.columns)
+    assert set(ext["group"]) == {"canary-words", "canary-digits", "corpus-window", "corpus-duplicate"}
+    assert all(len(s) == 32 for s in ext["suffix_ids"])
+    mem = pd.read_parquet(ext_dir / "memorized.parquet")
+    non = pd.read_parquet(ext_dir / "nonmemorized.parquet")
+    train = pd.read_parquet(ext_dir / "memorized_train.parquet")
+    test = pd.read_parquet(ext_dir / "memorized_test.parquet")
+    assert len(mem) + len(non) == len(ext)
+    assert len(train) + len(test) == len(mem)
+    # Memorized means at least memorized_threshold (0.15) of the suffix positions reproduced.
+    assert len(test) > 0
+    assert (mem["frac_match"] >= 0.15).all() and (non["frac_match"] < 0.15).all()
+
+
+def test_every_artifact_has_sound_provenance(tiny_run):
+    sidecars = list(tiny_run.glob("results/**/*.meta.json"))
+    assert len(sidecars) >= 15
+    for side in sidecars:
+        artifact = side.with_name(side.name[: -len(".meta.json")])
+        assert verify(artifact) == [], artifact
+
+
+def test_second_run_does_nothing(tiny_run):
+    proc = snakemake(tiny_run, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_changing_evaluation_settings_reruns_only_evaluation(tiny_run, tmp_path):
+    cfg = yaml.safe_load((tiny_run / "config" / "config.yaml").read_text())
+    cfg["evaluate"]["batch_size"] = 8
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = snakemake(tiny_run, "-n", "--configfile", str(path), "--quiet", "rules").stdout
+    jobs = {line.split()[0] for line in out.splitlines() if line and line.split()[0] in
+            {"demo_corpus", "demo_tokenizer", "demo_pretrain", "candidates", "extract", "heldout", "evaluate", "report"}}
+    assert jobs == {"evaluate", "report"}
+
+
+def test_same_config_gives_identical_artifacts(tiny_run, tmp_path):
+    """Determinism: a second working directory with the same config reproduces every table."""
+    other = make_workdir(tmp_path / "again")
+    snakemake(other)
+    # train_log.parquet records tokens/s (wall-clock), everything else must match byte for byte.
+    tables = sorted(
+        p.relative_to(tiny_run) for p in tiny_run.glob("results/**/*.parquet") if p.name != "train_log.parquet"
+    )
+    assert len(tables) >= 12
+    for rel in tables:
+        assert hash_path(tiny_run / rel) == hash_path(other / rel), rel
+    (model,) = tiny_run.glob("results/demo/model-*")
+    assert hash_path(model / "model.safetensors") == hash_path(other / model.relative_to(tiny_run) / "model.safetensors")
