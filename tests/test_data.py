@@ -140,3 +140,28 @@ def test_heldout_windows_are_non_overlapping(tmp_path, tiny_tokenizer):
     np.testing.assert_array_equal(win.reshape(-1), ids[: win.size])
     with pytest.raises(DataError, match="fewer than one window"):
         heldout_windows(["fox"], sep, tiny_tokenizer, 1000)
+
+
+def test_demo_corpus_windows_avoid_canaries_and_count_copies(tmp_path, tiny_tokenizer):
+    """Canary candidates carry their planted copies; corpus windows never overlap a canary."""
+    from memctl.demo.pretrain import train_token_stream
+
+    canary = "zebra quartz violin mango seventy lantern orbit velvet crimson tundra falcon"
+    segments = ["def add(a, b):\n    return a + b\n" * 4, canary, "The quick brown fox. " * 10, canary,
+                "Pack my box with five dozen liquor jugs. " * 6, canary]
+    pd.DataFrame({"segment": range(len(segments)), "kind": ["doc", "canary"] * 3, "text": segments}).to_parquet(
+        tmp_path / "train.parquet")
+    pd.DataFrame({"canary_id": ["words-003-000"], "kind": ["words"], "copies": [3], "text": [canary]}).to_parquet(
+        tmp_path / "canaries.parquet")
+    s = settings(source="demo", demo_windows=1000, demo_duplicated_windows=1000)
+    df, _ = build_candidates(s, tiny_tokenizer, 8, 8, corpus_dir=tmp_path)
+    can = df[df["group"] == "canary-words"]
+    assert can["copies"].tolist() == [3] and can["planted_copies"].tolist() == [3]
+    stream, mask = train_token_stream(tmp_path, tiny_tokenizer, return_canary_mask=True)
+    windows = df[df["group"].str.startswith("corpus")]
+    assert len(windows) > 0
+    for cid, copies in zip(windows["candidate_id"], windows["copies"]):
+        start = int(cid.split(":")[1])
+        assert not mask[start : start + 16].any()
+        assert copies == count_occurrences(stream, [stream[start : start + 16].tolist()])[0] >= 1
+    assert (df.loc[df["group"] == "corpus-duplicate", "copies"] >= 2).all()

@@ -278,7 +278,8 @@ def demo_candidates(
     from memctl.demo.pretrain import train_token_stream
 
     corpus_dir = Path(corpus_dir)
-    stream = np.asarray(train_token_stream(corpus_dir, tokenizer), dtype=np.int64)
+    stream, in_canary = train_token_stream(corpus_dir, tokenizer, return_canary_mask=True)
+    stream = np.asarray(stream, dtype=np.int64)
     canaries = pd.read_parquet(corpus_dir / "canaries.parquet")
     width = prefix_len + suffix_len
     rows, short = [], 0
@@ -303,11 +304,15 @@ def demo_candidates(
             "raise demo.canaries.words / digits or use a shorter extract preset"
         )
     hashes = _window_hashes(stream, width)
-    uniq, first, inverse, counts = np.unique(hashes, return_index=True, return_inverse=True, return_counts=True)
+    uniq, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+    # Corpus windows must not touch a planted canary: their counts would be the canary's.
+    canary_tokens = np.concatenate([[0], np.cumsum(in_canary, dtype=np.int64)])
+    touches_canary = (canary_tokens[width:] - canary_tokens[:-width]) > 0
+    clean = np.flatnonzero(~touches_canary)
     rng = np.random.default_rng(seed)
-    n_windows = min(n_windows, len(hashes))
-    starts = rng.choice(len(hashes), size=n_windows, replace=False) if n_windows else np.zeros(0, int)
-    duplicated = np.setdiff1d(first[counts >= 2], starts)
+    n_windows = min(n_windows, len(clean))
+    starts = rng.choice(clean, size=n_windows, replace=False) if n_windows else np.zeros(0, int)
+    duplicated = np.setdiff1d(first[(counts >= 2) & ~touches_canary[first]], starts)
     n_duplicated = min(n_duplicated, len(duplicated))
     dup_starts = rng.choice(duplicated, size=n_duplicated, replace=False) if n_duplicated else np.zeros(0, int)
     for group, chosen in (("corpus-window", starts), ("corpus-duplicate", dup_starts)):

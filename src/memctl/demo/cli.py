@@ -1,0 +1,154 @@
+"""``memctl demo-corpus``, ``memctl demo-tokenizer``, ``memctl demo-pretrain``.
+
+:func:`register` adds the three subcommands to the main ``memctl`` parser. Each writes its outputs
+atomically with a provenance sidecar (``<output>.meta.json``) next to each of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+from memctl.artifacts import Provenance, atomic_path, write_parquet
+from memctl.config import parse_settings
+from memctl.demo import resolve_settings
+
+#: Output file names of the corpus stage.
+TRAIN_FILE, HELDOUT_FILE, CANARIES_FILE = "train.parquet", "heldout.parquet", "canaries.parquet"
+#: Extraction windows (prefix + suffix tokens) a canary should cover: the 32/32 and 50/50 presets.
+WINDOW_NEEDS = {"32/32": 64, "50/50": 100}
+
+
+def register(subparsers) -> None:
+    """Add the demo subcommands to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    p = subparsers.add_parser(
+        "demo-corpus",
+        help="build the offline demo corpus (stdlib sources + planted canaries)",
+        description="Write DIR/train.parquet, DIR/heldout.parquet and DIR/canaries.parquet.",
+    )
+    p.add_argument("--settings", default="{}", help="demo.corpus settings: JSON or @file")
+    p.add_argument("--canary-settings", default="{}", help="demo.canaries settings: JSON or @file")
+    p.add_argument("--out-dir", required=True, type=Path, help="output directory")
+    p.set_defaults(func=cmd_corpus)
+
+    p = subparsers.add_parser(
+        "demo-tokenizer",
+        help="train the demo byte-level BPE tokenizer on the demo training stream",
+    )
+    p.add_argument("--corpus", required=True, type=Path, help="demo corpus directory")
+    p.add_argument("--settings", default="{}", help="demo.tokenizer settings: JSON or @file")
+    p.add_argument("--out", required=True, type=Path, help="output tokenizer directory")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = subparsers.add_parser(
+        "demo-pretrain",
+        help="pretrain the demo GPT-NeoX from scratch on the CPU",
+    )
+    p.add_argument("--corpus", required=True, type=Path, help="demo corpus directory")
+    p.add_argument("--tokenizer", required=True, type=Path, help="demo tokenizer directory")
+    p.add_argument("--arch-settings", default="{}", help="demo.architecture settings: JSON or @file")
+    p.add_argument("--settings", default="{}", help="demo.train settings: JSON or @file")
+    p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from memctl.demo.corpus import build_corpus
+
+    corpus = resolve_settings("corpus", parse_settings(args.settings))
+    canaries = resolve_settings("canaries", parse_settings(args.canary_settings))
+    prov = Provenance("demo-corpus", {"corpus": corpus, "canaries": canaries})
+    train_df, heldout_df, canaries_df, stats = build_corpus(corpus, canaries, return_stats=True)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = [out_dir / TRAIN_FILE, out_dir / HELDOUT_FILE, out_dir / CANARIES_FILE]
+    for df, path in zip((train_df, heldout_df, canaries_df), outputs):
+        write_parquet(df, path)
+    prov.write(*outputs, extra={"stats": stats})
+    print(
+        f"demo-corpus: {stats['docs_train']} train docs, {stats['docs_heldout']} held-out docs, "
+        f"{stats['canaries']} canaries x copies = {stats['canary_insertions']} insertions -> {out_dir}"
+    )
+    return 0
+
+
+def _length_summary(canaries: pd.DataFrame, lengths: list[int]) -> dict:
+    df = canaries.assign(n_tokens=lengths)
+    summary: dict = {}
+    for kind, grp in df.groupby("kind", sort=True):
+        vals = grp["n_tokens"].tolist()
+        summary[str(kind)] = {"min": int(min(vals)), "median": float(statistics.median(vals)), "max": int(max(vals))}
+    shortest = int(min(lengths)) if lengths else 0
+    summary["covers"] = {name: shortest >= need for name, need in WINDOW_NEEDS.items()}
+    return summary
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from memctl.demo.tokenizer import canary_token_lengths, train_tokenizer
+
+    settings = resolve_settings("tokenizer", parse_settings(args.settings))
+    corpus = Path(args.corpus)
+    prov = Provenance("demo-tokenizer", settings, inputs={"train": corpus / TRAIN_FILE})
+    train = pd.read_parquet(corpus / TRAIN_FILE, columns=["segment", "text"]).sort_values("segment")
+    tokenizer = train_tokenizer(train["text"].tolist(), settings)
+    extra: dict = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id}
+    canary_path = corpus / CANARIES_FILE
+    if canary_path.exists():
+        canaries = pd.read_parquet(canary_path)
+        lengths = canary_token_lengths(tokenizer, canaries["text"].tolist())
+        extra["canary_tokens"] = _length_summary(canaries, lengths)
+        short = [name for name, ok in extra["canary_tokens"]["covers"].items() if not ok]
+        if short:
+            print(
+                f"demo-tokenizer: note: the shortest canary has {min(lengths)} tokens, too short for the "
+                f"{', '.join(short)} preset(s); lengthen demo.canaries.words / digits to use them"
+            )
+    out = Path(args.out)
+    with atomic_path(out, directory=True) as tmp:
+        tokenizer.save_pretrained(tmp)
+    prov.write(out, extra=extra)
+    print(f"demo-tokenizer: {len(tokenizer)} tokens -> {out}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from memctl.demo.pretrain import pretrain, save_model, train_token_stream
+
+    arch = resolve_settings("architecture", parse_settings(args.arch_settings))
+    train_settings = resolve_settings("train", parse_settings(args.settings))
+    corpus, tok_dir = Path(args.corpus), Path(args.tokenizer)
+    prov = Provenance(
+        "demo-pretrain",
+        {"architecture": arch, "train": train_settings},
+        inputs={"train": corpus / TRAIN_FILE, "tokenizer": tok_dir},
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    stream = train_token_stream(corpus, tokenizer)
+    model, log_df = pretrain(stream, tokenizer, arch, train_settings, progress=not args.no_progress)
+    out = Path(args.out)
+    with atomic_path(out, directory=True) as tmp:
+        save_model(model, tokenizer, log_df, tmp)
+    a = log_df.attrs
+    prov.write(
+        out,
+        extra={
+            "final_loss": a["final_loss"],
+            "tokens_per_s": a["tokens_per_s"],
+            "train_wall_time_s": a["wall_time_s"],
+            "train_summary": dict(a),
+        },
+    )
+    print(
+        f"demo-pretrain: final loss {a['final_loss']:.3f}, {a['tokens_per_s']:,.0f} tokens/s, "
+        f"{a['wall_time_s']:.0f} s -> {out}"
+    )
+    return 0
+
+
+__all__ = ["cmd_corpus", "cmd_pretrain", "cmd_tokenizer", "register"]

@@ -1,0 +1,373 @@
+"""Offline demo corpus: Python standard-library sources plus planted canaries.
+
+Documents
+    Every ``*.py`` file of the running interpreter's standard library (``sysconfig``'s ``stdlib``
+    path), in sorted order, except third-party and test code (``site-packages``, ``test``/``tests``
+    directories, ``idlelib``, ``lib2to3``, ``turtledemo``) and the machine-specific
+    ``_sysconfigdata_*`` module. Module docstrings and ``pydoc_data/topics.py`` (the language
+    reference as text) give English prose next to the code. Text is normalised (``\\n`` line ends,
+    no trailing blanks) and files longer than :data:`MAX_DOC_CHARS` are cut at blank lines into
+    parts, so that one huge file cannot dominate the capped corpus or the held-out slice. Parts are
+    deduplicated by a hash of their whitespace-collapsed text (the first in path order is kept) and
+    parts shorter than ``min_doc_chars`` are dropped. ``doc_id`` numbers the surviving documents in
+    path order, so it does not depend on the seed or the cap.
+
+Selection and held-out slice
+    A permutation seeded with ``corpus.seed`` orders the documents; they are taken in that order
+    while the total stays within ``max_chars`` (a document that would overflow is skipped). The
+    first ``heldout_fraction`` of the taken documents (at least one) form the held-out slice, the
+    rest the training documents, in permutation order. The slice is written to disk and fixed.
+
+Canaries
+    For each kind in ``kinds`` and each copy count in ``copies``, ``per_count`` canaries:
+
+    * ``words``: ``words`` words drawn (seeded, with replacement) from a word list built from the
+      stdlib itself (:func:`build_word_list`), arranged in sentences of 5-12 words with a capital
+      letter, the odd comma and a full stop;
+    * ``digits``: ``digits`` random digits in groups of four separated by spaces.
+
+    A canary must not occur in any stdlib document (train, held-out or unselected) nor inside
+    another canary; a draw that does is redrawn. Each canary is inserted ``copies`` times between
+    training documents at seeded random gaps (distinct gaps while there are enough), never into the
+    held-out slice. ``canary_id`` is ``<kind>-<copies:03d>-<index:03d>``.
+
+Canary lengths under the default settings (Python 3.11 stdlib, default tokenizer of 4096 BPE
+tokens): a 48-word canary has 88-110 tokens (median 98) and a 120-digit canary 86-94 tokens
+(median 90). That covers the 32/32 preset (64 tokens) but not the 50/50 preset (100 tokens): for
+that, ``words: 56`` and ``digits: 140`` give at least 102 tokens. The tokenizer stage records the
+measured lengths in its provenance sidecar (``canary_tokens``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import re
+import sys
+import sysconfig
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from memctl.demo import resolve_settings
+
+#: Files longer than this many characters are cut at blank lines into parts of at most this size.
+MAX_DOC_CHARS = 8000
+#: Directory names whose sources are not used (third-party code, test suites, demos).
+SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo"}
+)
+#: Size of the word list canary sentences are drawn from.
+WORD_LIST_SIZE = 2000
+_WORD_RE = re.compile(r"(?<![A-Za-z0-9_])[a-z]{3,12}(?![A-Za-z0-9_])")
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: int
+    source: str
+    text: str
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_sources(root: str | Path | None = None) -> list[Path]:
+    """The standard-library ``*.py`` files used by the demo, sorted by relative path."""
+    root = Path(root) if root is not None else stdlib_dir()
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        parts = rel.parts
+        if any(p in SKIP_DIRS for p in parts[:-1]):
+            continue
+        if parts[0].startswith("config-") or parts[-1].startswith("_sysconfigdata"):
+            continue
+        if not path.is_file():
+            continue
+        files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def normalize_text(text: str) -> str:
+    """``\\n`` line ends, no trailing whitespace on lines, no leading or trailing blank lines."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [line.rstrip() for line in text.split("\n")]
+    return "\n".join(lines).strip("\n")
+
+
+def dedup_key(text: str) -> str:
+    """Hash of the whitespace-collapsed text: documents that differ only in spacing are duplicates."""
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
+
+
+def split_document(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+    """Cut ``text`` into parts of at most ``max_chars`` characters, at blank lines where possible."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces: list[str] = []
+    for para in text.split("\n\n"):
+        if len(para) <= max_chars:
+            pieces.append(para)
+            continue
+        # An oversized paragraph: pack its lines, and hard-cut any single over-long line.
+        buf: list[str] = []
+        size = 0
+        for line in para.split("\n"):
+            while len(line) > max_chars:
+                if buf:
+                    pieces.append("\n".join(buf))
+                    buf, size = [], 0
+                pieces.append(line[:max_chars])
+                line = line[max_chars:]
+            if buf and size + 1 + len(line) > max_chars:
+                pieces.append("\n".join(buf))
+                buf, size = [], 0
+            size += len(line) + (1 if buf else 0)
+            buf.append(line)
+        if buf:
+            pieces.append("\n".join(buf))
+    parts: list[str] = []
+    current = ""
+    for piece in pieces:
+        joined = f"{current}\n\n{piece}" if current else piece
+        if current and len(joined) > max_chars:
+            parts.append(current)
+            current = piece
+        else:
+            current = joined
+    if current:
+        parts.append(current)
+    return [p.strip("\n") for p in parts if p.strip()]
+
+
+@lru_cache(maxsize=4)
+def _load_stdlib(root: str, min_doc_chars: int) -> tuple[tuple[Document, ...], tuple[tuple[str, int], ...]]:
+    base = Path(root)
+    docs: list[Document] = []
+    seen: set[str] = set()
+    stats = Counter()
+    for path in stdlib_sources(base):
+        stats["files"] += 1
+        try:
+            raw = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            stats["files_unreadable"] += 1
+            continue
+        rel = path.relative_to(base).as_posix()
+        for part in split_document(normalize_text(raw)):
+            stats["parts"] += 1
+            if len(part) < min_doc_chars:
+                stats["dropped_short"] += 1
+                continue
+            key = dedup_key(part)
+            if key in seen:
+                stats["dropped_duplicates"] += 1
+                continue
+            seen.add(key)
+            docs.append(Document(doc_id=len(docs), source=rel, text=part))
+    return tuple(docs), tuple(sorted(stats.items()))
+
+
+def load_stdlib_documents(min_doc_chars: int = 200, root: str | Path | None = None) -> tuple[list[Document], dict[str, int]]:
+    """Deduplicated stdlib documents (``doc_id`` in path order) and counts of what was dropped."""
+    docs, stats = _load_stdlib(str(Path(root) if root is not None else stdlib_dir()), int(min_doc_chars))
+    return list(docs), dict(stats)
+
+
+def build_word_list(docs: list[Document], size: int = WORD_LIST_SIZE) -> list[str]:
+    """The ``size`` most frequent lowercase words (3-12 letters, no Python keywords) in ``docs``.
+
+    Ties are broken alphabetically and the result is sorted, so the list is a pure function of the
+    documents.
+    """
+    counts: Counter[str] = Counter()
+    for doc in docs:
+        counts.update(_WORD_RE.findall(doc.text))
+    banned = set(keyword.kwlist) | set(getattr(keyword, "softkwlist", [])) | {"self", "cls", "none", "true", "false"}
+    ranked = sorted((w for w in counts if w not in banned), key=lambda w: (-counts[w], w))
+    return sorted(ranked[:size])
+
+
+def _words_canary(rng: np.random.Generator, words: list[str], n_words: int) -> str:
+    lengths: list[int] = []
+    left = n_words
+    while left > 0:
+        n = int(rng.integers(5, 13))
+        if left - n < 3:  # never leave a stub sentence of 1-2 words
+            n = left
+        lengths.append(n)
+        left -= n
+    sentences = []
+    for n in lengths:
+        chosen = [words[i] for i in rng.integers(0, len(words), size=n)]
+        if n >= 7 and rng.random() < 0.4:
+            at = int(rng.integers(2, n - 2))
+            chosen[at] = chosen[at] + ","
+        chosen[0] = chosen[0][0].upper() + chosen[0][1:]
+        sentences.append(" ".join(chosen) + ".")
+    return " ".join(sentences)
+
+
+def _digits_canary(rng: np.random.Generator, n_digits: int) -> str:
+    digits = "".join(str(d) for d in rng.integers(0, 10, size=n_digits))
+    return " ".join(digits[i : i + 4] for i in range(0, n_digits, 4))
+
+
+def make_canaries(canary_settings: Mapping[str, Any], word_list: list[str], forbidden_text: str) -> pd.DataFrame:
+    """The canary table (``canary_id``, ``kind``, ``copies``, ``text``, ``n_chars``).
+
+    ``forbidden_text`` is the text no canary may occur in (all stdlib documents joined).
+    """
+    cfg = resolve_settings("canaries", canary_settings)
+    rng = np.random.default_rng(cfg["seed"])
+    rows = []
+    texts: list[str] = []
+    for kind in cfg["kinds"]:
+        for copies in sorted(set(int(c) for c in cfg["copies"])):
+            for index in range(int(cfg["per_count"])):
+                for _attempt in range(1000):
+                    if kind == "words":
+                        text = _words_canary(rng, word_list, int(cfg["words"]))
+                    elif kind == "digits":
+                        text = _digits_canary(rng, int(cfg["digits"]))
+                    else:
+                        raise ValueError(f"demo.canaries.kinds: unknown kind {kind!r}")
+                    clash = text in forbidden_text or any(text in t or t in text for t in texts)
+                    if not clash:
+                        break
+                else:  # pragma: no cover - astronomically unlikely
+                    raise RuntimeError(f"could not draw a unique {kind} canary")
+                texts.append(text)
+                rows.append(
+                    {
+                        "canary_id": f"{kind}-{copies:03d}-{index:03d}",
+                        "kind": kind,
+                        "copies": copies,
+                        "text": text,
+                        "n_chars": len(text),
+                    }
+                )
+    df = pd.DataFrame(rows, columns=["canary_id", "kind", "copies", "text", "n_chars"])
+    return df.astype({"copies": "int64", "n_chars": "int64"})
+
+
+def _plant(train_docs: list[Document], canaries: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The training stream: train documents in order, canary copies inserted into gaps between them."""
+    rng = np.random.default_rng([seed, 0xCA7A])
+    n_gaps = len(train_docs) + 1
+    gap_of: list[tuple[int, float, str]] = []  # (gap, tie-break key, canary_id)
+    for row in canaries.itertuples(index=False):
+        copies = int(row.copies)
+        gaps = rng.choice(n_gaps, size=copies, replace=copies > n_gaps)
+        for g in gaps:
+            gap_of.append((int(g), float(rng.random()), row.canary_id))
+    gap_of.sort()
+    texts = dict(zip(canaries["canary_id"], canaries["text"]))
+    rows: list[tuple[str, Any, Any, str, str]] = []
+    k = 0
+    for gap in range(n_gaps):
+        while k < len(gap_of) and gap_of[k][0] == gap:
+            cid = gap_of[k][2]
+            rows.append(("canary", pd.NA, cid, "canary", texts[cid]))
+            k += 1
+        if gap < len(train_docs):
+            doc = train_docs[gap]
+            rows.append(("doc", doc.doc_id, pd.NA, doc.source, doc.text))
+    df = pd.DataFrame(rows, columns=["kind", "doc_id", "canary_id", "source", "text"])
+    df.insert(0, "segment", np.arange(len(df), dtype=np.int64))
+    return df.astype({"doc_id": "Int64", "canary_id": "string"})
+
+
+def build_corpus(
+    corpus_settings: Mapping[str, Any] | None,
+    canary_settings: Mapping[str, Any] | None,
+    *,
+    root: str | Path | None = None,
+    return_stats: bool = False,
+):
+    """Build the demo corpus: ``(train_df, heldout_df, canaries_df)`` (plus ``stats`` if asked).
+
+    ``train_df``: ordered segments of the training stream (``segment``, ``kind`` in {doc, canary},
+    ``doc_id``, ``canary_id``, ``source``, ``text``); ``heldout_df``: ``doc_id``, ``source``,
+    ``text``; ``canaries_df``: ``canary_id``, ``kind``, ``copies``, ``text``, ``n_chars``.
+    Deterministic for given settings and Python standard library. ``root`` overrides the stdlib
+    directory (tests).
+    """
+    cfg = resolve_settings("corpus", corpus_settings)
+    can_cfg = resolve_settings("canaries", canary_settings)
+    docs, load_stats = load_stdlib_documents(cfg["min_doc_chars"], root)
+    if not docs:
+        raise RuntimeError(f"no standard-library documents found under {root or stdlib_dir()}")
+
+    rng = np.random.default_rng(cfg["seed"])
+    order = rng.permutation(len(docs))
+    selected: list[Document] = []
+    total = 0
+    for i in order:
+        doc = docs[int(i)]
+        if total + len(doc.text) > cfg["max_chars"]:
+            continue
+        selected.append(doc)
+        total += len(doc.text)
+    if len(selected) < 2:
+        raise ValueError(f"demo.corpus.max_chars={cfg['max_chars']} leaves fewer than 2 documents")
+    n_held = min(len(selected) - 1, max(1, int(round(cfg["heldout_fraction"] * len(selected)))))
+    heldout_docs, train_docs = selected[:n_held], selected[n_held:]
+
+    word_list = build_word_list(docs)
+    forbidden = "\n\x00\n".join(d.text for d in docs)
+    canaries_df = make_canaries(can_cfg, word_list, forbidden)
+    train_df = _plant(train_docs, canaries_df, int(cfg["seed"]))
+    heldout_df = pd.DataFrame(
+        [(d.doc_id, d.source, d.text) for d in sorted(heldout_docs, key=lambda d: d.doc_id)],
+        columns=["doc_id", "source", "text"],
+    ).astype({"doc_id": "int64"})
+
+    canary_chars = int(train_df.loc[train_df["kind"] == "canary", "text"].str.len().sum())
+    stats = {
+        "python": sys.version.split()[0],
+        "stdlib": str(Path(root) if root is not None else stdlib_dir()),
+        "files": load_stats.get("files", 0),
+        "files_unreadable": load_stats.get("files_unreadable", 0),
+        "parts": load_stats.get("parts", 0),
+        "dropped_duplicates": load_stats.get("dropped_duplicates", 0),
+        "dropped_short": load_stats.get("dropped_short", 0),
+        "docs_available": len(docs),
+        "docs_available_chars": sum(len(d.text) for d in docs),
+        "docs_kept": len(selected),
+        "docs_train": len(train_docs),
+        "docs_heldout": len(heldout_docs),
+        "chars_train_docs": sum(len(d.text) for d in train_docs),
+        "chars_heldout": sum(len(d.text) for d in heldout_docs),
+        "canaries": len(canaries_df),
+        "canary_insertions": int((train_df["kind"] == "canary").sum()),
+        "chars_canaries": canary_chars,
+        "segments_train": len(train_df),
+        "word_list_size": len(word_list),
+    }
+    if return_stats:
+        return train_df, heldout_df, canaries_df, stats
+    return train_df, heldout_df, canaries_df
+
+
+__all__ = [
+    "MAX_DOC_CHARS",
+    "Document",
+    "build_corpus",
+    "build_word_list",
+    "dedup_key",
+    "load_stdlib_documents",
+    "make_canaries",
+    "normalize_text",
+    "split_document",
+    "stdlib_dir",
+    "stdlib_sources",
+]
