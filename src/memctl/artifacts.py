@@ -122,7 +122,8 @@ def _json_default(obj: Any) -> Any:
 def hash_path(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a file, or of a directory's files (relative names and contents, sorted).
 
-    Sidecars and temporary entries inside a directory are ignored.
+    Sidecars, temporary entries and Snakemake's ``.snakemake_timestamp`` marker (which it adds to
+    directory outputs after the job) inside a directory are ignored.
     """
     path = Path(path)
     h = hashlib.sha256()
@@ -130,7 +131,10 @@ def hash_path(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         files = sorted(
             p
             for p in path.rglob("*")
-            if p.is_file() and not p.name.endswith(SIDECAR_SUFFIX) and ".tmp-" not in p.name
+            if p.is_file()
+            and not p.name.endswith(SIDECAR_SUFFIX)
+            and ".tmp-" not in p.name
+            and p.name != ".snakemake_timestamp"
         )
         for p in files:
             h.update(str(p.relative_to(path)).encode())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -163,28 +162,25 @@ def cmd_report(args) -> None:
         by_copies = report.bucket_copies(pd.read_parquet(args.by_copies))
         write_text(out / "extraction_by_copies.md", report.extraction_markdown(by_copies))
         with atomic_path(out / "extraction_by_copies.png") as tmp:
-            report.plot_extraction(by_copies, tmp.with_suffix(".png"))
-            os.replace(tmp.with_suffix(".png"), tmp)
+            report.plot_extraction(by_copies, tmp)
         outputs += [out / "extraction_by_copies.md", out / "extraction_by_copies.png"]
     prov.write(*outputs)
     print(report.results_markdown(metrics))
 
 
 def cmd_verify(args) -> None:
-    from memctl.artifacts import SIDECAR_SUFFIX, verify
+    from memctl.artifacts import SIDECAR_SUFFIX, sidecar_path, verify
 
-    problems, checked = [], 0
-    for target in args.paths:
-        target = Path(target)
-        metas = [target.with_name(target.name + SIDECAR_SUFFIX)] if not target.is_dir() or (
-            target.with_name(target.name + SIDECAR_SUFFIX).exists()) else sorted(target.rglob("*" + SIDECAR_SUFFIX))
-        for meta in metas:
-            artifact = meta.with_name(meta.name[: -len(SIDECAR_SUFFIX)])
-            problems += verify(artifact)
-            checked += 1
+    artifacts = []
+    for target in map(Path, args.paths):
+        if sidecar_path(target).exists() or not target.is_dir():
+            artifacts.append(target)
+        else:  # a directory of artifacts: check everything that has a sidecar
+            artifacts += [m.with_name(m.name[: -len(SIDECAR_SUFFIX)]) for m in sorted(target.rglob("*" + SIDECAR_SUFFIX))]
+    problems = [p for artifact in artifacts for p in verify(artifact)]
     for p in problems:
         print(p)
-    print(f"checked {checked} artifacts: {len(problems)} problems")
+    print(f"checked {len(artifacts)} artifacts: {len(problems)} problems")
     if problems:
         raise SystemExit(1)
 

@@ -109,5 +109,5 @@ def plot_extraction(by_copies: pd.DataFrame, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Greedy exact extraction by exposure count")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)

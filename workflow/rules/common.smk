@@ -4,6 +4,7 @@
 # two settings never overwrite each other and a lab can share one artifact root.
 import json
 import os
+import re
 
 from memctl.config import ConfigError, load_config, prefix_suffix_lengths, settings_hash
 from memctl.models import model_tag
@@ -92,6 +93,7 @@ EVAL_DIR = f"{MODEL_DIR}/eval-{EVAL_HASH}"
 
 # Edits evaluated and reported; later stages (curvature edits, masks, baselines) add entries.
 EDITS = {"none": "Origin"}
+EDIT_PATTERN = "|".join(re.escape(edit) for edit in EDITS)
 
 
 def final_outputs():

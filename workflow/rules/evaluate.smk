@@ -40,7 +40,7 @@ rule evaluate:
         method=lambda wildcards: EDITS[wildcards.edit],
         out_dir=parent_dir,
     wildcard_constraints:
-        edit="none",
+        edit=EDIT_PATTERN,
     threads: THREADS
     conda:
         ENV
