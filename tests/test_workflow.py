@@ -58,7 +58,7 @@ def test_extraction_tables_are_consistent(tiny_run):
     (ext_dir,) = tiny_run.glob("results/demo-*/extract-*")
     ext = pd.read_parquet(ext_dir / "extraction.parquet")
     assert {"prefix_ids", "suffix_ids", "generated_ids", "exact_match", "match_positions", "levenshtein"} <= set(ext.columns)
-    assert set(ext["group"]) == {"canary-words", "canary-digits", "corpus-window", "corpus-duplicate"}
+    assert {"canary-words", "canary-digits", "corpus-window"} <= set(ext["group"])
     assert all(len(s) == 32 for s in ext["suffix_ids"])
     mem = pd.read_parquet(ext_dir / "memorized.parquet")
     non = pd.read_parquet(ext_dir / "nonmemorized.parquet")
@@ -66,9 +66,18 @@ def test_extraction_tables_are_consistent(tiny_run):
     test = pd.read_parquet(ext_dir / "memorized_test.parquet")
     assert len(mem) + len(non) == len(ext)
     assert len(train) + len(test) == len(mem)
-    # Memorized means at least memorized_threshold (0.15) of the suffix positions reproduced.
     assert len(test) > 0
-    assert (mem["frac_match"] >= 0.15).all() and (non["frac_match"] < 0.15).all()
+    # memorized_threshold 1.0 (default): memorized means the whole suffix came back exactly.
+    assert mem["exact_match"].all() and not non["exact_match"].any()
+
+
+def test_tiny_model_memorizes_by_copy_count(tiny_run):
+    """Real memorization: canaries planted 16 times come back exactly, those planted once do not."""
+    (ext_dir,) = tiny_run.glob("results/demo-*/extract-*")
+    ext = pd.read_parquet(ext_dir / "extraction.parquet")
+    canaries = ext[ext["group"].str.startswith("canary")]
+    assert canaries.loc[canaries["planted_copies"] == 16, "exact_match"].all()
+    assert not canaries.loc[canaries["planted_copies"] == 1, "exact_match"].any()
 
 
 def test_every_artifact_has_sound_provenance(tiny_run):
@@ -106,5 +115,5 @@ def test_same_config_gives_identical_artifacts(tiny_run, tmp_path):
     assert len(tables) >= 12
     for rel in tables:
         assert hash_path(tiny_run / rel) == hash_path(other / rel), rel
-    (model,) = tiny_run.glob("results/demo/model-*")
+    (model,) = (p for p in tiny_run.glob("results/demo/model-*") if p.is_dir())
     assert hash_path(model / "model.safetensors") == hash_path(other / model.relative_to(tiny_run) / "model.safetensors")
