@@ -57,7 +57,7 @@ def test_batched_decoding_matches_single_for_each_architecture(arch_dir):
     assert context_length(load_config(path)) == 64
 
 
-def test_dtype_and_remote_code_settings(arch_dir):
+def test_dtype_setting_and_eval_mode(arch_dir):
     _, path = arch_dir
     model = load_model(path, {"source": "local", "dtype": "bfloat16", "device": "cpu"})
     assert next(model.parameters()).dtype == torch.bfloat16
