@@ -165,3 +165,31 @@ def test_demo_corpus_windows_avoid_canaries_and_count_copies(tmp_path, tiny_toke
         assert not mask[start : start + 16].any()
         assert copies == count_occurrences(stream, [stream[start : start + 16].tolist()])[0] >= 1
     assert (df.loc[df["group"] == "corpus-duplicate", "copies"] >= 2).all()
+
+
+def test_source_tokenizer_retokenizes_id_columns(tmp_path, tiny_tokenizer):
+    """Ids written with another tokenizer are decoded with it and re-encoded with the model's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other.decoder = decoders.ByteLevel()
+    other.train_from_iterator(
+        ["lorem ipsum dolor sit amet " * 20],
+        trainers.BpeTrainer(vocab_size=280, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<eos>").save_pretrained(tmp_path / "src_tok")
+    src = PreTrainedTokenizerFast.from_pretrained(tmp_path / "src_tok")
+
+    prefix_text, suffix_text = "def add(a, b):\n    return", " a + b\nThe quick brown fox"
+    row = {"prefix": src(prefix_text)["input_ids"], "suffix": src(suffix_text)["input_ids"]}
+    target = {k: tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for k, t in
+              (("prefix", prefix_text), ("suffix", suffix_text))}
+    assert row["prefix"] != target["prefix"]  # the two vocabularies really differ
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    s = settings(source="jsonl", path=str(path), source_tokenizer=str(tmp_path / "src_tok"))
+    df, _ = build_candidates(s, tiny_tokenizer, P, S)
+    assert list(df["prefix_ids"][0]) == target["prefix"][-P:]
+    assert list(df["suffix_ids"][0]) == target["suffix"][:S]
