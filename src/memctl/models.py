@@ -78,8 +78,9 @@ def load_model(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None
             attn = "eager"
     if attn:
         kwargs["attn_implementation"] = attn
+    # Load straight onto the target device: a 7B model never needs a full copy in host memory.
+    kwargs["device_map"] = str(resolve_device(settings.get("device", "auto")))
     model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
-    model.to(resolve_device(settings.get("device", "auto")))
     model.eval()
     return model
 
