@@ -62,7 +62,7 @@ def test_bad_values_are_named(mutate, expected):
 def test_unknown_key_lists_allowed_keys():
     cfg = default_raw()
     cfg["evaluate"]["batchsize"] = 4
-    with pytest.raises(ConfigError, match=r"allowed keys: batch_size, loose_threshold"):
+    with pytest.raises(ConfigError, match=r"allowed keys: batch_size, heldout_batch_size, loose_threshold"):
         validate_config(cfg)
 
 

@@ -119,6 +119,42 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+# Inputs larger than this (e.g. a 7B model's shards) are fingerprinted by size + first and last
+# MiBs instead of read whole, so provenance of a stage never costs minutes of disk reads.
+FINGERPRINT_OVER_BYTES = 256 << 20
+FINGERPRINT_EDGE_BYTES = 4 << 20
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """sha256 of small files; size + head + tail for huge ones (labelled ``fp:``); dirs recurse."""
+    path = Path(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in _dir_files(path):
+            h.update(str(p.relative_to(path)).encode() + b"\0" + fingerprint_path(p).encode())
+        return h.hexdigest()
+    size = path.stat().st_size
+    if size <= FINGERPRINT_OVER_BYTES:
+        return hash_path(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(FINGERPRINT_EDGE_BYTES))
+        fh.seek(size - FINGERPRINT_EDGE_BYTES)
+        h.update(fh.read(FINGERPRINT_EDGE_BYTES))
+    return "fp:" + h.hexdigest()
+
+
+def _dir_files(path: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and not p.name.endswith(SIDECAR_SUFFIX)
+        and ".tmp-" not in p.name
+        and p.name != ".snakemake_timestamp"
+    )
+
+
 def hash_path(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a file, or of a directory's files (relative names and contents, sorted).
 
@@ -128,15 +164,7 @@ def hash_path(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     path = Path(path)
     h = hashlib.sha256()
     if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and not p.name.endswith(SIDECAR_SUFFIX)
-            and ".tmp-" not in p.name
-            and p.name != ".snakemake_timestamp"
-        )
-        for p in files:
+        for p in _dir_files(path):
             h.update(str(p.relative_to(path)).encode())
             h.update(b"\0")
             h.update(hash_path(p).encode())
@@ -194,13 +222,14 @@ class Provenance:
         self.stage = stage
         self.settings = dict(settings)
         self.started = time.time()
+        self.extra: dict[str, Any] = {}  # facts learnt while running (e.g. the model's hub commit)
         self.inputs: dict[str, dict[str, str]] = {}
         for name, ref in (inputs or {}).items():
             if ref is None:
                 continue
             ref_path = Path(ref)
             if ref_path.exists():
-                self.inputs[name] = {"path": str(ref_path), "sha256": hash_path(ref_path)}
+                self.inputs[name] = {"path": str(ref_path), "sha256": fingerprint_path(ref_path)}
             else:  # e.g. a hub model id: record the reference itself
                 self.inputs[name] = {"ref": str(ref)}
 
@@ -214,6 +243,7 @@ class Provenance:
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
             "wall_time_s": round(time.time() - self.started, 3),
+            **self.extra,
             **(dict(extra) if extra else {}),
         }
 

@@ -30,12 +30,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
 
 
-def _load(args):
+def _load(args, prov):
+    """Model and tokenizer; records what was actually loaded (hub commit, device, dtype) in ``prov``."""
+    import torch
+
     from memctl.models import load_model, load_tokenizer
 
     settings = parse_settings(args.model_settings)
     _set_threads(args.threads)
-    return load_model(args.model, settings), load_tokenizer(args.model, settings), settings
+    model = load_model(args.model, settings)
+    param = next(model.parameters())
+    prov.extra["model_loaded"] = {
+        "ref": str(args.model),
+        "hub_commit": getattr(model.config, "_commit_hash", None),
+        "device": str(param.device),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return model, load_tokenizer(args.model, settings)
 
 
 def _model_name(args) -> str:
@@ -83,9 +95,13 @@ def cmd_extract(args) -> None:
     from memctl.extract import run_extraction, split_memorized, write_outputs
 
     settings = parse_settings(args.settings)
-    prov = Provenance("extract", settings, {"model": args.model, "candidates": args.candidates})
+    prov = Provenance(
+        "extract",
+        {"extract": settings, "model": parse_settings(args.model_settings)},
+        {"model": args.model, "candidates": args.candidates},
+    )
     candidates = pd.read_parquet(args.candidates)
-    model, tokenizer, _ = _load(args)
+    model, tokenizer = _load(args, prov)
     extraction = run_extraction(
         model, candidates, tokenizer.pad_token_id, batch_size=int(settings.get("batch_size", 64))
     )
@@ -129,12 +145,12 @@ def cmd_evaluate(args) -> None:
     settings = parse_settings(args.settings)
     prov = Provenance(
         "evaluate",
-        dict(settings, edit=args.edit),
+        {"evaluate": settings, "model": parse_settings(args.model_settings), "edit": args.edit},
         {"model": args.model, "memorized": args.memorized, "heldout": args.heldout},
     )
     memorized = pd.read_parquet(args.memorized)
     heldout = load_file(args.heldout)["windows"].numpy()
-    model, tokenizer, _ = _load(args)
+    model, tokenizer = _load(args, prov)
     table, scores = evaluate_model(
         model, memorized, heldout, tokenizer.pad_token_id, settings,
         model_name=_model_name(args), edit=args.edit, method=args.method,

@@ -72,7 +72,9 @@ def evaluate_model(
         "n_examples": 0, "exact_er": math.nan, "fractional_er": math.nan, "strict_accuracy": math.nan,
         "loose_accuracy": math.nan, "avg_levenshtein": math.nan,
     }
-    held_nll, held_tokens = window_losses(model, heldout, batch_size=batch, progress=progress)
+    held_nll, held_tokens = window_losses(
+        model, heldout, batch_size=int(settings.get("heldout_batch_size", 4)), progress=progress
+    )
     row = {
         "model": model_name,
         "edit": edit,

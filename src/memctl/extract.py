@@ -10,6 +10,7 @@ Outputs (one directory per model + candidates + settings):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,12 @@ def split_memorized(
     n_test = int(round(len(memorized) * float(settings.get("test_fraction", 0.25))))
     if len(memorized) >= 2:
         n_test = min(max(n_test, 1), len(memorized) - 1)
+    if len(memorized) < 2:
+        warnings.warn(
+            f"only {len(memorized)} memorized candidate(s): the memorized test split is "
+            f"{'empty' if n_test == 0 else 'everything'}; evaluation metrics will be NaN or trivial",
+            stacklevel=2,
+        )
     test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     return {
         "memorized": memorized,

@@ -60,9 +60,11 @@ def results_markdown(metrics: pd.DataFrame) -> str:
 
 
 def extraction_markdown(by_copies: pd.DataFrame) -> str:
+    by_copies = by_copies.astype({"copies": object})
+    by_copies.loc[by_copies["copies"] == -1, "copies"] = "unknown"
     cols = [
         ("group", "Group", "{}"),
-        ("copies", "Copies in training stream", "{}"),
+        ("copies", "Copies in training stream (<=)", "{}"),
         ("n", "N", "{}"),
         ("exact_er", "Exact ER", "{:.3f}"),
         ("fractional_er", "Fractional ER", "{:.3f}"),
@@ -72,9 +74,13 @@ def extraction_markdown(by_copies: pd.DataFrame) -> str:
 
 
 def bucket_copies(by_copies: pd.DataFrame) -> pd.DataFrame:
-    """Pool counts into powers of two (1, 2, 3-4, 5-8, ...) so natural duplicates read like canaries."""
-    df = by_copies[by_copies["copies"] > 0].copy()
-    df["bucket"] = df["copies"].map(lambda c: 1 << max(int(c) - 1, 0).bit_length())
+    """Pool counts into powers of two (1, 2, 3-4, 5-8, ...) so natural duplicates read like canaries.
+
+    Candidates without a known exposure count (``copies <= 0``, e.g. benchmark files) form one
+    bucket with ``copies = -1`` per group.
+    """
+    df = by_copies.copy()
+    df["bucket"] = df["copies"].map(lambda c: 1 << max(int(c) - 1, 0).bit_length() if c > 0 else -1)
     rows = []
     for (group, bucket), part in df.groupby(["group", "bucket"], sort=True):
         w = part["n"]
@@ -88,7 +94,7 @@ def bucket_copies(by_copies: pd.DataFrame) -> pd.DataFrame:
                 "loose_accuracy": float((part["loose_accuracy"] * w).sum() / w.sum()),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["group", "copies", "n", "exact_er", "fractional_er", "loose_accuracy"])
 
 
 def plot_extraction(by_copies: pd.DataFrame, path: Path) -> None:
@@ -98,7 +104,10 @@ def plot_extraction(by_copies: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for group, part in by_copies.groupby("group", sort=True):
+    known = by_copies[by_copies["copies"] > 0]
+    if known.empty:
+        ax.text(0.5, 0.5, "no exposure counts for these candidates", ha="center", va="center")
+    for group, part in known.groupby("group", sort=True):
         part = part.sort_values("copies")
         ax.plot(part["copies"], part["exact_er"], marker="o", label=f"{group} (n={int(part['n'].sum())})")
     ax.set_xscale("log", base=2)
@@ -106,7 +115,8 @@ def plot_extraction(by_copies: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("exact extraction rate")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if not known.empty:
+        ax.legend(fontsize=8)
     ax.set_title("Greedy exact extraction by exposure count")
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -5,6 +5,7 @@
 import json
 import os
 import re
+import sys
 
 from memctl.config import ConfigError, load_config, prefix_suffix_lengths, settings_hash
 from memctl.models import model_tag
@@ -28,10 +29,12 @@ def as_json(section):
 
 
 # --- the embedded demo model (only when model.source is 'demo') --------------------------------
-CORPUS_HASH = settings_hash(config["demo"]["corpus"], config["demo"]["canaries"])
+# The corpus is read from the running Python's standard library: its version is part of the key.
+PYTHON_VERSION = "{}.{}".format(*sys.version_info[:2])
+CORPUS_HASH = settings_hash(PYTHON_VERSION, config["demo"]["corpus"], config["demo"]["canaries"])
 TOKENIZER_HASH = settings_hash(CORPUS_HASH, config["demo"]["tokenizer"])
 DEMO_MODEL_HASH = settings_hash(
-    TOKENIZER_HASH, config["demo"]["architecture"], config["demo"]["train"]
+    TOKENIZER_HASH, config["demo"]["architecture"], config["demo"]["train"], config["resources"]["gpu"]
 )
 CORPUS_DIR = f"{ROOT}/demo/corpus-{CORPUS_HASH}"
 TOKENIZER_DIR = f"{ROOT}/demo/tokenizer-{TOKENIZER_HASH}"
@@ -53,11 +56,28 @@ MODEL_DIR = f"{ROOT}/{MODEL_TAG}"
 
 
 def model_inputs(wildcards):
-    """The demo model and corpus are files the DAG builds; a hub model is just a name."""
+    """The demo model and corpus are files the DAG builds; a local model directory is an input
+    (replacing it reruns what used it); a hub model is just a name."""
+    if config["model"]["source"] == "local":
+        return {"model": MODEL_REF}
     if not DEMO:
         return {}
     corpus = {f"corpus_{name}": f"{CORPUS_DIR}/{name}.parquet" for name in CORPUS_TABLES}
     return {"model": DEMO_MODEL_DIR, **corpus}
+
+
+def local_data_input(section):
+    """A stage's local data file (candidates / held-out text) as a rule input, when it has one."""
+
+    def inputs(wildcards):
+        settings = config[section]
+        if settings["source"] in ("jsonl", "parquet", "npy", "text") and settings.get("path"):
+            return {"data": settings["path"]}
+        if settings["source"] == "hf" and os.path.exists(settings.get("hf_name") or ""):
+            return {"data": settings["hf_name"]}
+        return {}
+
+    return inputs
 
 
 def corpus_arg(wildcards, input):
@@ -74,7 +94,8 @@ CANDIDATES_SETTINGS = dict(config["candidates"], prefix_len=PREFIX_LEN, suffix_l
 CANDIDATES_HASH = settings_hash(MODEL_KEY, CANDIDATES_SETTINGS)
 CANDIDATES = f"{MODEL_DIR}/candidates-{CANDIDATES_HASH}/candidates.parquet"
 
-EXTRACT_HASH = settings_hash(CANDIDATES_HASH, config["model"], config["extract"])
+# GPU and CPU kernels round differently (borderline sequences can flip): the device is in the key.
+EXTRACT_HASH = settings_hash(CANDIDATES_HASH, config["model"], config["extract"], config["resources"]["gpu"])
 EXTRACT_DIR = f"{MODEL_DIR}/extract-{EXTRACT_HASH}"
 EXTRACT_TABLES = [
     "extraction",
@@ -88,7 +109,9 @@ EXTRACT_TABLES = [
 HELDOUT_HASH = settings_hash(MODEL_KEY, config["heldout"])
 HELDOUT = f"{MODEL_DIR}/heldout-{HELDOUT_HASH}/windows.safetensors"
 
-EVAL_HASH = settings_hash(EXTRACT_HASH, HELDOUT_HASH, config["model"], config["evaluate"])
+EVAL_HASH = settings_hash(
+    EXTRACT_HASH, HELDOUT_HASH, config["model"], config["evaluate"], config["resources"]["gpu"]
+)
 EVAL_DIR = f"{MODEL_DIR}/eval-{EVAL_HASH}"
 
 # Edits evaluated and reported; later stages (curvature edits, masks, baselines) add entries.

@@ -70,5 +70,6 @@ rule demo_pretrain:
         gpu=GPU,
     shell:
         "memctl demo-pretrain --corpus {params.corpus} --tokenizer {input.tokenizer}"
-        " --arch-settings {params.arch:q} --settings {params.settings:q} --out {output}"
+        " --arch-settings {params.arch:q} --settings {params.settings:q} --threads {threads}"
+        " --out {output}"
         " > {log} 2>&1"

@@ -4,6 +4,7 @@
 rule heldout:
     input:
         unpack(model_inputs),
+        unpack(local_data_input("heldout")),
     output:
         HELDOUT,
     params:

@@ -4,6 +4,7 @@
 rule candidates:
     input:
         unpack(model_inputs),
+        unpack(local_data_input("candidates")),
     output:
         CANDIDATES,
     params:

@@ -52,6 +52,10 @@ def register(subparsers) -> None:
     p.add_argument("--arch-settings", default="{}", help="demo.architecture settings: JSON or @file")
     p.add_argument("--settings", default="{}", help="demo.train settings: JSON or @file")
     p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="torch threads when demo.train.threads is 0 (Snakemake passes the job's threads)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 
@@ -122,6 +126,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     arch = resolve_settings("architecture", parse_settings(args.arch_settings))
     train_settings = resolve_settings("train", parse_settings(args.settings))
+    if not train_settings["threads"] and args.threads:
+        train_settings["threads"] = int(args.threads)
     corpus, tok_dir = Path(args.corpus), Path(args.tokenizer)
     prov = Provenance(
         "demo-pretrain",
