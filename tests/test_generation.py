@@ -44,9 +44,26 @@ def test_matches_hf_generate(tiny_model, tiny_tokenizer):
 
 
 def test_exactly_n_new_tokens_even_through_eos(tiny_model, tiny_tokenizer):
-    """The scored slice never shifts: decoding runs n steps whatever is generated."""
-    out = greedy_generate(tiny_model, PROMPTS, 20, tiny_tokenizer.pad_token_id, progress=False)
-    assert out.shape == (len(PROMPTS), 20)
+    """The scored slice never shifts: decoding runs n argmax steps whatever is generated.
+
+    A token the model emits mid-continuation plays EOS: HF generate stops there, ours goes on and
+    matches generate with stopping disabled, token for token (no EOS suppression either).
+    """
+    from transformers import GenerationConfig
+
+    pad = tiny_tokenizer.pad_token_id
+    prompt = PROMPTS[0]
+    ours = greedy_generate(tiny_model, [prompt], 12, pad, progress=False)[0]
+    eos = int(ours[3])
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+    stop = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=pad)
+    stopped = tiny_model.generate(ids, attention_mask=mask, generation_config=stop)[0, len(prompt):]
+    assert len(stopped) <= 4 and int(stopped[-1]) == eos
+    nostop = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=pad)
+    full = tiny_model.generate(ids, attention_mask=mask, generation_config=nostop)[0, len(prompt):]
+    assert len(ours) == 12
+    np.testing.assert_array_equal(ours, full.numpy())
 
 
 def test_score_suffixes_matches_unpadded_forward(tiny_model, tiny_tokenizer):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -19,7 +20,9 @@ TINY = Path(__file__).with_name("tiny_config.yaml")
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # Rules call the `memctl` console script installed next to this Python.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         logs = "\n".join(p.read_text()[-3000:] for p in workdir.glob("results/logs/*/*.log"))
         pytest.fail(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-5000:]}\n--- logs ---\n{logs}")
@@ -117,3 +120,38 @@ def test_same_config_gives_identical_artifacts(tiny_run, tmp_path):
         assert hash_path(tiny_run / rel) == hash_path(other / rel), rel
     (model,) = (p for p in tiny_run.glob("results/demo/model-*") if p.is_dir())
     assert hash_path(model / "model.safetensors") == hash_path(other / model.relative_to(tiny_run) / "model.safetensors")
+
+
+def test_dag_on_a_local_hf_model_with_file_sources(tmp_path, tiny_model_dir, tiny_model, tiny_tokenizer):
+    """The cluster path: model.source local (as a hub id would be), parquet candidates without
+    exposure counts, held-out plain text. Suffixes that are the model's own greedy continuations
+    must come out memorized, shifted ones not."""
+    from memctl.generation import greedy_generate
+
+    rng = np.random.default_rng(0)
+    prefixes = rng.integers(1, 250, size=(12, 32))
+    own = greedy_generate(tiny_model, list(prefixes), 32, tiny_tokenizer.pad_token_id, progress=False)
+    suffixes = [own[i] if i % 2 == 0 else (own[i] + 1) % 250 for i in range(12)]
+    pd.DataFrame(
+        {"id": [f"s{i}" for i in range(12)], "prefix_ids": list(prefixes), "suffix_ids": suffixes}
+    ).to_parquet(tmp_path / "cands.parquet")
+    (tmp_path / "heldout.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    work = tmp_path / "work"
+    (work / "config").mkdir(parents=True)
+    cfg = {
+        "model": {"source": "local", "name_or_path": str(tiny_model_dir)},
+        "candidates": {"source": "parquet", "path": str(tmp_path / "cands.parquet")},
+        "extract": {"preset": "32/32", "test_fraction": 0.5},
+        "heldout": {"source": "text", "path": str(tmp_path / "heldout.txt")},
+        "resources": {"threads": 2},
+    }
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(work)
+    (ext_dir,) = work.glob(f"results/{tiny_model_dir.name}/extract-*")
+    assert sorted(pd.read_parquet(ext_dir / "memorized.parquet")["candidate_id"]) == sorted(
+        f"s{i}" for i in range(0, 12, 2)
+    )
+    metrics = pd.read_parquet(work / "results" / "tables" / "results.parquet").iloc[0]
+    assert metrics["model"] == tiny_model_dir.name and metrics["n_examples"] == 3
+    assert metrics["exact_er"] == 1.0 and metrics["heldout_tokens"] > 0
+    assert "| all | unknown | 12 | 0.500 |" in (work / "results" / "tables" / "extraction_by_copies.md").read_text()

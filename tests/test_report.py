@@ -1,0 +1,32 @@
+"""Results tables: exposure buckets pooled by hand-checked weights; tables without counts."""
+
+import pandas as pd
+import pytest
+
+from memctl import report
+
+
+def test_bucket_copies_pools_powers_of_two():
+    by = pd.DataFrame(
+        {"group": ["a", "a", "a", "b"], "copies": [1, 3, 4, -1], "n": [2, 1, 3, 5],
+         "exact_er": [0.0, 1.0, 0.0, 0.2], "fractional_er": [0.5, 1.0, 0.2, 0.5], "loose_accuracy": [0, 1, 0, 0.4]}
+    )
+    out = report.bucket_copies(by).set_index(["group", "copies"])
+    # copies 3 and 4 share bucket 4: n = 1 + 3, exact = (1*1 + 3*0) / 4, fractional = (1*1 + 3*0.2) / 4.
+    assert out.loc[("a", 4), "n"] == 4
+    assert out.loc[("a", 4), "exact_er"] == pytest.approx(0.25)
+    assert out.loc[("a", 4), "fractional_er"] == pytest.approx(0.4)
+    assert out.loc[("a", 1), "n"] == 2
+    assert out.loc[("b", -1), "n"] == 5  # unknown exposure stays one bucket
+
+
+def test_tables_render_missing_values_and_unknown_counts(tmp_path):
+    metrics = pd.DataFrame([{"model": "m", "edit": "none", "method": "Origin", "exact_er": float("nan"),
+                             "heldout_ppl": 30.8123, "n_examples": 0}])
+    md = report.results_markdown(metrics)
+    assert "| Origin | none | 30.81 | - | 0 |" in md
+    by = report.bucket_copies(pd.DataFrame({"group": ["all"], "copies": [-1], "n": [3], "exact_er": [1.0],
+                                            "fractional_er": [1.0], "loose_accuracy": [1.0]}))
+    assert "| all | unknown | 3 | 1.000 |" in report.extraction_markdown(by)
+    report.plot_extraction(by, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
