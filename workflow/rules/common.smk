@@ -89,6 +89,7 @@ def parent_dir(wildcards, output):
     """The directory of a rule's first output: stage commands write several files into it."""
     return os.path.dirname(output[0])
 
+
 # --- data and extraction -----------------------------------------------------------------------
 CANDIDATES_SETTINGS = dict(config["candidates"], prefix_len=PREFIX_LEN, suffix_len=SUFFIX_LEN)
 CANDIDATES_HASH = settings_hash(MODEL_KEY, CANDIDATES_SETTINGS)
