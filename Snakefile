@@ -13,6 +13,8 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/curvature.smk"
+include: "workflow/rules/masks.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -16,6 +16,38 @@ TEXT = (
     + "Pack my box with five dozen liquor jugs. 0123456789 " * 3
 )
 
+#: Hub architectures the loading / editing code must serve, as tiny random models.
+ARCHITECTURES = ["gpt_neox", "gpt_neo", "gpt2", "olmo2"]
+
+
+def tiny_architecture_config(kind, vocab=300):
+    """A 2-layer, width-32 config of a hub architecture (fused QKV, Conv1D, gated MLP...)."""
+    from transformers import GPT2Config, GPTNeoConfig, GPTNeoXConfig, Olmo2Config
+
+    common = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0}
+    if kind == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=64, **common)
+    if kind == "gpt_neo":
+        return GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                            window_size=16, max_position_embeddings=64, **common)
+    if kind == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+    if kind == "olmo2":
+        return Olmo2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0, **common)
+    raise ValueError(kind)
+
+
+def tiny_architecture_model(kind, seed=0):
+    """A tiny random model of a hub architecture, in eval mode (eager attention for GPT-Neo)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {"attn_implementation": "eager"} if kind == "gpt_neo" else {}
+    return AutoModelForCausalLM.from_config(tiny_architecture_config(kind), **kwargs).eval()
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):

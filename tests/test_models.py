@@ -6,30 +6,10 @@ import pytest
 import torch
 
 from memctl.generation import greedy_generate, score_suffixes
+from conftest import ARCHITECTURES, tiny_architecture_config as _config
 from memctl.models import context_length, load_config, load_model, load_tokenizer, model_tag
 
-VOCAB = 300
-
-
-def _config(kind):
-    from transformers import GPT2Config, GPTNeoConfig, GPTNeoXConfig, Olmo2Config
-
-    common = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0}
-    if kind == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=64, **common)
-    if kind == "gpt_neo":
-        return GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-                            window_size=16, max_position_embeddings=64, **common)
-    if kind == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
-    if kind == "olmo2":
-        return Olmo2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0, **common)
-    raise ValueError(kind)
-
-
-@pytest.fixture(scope="module", params=["gpt_neox", "gpt_neo", "gpt2", "olmo2"])
+@pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch_dir(request, tmp_path_factory, tiny_tokenizer_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -16,6 +16,14 @@ from memctl.config import ConfigError, parse_settings
 
 log = logging.getLogger("memctl")
 
+#: Modules whose ``register(subparsers)`` adds the subcommands of a stage family.
+STAGE_COMMANDS = (
+    "memctl.demo.cli",
+    "memctl.curvature.cli",
+    "memctl.masks.cli",
+    "memctl.lab",
+)
+
 
 def _set_threads(n: int | None) -> None:
     import torch
@@ -146,11 +154,17 @@ def cmd_evaluate(args) -> None:
     prov = Provenance(
         "evaluate",
         {"evaluate": settings, "model": parse_settings(args.model_settings), "edit": args.edit},
-        {"model": args.model, "memorized": args.memorized, "heldout": args.heldout},
+        {"model": args.model, "memorized": args.memorized, "heldout": args.heldout, "delta": args.delta},
     )
     memorized = pd.read_parquet(args.memorized)
     heldout = load_file(args.heldout)["windows"].numpy()
     model, tokenizer = _load(args, prov)
+    if args.delta:
+        from memctl.edits import apply_delta, load_delta
+
+        delta = load_delta(args.delta)
+        apply_delta(model, delta)
+        prov.extra["edit"] = delta.metadata
     table, scores = evaluate_model(
         model, memorized, heldout, tokenizer.pad_token_id, settings,
         model_name=_model_name(args), edit=args.edit, method=args.method,
@@ -240,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--edit", default="none")
     p.add_argument("--method", default="Origin", help="row label in the results table")
+    p.add_argument("--delta", default=None, help="edit to apply to the model (delta.safetensors)")
     p.add_argument("--memorized", required=True, help="memorized_test.parquet")
     p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
     p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
@@ -256,9 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="artifacts, or directories to scan for sidecars")
     p.set_defaults(func=cmd_verify)
 
-    from memctl.demo import cli as demo_cli
+    import importlib
 
-    demo_cli.register(sub)
+    for module in STAGE_COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -36,9 +36,23 @@ def schema_path() -> Path:
     return Path(str(resources.files("memctl") / "schemas" / "config.schema.yaml"))
 
 
+def stage_schema_paths() -> list[Path]:
+    """Schemas of the edit stages' config subsections: ``schemas/stages/<section>.schema.yaml``.
+
+    Each stage family owns one file; :func:`load_schema` adds it under its section name.
+    """
+    return sorted(Path(str(resources.files("memctl") / "schemas" / "stages")).glob("*.schema.yaml"))
+
+
 def load_schema() -> dict[str, Any]:
+    """The core schema plus every stage fragment (one top-level section each)."""
     with open(schema_path(), encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+        schema = yaml.safe_load(fh)
+    for path in stage_schema_paths():
+        section = path.name.removesuffix(".schema.yaml")
+        with open(path, encoding="utf-8") as fh:
+            schema["properties"][section] = yaml.safe_load(fh)
+    return schema
 
 
 def _extend_with_defaults(validator_class):

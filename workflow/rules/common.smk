@@ -115,9 +115,34 @@ EVAL_HASH = settings_hash(
 )
 EVAL_DIR = f"{MODEL_DIR}/eval-{EVAL_HASH}"
 
-# Edits evaluated and reported; later stages (curvature edits, masks, baselines) add entries.
+# --- edits -------------------------------------------------------------------------------------
+# Every edit is evaluated and reported: id -> table label, and id -> its delta file (the unedited
+# model "none" has none). Edit stages (workflow/rules/curvature.smk, masks.smk) call register_edit
+# for each edit their config asks for; an edit id carries the hash of the settings that made it,
+# so changing one edit's settings makes a new id and reruns only that edit and its evaluation.
 EDITS = {"none": "Origin"}
-EDIT_PATTERN = "|".join(re.escape(edit) for edit in EDITS)
+EDIT_DELTAS = {}
+# Outputs that stage families add to `rule all` (tables, plots); see final_outputs().
+EXTRA_OUTPUTS = []
+
+
+def register_edit(edit_id, label, delta):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", edit_id):
+        raise WorkflowError(f"edit id {edit_id!r} is not a path-safe name")
+    if edit_id in EDITS:
+        raise WorkflowError(f"edit id {edit_id!r} registered twice")
+    EDITS[edit_id] = label
+    EDIT_DELTAS[edit_id] = delta
+
+
+def edit_inputs(wildcards):
+    """The delta of an edit (nothing for the unedited model)."""
+    delta = EDIT_DELTAS.get(wildcards.edit)
+    return {"delta": delta} if delta else {}
+
+
+def delta_arg(wildcards, input):
+    return f"--delta {input.delta}" if "delta" in input.keys() else ""
 
 
 def final_outputs():
@@ -125,6 +150,7 @@ def final_outputs():
         f"{RESULTS}/results.md",
         f"{RESULTS}/extraction_by_copies.md",
         f"{RESULTS}/extraction_by_copies.png",
+        *EXTRA_OUTPUTS,
     ]
 
 

@@ -26,9 +26,13 @@ rule heldout:
         " {params.corpus} --settings {params.settings:q} --out {output} > {log} 2>&1"
 
 
+EDIT_PATTERN = "|".join(re.escape(edit) for edit in EDITS)
+
+
 rule evaluate:
     input:
         unpack(model_inputs),
+        unpack(edit_inputs),
         memorized=f"{EXTRACT_DIR}/memorized_test.parquet",
         heldout=HELDOUT,
     output:
@@ -39,6 +43,7 @@ rule evaluate:
         model_settings=as_json(MODEL_SETTINGS),
         settings=as_json(config["evaluate"]),
         method=lambda wildcards: EDITS[wildcards.edit],
+        delta=delta_arg,
         out_dir=parent_dir,
     wildcard_constraints:
         edit=EDIT_PATTERN,
@@ -55,7 +60,7 @@ rule evaluate:
         gpu=GPU,
     shell:
         "memctl evaluate --model {params.model:q} --model-settings {params.model_settings:q}"
-        " --threads {threads} --edit {wildcards.edit} --method {params.method:q}"
+        " --threads {threads} --edit {wildcards.edit} --method {params.method:q} {params.delta}"
         " --memorized {input.memorized} --heldout {input.heldout} --settings {params.settings:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 

@@ -1,0 +1,1 @@
+"""Curvature edits (the loss-curvature paper): K-FAC factors, eigenbases, edits, analysis."""

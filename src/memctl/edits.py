@@ -1,0 +1,146 @@
+"""Edited models as deltas: only the changed matrices, and a loader that patches the base model.
+
+Every edit stage (curvature edits, SVD truncation, pruning masks, the pruning baselines) writes one
+``delta.safetensors``; ``memctl evaluate --delta`` and :func:`load_edited_model` apply it to the
+unedited model. A delta holds, per parameter name (``<module>.weight``, in the parameter's own
+layout):
+
+- ``replace/<param>``: the new value (curvature edits, SVD, SparseGPT's updated weights), or
+- ``mask/<param>``: a keep-mask, bit-packed (8 weights per byte), applied as ``W * mask``.
+
+The safetensors metadata records the format version, each mask's shape, and the caller's
+``metadata`` (method, settings) as JSON under ``memctl``. A full HF model directory can be written
+from a delta with :func:`write_edited_model` when a downstream tool needs one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from memctl.artifacts import atomic_path
+
+FORMAT = "memctl-delta/1"
+_REPLACE, _MASK = "replace/", "mask/"
+
+
+@dataclass
+class Delta:
+    replace: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  #: bool tensors, True = keep
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> list[str]:
+        return sorted({*self.replace, *self.masks})
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor with 8 entries per byte (numpy bit order 'big')."""
+    return torch.from_numpy(np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1)))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    bits = np.unpackbits(packed.numpy(), count=n).astype(bool)
+    return torch.from_numpy(bits.reshape(shape))
+
+
+def save_delta(
+    path: str | os.PathLike,
+    replace: Mapping[str, torch.Tensor] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a delta atomically. ``replace`` values keep their dtype; masks are stored as bits."""
+    replace, masks = dict(replace or {}), dict(masks or {})
+    both = sorted(set(replace) & set(masks))
+    if both:
+        raise ValueError(f"parameters both replaced and masked: {both}; fold the mask into the new value")
+    tensors = {_REPLACE + k: v.detach().to("cpu").contiguous() for k, v in replace.items()}
+    tensors.update({_MASK + k: pack_mask(v) for k, v in masks.items()})
+    header = {
+        "format": FORMAT,
+        "mask_shapes": json.dumps({k: list(v.shape) for k, v in masks.items()}),
+        "memctl": json.dumps(dict(metadata or {}), sort_keys=True, default=str),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return path
+
+
+def load_delta(path: str | os.PathLike) -> Delta:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"delta not found: {path}")
+    delta = Delta()
+    with safe_open(str(path), framework="pt") as fh:
+        header = fh.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a memctl delta (format {header.get('format')!r}, expected {FORMAT!r})")
+        shapes = json.loads(header.get("mask_shapes", "{}"))
+        delta.metadata = json.loads(header.get("memctl", "{}"))
+        for key in fh.keys():
+            if key.startswith(_REPLACE):
+                delta.replace[key[len(_REPLACE):]] = fh.get_tensor(key)
+            elif key.startswith(_MASK):
+                name = key[len(_MASK):]
+                delta.masks[name] = unpack_mask(fh.get_tensor(key), tuple(shapes[name]))
+            else:
+                raise ValueError(f"{path}: unexpected tensor {key!r} in a delta")
+    return delta
+
+
+@torch.no_grad()
+def apply_delta(model: torch.nn.Module, delta: Delta | str | os.PathLike) -> torch.nn.Module:
+    """Patch ``model`` in place (replacements first, then masks); returns it.
+
+    Every parameter name and shape is checked before anything is changed, so a delta made for a
+    different model fails with the parameter named and leaves the model untouched.
+    """
+    source = delta if isinstance(delta, Delta) else None
+    delta = source or load_delta(delta)
+    params = dict(model.named_parameters())
+    for name in delta.params:
+        if name not in params:
+            raise ValueError(f"delta edits {name!r}, which this model does not have")
+        new = delta.replace.get(name, delta.masks.get(name))
+        if tuple(new.shape) != tuple(params[name].shape):
+            raise ValueError(f"delta for {name!r} has shape {tuple(new.shape)}, the model's is {tuple(params[name].shape)}")
+    for name, value in delta.replace.items():
+        params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+    for name, mask in delta.masks.items():
+        params[name].mul_(mask.to(device=params[name].device, dtype=params[name].dtype))
+    return model
+
+
+def load_edited_model(ref: str | os.PathLike, model_settings: Mapping[str, Any] | None, delta_path=None):
+    """The base model with a delta applied (or unedited when ``delta_path`` is None)."""
+    from memctl.models import load_model
+
+    model = load_model(ref, model_settings)
+    if delta_path:
+        apply_delta(model, delta_path)
+    return model
+
+
+def write_edited_model(ref, model_settings, delta_path, out_dir: str | os.PathLike) -> Path:
+    """A full HF model directory (weights + config + tokenizer) of the edited model."""
+    from memctl.models import load_tokenizer
+
+    out_dir = Path(out_dir)
+    model = load_edited_model(ref, model_settings, delta_path)
+    with atomic_path(out_dir, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(ref, model_settings).save_pretrained(tmp)
+    return out_dir

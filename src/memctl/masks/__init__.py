@@ -1,0 +1,1 @@
+"""Pruning masks that suppress or amplify memorization (the weight-pruning paper), and BalancedSubnet."""

@@ -1,0 +1,1 @@
+"""Pruning baselines: magnitude, Wanda, SparseGPT."""

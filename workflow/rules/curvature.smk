@@ -1,0 +1,1 @@
+# curvature stages: rules are added as the stage lands (see common.smk: register_edit, EXTRA_OUTPUTS).
