@@ -1,9 +1,11 @@
-"""Stage commands fail on bad input with one clear line naming the file or key."""
+"""Stage commands: clear one-line errors on bad input, and the shared text / nDCG reference stages."""
 
+import json
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 
 def memctl(*args):
@@ -50,3 +52,46 @@ def test_validate_config_command(tmp_path):
     proc = memctl("validate-config", str(bad))
     assert proc.returncode == 2
     assert "model.dtype: 'fp8' is not one of" in proc.stderr
+
+
+def test_calibration_and_ndcg_reference_commands(tmp_path, tiny_model_dir):
+    """Calibration windows are a seeded random choice of full windows; the unedited model's own
+    nDCG@10 against its reference is exactly 1, and an edit that changes the model lowers it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from memctl import architectures as arch
+    from memctl.edits import save_delta
+    from memctl.models import load_model
+
+    text = tmp_path / "calib.txt"
+    text.write_text("".join(f"{i}: the quick brown fox {i * 7} jumps over {i % 5} lazy dogs\n" for i in range(60)))
+    settings = json.dumps({"source": "text", "path": str(text), "context_length": 16, "max_windows": 6, "seed": 1})
+    for name in ("a", "b"):
+        proc = memctl("calibration", "--model", str(tiny_model_dir), "--settings", settings, "--out", str(tmp_path / f"{name}.safetensors"))
+        assert proc.returncode == 0, proc.stderr
+    windows = load_file(tmp_path / "a.safetensors")["windows"]
+    assert windows.shape == (6, 16) and torch.equal(windows, load_file(tmp_path / "b.safetensors")["windows"])
+    assert len({tuple(w.tolist()) for w in windows}) == 6  # distinct windows, not one repeated
+
+    ref = tmp_path / "top10.safetensors"
+    proc = memctl("reference-topk", "--model", str(tiny_model_dir), "--heldout", str(tmp_path / "a.safetensors"),
+                  "--settings", json.dumps({"ndcg_windows": 4}), "--out", str(ref))
+    assert proc.returncode == 0, proc.stderr
+    assert load_file(ref)["topk"].shape == (4, 16, 10)
+
+    model = load_model(tiny_model_dir, {"source": "local"})
+    target = arch.linear_targets(model, roles=["up"], layers=[0])[0]
+    delta = save_delta(tmp_path / "delta.safetensors", replace={target.param_name: torch.zeros(target.d_out, target.d_in)})
+    memorized = tmp_path / "mem.parquet"
+    pd.DataFrame({"candidate_id": [0], "prefix_ids": [[5, 6, 7, 8]], "suffix_ids": [[9, 10]]}).to_parquet(memorized)
+    ndcg = {}
+    for edit, extra in (("none", []), ("zero-up", ["--delta", str(delta)])):
+        out = tmp_path / edit
+        proc = memctl("evaluate", "--model", str(tiny_model_dir), "--edit", edit, "--memorized", str(memorized),
+                      "--heldout", str(tmp_path / "a.safetensors"), "--reference", str(ref),
+                      "--settings", json.dumps({"ndcg_windows": 4}), "--out-dir", str(out), *extra)
+        assert proc.returncode == 0, proc.stderr
+        ndcg[edit] = pd.read_parquet(out / "metrics.parquet")["ndcg10"].item()
+    assert ndcg["none"] == pytest.approx(1.0)
+    assert ndcg["zero-up"] < 0.99

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 
 from memctl import metrics
@@ -60,3 +62,18 @@ def test_short_generation_counts_missing_positions_as_misses():
 def test_perplexity():
     assert metrics.perplexity(2.0 * 10, 10) == pytest.approx(math.exp(2.0))
     assert math.isnan(metrics.perplexity(0.0, 0))
+
+
+def test_ndcg_at_10_by_hand():
+    ref = np.arange(10)[None, :]
+    # identical top-10 lists -> 1; only the top-1 right and nothing else shared -> 10 / ideal DCG
+    ideal = sum((10 - i) / math.log2(i + 2) for i in range(10))  # 29.97
+    only_top1 = np.array([[0, *range(100, 109)]])
+    swapped = np.array([[1, 0, *range(2, 10)]])
+    assert metrics.ndcg_at_k(ref, ref)[0] == pytest.approx(1.0)
+    assert metrics.ndcg_at_k(ref, only_top1)[0] == pytest.approx(10 / ideal) == pytest.approx(0.3337, abs=1e-4)
+    assert metrics.ndcg_at_k(ref, swapped)[0] == pytest.approx((ideal - 10 - 9 / math.log2(3) + 9 + 10 / math.log2(3)) / ideal)
+    assert metrics.ndcg_at_k(ref, np.arange(50, 60)[None, :])[0] == 0.0
+    # positions are scored independently and a [windows, positions, k] array is accepted
+    both = metrics.ndcg_at_k(np.stack([ref, ref])[None], np.stack([ref, only_top1])[None])
+    assert both.shape == (2,) and both[0] == pytest.approx(1.0)

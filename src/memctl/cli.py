@@ -15,6 +15,8 @@ from pathlib import Path
 from memctl.config import ConfigError, parse_settings
 
 log = logging.getLogger("memctl")
+#: nDCG@k against the unedited model (reference facts: k = 10).
+NDCG_K = 10
 
 #: Modules whose ``register(subparsers)`` adds the subcommands of a stage family.
 STAGE_COMMANDS = (
@@ -122,25 +124,61 @@ def cmd_extract(args) -> None:
     )
 
 
-def cmd_heldout(args) -> None:
+def _write_windows(args, kind: str) -> None:
+    """Held-out or calibration text as ``windows.safetensors`` (int64 [n_windows, context])."""
     import torch
     from safetensors.torch import save_file
 
     from memctl.artifacts import Provenance, atomic_path
-    from memctl.data import heldout_texts, heldout_windows
+    from memctl.data import calibration_windows, heldout_windows, text_documents
     from memctl.models import context_length, load_config, load_tokenizer
 
     settings = parse_settings(args.settings)
-    prov = Provenance("heldout", settings, {"model": args.model, "corpus": args.corpus, "path": settings.get("path")})
+    prov = Provenance(kind, settings, {"model": args.model, "corpus": args.corpus, "path": settings.get("path")})
     model_settings = parse_settings(args.model_settings)
     tokenizer = load_tokenizer(args.model, model_settings)
-    ctx = settings.get("context_length") or context_length(load_config(args.model, model_settings))
-    texts, sep = heldout_texts(settings, corpus_dir=args.corpus)
-    windows = heldout_windows(texts, sep, tokenizer, int(ctx), settings.get("max_windows"))
+    ctx = int(settings.get("context_length") or context_length(load_config(args.model, model_settings)))
+    if kind == "heldout":
+        texts, sep = text_documents(settings, args.corpus, "heldout", demo_split="heldout")
+        windows = heldout_windows(texts, sep, tokenizer, ctx, settings.get("max_windows"))
+    else:
+        texts, sep = text_documents(settings, args.corpus, "calibration", demo_split="train")
+        windows = calibration_windows(texts, sep, tokenizer, ctx, settings.get("max_windows"), int(settings.get("seed", 0)))
     with atomic_path(args.out) as tmp:
         save_file({"windows": torch.from_numpy(windows)}, str(tmp), metadata={"context_length": str(ctx)})
-    prov.write(args.out, extra={"windows": int(windows.shape[0]), "context_length": int(ctx)})
-    log.info("wrote %d held-out windows of %d tokens to %s", windows.shape[0], ctx, args.out)
+    prov.write(args.out, extra={"windows": int(windows.shape[0]), "context_length": ctx})
+    log.info("wrote %d %s windows of %d tokens to %s", windows.shape[0], kind, ctx, args.out)
+
+
+def cmd_heldout(args) -> None:
+    _write_windows(args, "heldout")
+
+
+def cmd_calibration(args) -> None:
+    _write_windows(args, "calibration")
+
+
+def cmd_reference_topk(args) -> None:
+    """The unedited model's top-k next tokens on held-out text: the nDCG@10 reference."""
+    from safetensors.torch import load_file, save_file
+
+    from memctl.artifacts import Provenance, atomic_path
+    from memctl.generation import window_topk
+
+    settings = parse_settings(args.settings)
+    n = int(settings.get("ndcg_windows", 16))
+    prov = Provenance(
+        "reference_topk",
+        {"ndcg_windows": n, "k": NDCG_K, "model": parse_settings(args.model_settings)},
+        {"model": args.model, "heldout": args.heldout},
+    )
+    windows = load_file(args.heldout)["windows"][:n].contiguous()
+    model, _ = _load(args, prov)
+    topk = window_topk(model, windows.numpy(), NDCG_K, batch_size=int(settings.get("heldout_batch_size", 4)))
+    with atomic_path(args.out) as tmp:
+        save_file({"topk": topk, "windows": windows}, str(tmp))
+    prov.write(args.out, extra={"positions": int(topk.shape[0] * topk.shape[1])})
+    log.info("wrote the top-%d reference of %d windows to %s", NDCG_K, len(windows), args.out)
 
 
 def cmd_evaluate(args) -> None:
@@ -154,7 +192,8 @@ def cmd_evaluate(args) -> None:
     prov = Provenance(
         "evaluate",
         {"evaluate": settings, "model": parse_settings(args.model_settings), "edit": args.edit},
-        {"model": args.model, "memorized": args.memorized, "heldout": args.heldout, "delta": args.delta},
+        {"model": args.model, "memorized": args.memorized, "heldout": args.heldout, "delta": args.delta,
+         "reference": args.reference},
     )
     memorized = pd.read_parquet(args.memorized)
     heldout = load_file(args.heldout)["windows"].numpy()
@@ -169,11 +208,23 @@ def cmd_evaluate(args) -> None:
         model, memorized, heldout, tokenizer.pad_token_id, settings,
         model_name=_model_name(args), edit=args.edit, method=args.method,
     )
+    table["ndcg10"] = _ndcg(model, args.reference, settings) if args.reference else float("nan")
     out_dir = Path(args.out_dir)
     write_parquet(table, out_dir / "metrics.parquet")
     write_parquet(scores, out_dir / "scores.parquet")
     prov.write(out_dir / "metrics.parquet", out_dir / "scores.parquet")
     log.info("metrics: %s", table.iloc[0].to_dict())
+
+
+def _ndcg(model, reference_path: str, settings) -> float:
+    from safetensors.torch import load_file
+
+    from memctl.generation import window_topk
+    from memctl.metrics import ndcg_at_k
+
+    reference = load_file(reference_path)
+    edited = window_topk(model, reference["windows"].numpy(), NDCG_K, int(settings.get("heldout_batch_size", 4)))
+    return float(ndcg_at_k(reference["topk"].numpy(), edited.numpy()).mean())
 
 
 def cmd_report(args) -> None:
@@ -250,11 +301,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_heldout)
 
+    p = sub.add_parser("calibration", help="calibration text (K-FAC, masks, pruning) as random full windows")
+    _model_args(p)
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--settings", required=True, help="the `calibration` subsection (JSON)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_calibration)
+
+    p = sub.add_parser("reference-topk", help="the unedited model's top-10 next tokens on held-out text")
+    _model_args(p)
+    p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
+    p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_reference_topk)
+
     p = sub.add_parser("evaluate", help="memorization and utility metrics of one (model, edit)")
     _model_args(p)
     p.add_argument("--edit", default="none")
     p.add_argument("--method", default="Origin", help="row label in the results table")
     p.add_argument("--delta", default=None, help="edit to apply to the model (delta.safetensors)")
+    p.add_argument("--reference", default=None, help="the unedited model's top-10 (reference-topk) for nDCG@10")
     p.add_argument("--memorized", required=True, help="memorized_test.parquet")
     p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
     p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")

@@ -118,6 +118,13 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
         problems.append(f"heldout.path: required when heldout.source is '{held['source']}'")
     if held["source"] == "hf" and not held.get("hf_name"):
         problems.append("heldout.hf_name: required when heldout.source is 'hf'")
+    calib = cfg["calibration"]
+    if calib["source"] == "demo" and model["source"] != "demo":
+        problems.append("calibration.source: 'demo' calibration text needs model.source 'demo'")
+    if calib["source"] in ("text", "jsonl", "parquet") and not calib.get("path"):
+        problems.append(f"calibration.path: required when calibration.source is '{calib['source']}'")
+    if calib["source"] == "hf" and not calib.get("hf_name"):
+        problems.append("calibration.hf_name: required when calibration.source is 'hf'")
     ext = cfg["extract"]
     if ext.get("preset") is None and (ext.get("prefix_len") is None or ext.get("suffix_len") is None):
         problems.append("extract: set either preset or both prefix_len and suffix_len")

@@ -394,18 +394,30 @@ def build_candidates(
 # held-out text
 
 
-def heldout_texts(settings: Mapping[str, Any], corpus_dir: str | Path | None = None) -> tuple[list[str], str]:
-    """Documents of held-out text and the separator to join them with ('eos' or a string)."""
+def text_documents(
+    settings: Mapping[str, Any],
+    corpus_dir: str | Path | None = None,
+    section: str = "heldout",
+    demo_split: str = "heldout",
+) -> tuple[list[str], str]:
+    """Documents of a text source and the separator to join them with ('eos' or a string).
+
+    ``source: demo`` reads the demo corpus: its held-out documents (``demo_split='heldout'``) or its
+    training documents without the planted canaries (``'train'``, pretraining-like calibration text).
+    """
     src = settings["source"]
     col = settings.get("text_column", "text")
     if src == "demo":
         if corpus_dir is None:
-            raise DataError("heldout.source 'demo' needs the demo corpus directory (--corpus)")
-        return pd.read_parquet(Path(corpus_dir) / "heldout.parquet")["text"].tolist(), "eos"
+            raise DataError(f"{section}.source 'demo' needs the demo corpus directory (--corpus)")
+        table = pd.read_parquet(Path(corpus_dir) / f"{demo_split}.parquet")
+        if "kind" in table.columns:
+            table = table[table["kind"] == "doc"]
+        return table["text"].tolist(), "eos"
     if src == "text":
         path = Path(settings["path"])
         if not path.exists():
-            raise DataError(f"held-out text file not found: {path}")
+            raise DataError(f"{section}.path: text file not found: {path}")
         return [path.read_text(encoding="utf-8")], "\n\n"
     if src in ("jsonl", "parquet"):
         table = read_table(settings["path"])
@@ -415,11 +427,16 @@ def heldout_texts(settings: Mapping[str, Any], corpus_dir: str | Path | None = N
             settings.get("hf_revision"),
         )
     else:
-        raise DataError(f"heldout.source: unknown source {src!r}")
+        raise DataError(f"{section}.source: unknown source {src!r}")
     if col not in table.columns:
-        raise DataError(f"held-out data: text column {col!r} not found; columns: {list(table.columns)}")
+        raise DataError(f"{section}.text_column: column {col!r} not found; columns: {list(table.columns)}")
     # WikiText-2 protocol: the split's lines joined with blank lines, then cut into windows.
     return [str(t) for t in table[col].tolist()], "\n\n"
+
+
+def heldout_texts(settings: Mapping[str, Any], corpus_dir: str | Path | None = None) -> tuple[list[str], str]:
+    """Held-out documents (the demo's held-out split, or the configured source)."""
+    return text_documents(settings, corpus_dir, "heldout", "heldout")
 
 
 def heldout_windows(
@@ -442,3 +459,23 @@ def heldout_windows(
         n = min(n, max_windows)
     return np.asarray(ids[: n * context_length], dtype=np.int64).reshape(n, context_length)
 
+
+
+def calibration_windows(
+    texts: Sequence[str],
+    separator: str,
+    tokenizer,
+    context_length: int,
+    max_windows: int | None,
+    seed: int,
+) -> np.ndarray:
+    """Full-length windows of calibration text, a seeded random choice of ``max_windows`` of them.
+
+    Consumers (K-FAC collection, mask training, Wanda / SparseGPT) take the first N rows as their
+    data budget, so a smaller budget uses a subset of a larger one.
+    """
+    windows = heldout_windows(texts, separator, tokenizer, context_length)
+    order = np.random.default_rng(seed).permutation(len(windows))
+    if max_windows is not None:
+        order = order[:max_windows]
+    return np.ascontiguousarray(windows[order])

@@ -35,6 +35,7 @@ METRIC_COLUMNS = [
     "heldout_loss",
     "heldout_ppl",
     "heldout_tokens",
+    "ndcg10",
 ]
 
 
@@ -86,5 +87,6 @@ def evaluate_model(
         "heldout_loss": held_nll / held_tokens if held_tokens else math.nan,
         "heldout_ppl": metrics.perplexity(held_nll, held_tokens),
         "heldout_tokens": held_tokens,
+        "ndcg10": math.nan,  # filled in by the evaluate command when it has the reference top-10
     }
     return pd.DataFrame([row])[METRIC_COLUMNS], scores

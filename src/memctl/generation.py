@@ -142,3 +142,15 @@ def window_losses(
         total += loss.item()
         tokens += ids[:, 1:].numel()
     return total, tokens
+
+
+@torch.inference_mode()
+def window_topk(model, windows: np.ndarray, k: int = 10, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
+    """Top-``k`` next-token ids (descending logit) at every position of full windows: [n, ctx, k]."""
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(0, len(windows), batch_size), desc="top-k", unit="batch", disable=not progress):
+        ids = torch.as_tensor(np.asarray(windows[start : start + batch_size]), dtype=torch.long, device=device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        out.append(torch.topk(logits, k, dim=-1).indices.to("cpu", torch.int32))
+    return torch.cat(out) if out else torch.zeros((0, windows.shape[1] if windows.ndim == 2 else 0, k), dtype=torch.int32)

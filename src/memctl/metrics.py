@@ -90,3 +90,20 @@ def memorization_summary(scores: pd.DataFrame, loose_threshold: float = LOOSE_TH
         "copy_rate": loose_accuracy(scores, COPY_THRESHOLD),
         "avg_levenshtein": average_levenshtein(scores),
     }
+
+
+def ndcg_at_k(reference_topk: np.ndarray, edited_topk: np.ndarray) -> np.ndarray:
+    """nDCG@k of the edited model's top-k next-token ids against the unedited model's, per position.
+
+    The reference's rank ``r`` (0-based) has relevance ``k - r``; the edited model's slot ``i`` gains
+    the relevance of its id (0 if absent from the reference) times ``1 / log2(i + 2)``; the sum is
+    divided by the ideal (the reference list itself), so identical lists score 1.
+    """
+    ref = np.asarray(reference_topk).reshape(-1, np.shape(reference_topk)[-1])
+    ed = np.asarray(edited_topk).reshape(ref.shape)
+    k = ref.shape[1]
+    relevance = (k - np.arange(k)).astype(np.float64)
+    discount = 1.0 / np.log2(np.arange(k) + 2.0)
+    matches = ed[:, :, None] == ref[:, None, :]  # [positions, edited slot, reference rank]
+    gains = (matches * relevance[None, None, :]).sum(-1)
+    return (gains * discount).sum(-1) / float((relevance * discount).sum())

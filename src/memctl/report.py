@@ -24,6 +24,7 @@ RESULT_COLUMNS = [
     ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
     ("mem_loss", "Mem. loss", "{:.3f}"),
     ("mem_ppl", "Mem. PPL", "{:.2f}"),
+    ("ndcg10", "nDCG@10", "{:.3f}"),
     ("n_examples", "N", "{}"),
 ]
 
@@ -52,7 +53,8 @@ def results_markdown(metrics: pd.DataFrame) -> str:
         "Memorization is measured by greedy generation on the held-out memorized test split "
         "(Exact ER = strict accuracy; loose = token Levenshtein similarity >= 0.75). "
         "Held-out PPL is corpus perplexity over non-overlapping context-length windows; "
-        "Mem. loss/PPL is teacher-forced on the memorized suffixes."
+        "Mem. loss/PPL is teacher-forced on the memorized suffixes. nDCG@10 compares each position's "
+        "top-10 next tokens on held-out text with the unedited model's (1 = unchanged)."
     )
     for model, part in metrics.groupby("model", sort=True):
         parts += ["", f"## {model}", "", markdown_table(part, RESULT_COLUMNS)]

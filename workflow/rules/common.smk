@@ -109,6 +109,14 @@ EXTRACT_TABLES = [
 
 HELDOUT_HASH = settings_hash(MODEL_KEY, config["heldout"])
 HELDOUT = f"{MODEL_DIR}/heldout-{HELDOUT_HASH}/windows.safetensors"
+# The unedited model's top-10 on the first held-out windows: nDCG@10's reference, keyed by model + text.
+REFERENCE_HASH = settings_hash(
+    HELDOUT_HASH, config["model"], config["evaluate"]["ndcg_windows"], config["resources"]["gpu"]
+)
+REFERENCE_TOPK = f"{MODEL_DIR}/reference-{REFERENCE_HASH}/top10.safetensors"
+
+CALIBRATION_HASH = settings_hash(MODEL_KEY, config["calibration"])
+CALIBRATION = f"{MODEL_DIR}/calibration-{CALIBRATION_HASH}/windows.safetensors"
 
 EVAL_HASH = settings_hash(
     EXTRACT_HASH, HELDOUT_HASH, config["model"], config["evaluate"], config["resources"]["gpu"]

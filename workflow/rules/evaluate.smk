@@ -1,29 +1,4 @@
-# Held-out text windows, per-(model, edit) metrics, and the results tables.
-
-
-rule heldout:
-    input:
-        unpack(model_inputs),
-        unpack(local_data_input("heldout")),
-    output:
-        HELDOUT,
-    params:
-        model=MODEL_REF,
-        model_settings=as_json(MODEL_SETTINGS),
-        settings=as_json(config["heldout"]),
-        corpus=corpus_arg,
-    conda:
-        ENV
-    log:
-        f"{ROOT}/logs/heldout/{HELDOUT_HASH}.log",
-    benchmark:
-        f"{ROOT}/benchmarks/heldout/{HELDOUT_HASH}.tsv"
-    resources:
-        mem_mb=mem_mb(4000),
-        runtime=30,
-    shell:
-        "memctl heldout --model {params.model:q} --model-settings {params.model_settings:q}"
-        " {params.corpus} --settings {params.settings:q} --out {output} > {log} 2>&1"
+# Per-(model, edit) metrics, and the results tables.
 
 
 EDIT_PATTERN = "|".join(re.escape(edit) for edit in EDITS)
@@ -35,6 +10,7 @@ rule evaluate:
         unpack(edit_inputs),
         memorized=f"{EXTRACT_DIR}/memorized_test.parquet",
         heldout=HELDOUT,
+        reference=REFERENCE_TOPK,
     output:
         metrics=f"{EVAL_DIR}/{{edit}}/metrics.parquet",
         scores=f"{EVAL_DIR}/{{edit}}/scores.parquet",
@@ -61,7 +37,8 @@ rule evaluate:
     shell:
         "memctl evaluate --model {params.model:q} --model-settings {params.model_settings:q}"
         " --threads {threads} --edit {wildcards.edit} --method {params.method:q} {params.delta}"
-        " --memorized {input.memorized} --heldout {input.heldout} --settings {params.settings:q}"
+        " --memorized {input.memorized} --heldout {input.heldout} --reference {input.reference}"
+        " --settings {params.settings:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
