@@ -1,5 +1,301 @@
-"""``memctl`` subcommands of the curvature stages (filled in as the stages land)."""
+"""``memctl`` subcommands of the curvature stages: collect, merge, decompose, edit, spectrum, report.
+
+Each command reads its settings as JSON (the rule's params) and writes atomically, with a
+provenance sidecar for every artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("memctl.curvature")
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", required=True, help="HF model directory or hub id")
+    p.add_argument("--model-settings", default="{}", help="the config's `model` subsection (JSON)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+
+
+def _load_model(args, prov, device: str | None = None):
+    from memctl.cli import _load
+    from memctl.config import parse_settings
+
+    if device is not None:  # edits only read weights: keep them off the accelerator
+        args.model_settings = json.dumps({**parse_settings(args.model_settings), "device": device})
+    model, _ = _load(args, prov)
+    return model
+
+
+def _write_dir(final: Path, write) -> None:
+    from memctl.artifacts import atomic_path
+
+    with atomic_path(final, directory=True) as tmp:
+        write(tmp)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError as err:
+        raise ValueError(f"--shard must look like INDEX/COUNT (e.g. 0/2), got {text!r}") from err
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= INDEX < COUNT")
+    return i, n
+
+
+def select_windows(windows, max_tokens: int | None, shard: tuple[int, int] = (0, 1)):
+    """The first ceil(max_tokens / context) windows (all when null), then this shard's slice of them.
+
+    Returns (windows, global index of the first one, windows requested, windows available).
+    """
+    available, ctx = int(windows.shape[0]), int(windows.shape[1])
+    wanted = available if max_tokens is None else max(1, math.ceil(int(max_tokens) / ctx))
+    n = min(wanted, available)
+    i, count = shard
+    lo, hi = i * n // count, (i + 1) * n // count
+    return windows[lo:hi], lo, wanted, available
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def cmd_collect(args) -> None:
+    from safetensors.torch import load_file
+
+    from memctl import architectures as arch
+    from memctl.artifacts import Provenance, write_parquet
+    from memctl.config import ConfigError, parse_settings
+    from memctl.curvature.collect import collect_factors
+    from memctl.curvature.decompose import factor_summary
+    from memctl.curvature.store import save_factors
+
+    settings = parse_settings(args.settings)
+    data, modules = settings.get("data", {}), settings.get("modules", {})
+    shard = _parse_shard(args.shard)
+    prov = Provenance("kfac-collect", {**settings, "shard": list(shard)}, {"model": args.model, "windows": args.windows})
+    all_windows = load_file(args.windows)["windows"]
+    windows, offset, wanted, available = select_windows(all_windows, data.get("max_tokens"), shard)
+    if wanted > available:
+        log.warning("curvature.data.max_tokens asks for %d windows; the calibration file has %d: using all",
+                    wanted, available)
+    model = _load_model(args, prov)
+    try:
+        targets = arch.linear_targets(model, groups=modules.get("groups", ["mlp"]), layers=modules.get("layers"),
+                                      roles=modules.get("roles"))
+    except ValueError as err:
+        raise ConfigError(f"curvature.modules: {err}") from err
+    factors = collect_factors(
+        model, windows, targets, labels=data.get("labels", "sampled"), seed=int(data.get("seed", 0)),
+        batch_size=int(data.get("batch_size", 8)), window_offset=offset, progress=True,
+    )
+    out = Path(args.out_dir)
+    _write_dir(out / "factors", lambda tmp: save_factors(factors, tmp))
+    write_parquet(factor_summary(factors), out / "summary.parquet")
+    prov.write(out / "factors", out / "summary.parquet", extra={
+        "tokens": factors.tokens, "windows": int(windows.shape[0]), "window_offset": offset,
+        "windows_requested": wanted, "windows_available": available, "modules": [t.name for t in targets],
+    })
+    log.info("K-FAC factors of %d modules over %d tokens -> %s", len(targets), factors.tokens, out)
+
+
+def cmd_merge(args) -> None:
+    from memctl.artifacts import Provenance, write_parquet
+    from memctl.curvature.decompose import factor_summary
+    from memctl.curvature.store import load_factors, save_factors
+
+    prov = Provenance("kfac-merge", {}, {f"shard[{i}]": p for i, p in enumerate(args.inputs)})
+    merged = None
+    for path in args.inputs:
+        f = load_factors(Path(path) / "factors")
+        merged = f if merged is None else merged.merged(f)
+    out = Path(args.out_dir)
+    _write_dir(out / "factors", lambda tmp: save_factors(merged, tmp))
+    write_parquet(factor_summary(merged), out / "summary.parquet")
+    prov.write(out / "factors", out / "summary.parquet", extra={"tokens": merged.tokens})
+    log.info("merged %d collections: %d tokens -> %s", len(args.inputs), merged.tokens, out)
+
+
+def cmd_decompose(args) -> None:
+    from memctl.artifacts import Provenance, write_parquet
+    from memctl.cli import _set_threads
+    from memctl.curvature.decompose import decompose, eigen_summary
+    from memctl.curvature.store import load_factors, save_eigen
+
+    _set_threads(args.threads)
+    prov = Provenance("kfac-decompose", {"eigh": "fp64, symmetrized, clamped at 0, descending"},
+                      {"factors": args.factors})
+    factors = load_factors(args.factors)
+    eig, jitter = decompose(factors)
+    out = Path(args.out_dir)
+    _write_dir(out / "eigen", lambda tmp: save_eigen(eig, tmp))
+    write_parquet(eigen_summary(factors, eig, jitter), out / "summary.parquet")
+    prov.write(out / "eigen", out / "summary.parquet", extra={"jitter": {k: v for k, v in jitter.items() if v}})
+    log.info("eigenbases of %d modules -> %s", len(factors.targets), out)
+
+
+def edit_targets(model, spec, eig=None):
+    """The matrices an edit spec touches: collected ones for K-FAC, any of the groups for SVD."""
+    from memctl import architectures as arch
+    from memctl.config import ConfigError
+
+    if spec["method"] == "svd":
+        try:
+            return arch.linear_targets(model, groups=spec["groups"], layers=spec["layers"], roles=spec["roles"])
+        except ValueError as err:
+            raise ConfigError(f"edit {spec}: {err}") from err
+    chosen = [t for t in eig.targets if t.layer in spec["layers"] and (spec["roles"] is None or t.role in spec["roles"])]
+    if not chosen:
+        raise ConfigError(f"edit {spec}: no collected matrix matches layers {spec['layers']} / roles {spec['roles']}")
+    return chosen
+
+
+def make_edit(model, spec, eig=None):
+    """(delta replace dict in storage layout, per-matrix stats)."""
+    import torch
+
+    from memctl import architectures as arch
+    from memctl.curvature.edit import edit_matrix
+
+    replace, stats = {}, []
+    for t in edit_targets(model, spec, eig):
+        W = arch.weight(model, t).detach().to("cpu", dtype=torch.float64)
+        eigA = eig.A[t.input_key] if eig is not None else None
+        eigG = eig.G[t.name] if eig is not None else None
+        W_hat, info = edit_matrix(spec["method"], W, float(spec["strength"]), eigA, eigG)
+        param = arch.module(model, t).weight
+        replace[t.param_name] = arch.to_storage(t, W_hat).to(param.dtype)
+        change = float((W_hat - W).norm() / W.norm()) if float(W.norm()) > 0 else 0.0
+        stats.append({"module": t.name, "short": t.short, "relative_change": change, **info})
+    return replace, stats
+
+
+def cmd_edit(args) -> None:
+    from memctl.artifacts import Provenance
+    from memctl.config import parse_settings
+    from memctl.curvature.store import load_eigen
+    from memctl.edits import save_delta, write_edited_model
+
+    spec = parse_settings(args.settings)
+    prov = Provenance("curvature-edit", {"edit": spec, "edit_id": args.edit_id},
+                      {"model": args.model, "eigen": args.eigen})
+    if spec["method"] != "svd" and not args.eigen:
+        raise ValueError(f"method {spec['method']} needs --eigen")
+    eig = load_eigen(args.eigen, layers=spec["layers"]) if spec["method"] != "svd" else None
+    model = _load_model(args, prov, device="cpu")
+    replace, stats = make_edit(model, spec, eig)
+    meta = {"method": spec["method"], "edit_id": args.edit_id, "spec": spec, "stats": stats}
+    save_delta(args.out, replace=replace, metadata=meta)
+    outputs = [args.out]
+    if args.model_out:
+        write_edited_model(args.model, parse_settings(args.model_settings), args.out, args.model_out)
+        outputs.append(args.model_out)
+    prov.write(*outputs, extra={"stats": stats})
+    log.info("%s edit %s of %d matrices -> %s", spec["method"], args.edit_id, len(stats), args.out)
+
+
+def cmd_spectrum(args) -> None:
+    import pandas as pd
+
+    from memctl.artifacts import Provenance, write_parquet
+    from memctl.config import parse_settings
+    from memctl.curvature.spectrum import spectrum_table
+    from memctl.curvature.store import load_eigen
+
+    settings = parse_settings(args.settings)
+    prov = Provenance("kfac-spectrum", settings, {"model": args.model, "eigen": args.eigen,
+                                                  "memorized": args.memorized, "nonmemorized": args.nonmemorized})
+    eig = load_eigen(args.eigen, layers=settings.get("layers"))
+    roles = settings.get("roles")
+    targets = [t for t in eig.targets if roles is None or t.role in roles]
+    if not targets:
+        raise ValueError(f"curvature.spectrum.roles {roles}: none of the collected matrices has these roles")
+    model = _load_model(args, prov)
+    table = spectrum_table(model, eig, targets, pd.read_parquet(args.memorized), pd.read_parquet(args.nonmemorized), settings)
+    write_parquet(table, args.out)
+    prov.write(args.out)
+    log.info("spectrum bands of %d matrices -> %s", len(targets), args.out)
+
+
+def cmd_report(args) -> None:
+    import pandas as pd
+
+    from memctl.artifacts import Provenance, atomic_path, write_parquet, write_text
+    from memctl.config import parse_settings
+    from memctl.curvature import report
+    from memctl.curvature.spectrum import plot_spectrum
+
+    settings = parse_settings(args.settings)
+    prov = Provenance("curvature-report", settings, {
+        **{f"metrics[{i}]": m for i, m in enumerate(args.metrics)},
+        **{f"delta[{i}]": d for i, d in enumerate(args.deltas or [])}, "spectrum": args.spectrum,
+    })
+    metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
+    specs = report.read_specs(args.deltas or [])
+    spectrum = pd.read_parquet(args.spectrum) if args.spectrum else None
+    table = report.edit_table(metrics, specs)
+    out = Path(args.out_dir)
+    outputs = [out / "curvature.md", out / "curvature_edits.parquet", out / "curvature_sweep.png"]
+    write_text(outputs[0], report.curvature_markdown(table, settings, spectrum))
+    write_parquet(table, outputs[1])
+    with atomic_path(outputs[2]) as tmp:
+        report.plot_sweep(table, tmp)
+    if spectrum is not None:
+        with atomic_path(out / "curvature_spectrum.png") as tmp:
+            plot_spectrum(spectrum, tmp)
+        outputs.append(out / "curvature_spectrum.png")
+    prov.write(*outputs)
+    print(outputs[0].read_text())
 
 
 def register(subparsers) -> None:
     """Add this stage family's subcommands to the main parser."""
+    p = subparsers.add_parser("kfac-collect", help="K-FAC factors A, G of the target matrices in one data pass")
+    _model_args(p)
+    p.add_argument("--windows", required=True, help="calibration windows (.safetensors with 'windows')")
+    p.add_argument("--settings", required=True, help='{"data": curvature.data, "modules": curvature.modules} (JSON)')
+    p.add_argument("--shard", default=None, help="INDEX/COUNT: collect only this share of the windows")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_collect)
+
+    p = subparsers.add_parser("kfac-merge", help="add K-FAC collections over disjoint windows")
+    p.add_argument("--inputs", nargs="+", required=True, help="kfac-collect output directories")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_merge)
+
+    p = subparsers.add_parser("kfac-decompose", help="fp64 eigenbases of the K-FAC factors")
+    p.add_argument("--factors", required=True, help="the factors/ directory of kfac-collect")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_decompose)
+
+    p = subparsers.add_parser("curvature-edit", help="one K-FAC or SVD edit as a delta")
+    _model_args(p)
+    p.add_argument("--eigen", default=None, help="the eigen/ directory of kfac-decompose (K-FAC methods)")
+    p.add_argument("--settings", required=True, help="the resolved edit spec (JSON)")
+    p.add_argument("--edit-id", default="edit")
+    p.add_argument("--out", required=True, help="delta.safetensors")
+    p.add_argument("--model-out", default=None, help="also write the edited model as a HF directory")
+    p.set_defaults(func=cmd_edit)
+
+    p = subparsers.add_parser("kfac-spectrum", help="memorized vs non-memorized inputs per curvature band")
+    _model_args(p)
+    p.add_argument("--eigen", required=True)
+    p.add_argument("--memorized", required=True)
+    p.add_argument("--nonmemorized", required=True)
+    p.add_argument("--settings", required=True, help="curvature.spectrum (JSON)")
+    p.add_argument("--out", required=True, help="spectrum.parquet")
+    p.set_defaults(func=cmd_spectrum)
+
+    p = subparsers.add_parser("curvature-report", help="sweep plot and tables of the curvature edits")
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet of the unedited model and each edit")
+    p.add_argument("--deltas", nargs="*", default=[], help="the edits' delta files (their specs)")
+    p.add_argument("--spectrum", default=None)
+    p.add_argument("--settings", default="{}", help="curvature.report (JSON)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_report)

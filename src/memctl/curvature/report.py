@@ -1,0 +1,160 @@
+"""Curvature results: one row per edit, the sweep plot, and K-FAC vs SVD at matched perplexity.
+
+Edits are compared at matched held-out perplexity, not matched strength: strengths (energy, rho,
+keep fraction) mean different things per method and per amount of factor data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from memctl.report import markdown_table
+
+COLUMNS = [
+    ("method", "Method", "{}"),
+    ("form", "Form", "{}"),
+    ("edit", "Edit", "{}"),
+    ("layers", "Layers", "{}"),
+    ("roles", "Roles", "{}"),
+    ("strength", "Strength", "{:.3g}"),
+    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
+    ("ppl_ratio", "PPL / unedited", "{:.3f}"),
+    ("strict_accuracy", "Strict acc.", "{:.3f}"),
+    ("loose_accuracy", "Loose acc.", "{:.3f}"),
+    ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
+    ("ndcg10", "nDCG@10", "{:.3f}"),
+    ("mem_loss", "Mem. loss", "{:.3f}"),
+]
+
+
+def read_specs(deltas: Sequence[str]) -> dict[str, dict]:
+    """edit id -> edit spec, from the deltas' headers (no tensors are read)."""
+    from safetensors import safe_open
+
+    specs = {}
+    for path in deltas:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("memctl", "{}"))
+        if "edit_id" in meta:
+            specs[meta["edit_id"]] = meta.get("spec", {})
+    return specs
+
+
+def edit_table(metrics: pd.DataFrame, specs: Mapping[str, Mapping]) -> pd.DataFrame:
+    """Metrics of the unedited model and each curvature edit, with their specs and PPL ratios."""
+    from memctl.curvature.edit import FORMS
+
+    base = metrics[metrics["edit"] == "none"]
+    base_ppl = float(base["heldout_ppl"].iloc[0]) if len(base) else math.nan
+    rows = []
+    for rec in metrics.to_dict("records"):
+        spec = specs.get(rec["edit"])
+        if rec["edit"] != "none" and spec is None:
+            continue
+        spec = spec or {}
+        rows.append({
+            **rec,
+            "kind": "none" if rec["edit"] == "none" else ("svd" if spec["method"] == "svd" else "kfac"),
+            "form": FORMS.get(spec.get("method"), "-"),
+            "layers": ",".join(map(str, spec["layers"])) if spec.get("layers") else "-",
+            "roles": ",".join(spec["roles"]) if spec.get("roles") else ("all" if spec else "-"),
+            "strength": spec.get("strength", math.nan),
+            "ppl_ratio": rec["heldout_ppl"] / base_ppl if base_ppl else math.nan,
+        })
+    if not rows:
+        return pd.DataFrame(columns=[c for c, _, _ in COLUMNS])
+    df = pd.DataFrame(rows)
+    if "ndcg10" not in df:
+        df["ndcg10"] = math.nan
+    order = {"none": 0, "kfac": 1, "svd": 2}
+    df["_o"] = df["kind"].map(order)
+    return df.sort_values(["_o", "form", "layers", "strength", "edit"]).drop(columns="_o").reset_index(drop=True)
+
+
+def best_matched(table: pd.DataFrame, tolerance: float = 0.05, max_ppl_ratio: float | None = 1.5):
+    """The (K-FAC row, SVD row) pair within ``tolerance`` relative held-out perplexity of each other
+    (and at most ``max_ppl_ratio`` x the unedited model's) with the lowest memorization: summed
+    strict accuracy, then summed loose accuracy, then mean perplexity. None when no pair matches."""
+    ok = table if max_ppl_ratio is None else table[table["ppl_ratio"] <= max_ppl_ratio]
+    kfac, svd = ok[ok["kind"] == "kfac"], ok[ok["kind"] == "svd"]
+    best, best_key = None, None
+    for k in kfac.to_dict("records"):
+        for s in svd.to_dict("records"):
+            if abs(math.log(k["heldout_ppl"] / s["heldout_ppl"])) > math.log1p(tolerance):
+                continue
+            key = (k["strict_accuracy"] + s["strict_accuracy"], k["loose_accuracy"] + s["loose_accuracy"],
+                   k["heldout_ppl"] + s["heldout_ppl"], k["edit"], s["edit"])
+            if best_key is None or key < best_key:
+                best, best_key = (k, s), key
+    return best
+
+
+def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.DataFrame | None = None) -> str:
+    tol = float(settings.get("match_tolerance", 0.05))
+    cap = settings.get("max_ppl_ratio", 1.5)
+    parts = [
+        "# Curvature edits (K-FAC vs SVD)", "",
+        "Memorization on the held-out memorized split (strict = exact suffix, loose = token Levenshtein "
+        "similarity >= 0.75); held-out PPL = corpus perplexity; nDCG@10 against the unedited model's "
+        "top-10 on non-memorized held-out text. Form: `projector` = paper form (per-factor energy "
+        "kept = strength), `pairwise` = public-code form (Fisher pairs kept up to rho = strength of "
+        "tr(G) tr(A)), `svd` = top strength share of singular values.", "",
+        markdown_table(table, COLUMNS), "",
+        f"## Best K-FAC vs best SVD at matched held-out perplexity (within {tol:.0%}"
+        + (f", PPL at most {cap}x the unedited model's" if cap is not None else "") + ")", "",
+    ]
+    pair = best_matched(table, tol, cap)
+    base = table[table["kind"] == "none"]
+    if pair is None:
+        parts.append("No K-FAC and SVD edits with matching perplexity: widen the strength sweeps.")
+    else:
+        rows = pd.concat([base, pd.DataFrame(list(pair))], ignore_index=True)
+        parts.append(markdown_table(rows, COLUMNS))
+        k, s = pair
+        verdict = ("K-FAC suppresses more" if (k["strict_accuracy"], k["loose_accuracy"]) < (s["strict_accuracy"], s["loose_accuracy"])
+                   else "SVD suppresses more" if (k["strict_accuracy"], k["loose_accuracy"]) > (s["strict_accuracy"], s["loose_accuracy"])
+                   else "they tie")
+        parts += ["", f"At matched perplexity ({k['heldout_ppl']:.2f} vs {s['heldout_ppl']:.2f}): {verdict} "
+                  f"(strict {k['strict_accuracy']:.3f} vs {s['strict_accuracy']:.3f}, loose "
+                  f"{k['loose_accuracy']:.3f} vs {s['loose_accuracy']:.3f})."]
+    if spectrum is not None and len(spectrum):
+        cols = [("short", "Matrix", "{}"), ("basis", "Basis", "{}"), ("band", "Band", "{}"),
+                ("mean_norm_memorized", "Memorized", "{:.4g}"), ("mean_norm_nonmemorized", "Non-memorized", "{:.4g}"),
+                ("ratio_memorized_over_nonmemorized", "Ratio", "{:.3f}")]
+        parts += ["", "## Spectrum bands (paper Fig. 2): mean ||Zx|| per band", "", markdown_table(spectrum, cols)]
+    return "\n".join(parts) + "\n"
+
+
+def plot_sweep(table: pd.DataFrame, path) -> None:
+    """Strict and loose accuracy vs held-out perplexity, one point per edit, K-FAC vs SVD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharex=True)
+    styles = {("kfac", "projector"): ("tab:red", "o", "K-FAC (projector)"),
+              ("kfac", "pairwise"): ("tab:orange", "s", "K-FAC (pairwise)"),
+              ("svd", "svd"): ("tab:blue", "^", "SVD"), ("none", "-"): ("black", "*", "unedited")}
+    for ax, metric, title in ((axes[0], "strict_accuracy", "strict (exact) accuracy"),
+                              (axes[1], "loose_accuracy", "loose accuracy (Levenshtein sim. >= 0.75)")):
+        for (kind, form), (color, marker, label) in styles.items():
+            part = table[(table["kind"] == kind) & (table["form"] == form)]
+            if part.empty:
+                continue
+            ax.scatter(part["heldout_ppl"], part[metric], c=color, marker=marker, s=60 if kind == "none" else 28,
+                       label=label, alpha=0.85, edgecolors="none")
+        ax.set_xscale("log")
+        ax.set_xlabel("held-out perplexity")
+        ax.set_ylabel(title)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Memorization vs utility, one point per edit")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
