@@ -250,19 +250,17 @@ def cmd_report(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    from memctl.artifacts import SIDECAR_SUFFIX, sidecar_path, verify
+    """One line per problem (corrupt, incomplete, leftover of a killed write), naming the path;
+    exit status 1 when there is any. Writes in progress on this host are noted on stderr."""
+    from memctl.artifacts import verify_paths
 
-    artifacts = []
-    for target in map(Path, args.paths):
-        if sidecar_path(target).exists() or not target.is_dir():
-            artifacts.append(target)
-        else:  # a directory of artifacts: check everything that has a sidecar
-            artifacts += [m.with_name(m.name[: -len(SIDECAR_SUFFIX)]) for m in sorted(target.rglob("*" + SIDECAR_SUFFIX))]
-    problems = [p for artifact in artifacts for p in verify(artifact)]
-    for p in problems:
-        print(p)
-    print(f"checked {len(artifacts)} artifacts: {len(problems)} problems")
-    if problems:
+    report = verify_paths(args.paths)
+    for note in report.notes:
+        print(note, file=sys.stderr)
+    for problem in report.problems:
+        print(problem)
+    print(f"checked {report.checked} artifacts: {len(report.problems)} problems")
+    if report.problems:
         raise SystemExit(1)
 
 
