@@ -1,1 +1,230 @@
-# curvature stages: rules are added as the stage lands (see common.smk: register_edit, EXTRA_OUTPUTS).
+# Curvature edits (the loss-curvature paper): K-FAC factors over the calibration windows, collected
+# once and decomposed once; every edit (explicit or from a sweep) is one branch
+# apply_edit -> evaluate; a spectrum analysis and a report close the stage.
+#
+#   {MODEL_DIR}/kfac-<h>/factors/ + summary.parquet                 collect_kfac (or shards + merge)
+#   {MODEL_DIR}/kfac-<h>/eigen-<h>/eigen/ + summary.parquet         decompose_kfac
+#   {MODEL_DIR}/kfac-<h>/eigen-<h>/spectrum-<h>/spectrum.parquet    kfac_spectrum
+#   {MODEL_DIR}/edits/<edit id>/delta.safetensors                   apply_edit (evaluated by `evaluate`)
+#   {RESULTS}/curvature.md, curvature_sweep.png, curvature_edits.parquet, curvature_spectrum.png
+from memctl.curvature import settings as curvature_settings
+
+CURV = config["curvature"]
+
+
+def _model_layer_count():
+    """Blocks of the model under study (for sweeps over every layer); None if it cannot be read now."""
+    if DEMO:
+        return config["demo"]["architecture"]["num_hidden_layers"]
+    try:
+        from memctl.models import load_config as _hf_config
+
+        return curvature_settings.layer_count(_hf_config(MODEL_REF, config["model"]))
+    except Exception:
+        return None
+
+
+try:
+    curvature_settings.check(CURV)
+    CURV_EDITS = curvature_settings.expand_edits(CURV, _model_layer_count())
+except ConfigError as err:
+    raise WorkflowError(f"invalid config:\n  {err}")
+
+# Factors depend on the model (and its dtype and device), the calibration text, the data pass and
+# the module set.
+KFAC_HASH = settings_hash(
+    CALIBRATION_HASH, MODEL_KEY, config["model"], CURV["data"], CURV["modules"], config["resources"]["gpu"]
+)
+KFAC_DIR = f"{MODEL_DIR}/kfac-{KFAC_HASH}"
+EIGEN_HASH = settings_hash(KFAC_HASH, "eigh fp64, symmetrized, clamped, descending, sign-fixed")
+EIGEN_DIR = f"{KFAC_DIR}/eigen-{EIGEN_HASH}"
+SPECTRUM_HASH = settings_hash(EIGEN_HASH, EXTRACT_HASH, CURV["spectrum"])
+SPECTRUM = f"{EIGEN_DIR}/spectrum-{SPECTRUM_HASH}/spectrum.parquet"
+SVD_UPSTREAM = settings_hash(MODEL_KEY, config["model"])
+
+# edit id -> resolved spec; K-FAC ids chain the eigenbasis hash, SVD ids only the model's.
+CURV_SPECS = {}
+for _spec in CURV_EDITS:
+    _id = curvature_settings.edit_id(_spec, SVD_UPSTREAM if _spec["method"] == "svd" else EIGEN_HASH)
+    CURV_SPECS[_id] = _spec
+    register_edit(_id, _spec["label"], f"{MODEL_DIR}/edits/{_id}/delta.safetensors")
+
+CURV_SHARDS = CURV["data"]["shards"]
+CURV_COLLECT_SETTINGS = {"data": CURV["data"], "modules": CURV["modules"]}
+CURV_REPORT = [f"{RESULTS}/curvature.md", f"{RESULTS}/curvature_sweep.png", f"{RESULTS}/curvature_edits.parquet"]
+if CURV["spectrum"]["enabled"]:
+    CURV_REPORT.append(f"{RESULTS}/curvature_spectrum.png")
+if CURV_SPECS or CURV["spectrum"]["enabled"]:
+    EXTRA_OUTPUTS.extend(CURV_REPORT)
+
+wildcard_constraints:
+    shard=r"\d+",
+
+
+rule collect_kfac:
+    input:
+        unpack(model_inputs),
+        windows=CALIBRATION,
+    output:
+        factors=directory(
+            f"{KFAC_DIR}/factors" if CURV_SHARDS == 1 else f"{KFAC_DIR}/shards/{{shard}}/factors"
+        ),
+        summary=f"{KFAC_DIR}/summary.parquet" if CURV_SHARDS == 1 else f"{KFAC_DIR}/shards/{{shard}}/summary.parquet",
+    params:
+        model=MODEL_REF,
+        model_settings=as_json(MODEL_SETTINGS),
+        settings=as_json(CURV_COLLECT_SETTINGS),
+        shard=lambda wildcards: f"--shard {wildcards.shard}/{CURV_SHARDS}" if CURV_SHARDS > 1 else "",
+        out_dir=parent_dir,
+    threads: THREADS
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/collect_kfac/{KFAC_HASH}.log" if CURV_SHARDS == 1 else f"{ROOT}/logs/collect_kfac/{KFAC_HASH}-{{shard}}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/collect_kfac/{KFAC_HASH}.tsv" if CURV_SHARDS == 1 else f"{ROOT}/benchmarks/collect_kfac/{KFAC_HASH}-{{shard}}.tsv"
+    resources:
+        mem_mb=mem_mb(8000),
+        runtime=240,
+        gpu=GPU,
+    shell:
+        "memctl kfac-collect --model {params.model:q} --model-settings {params.model_settings:q}"
+        " --threads {threads} --windows {input.windows} --settings {params.settings:q} {params.shard}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+if CURV_SHARDS > 1:
+
+    rule merge_kfac:
+        input:
+            expand("{dir}/shards/{shard}/factors", dir=KFAC_DIR, shard=range(CURV_SHARDS)),
+        output:
+            factors=directory(f"{KFAC_DIR}/factors"),
+            summary=f"{KFAC_DIR}/summary.parquet",
+        params:
+            shards=lambda wildcards, input: " ".join(os.path.dirname(p) for p in input),
+            out_dir=parent_dir,
+        conda:
+            ENV
+        log:
+            f"{ROOT}/logs/merge_kfac/{KFAC_HASH}.log",
+        benchmark:
+            f"{ROOT}/benchmarks/merge_kfac/{KFAC_HASH}.tsv"
+        resources:
+            mem_mb=mem_mb(8000),
+            runtime=30,
+        shell:
+            "memctl kfac-merge --inputs {params.shards} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule decompose_kfac:
+    input:
+        factors=f"{KFAC_DIR}/factors",
+    output:
+        eigen=directory(f"{EIGEN_DIR}/eigen"),
+        summary=f"{EIGEN_DIR}/summary.parquet",
+    params:
+        out_dir=parent_dir,
+    threads: THREADS
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/decompose_kfac/{EIGEN_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/decompose_kfac/{EIGEN_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(8000),
+        runtime=60,
+    shell:
+        "memctl kfac-decompose --factors {input.factors} --threads {threads}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+def _edit_eigen(wildcards):
+    """The eigenbases, for K-FAC edits only: an SVD edit does not wait for (or rerun with) factors."""
+    return {} if CURV_SPECS[wildcards.curv_edit]["method"] == "svd" else {"eigen": f"{EIGEN_DIR}/eigen"}
+
+
+rule apply_edit:
+    input:
+        unpack(model_inputs),
+        unpack(_edit_eigen),
+    output:
+        delta=f"{MODEL_DIR}/edits/{{curv_edit}}/delta.safetensors",
+        **({"model_dir": directory(f"{MODEL_DIR}/edits/{{curv_edit}}/model")} if CURV["write_model_dir"] else {}),
+    params:
+        model=MODEL_REF,
+        model_settings=as_json(MODEL_SETTINGS),
+        spec=lambda wildcards: as_json(CURV_SPECS[wildcards.curv_edit]),
+        eigen=lambda wildcards, input: f"--eigen {input.eigen}" if "eigen" in input.keys() else "",
+        model_out=lambda wildcards, output: f"--model-out {output.model_dir}" if "model_dir" in output.keys() else "",
+    wildcard_constraints:
+        curv_edit="|".join(re.escape(e) for e in CURV_SPECS) or "__none__",
+    threads: THREADS
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/apply_edit/{{curv_edit}}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/apply_edit/{{curv_edit}}.tsv"
+    resources:
+        mem_mb=mem_mb(8000),
+        runtime=30,
+    shell:
+        "memctl curvature-edit --model {params.model:q} --model-settings {params.model_settings:q}"
+        " --threads {threads} {params.eigen} --edit-id {wildcards.curv_edit} --settings {params.spec:q}"
+        " --out {output.delta} {params.model_out} > {log} 2>&1"
+
+
+rule kfac_spectrum:
+    input:
+        unpack(model_inputs),
+        eigen=f"{EIGEN_DIR}/eigen",
+        memorized=f"{EXTRACT_DIR}/memorized.parquet",
+        nonmemorized=f"{EXTRACT_DIR}/nonmemorized.parquet",
+    output:
+        SPECTRUM,
+    params:
+        model=MODEL_REF,
+        model_settings=as_json(MODEL_SETTINGS),
+        settings=as_json(CURV["spectrum"]),
+    threads: THREADS
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/kfac_spectrum/{SPECTRUM_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/kfac_spectrum/{SPECTRUM_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(8000),
+        runtime=60,
+        gpu=GPU,
+    shell:
+        "memctl kfac-spectrum --model {params.model:q} --model-settings {params.model_settings:q}"
+        " --threads {threads} --eigen {input.eigen} --memorized {input.memorized}"
+        " --nonmemorized {input.nonmemorized} --settings {params.settings:q} --out {output} > {log} 2>&1"
+
+
+rule curvature_report:
+    input:
+        metrics=expand("{dir}/{edit}/metrics.parquet", dir=EVAL_DIR, edit=["none", *CURV_SPECS]),
+        deltas=[EDIT_DELTAS[e] for e in CURV_SPECS],
+        spectrum=[SPECTRUM] if CURV["spectrum"]["enabled"] else [],
+    output:
+        CURV_REPORT,
+    params:
+        settings=as_json(CURV["report"]),
+        spectrum=lambda wildcards, input: f"--spectrum {input.spectrum}" if input.spectrum else "",
+        out_dir=parent_dir,
+    conda:
+        ENV
+    log:
+        f"{ROOT}/logs/curvature_report/{EVAL_HASH}-{SPECTRUM_HASH}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/curvature_report/{EVAL_HASH}-{SPECTRUM_HASH}.tsv"
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=10,
+    shell:
+        "memctl curvature-report --metrics {input.metrics} --deltas {input.deltas} {params.spectrum}"
+        " --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"

@@ -18,12 +18,13 @@ Why it is cheap:
   ``torch.distributions.Categorical``.
 
 Sums are kept in fp32 with token counts, so collections over disjoint windows merge by addition.
-The uniforms that pick sampled labels are drawn per window from a generator seeded with
+The uniforms that pick sampled labels are drawn per window from a generator seeded from
 ``(seed, window index)``: a window gets the same labels whichever shard or batch it lands in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -63,8 +64,13 @@ class Factors:
 
 
 def window_generator(seed: int, window: int) -> torch.Generator:
-    """The CPU generator whose uniforms pick window ``window``'s sampled labels."""
-    return torch.Generator().manual_seed((int(seed) << 32) + int(window))
+    """The CPU generator whose uniforms pick window ``window``'s sampled labels.
+
+    Its seed is 32 bits of sha256("seed:window"): torch's CPU generator only uses the low 32 bits of
+    a seed, so packing (seed, window) into one integer would repeat streams across seeds.
+    """
+    digest = hashlib.sha256(f"{int(seed)}:{int(window)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
 
 
 def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -127,8 +133,8 @@ class _Collector:
         def hook(mod, args):
             (a, *rest) = args
             if self.owner[t.input_key] == t.name:
-                x = a[:, :-1].reshape(-1, t.d_in).float()
-                add_gram_(self.A[t.input_key], x, self.block)
+                with torch.no_grad():
+                    add_gram_(self.A[t.input_key], a.detach()[:, :-1].reshape(-1, t.d_in).float(), self.block)
             if not a.requires_grad:
                 # Frozen weights: make this input a leaf so the output carries a gradient.
                 a = a.detach().requires_grad_(True)
@@ -141,8 +147,8 @@ class _Collector:
             acc = self.G[t.name]
 
             def grad_hook(g):
-                x = g[:, :-1].reshape(-1, t.d_out).float()
-                add_gram_(acc, x, self.block)
+                with torch.no_grad():
+                    add_gram_(acc, g.detach()[:, :-1].reshape(-1, t.d_out).float(), self.block)
 
             output.register_hook(grad_hook)
 

@@ -23,9 +23,11 @@ TOP_K = 5
 
 
 def check_finite(mat: torch.Tensor, what: str) -> None:
+    from memctl.data import DataError
+
     if not torch.isfinite(mat).all():
         bad = int((~torch.isfinite(mat)).sum())
-        raise ValueError(f"K-FAC factor {what} has {bad} non-finite entries (NaN/inf); recollect it "
+        raise DataError(f"K-FAC factor {what} has {bad} non-finite entries (NaN/inf); recollect it "
                          "(check the model's dtype and the calibration windows)")
 
 

@@ -118,7 +118,7 @@ def pairwise_edit(W, UG, mu, UA, lam, rho: float) -> tuple[torch.Tensor, dict]:
 
 
 def svd_edit(W: torch.Tensor, keep: float) -> tuple[torch.Tensor, dict]:
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
     r = S.numel()
     k = r if keep >= 1.0 else min(r, max(1, math.ceil(keep * r)))
     W_hat = (U[:, :k] * S[:k]) @ Vh[:k]

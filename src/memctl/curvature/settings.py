@@ -111,10 +111,28 @@ def needs_factors(curv: Mapping[str, Any], specs: Sequence[Mapping[str, Any]]) -
     return bool(curv["spectrum"]["enabled"]) or any(s["method"] != "svd" for s in specs)
 
 
-def check_groups(curv: Mapping[str, Any]) -> None:
+def check(curv: Mapping[str, Any]) -> None:
+    """Cross-key rules of the section (the schema has checked types and ranges)."""
     bad = sorted(set(curv["modules"]["groups"]) - set(GROUPS))
     if bad:
         raise ConfigError(f"curvature.modules.groups: unknown groups {bad}; known: {list(GROUPS)}")
+    roles = curv["modules"]["roles"]
+    if roles is not None:
+        _roles(roles, curv["modules"]["groups"], "curvature.modules.roles", "kfac")
+    bands = list(curv["spectrum"]["bands"])
+    if bands != sorted(set(bands)) or any(b >= 1 for b in bands):
+        raise ConfigError(f"curvature.spectrum.bands: {bands} must increase strictly and stay below 1")
+    if curv["spectrum"]["enabled"]:
+        _roles(curv["spectrum"]["roles"], curv["modules"]["groups"], "curvature.spectrum.roles", "kfac")
+
+
+def layer_count(hf_config) -> int | None:
+    """Number of transformer blocks from a HF config (None when it does not say)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def edit_id(spec: Mapping[str, Any], upstream: str) -> str:

@@ -32,12 +32,21 @@ def layer_file(layer: int) -> str:
     return f"layer-{layer:03d}.safetensors"
 
 
-def _targets_json(targets: Iterable[LinearTarget]) -> str:
-    return json.dumps([asdict(t) for t in targets], sort_keys=True)
+def _targets(targets: Iterable[LinearTarget]) -> list[dict]:
+    return [asdict(t) for t in targets]
 
 
-def _targets_from_json(text: str) -> list[LinearTarget]:
-    return [LinearTarget(**d) for d in json.loads(text)]
+def _header(obj: dict) -> dict[str, str]:
+    # ONE metadata key: safetensors writes its metadata map in a per-process random order, so
+    # several keys would make byte-identical runs produce different files.
+    return {"memctl": json.dumps(obj, sort_keys=True)}
+
+
+def _read_header(fh, path: Path, expected: str) -> dict:
+    header = json.loads((fh.metadata() or {}).get("memctl", "{}"))
+    if header.get("format") != expected:
+        raise ValueError(f"{path}: not a memctl {expected} file (format {header.get('format')!r})")
+    return header
 
 
 def _by_layer(targets: Iterable[LinearTarget]) -> dict[int, list[LinearTarget]]:
@@ -57,14 +66,10 @@ def save_factors(factors: Factors, out_dir: str | os.PathLike) -> list[Path]:
         for t in targets:
             tensors.setdefault(f"A/{t.input_key}", factors.A[t.input_key].contiguous())
             tensors[f"G/{t.name}"] = factors.G[t.name].contiguous()
-        header = {
-            "format": FACTORS_FORMAT,
-            "tokens": str(int(factors.tokens)),
-            "targets": _targets_json(targets),
-            "collection": json.dumps(factors.meta, sort_keys=True),
-        }
+        header = {"format": FACTORS_FORMAT, "tokens": int(factors.tokens), "targets": _targets(targets),
+                  "collection": factors.meta}
         path = out_dir / layer_file(layer)
-        save_file(tensors, str(path), metadata=header)
+        save_file(tensors, str(path), metadata=_header(header))
         paths.append(path)
     return paths
 
@@ -89,14 +94,12 @@ def load_factors(directory: str | os.PathLike, layers: Iterable[int] | None = No
     targets, A, G, tokens, meta = [], {}, {}, None, {}
     for path in _layer_files(Path(directory), layers):
         with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-            if header.get("format") != FACTORS_FORMAT:
-                raise ValueError(f"{path}: not a memctl K-FAC factor file (format {header.get('format')!r})")
+            header = _read_header(fh, path, FACTORS_FORMAT)
             n = int(header["tokens"])
             if tokens is not None and n != tokens:
                 raise ValueError(f"{path}: {n} tokens, other layers have {tokens}")
-            tokens, meta = n, json.loads(header.get("collection", "{}"))
-            for t in _targets_from_json(header["targets"]):
+            tokens, meta = n, header.get("collection", {})
+            for t in (LinearTarget(**d) for d in header["targets"]):
                 targets.append(t)
                 A.setdefault(t.input_key, fh.get_tensor(f"A/{t.input_key}"))
                 G[t.name] = fh.get_tensor(f"G/{t.name}")
@@ -135,9 +138,9 @@ def save_eigen(eig: Eigenbases, out_dir: str | os.PathLike) -> list[Path]:
             for prefix, key, e in (("A", t.input_key, eig.A[t.input_key]), ("G", t.name, eig.G[t.name])):
                 tensors[f"{prefix}/{key}/values"] = e.values.contiguous()
                 tensors[f"{prefix}/{key}/vectors"] = e.vectors.contiguous()
-        header = {"format": EIGEN_FORMAT, "tokens": str(int(eig.tokens)), "targets": _targets_json(targets)}
+        header = {"format": EIGEN_FORMAT, "tokens": int(eig.tokens), "targets": _targets(targets)}
         path = out_dir / layer_file(layer)
-        save_file(tensors, str(path), metadata=header)
+        save_file(tensors, str(path), metadata=_header(header))
         paths.append(path)
     return paths
 
@@ -146,11 +149,9 @@ def load_eigen(directory: str | os.PathLike, layers: Iterable[int] | None = None
     targets, A, G, tokens = [], {}, {}, 0
     for path in _layer_files(Path(directory), layers):
         with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-            if header.get("format") != EIGEN_FORMAT:
-                raise ValueError(f"{path}: not a memctl eigenbasis file (format {header.get('format')!r})")
+            header = _read_header(fh, path, EIGEN_FORMAT)
             tokens = int(header["tokens"])
-            for t in _targets_from_json(header["targets"]):
+            for t in (LinearTarget(**d) for d in header["targets"]):
                 targets.append(t)
                 if t.input_key not in A:
                     A[t.input_key] = Eigen(fh.get_tensor(f"A/{t.input_key}/values"), fh.get_tensor(f"A/{t.input_key}/vectors"))

@@ -1,0 +1,214 @@
+"""Curvature stage commands end to end on the tiny model, config expansion, and the report."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from memctl import architectures as arch
+from memctl.artifacts import hash_path, verify
+from memctl.cli import main
+from memctl.config import ConfigError, validate_config
+from memctl.curvature import report, settings
+from memctl.curvature.store import load_eigen, load_factors
+from memctl.edits import apply_delta, load_delta
+
+COLLECT = {"data": {"max_tokens": 150, "batch_size": 2, "labels": "sampled", "seed": 5},
+           "modules": {"groups": ["mlp", "attention"], "layers": None, "roles": None}}
+
+
+@pytest.fixture(scope="module")
+def windows_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cal") / "windows.safetensors"
+    ids = np.random.default_rng(0).integers(1, 250, size=(12, 16))
+    save_file({"windows": torch.from_numpy(ids)}, str(path))
+    return path
+
+
+def _collect(model_dir, windows, out, extra=()):
+    main(["kfac-collect", "--model", str(model_dir), "--model-settings", '{"source": "local", "device": "cpu"}',
+          "--threads", "1", "--windows", str(windows), "--settings", json.dumps(COLLECT), "--out-dir", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def kfac_run(tmp_path_factory, tiny_model_dir, windows_file):
+    root = tmp_path_factory.mktemp("kfac")
+    _collect(tiny_model_dir, windows_file, root / "full")
+    main(["kfac-decompose", "--factors", str(root / "full" / "factors"), "--threads", "1", "--out-dir", str(root / "eig")])
+    return root
+
+
+def test_collect_uses_the_token_budget_and_is_byte_deterministic(kfac_run, tiny_model_dir, windows_file):
+    fac = load_factors(kfac_run / "full" / "factors")
+    assert fac.tokens == 10 * 15  # ceil(150 / 16) = 10 windows, 15 predicting positions each
+    summary = pd.read_parquet(kfac_run / "full" / "summary.parquet")
+    assert len(summary) == len(fac.targets) == 2 * 4  # qkv, o, up, down in each of 2 layers
+    assert (summary["trace_A"] > 0).all() and (summary["trace_G"] > 0).all()
+    _collect(tiny_model_dir, windows_file, kfac_run / "again")
+    assert hash_path(kfac_run / "again" / "factors") == hash_path(kfac_run / "full" / "factors")
+    for art in ("full/factors", "full/summary.parquet", "eig/eigen", "eig/summary.parquet"):
+        assert verify(kfac_run / art) == [], art
+
+
+def test_sharded_collection_merges_into_the_single_pass(kfac_run, tiny_model_dir, windows_file, tmp_path):
+    for i in range(2):
+        _collect(tiny_model_dir, windows_file, tmp_path / f"s{i}", ["--shard", f"{i}/2"])
+    main(["kfac-merge", "--inputs", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out-dir", str(tmp_path / "m")])
+    merged, full = load_factors(tmp_path / "m" / "factors"), load_factors(kfac_run / "full" / "factors")
+    assert load_factors(tmp_path / "s0" / "factors").tokens == 5 * 15 and merged.tokens == full.tokens
+    for key, ref in full.G.items():
+        torch.testing.assert_close(merged.G[key], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    assert verify(tmp_path / "m" / "factors") == []
+
+
+def test_decomposition_summary_has_top_eigenvalues(kfac_run):
+    summary = pd.read_parquet(kfac_run / "eig" / "summary.parquet")
+    eig = load_eigen(kfac_run / "eig" / "eigen", layers=[1])
+    up = next(t for t in eig.targets if t.role == "up")
+    row = summary[summary["module"] == up.name].iloc[0]
+    assert row["top_mu_G"][0] == pytest.approx(float(eig.G[up.name].values[0]))
+    assert row["top_lambda_A"][0] == pytest.approx(float(eig.A[up.input_key].values[0]))
+    # eigenvalues are those of the mean factor: they sum to its trace
+    assert float(eig.A[up.input_key].values.sum()) == pytest.approx(row["trace_A"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method,strength", [("kfac", 0.8), ("kfac_pairwise", 0.5), ("svd", 0.25)])
+def test_edit_command_writes_a_delta_that_patches_the_model(kfac_run, tiny_model_dir, tiny_model, tmp_path, method, strength):
+    import copy
+
+    from memctl.curvature.edit import edit_matrix
+
+    spec = {"method": method, "layers": [1], "roles": ["up", "down"], "groups": ["mlp"], "strength": strength, "label": "x"}
+    out = tmp_path / "delta.safetensors"
+    main(["curvature-edit", "--model", str(tiny_model_dir), "--model-settings", '{"source": "local"}',
+          "--eigen", str(kfac_run / "eig" / "eigen"), "--edit-id", "e1", "--settings", json.dumps(spec), "--out", str(out)])
+    delta = load_delta(out)
+    targets = arch.linear_targets(tiny_model, groups=["mlp"], layers=[1])
+    assert delta.params == sorted(t.param_name for t in targets)
+    assert delta.metadata["edit_id"] == "e1" and delta.metadata["spec"] == spec
+    eig = load_eigen(kfac_run / "eig" / "eigen", layers=[1])
+    model = apply_delta(copy.deepcopy(tiny_model), out)
+    for t in targets:
+        W = arch.weight(tiny_model, t).double()
+        ref, _ = edit_matrix(method, W, strength, eig.A[t.input_key], eig.G[t.name])
+        torch.testing.assert_close(arch.weight(model, t).double(), ref, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(arch.weight(model, t).double(), W, atol=1e-4)
+    layer0 = arch.linear_targets(tiny_model, groups=["mlp"], layers=[0])[0]
+    assert torch.equal(arch.weight(model, layer0), arch.weight(tiny_model, layer0))
+    assert verify(out) == []
+
+
+def test_non_finite_factors_stop_the_decomposition_naming_the_module(kfac_run, tmp_path, capsys):
+    src = kfac_run / "full" / "factors" / "layer-001.safetensors"
+    (tmp_path / "factors").mkdir()
+    tensors = load_file(str(src))
+    with safe_open(str(src), framework="pt") as fh:
+        header = fh.metadata()
+    name = next(k for k in tensors if k.startswith("G/") and k.endswith("dense_4h_to_h"))
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, str(tmp_path / "factors" / src.name), metadata=header)
+    with pytest.raises(SystemExit) as exc:
+        main(["kfac-decompose", "--factors", str(tmp_path / "factors"), "--out-dir", str(tmp_path / "eig")])
+    assert exc.value.code == 2
+    assert f"G of {name[2:]} has 1 non-finite entries" in capsys.readouterr().err
+    assert not (tmp_path / "eig").exists()
+
+
+# --------------------------------------------------------------------------- config expansion
+
+
+def _curv(**section):
+    return validate_config({"curvature": section})["curvature"]
+
+
+def test_sweeps_expand_into_one_edit_per_layer_and_per_strength():
+    curv = _curv(
+        modules={"layers": [0, 1, 2]},
+        edits=[{"method": "kfac", "layers": [0], "strength": 0.8}],
+        sweeps={"per_layer": {"methods": ["kfac_pairwise", "svd"]},
+                "strength": {"layers": [0, 1], "kfac_pairwise": [0.3, 0.6], "svd": [0.2], "kfac": [0.8]}},
+    )
+    specs = settings.expand_edits(curv, n_layers=4)
+    per_layer = [s for s in specs if len(s["layers"]) == 1 and s["method"] != "kfac"]
+    assert [(s["method"], s["layers"], s["strength"]) for s in per_layer] == [
+        ("kfac_pairwise", [0], 0.6), ("kfac_pairwise", [1], 0.6), ("kfac_pairwise", [2], 0.6),
+        ("svd", [0], 0.2), ("svd", [1], 0.2), ("svd", [2], 0.2)]
+    sweep = [(s["method"], s["strength"]) for s in specs if s["layers"] == [0, 1]]
+    assert sweep == [("kfac", 0.8), ("kfac_pairwise", 0.3), ("kfac_pairwise", 0.6), ("svd", 0.2)]
+    assert len(specs) == 1 + 6 + 4
+    ids = [settings.edit_id(s, "up") for s in specs]
+    assert len(set(ids)) == len(ids) and all(i.replace("-", "").replace("_", "").isalnum() for i in ids)
+    assert settings.edit_id(specs[0], "up") != settings.edit_id(specs[0], "other-upstream")
+    assert settings.edit_id({**specs[0], "label": "renamed"}, "up") == ids[0]
+
+
+def test_duplicate_edits_collapse():
+    curv = _curv(edits=[{"method": "svd", "layers": [1], "strength": 0.2}], sweeps={"per_layer": {"methods": ["svd"], "layers": [1]}})
+    assert len(settings.expand_edits(curv, n_layers=2)) == 1
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"edits": [{"method": "kfac", "layers": [5]}]}, "curvature.edits[0].layers: layers [5] out of range"),
+    ({"modules": {"layers": [0]}, "edits": [{"method": "kfac", "layers": [1]}]},
+     "curvature.edits[0].layers: layers [1] have no K-FAC factors"),
+    ({"edits": [{"method": "kfac_pairwise", "roles": ["q"]}]}, "curvature.edits[0].roles: roles ['q'] are not collected"),
+    ({"spectrum": {"bands": [0.5, 0.25]}}, "curvature.spectrum.bands"),
+])
+def test_bad_edit_settings_fail_naming_the_key(section, message):
+    curv = _curv(**section)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        settings.check(curv)
+        settings.expand_edits(curv, n_layers=2)
+
+
+@pytest.mark.parametrize("section,key", [
+    ({"data": {"labels": "argmax"}}, "curvature.data.labels"),
+    ({"edits": [{"method": "svd", "strength": 1.5}]}, "curvature.edits.0.strength"),
+    ({"edits": [{"method": "lora"}]}, "curvature.edits.0.method"),
+    ({"sweeps": {"strength": {"rho": [0.5]}}}, "curvature.sweeps.strength"),
+    ({"data": {"max_tokens": 0}}, "curvature.data.max_tokens"),
+])
+def test_schema_rejects_bad_values_naming_the_key(section, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config({"curvature": section})
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def _metrics(rows):
+    base = {"model": "m", "n_examples": 10, "exact_er": 0.0, "fractional_er": 0.0, "avg_levenshtein": 0.0, "mem_loss": 1.0}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_best_pair_is_matched_in_perplexity_and_lowest_in_memorization():
+    metrics = _metrics([
+        {"edit": "none", "method": "Origin", "heldout_ppl": 10.0, "strict_accuracy": 1.0, "loose_accuracy": 1.0},
+        {"edit": "k1", "method": "K-FAC", "heldout_ppl": 11.0, "strict_accuracy": 0.2, "loose_accuracy": 0.5},
+        {"edit": "k2", "method": "K-FAC", "heldout_ppl": 12.0, "strict_accuracy": 0.0, "loose_accuracy": 0.1},
+        {"edit": "k3", "method": "K-FAC", "heldout_ppl": 30.0, "strict_accuracy": 0.0, "loose_accuracy": 0.0},
+        {"edit": "s1", "method": "SVD", "heldout_ppl": 11.3, "strict_accuracy": 0.6, "loose_accuracy": 0.8},
+        {"edit": "s2", "method": "SVD", "heldout_ppl": 12.4, "strict_accuracy": 0.4, "loose_accuracy": 0.6},
+        {"edit": "s3", "method": "SVD", "heldout_ppl": 31.0, "strict_accuracy": 0.0, "loose_accuracy": 0.0},
+    ])
+    spec = lambda m, s: {"method": m, "layers": [0], "roles": None, "strength": s}  # noqa: E731
+    specs = {"k1": spec("kfac", 0.9), "k2": spec("kfac_pairwise", 0.5), "k3": spec("kfac", 0.3),
+             "s1": spec("svd", 0.5), "s2": spec("svd", 0.3), "s3": spec("svd", 0.01)}
+    table = report.edit_table(metrics, specs)
+    assert table["ppl_ratio"].tolist()[0] == 1.0 and len(table) == 7
+    k, s = report.best_matched(table, tolerance=0.05, max_ppl_ratio=1.5)
+    # pairs within 5%: (k1, s1) sum 0.8, (k2, s2) sum 0.4; (k3, s3) is beyond the 1.5x cap
+    assert (k["edit"], s["edit"]) == ("k2", "s2")
+    k, s = report.best_matched(table, tolerance=0.05, max_ppl_ratio=None)
+    assert (k["edit"], s["edit"]) == ("k3", "s3")
+    assert report.best_matched(table, tolerance=0.001, max_ppl_ratio=None) is None
+    md = report.curvature_markdown(table, {"match_tolerance": 0.05, "max_ppl_ratio": 1.5})
+    assert "| K-FAC | pairwise | k2 | 0 | all | 0.5 | 12.00 | 1.200 | 0.000 | 0.100 |" in md
+    assert "| SVD | svd | s2 | 0 | all | 0.3 | 12.40 |" in md
+    assert "K-FAC suppresses more (strict 0.000 vs 0.400" in md
+    assert math.isnan(table["ndcg10"].iloc[0])  # column shown as '-' until evaluate provides it
