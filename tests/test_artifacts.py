@@ -235,7 +235,7 @@ def make_store(tmp_path):
         orphan: "incomplete: missing, but its sidecar",
         dead: "leftover of an interrupted write of killed.parquet",
         dead_dir: "leftover of an interrupted write of model-ef56",
-        bare: "incomplete: directory without provenance sidecar",
+        bare: "incomplete: directory without provenance sidecar tokenizer-9a9a.meta.json",
     }
     return store, arts, expected
 

@@ -55,9 +55,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # only for annotations: writing a table needs no pandas import here
+    import pandas as pd
 
 SIDECAR_SUFFIX = ".meta.json"
 #: Per-directory lock file taken (flock) around sidecar writes and renames.
@@ -747,8 +748,9 @@ def verify_paths(paths: Iterable[str | os.PathLike]) -> VerifyReport:
 
     A directory with a sidecar is one artifact. Any other directory is walked: every file in it
     must have a sidecar, except hidden files, ``logs/``, ``benchmarks/`` and ``.snakemake/``
-    directories; a directory without a sidecar in which nothing has one is reported once; a
-    sidecar without its artifact and leftovers of interrupted writes are reported too.
+    directories; a directory with files but without a sidecar, a lock file or any sidecar inside
+    is a directory artifact without its sidecar, reported once; a sidecar without its artifact and
+    leftovers of interrupted writes are reported too.
     """
     report = VerifyReport()
     for target in map(Path, paths):
@@ -798,14 +800,17 @@ def _walk(directory: Path, report: VerifyReport) -> None:
         if entry.is_dir():
             if name in UNTRACKED_DIRS:
                 continue
-            if _has_files(path) and not _has_sidecar(path):
+            # A directory that memctl renamed something into holds its lock file: walk it. One
+            # without, with files but no sidecar anywhere, is a directory artifact without its
+            # sidecar (killed between its rename and Provenance.write): report it once.
+            if (path / LOCK_NAME).exists() or _has_sidecar(path) or not _has_files(path):
+                _walk(path, report)
+            else:
                 report.checked += 1
                 report.problems.append(
-                    f"{path}: incomplete: directory without provenance sidecar {name}{SIDECAR_SUFFIX},"
-                    " and nothing in it has one (job killed before writing it?)"
+                    f"{path}: incomplete: directory without provenance sidecar {name}{SIDECAR_SUFFIX}"
+                    " (job killed before writing it?)"
                 )
-            else:
-                _walk(path, report)
             continue
         report.checked += 1
         report.problems += _check_artifact(path)
@@ -816,4 +821,9 @@ def _has_sidecar(directory: Path) -> bool:
 
 
 def _has_files(directory: Path) -> bool:
-    return any(p.is_file() and not p.name.startswith(".") for p in directory.rglob("*"))
+    """Any file that is not hidden nor inside a hidden directory (leftovers are hidden)."""
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not f.startswith(".") for f in files):
+            return True
+    return False

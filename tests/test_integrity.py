@@ -1,0 +1,433 @@
+"""Integrity of a shared store with real processes: SIGKILL mid-write, concurrent writers, and two
+Snakemake runs (two working directories, one `root`) at once, then a killed DAG job and its rerun.
+
+Kills are made deterministic by MEMCTL_TEST_PAUSE_BEFORE_RENAME (artifacts.py): the writer prints
+a line and sleeps between finishing its temporary and the rename; the test SIGKILLs it there. The
+other points (after the sidecar, before Provenance.write) are reached by a writer that SIGKILLs
+itself there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from memctl.artifacts import LOCK_NAME, PAUSE_ENV, directory_lock, leftover, sidecar_path, verify, verify_paths
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = Path(__file__).with_name("tiny_config.yaml")
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+ENV.pop(PAUSE_ENV, None)
+
+# One write of an artifact, killed (SIGKILL) where argv[4] says:
+#   pause              - by the test, while paused between the finished temporary and the rename
+#   after-sidecar      - by itself, once the sidecar of the new content is in place
+#   before-provenance  - by itself, after the rename, before Provenance.write (stages that write
+#                        first and stamp sidecars afterwards)
+#   none               - not at all
+WRITER = r"""
+import os, signal, sys
+from pathlib import Path
+from memctl import artifacts
+from memctl.artifacts import Provenance, atomic_path
+
+final, kind, content, kill = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+if kill == "after-sidecar":
+    artifacts._rename_into_place = die
+prov = Provenance("unit", {"content": content})
+late = kill == "before-provenance"
+with atomic_path(final, directory=kind == "dir", provenance=None if late else prov) as tmp:
+    if kind == "dir":
+        (tmp / "config.json").write_text(content)
+        (tmp / "weights.bin").write_bytes(content.encode() * 100_000)
+    else:
+        tmp.write_bytes(content.encode() * 100_000)
+if late:
+    prov.write = die
+    prov.write(final)
+"""
+
+
+def run_writer(final, kind, content, kill="none"):
+    cmd = [sys.executable, "-c", WRITER, str(final), kind, content, kill]
+    if kill != "pause":
+        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120).returncode
+    proc = subprocess.Popen(cmd, env=dict(ENV, **{PAUSE_ENV: "120"}), stderr=subprocess.PIPE, text=True)
+    wait_for_pause(proc, f"{PAUSE_ENV}: {final} is complete")
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait(timeout=30)
+
+
+def wait_for_pause(proc: subprocess.Popen, expected: str) -> None:
+    """Read the writer's stderr until it says it is pausing before a rename (it sleeps there)."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if expected in line:
+            return
+    pytest.fail(f"no pause ({expected!r}); exit {proc.wait()}:\n{''.join(seen)[-3000:]}")
+
+
+def content_of(final, kind):
+    return (final / "config.json").read_text() if kind == "dir" else final.read_bytes()[:2].decode()
+
+
+def entries(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME)
+
+
+@pytest.mark.parametrize(
+    "kind, overwrite, kill",
+    [
+        ("file", False, "pause"),
+        ("file", True, "pause"),
+        ("dir", False, "pause"),
+        ("dir", True, "pause"),
+        ("file", True, "after-sidecar"),
+        ("dir", False, "after-sidecar"),
+        ("file", False, "before-provenance"),
+        ("dir", True, "before-provenance"),
+    ],
+)
+def test_sigkill_mid_write_leaves_nothing_accepted_and_the_rerun_completes(tmp_path, kind, overwrite, kill):
+    final = tmp_path / "stage-1a2b" / ("model" if kind == "dir" else "table.bin")
+    if overwrite:
+        assert run_writer(final, kind, "v1") == 0
+        assert verify(final) == []
+
+    assert run_writer(final, kind, "v2", kill) == -signal.SIGKILL
+    problems = verify_paths([final.parent]).problems
+    assert problems, "a killed write must not verify clean"
+    assert all(line.startswith(str(final.parent) + "/") for line in problems), problems
+    # What a later run would read under the final name is never the new content without its
+    # matching sidecar: either the old artifact (still described by its own sidecar) or nothing.
+    if kill == "pause":
+        assert not final.exists() if not overwrite else content_of(final, kind) == "v1"
+        assert any("leftover of an interrupted write" in p for p in problems), problems
+        if overwrite:
+            assert verify(final)[0].startswith(str(tmp_path / "stage-1a2b" / f".{final.name}.tmp-"))
+        else:
+            assert f"{final}: missing" in verify(final)
+    elif kill == "after-sidecar":
+        if overwrite:
+            assert content_of(final, kind) == "v1"
+            assert any(p.startswith(f"{final}: corrupt: sha256") for p in problems), problems
+        else:
+            assert not final.exists()
+            assert any(p.startswith(f"{final}: incomplete: missing, but its sidecar") for p in problems), problems
+    else:  # renamed, sidecar never (re)written: flagged until the job is rerun
+        assert content_of(final, kind) == "v2"
+        words = "corrupt: sha256" if overwrite else "incomplete: no provenance sidecar"
+        assert any(p.startswith(f"{final}: {words}") for p in problems), problems
+    cli = subprocess.run([str(BIN / "memctl"), "verify", str(tmp_path)], env=ENV, capture_output=True, text=True)
+    assert cli.returncode == 1
+    assert [line.split(" (")[0] for line in cli.stdout.strip().splitlines()[:-1]] == [p.split(" (")[0] for p in problems]
+
+    assert run_writer(final, kind, "v2") == 0  # the rerun
+    assert content_of(final, kind) == "v2"
+    assert verify(final) == [] and verify_paths([tmp_path]).problems == []
+    assert entries(final.parent) == sorted([final.name, sidecar_path(final).name])  # leftovers gone
+
+
+def test_killed_stage_command_is_flagged_and_its_rerun_completes(tmp_path):
+    """A real stage (memctl demo-corpus, three tables, sidecars stamped at the end) SIGKILLed while
+    its last table waits for its rename."""
+    out = tmp_path / "corpus"
+    cmd = [
+        str(BIN / "memctl"), "demo-corpus", "--out-dir", str(out),
+        "--settings", json.dumps({"max_chars": 20000, "heldout_fraction": 0.2}),
+        "--canary-settings", json.dumps({"copies": [1, 4], "per_count": 1, "kinds": ["words"], "words": 48}),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=dict(ENV, **{PAUSE_ENV: "120:canaries"}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_pause(proc, f"{out / 'canaries.parquet'} is complete")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+    assert not (out / "canaries.parquet").exists()
+    report = verify_paths([out])
+    flagged = {re.match(r"(\S+): ", p)[1] for p in report.problems}
+    (tmp,) = out.glob(".canaries.parquet.tmp-*")
+    assert flagged == {str(out / "train.parquet"), str(out / "heldout.parquet"), str(tmp)}
+    assert leftover(tmp).alive is False
+
+    subprocess.run(cmd, env=ENV, check=True, capture_output=True, timeout=300)
+    assert verify_paths([out]).problems == [] and verify_paths([out]).checked == 3
+    assert not list(out.glob(".*.tmp-*"))
+
+
+# Two writers replace the same artifacts (a file, a directory, and a file stamped afterwards by
+# Provenance.write) as fast as they can; a reader checks that every read sees one complete
+# version, and that under the directory lock each sidecar matches its artifact.
+RACER = r"""
+import random, sys, time
+from pathlib import Path
+from memctl import artifacts
+from memctl.artifacts import Provenance, atomic_path
+
+store, me, n, go, exchange = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
+if exchange == "no":
+    artifacts._exchange = lambda a, b: False
+# A slow shared filesystem: widen the windows between a sidecar and its rename, and between a
+# checksum and its sidecar, where a writer without the directory lock would let the other in.
+real_sidecar, real_hash = artifacts._write_sidecar, artifacts.hash_path
+def slow_sidecar(*args):
+    real_sidecar(*args)
+    time.sleep(random.random() * 0.004)
+def slow_hash(*args):
+    digest = real_hash(*args)
+    time.sleep(random.random() * 0.004)
+    return digest
+artifacts._write_sidecar, artifacts.hash_path = slow_sidecar, slow_hash
+while not go.exists():
+    time.sleep(0.001)
+prov = Provenance("race", {"writer": me})
+for i in range(n):
+    head = f"{me}:{i:04d}:".encode()
+    blob = head * (1_000_000 // len(head))
+    with atomic_path(store / "table.bin", provenance=prov) as tmp:
+        with open(tmp, "wb") as fh:
+            for k in range(0, len(blob), 65536):  # many small writes: interleaving would show
+                fh.write(blob[k : k + 65536])
+    with atomic_path(store / "model", directory=True, provenance=prov) as tmp:
+        (tmp / "weights.bin").write_bytes(blob)
+        (tmp / "config.json").write_text(head.decode())
+    with atomic_path(store / "late.bin") as tmp:
+        tmp.write_bytes(blob)
+    prov.write(store / "late.bin")
+"""
+
+
+def check_blob(data: bytes) -> tuple[str, int]:
+    """(writer, iteration) of a complete version; fails on a torn or interleaved one."""
+    me, i = data[:16].decode().split(":")[:2]
+    head = f"{me}:{i}:".encode()
+    assert data == head * (1_000_000 // len(head)), f"torn content starting {data[:16]!r}"
+    return me, int(i)
+
+
+@pytest.mark.parametrize("exchange", ["yes", "no"], ids=["renameat2-exchange", "move-aside"])
+def test_concurrent_writers_of_one_artifact_corrupt_nothing(tmp_path, exchange):
+    store, go, n = tmp_path / "store", tmp_path / "go", 25
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACER, str(store), me, str(n), str(go), exchange], env=ENV)
+        for me in ("a", "b")
+    ]
+    reads, stop, failures = {"table.bin": 0, "late.bin": 0, "model": 0}, threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            # Under the directory lock a sidecar and its artifact always agree.
+            with directory_lock(store) if store.exists() else contextlib.nullcontext():
+                for name in ("table.bin", "model"):
+                    if sidecar_path(store / name).exists():
+                        failures.extend(verify(store / name))
+            for name in reads:
+                try:
+                    if name == "model":
+                        check_blob((store / "model" / "weights.bin").read_bytes())
+                    else:
+                        check_blob((store / name).read_bytes())
+                    reads[name] += 1
+                except FileNotFoundError:
+                    pass  # not written yet (or, without the exchange, a directory moved aside)
+                except Exception as err:  # noqa: BLE001 - reported below
+                    failures.append(f"{name}: {err}")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(1.0)  # both writers imported and waiting
+    go.touch()
+    try:
+        assert [p.wait(timeout=300) for p in racers] == [0, 0]
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
+    assert min(reads.values()) > 0, reads
+    # The last rename wins: it is some writer's last version, and its sidecar describes it.
+    for final in (store / "table.bin", store / "late.bin", store / "model"):
+        data = (final / "weights.bin" if final.is_dir() else final).read_bytes()
+        me, i = check_blob(data)
+        assert i == n - 1
+        assert json.loads(sidecar_path(final).read_text())["settings"] == {"writer": me}
+        assert verify(final) == []
+    if exchange == "yes":
+        assert reads["model"] > 0
+    report = verify_paths([store])
+    assert (report.problems, report.notes, report.checked) == ([], [], 3)
+    assert entries(store) == sorted(["late.bin", "late.bin.meta.json", "model", "model.meta.json", "table.bin",
+                                     "table.bin.meta.json"])
+
+
+# --------------------------------------------------------------------- Snakemake, shared store
+#
+# The base tiny DAG (demo model, extraction, held-out text, evaluation, report; the edit stages'
+# sections are left out to keep it short) with `root` pointing at one store shared by several
+# working directories, as a lab's users would have it.
+
+
+def workdir(path: Path, store: Path, **sections) -> Path:
+    cfg = yaml.safe_load(TINY.read_text())
+    base = {"root", "results_dir", "model", "demo", "candidates", "extract", "heldout", "evaluate", "resources"}
+    cfg = {key: value for key, value in cfg.items() if key in base}
+    cfg["root"] = str(store)
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    (path / "config").mkdir(parents=True)
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def snakemake_cmd(work: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "1", *args]
+
+
+def start(work: Path, *args: str, env=None) -> subprocess.Popen:
+    with open(work / "snakemake.out", "w") as log:
+        return subprocess.Popen(
+            snakemake_cmd(work, *args), env=env or ENV, stdout=log, stderr=subprocess.STDOUT, umask=0o022,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, work: Path, timeout: int = 900) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run(work: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_cmd(work, *args), env=ENV, capture_output=True, text=True, timeout=900, umask=0o022)
+
+
+def tail(work: Path) -> str:
+    return (work / "snakemake.out").read_text()[-4000:]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """Two users' working directories, one store; both runs started at the same moment."""
+    base = tmp_path_factory.mktemp("lab")
+    store = base / "store"
+    users = [workdir(base / user, store) for user in ("alice", "bob")]
+    t0 = time.time()
+    procs = [start(work) for work in users]
+    codes = [finish(proc, work) for proc, work in zip(procs, users)]
+    outcome = {"store": store, "users": users, "codes": codes, "seconds": time.time() - t0, "reruns": {}}
+    # Snakemake's lock is per working directory, so it refuses nothing here; a run may still fail
+    # when the other one deletes an output it was about to read (Snakemake removes a job's old
+    # outputs before running it). That is a failed run, not a corrupt store: rerun it.
+    for work, code in zip(users, codes):
+        if code != 0:
+            outcome["reruns"][work.name] = (tail(work), run(work))
+    return outcome
+
+
+def test_two_concurrent_runs_on_one_store_corrupt_nothing(lab):
+    store, users = lab["store"], lab["users"]
+    print(f"two concurrent tiny DAGs: {lab['seconds']:.0f} s, exit codes {lab['codes']}")
+    for name, (before, rerun) in lab["reruns"].items():
+        assert rerun.returncode == 0, f"{name}'s rerun failed:\n{rerun.stderr[-4000:]}\nfirst run:\n{before}"
+    report = verify_paths([store])
+    assert report.problems == [] and report.notes == [], report.problems
+    assert report.checked >= 16
+    assert not [p for p in store.rglob("*") if leftover(p)]
+    for work in users:  # each user sees a finished workflow and the same tables
+        assert "Nothing to be done" in run(work, "-n").stdout
+    tables = [sorted((work / "results" / "tables").glob("*.parquet")) for work in users]
+    assert [p.name for p in tables[0]] == [p.name for p in tables[1]] != []
+    assert [sha(p) for p in tables[0]] == [sha(p) for p in tables[1]]
+
+
+def test_store_is_group_writable(lab):
+    """What memctl writes into the store (artifacts, their contents, sidecars, lock files, the
+    directories it creates) is group-writable under a 022 umask; so is each directory artifact."""
+    store = lab["store"]
+    written = [p for p in store.rglob("*") if "logs" not in p.parts and "benchmarks" not in p.parts]
+    files = [p for p in written if p.is_file() and p.name != ".snakemake_timestamp"]
+    assert len(files) > 30
+    assert [p for p in files if stat.S_IMODE(p.stat().st_mode) != 0o664] == []
+    artifact_dirs = [p for p in written if p.is_dir() and sidecar_path(p).exists()]
+    assert len(artifact_dirs) >= 2  # tokenizer, model
+    assert [p for p in artifact_dirs if stat.S_IMODE(p.stat().st_mode) != 0o775] == []
+
+
+def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_path):
+    """SIGKILL Snakemake and its extract job while a table waits for its rename (a new extract
+    setting, so extraction, evaluation and the report run on the shared store)."""
+    store = lab["store"]
+    carol = workdir(tmp_path / "carol", store, extract={"batch_size": 8})
+    proc = start(carol, env=dict(ENV, **{PAUSE_ENV: "300:memorized.parquet"}))
+    pause = None
+    deadline = time.time() + 600
+    while pause is None and time.time() < deadline and proc.poll() is None:
+        for log in store.glob("logs/extract/*.log"):
+            pause = re.search(rf"{PAUSE_ENV}: (\S+) is complete in (\S+);", log.read_text()) or pause
+        time.sleep(0.2)
+    try:
+        assert pause, f"the extract job never paused:\n{tail(carol)}"
+        final = Path(pause[1])
+        tmp = final.with_name(pause[2])
+        writer = leftover(tmp).pid
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    if leftover(tmp).alive:  # the job, were it in a process group of its own
+        os.kill(writer, signal.SIGKILL)
+    deadline = time.time() + 30
+    while leftover(tmp).alive and time.time() < deadline:
+        time.sleep(0.1)
+    assert leftover(tmp).alive is False
+
+    extract_dir = final.parent
+    assert final.name == "memorized.parquet" and not final.exists()
+    cli = subprocess.run([str(BIN / "memctl"), "verify", str(store)], env=ENV, capture_output=True, text=True)
+    assert cli.returncode == 1
+    problems = cli.stdout.strip().splitlines()[:-1]
+    assert any(p.startswith(f"{tmp}: leftover of an interrupted write of memorized.parquet") for p in problems)
+    assert any(p.startswith(f"{extract_dir / 'extraction.parquet'}: incomplete") for p in problems), problems
+    assert all(p.startswith(str(extract_dir) + "/") for p in problems), problems
+
+    # Nothing accepts it: the same working directory refuses incomplete files, another user's
+    # working directory on the same store schedules the extraction again.
+    refused = run(carol, "-n")
+    assert refused.returncode != 0 and "incomplete" in (refused.stdout + refused.stderr).lower()
+    dave = workdir(tmp_path / "dave", store, extract={"batch_size": 8})
+    planned = run(dave, "-n", "--quiet", "rules").stdout
+    assert re.search(r"^extract\s+1$", planned, re.M), planned
+
+    # Snakemake itself was killed too, so its lock on carol's working directory is stale.
+    assert run(carol, "--unlock").returncode == 0
+    rerun = run(carol, "--rerun-incomplete")
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    report = verify_paths([store])
+    assert report.problems == [] and report.notes == []
+    assert not tmp.exists() and final.exists()
+    ext = pd.read_parquet(extract_dir / "extraction.parquet")
+    mem, non = pd.read_parquet(final), pd.read_parquet(extract_dir / "nonmemorized.parquet")
+    assert len(mem) + len(non) == len(ext) and mem["exact_match"].all()
+    assert "Nothing to be done" in run(carol, "-n").stdout
