@@ -56,3 +56,13 @@ wait_for() {  # wait_for SECONDS CMD...
     done
     return 1
 }
+
+# One start/stop at a time (two test sessions may start the cluster at once). The stop.sh that
+# start.sh runs inherits the lock.
+lock() {
+    [[ -n ${MEMCTL_SLURM_LOCKED:-} ]] && return 0
+    mkdir -p "$STATE"
+    exec 9>"$STATE/lock"
+    flock -w 300 9 || die "another start/stop holds $STATE/lock"
+    export MEMCTL_SLURM_LOCKED=1
+}

@@ -25,6 +25,7 @@ done
 
 t0=$EPOCHREALTIME
 "$SLURM_SCRIPTS/install.sh"
+lock
 
 HOST=$(hostname -s)
 mkdir -p "$STATE"/{run,log,slurmctld,slurmd} "$ETC"
@@ -37,7 +38,7 @@ NODE_HW=$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //')
 [[ -f $STATE/dbpass ]] || (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$STATE/dbpass")
 DB_PASS=$(<"$STATE/dbpass")
 if ((ACCOUNTING)); then
-    ACCT_CONF='JobAcctGatherType=jobacct_gather/linux\nJobAcctGatherFrequency=30\nAccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStorageTRES=gres/gpu'
+    ACCT_CONF='JobAcctGatherType=jobacct_gather/linux\nJobAcctGatherFrequency=30\nAccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\nAccountingStorageTRES=gres/gpu\n# sacct shows the comment (the plugin puts the rule name there)\nAccountingStoreFlags=job_comment'
 else
     ACCT_CONF='JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none'
 fi

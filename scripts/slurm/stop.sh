@@ -19,6 +19,7 @@ case ${1:-} in
     *) die "unknown argument: $1" ;;
 esac
 
+lock
 if [[ ${names[*]} == "slurmd slurmctld slurmdbd mariadbd munged" ]] && alive slurmctld; then
     scancel --state=PENDING,RUNNING,SUSPENDED --full --quiet 2>/dev/null || true
 fi
