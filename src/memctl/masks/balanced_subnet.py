@@ -1,0 +1,111 @@
+"""BalancedSubnet: the unlearning baseline of the loss-curvature (K-FAC) paper.
+
+Learned scores shaped like each MLP matrix; the forward pass keeps all but the lowest-``|score|``
+``ratio`` of every matrix (edge-popup style: the hard top-k mask passes gradients straight through
+to the scores). The loss ``-(1 - balance) * L_forget + balance * L_retain`` pushes the pruned
+weights towards those that carry the memorized (forget) sequences while the retain term keeps
+ordinary text working. SGD with momentum on the scores; the weights stay frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from memctl.architectures import linear_targets
+from memctl.masks.data import Sequences, cycling_indices, sequence_loss
+from memctl.masks.settings import resolve_balanced_subnet
+from memctl.masks.training import MaskResult, derive_seed, mask_sparsity
+
+log = logging.getLogger(__name__)
+
+
+def lowest_fraction_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep-mask without the ``round(ratio * numel)`` lowest ``|score|`` entries (stable tie-break)."""
+    k = round(ratio * scores.numel())
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        keep[torch.sort(scores.detach().abs().flatten(), stable=True).indices[:k]] = False
+    return keep.view(scores.shape)
+
+
+class _TopMask(torch.autograd.Function):
+    """Hard keep-mask of the scores in the forward pass, identity (straight-through) backward."""
+
+    @staticmethod
+    def forward(ctx, scores, ratio):
+        return lowest_fraction_mask(scores, ratio).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def train_balanced_subnet(
+    model: nn.Module,
+    forget: Sequences,
+    retain: Sequences,
+    settings: Mapping[str, Any],
+    progress: bool = True,
+) -> MaskResult:
+    """Train the scores and return the final keep-masks (storage layout) of the scored matrices."""
+    s = resolve_balanced_subnet(settings)
+    device = next(model.parameters()).device
+    model.eval()
+    model.requires_grad_(False)
+    # Models without a gate projection (GPT-NeoX, GPT-2) just have no "gate" matrices.
+    targets = linear_targets(model, groups=["mlp"], roles=s["roles"])
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(derive_seed(s["seed"], 11))
+    scores = nn.ParameterList()
+    for t in targets:
+        w = params[t.param_name]
+        if s["score_init"] == "magnitude":
+            init = w.detach().abs().float().cpu()
+        else:  # kaiming uniform as nn.Linear / edge-popup: U(-b, b), b = 1 / sqrt(fan_in)
+            bound = 1.0 / math.sqrt(t.d_in)
+            init = (torch.rand(tuple(w.shape), generator=gen) * 2 - 1) * bound
+        scores.append(nn.Parameter(init.to(device)))
+    optimizer = torch.optim.SGD(scores.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+    steps_per_epoch = max(1, math.ceil(len(forget) / s["batch_size"]))
+    steps = steps_per_epoch * s["epochs"]
+    rows = []
+
+    def loss_on(data: Sequences, masked, idx):
+        ids, attention, tmask = data.batch(idx, device)
+        logits = torch.func.functional_call(
+            model, masked, args=(), kwargs={"input_ids": ids, "attention_mask": attention, "use_cache": False}
+        ).logits
+        return sequence_loss(logits, ids, tmask)
+
+    for it in tqdm(range(steps), desc="balanced subnet", disable=not progress):
+        masked = {
+            t.param_name: params[t.param_name] * _TopMask.apply(sc, s["ratio"]).to(params[t.param_name].dtype)
+            for t, sc in zip(targets, scores, strict=True)
+        }
+        f_idx = cycling_indices(len(forget), s["batch_size"], it, s["seed"], stream=0)
+        r_idx = cycling_indices(len(retain), s["batch_size"], it, s["seed"], stream=1)
+        l_forget = loss_on(forget, masked, f_idx)
+        l_retain = loss_on(retain, masked, r_idx)
+        loss = -(1.0 - s["balance"]) * l_forget + s["balance"] * l_retain
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        rows.append({"iteration": it + 1, "loss": float(loss.detach()), "forget_loss": float(l_forget.detach()),
+                     "retain_loss": float(l_retain.detach())})
+    masks = {t.param_name: lowest_fraction_mask(sc, s["ratio"]).cpu() for t, sc in zip(targets, scores, strict=True)}
+    stats = {
+        "target_sparsity": s["ratio"],
+        "sparsity": mask_sparsity(masks),
+        "gated_weights": int(sum(m.numel() for m in masks.values())),
+        "matrices": [t.short for t in targets],
+        "steps": steps,
+    }
+    return MaskResult(masks, pd.DataFrame(rows), stats, targets)

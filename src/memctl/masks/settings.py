@@ -1,0 +1,114 @@
+"""Settings of one masks / baseline job, checked against the config schema fragments.
+
+A job gets a slice of its config section (plus the mode, sparsity and threshold of that job) as
+``--settings`` JSON. The job schemas are derived from ``schemas/stages/{masks,pruning}.schema.yaml``
+so that defaults and limits live in one place, and a hand-written bad value fails before any model
+is loaded, with the key named (``masks.lr: -1 is less than or equal to the minimum of 0``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memctl.config import ConfigError, _DefaultFillingValidator
+from memctl.masks.regularizers import MODES
+
+PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
+FORMS = ("sequential", "one_pass")
+
+
+@cache
+def fragment(section: str) -> dict[str, Any]:
+    """The schema of one top-level config section (``masks`` or ``pruning``)."""
+    path = Path(str(resources.files("memctl") / "schemas" / "stages" / f"{section}.schema.yaml"))
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _job_schema(base: Mapping[str, Any], drop: tuple[str, ...], add: Mapping[str, Any], required: list[str]):
+    schema = copy.deepcopy(dict(base))
+    for key in drop:
+        schema["properties"].pop(key, None)
+    schema["properties"].update(copy.deepcopy(dict(add)))
+    schema["required"] = required
+    schema.pop("default", None)
+    return schema
+
+
+@cache
+def mask_job_schema() -> dict[str, Any]:
+    return _job_schema(
+        fragment("masks"),
+        drop=("enabled", "modes", "sweep", "lambda_s", "threshold"),
+        add={
+            "mode": {"enum": list(MODES)},
+            "lambda_s": {"type": "number", "minimum": 0},
+            "threshold": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None},
+        },
+        required=["mode", "lambda_s"],
+    )
+
+
+@cache
+def prune_job_schema() -> dict[str, Any]:
+    masks = fragment("masks")["properties"]
+    return _job_schema(
+        fragment("pruning"),
+        drop=("methods", "forms", "balanced_subnet"),
+        add={
+            "method": {"enum": list(PRUNING_METHODS)},
+            "form": {"enum": list(FORMS), "default": "sequential"},
+            "sparsity": masks["sparsity"],
+        },
+        required=["method"],
+    )
+
+
+@cache
+def balanced_subnet_schema() -> dict[str, Any]:
+    return _job_schema(fragment("pruning")["properties"]["balanced_subnet"], drop=("enabled",), add={}, required=[])
+
+
+def _resolve(schema: Mapping[str, Any], settings: Mapping[str, Any], where: str) -> dict[str, Any]:
+    resolved = copy.deepcopy(dict(settings))
+    errors = sorted(_DefaultFillingValidator(schema).iter_errors(resolved), key=lambda e: list(map(str, e.path)))
+    if errors:
+        lines = []
+        for err in errors:
+            key = ".".join([where, *map(str, err.absolute_path)])
+            if err.validator == "additionalProperties":
+                allowed = ", ".join(sorted(err.schema.get("properties", {})))
+                lines.append(f"{key}: {err.message}; allowed keys: {allowed}")
+            else:
+                lines.append(f"{key}: {err.message}")
+        raise ConfigError(f"invalid {where} settings:\n  " + "\n  ".join(lines))
+    return resolved
+
+
+def resolve_mask_job(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``train-mask`` job's settings with defaults; fails early naming the bad key."""
+    job = _resolve(mask_job_schema(), settings, "masks")
+    if job["mode"] == "down" and job.get("threshold") is None:
+        raise ConfigError("invalid masks settings:\n  masks.threshold: mode 'down' needs a learning threshold t")
+    return job
+
+
+def resolve_prune_job(settings: Mapping[str, Any]) -> dict[str, Any]:
+    job = _resolve(prune_job_schema(), settings, "pruning")
+    if job["second_moments"] == "kfac" and job["form"] != "one_pass" and job["method"] != "magnitude":
+        raise ConfigError(
+            "invalid pruning settings:\n  pruning.second_moments: 'kfac' factors come from the unpruned "
+            "model, so they serve the one_pass form only"
+        )
+    return job
+
+
+def resolve_balanced_subnet(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return _resolve(balanced_subnet_schema(), settings, "pruning.balanced_subnet")

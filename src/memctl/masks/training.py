@@ -1,0 +1,342 @@
+"""Mask training: gate logits on frozen weights, sparsity regularizer, memorization modes.
+
+Objective per mode (the weight-pruning paper, eqs. 2-10):
+
+- ``none``: ``L_clm(calibration) + lambda_s R_s``
+- ``up``: ``... + lambda_m L_mem``
+- ``down``: two AdamW steps per iteration, each on a fresh gate sample: step 1 minimises
+  ``L_clm + lambda_s R_s``, step 2 minimises ``|lambda_m L_mem - t|`` (learning threshold ``t``)
+- ``reciprocal``: ``... + lambda_m / L_mem``
+
+The model is never modified: each step builds the masked weights ``w * h`` of the gated matrices and
+runs the model through :func:`torch.func.functional_call`, so only the logits (and their AdamW
+state) persist per gated weight. The learning rate follows a linear warm-up and a cosine schedule
+per iteration (both steps of a ``down`` iteration use the same rate). Noise seeds and batch order
+are pure functions of (seed, iteration), so a run resumed from a checkpoint is bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from memctl.architectures import LinearTarget, linear_targets
+from memctl.masks import gates
+from memctl.masks.data import Sequences, cycling_indices, sequence_loss, window_loss
+from memctl.masks.regularizers import memorization_term, sparsity_regularizer
+from memctl.masks.settings import resolve_mask_job
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "memctl-mask-checkpoint/1"
+LOG_COLUMNS = [
+    "iteration", "lr", "loss", "calib_loss", "mem_loss", "mem_term", "r_s", "train_sparsity", "eval_sparsity",
+]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MaskGates(nn.Module):
+    """Gate logits for a list of matrices, in each parameter's storage layout.
+
+    With ``rank`` set, the logits of a matrix are ``init + U @ V`` (U random, V zero, so training
+    starts from ``init`` exactly, as LoRA starts from the pretrained weights).
+    """
+
+    def __init__(self, model: nn.Module, targets: list[LinearTarget], init: float = 0.0, rank: int | None = None,
+                 seed: int = 0):
+        super().__init__()
+        self.targets = list(targets)
+        self.init = float(init)
+        self.rank = rank
+        params = dict(model.named_parameters())
+        self.shapes = [tuple(params[t.param_name].shape) for t in self.targets]
+        device = params[self.targets[0].param_name].device
+        if rank is None:
+            self.logits = nn.ParameterList(
+                [nn.Parameter(torch.full(shape, self.init, dtype=torch.float32, device=device)) for shape in self.shapes]
+            )
+        else:
+            gen = torch.Generator().manual_seed(derive_seed(seed, 7))
+            self.left = nn.ParameterList()
+            self.right = nn.ParameterList()
+            for rows, cols in self.shapes:
+                k = min(rank, rows, cols)
+                self.left.append(nn.Parameter((torch.randn(rows, k, generator=gen) / math.sqrt(k)).to(device)))
+                self.right.append(nn.Parameter(torch.zeros(k, cols, device=device)))
+
+    @property
+    def total(self) -> int:
+        return int(sum(math.prod(s) for s in self.shapes))
+
+    def logits_of(self, i: int) -> torch.Tensor:
+        if self.rank is None:
+            return self.logits[i]
+        return self.left[i] @ self.right[i] + self.init
+
+    def sample(self, model_params: Mapping[str, torch.Tensor], seed: int, kind: str, tau: float, offset: float):
+        """Masked weights ``{param_name: w * h}`` of one gate sample, and the open-gate count (STE gradients)."""
+        masked, kept = {}, None
+        for i, target in enumerate(self.targets):
+            name = target.param_name
+            w, k = gates.gated_weight(self.logits_of(i), model_params[name], derive_seed(seed, i), kind, tau, offset)
+            masked[name] = w
+            kept = k if kept is None else kept + k
+        return masked, kept
+
+    @torch.no_grad()
+    def eval_masks(self, offset: float) -> dict[str, torch.Tensor]:
+        return {t.param_name: gates.eval_mask(self.logits_of(i), offset) for i, t in enumerate(self.targets)}
+
+    @torch.no_grad()
+    def topk_masks(self, keep_fraction: float) -> dict[str, torch.Tensor]:
+        """Exactly ``round(keep_fraction * P)`` open gates: the largest logits globally (ties: lowest index)."""
+        flat = torch.cat([self.logits_of(i).detach().float().flatten() for i in range(len(self.targets))])
+        n_keep = round(keep_fraction * flat.numel())
+        if n_keep <= 0:
+            keep = torch.zeros_like(flat, dtype=torch.bool)
+        elif n_keep >= flat.numel():
+            keep = torch.ones_like(flat, dtype=torch.bool)
+        else:
+            value = flat.kthvalue(flat.numel() - n_keep + 1).values  # the n_keep-th largest
+            keep = flat > value
+            missing = n_keep - int(keep.sum())
+            if missing > 0:
+                ties = torch.nonzero(flat == value).flatten()[:missing]
+                keep[ties] = True
+        out, start = {}, 0
+        for t, shape in zip(self.targets, self.shapes, strict=True):
+            n = math.prod(shape)
+            out[t.param_name] = keep[start : start + n].view(shape).clone()
+            start += n
+        return out
+
+
+def cosine_lr(iteration: int, steps: int, lr: float, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Linear warm-up for ``warmup`` iterations, then a cosine from ``lr`` to ``lr * min_ratio``."""
+    if warmup and iteration < warmup:
+        return lr * (iteration + 1) / warmup
+    span = max(steps - warmup, 1)
+    progress = min(max(iteration - warmup, 0) / span, 1.0)
+    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """Share of closed gates (pruned weights) over all gated weights."""
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / total if total else 0.0
+
+
+@dataclass
+class MaskResult:
+    masks: dict[str, torch.Tensor]  #: param name -> bool keep-mask in the parameter's storage layout
+    log: pd.DataFrame
+    stats: dict[str, Any] = field(default_factory=dict)
+    targets: list[LinearTarget] = field(default_factory=list)
+
+
+class _Trainer:
+    def __init__(self, model, calibration, memorized, settings, device):
+        self.s = settings
+        self.model = model
+        self.device = device
+        self.params = dict(model.named_parameters())
+        self.calibration = calibration
+        self.memorized = memorized
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(settings["bf16"]))
+
+    def _forward(self, masked, **inputs):
+        with self.autocast:
+            return torch.func.functional_call(self.model, masked, args=(), kwargs={**inputs, "use_cache": False}).logits
+
+    def calib_loss(self, masked, iteration: int, stream: int) -> torch.Tensor:
+        idx = cycling_indices(len(self.calibration), self.s["batch_size"], iteration, self.s["seed"], stream)
+        ids = self.calibration[torch.as_tensor(idx)].to(self.device)
+        return window_loss(self._forward(masked, input_ids=ids), ids)
+
+    def mem_loss(self, masked, iteration: int, stream: int) -> torch.Tensor:
+        idx = cycling_indices(len(self.memorized), self.s["mem_batch_size"], iteration, self.s["seed"], stream)
+        ids, attention, targets = self.memorized.batch(idx, self.device)
+        return sequence_loss(self._forward(masked, input_ids=ids, attention_mask=attention), ids, targets)
+
+
+def train_mask(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    memorized: Sequences | None,
+    settings: Mapping[str, Any],
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> MaskResult:
+    """Train gate logits on ``model`` (left unchanged) and return the final keep-masks.
+
+    ``calibration``: int64 [n, context] windows; ``memorized``: the memorized training sequences
+    (needed by every mode but ``none``). With ``work_dir``, a checkpoint is written every
+    ``checkpoint_every`` iterations and picked up by the next call with the same settings.
+    ``stop_after`` ends the run after that many iterations (as a kill would; for tests).
+    """
+    s = resolve_mask_job(settings)
+    mode = s["mode"]
+    if mode != "none" and (memorized is None or len(memorized) == 0):
+        raise ValueError(f"mode {mode!r} needs memorized training sequences")
+    device = next(model.parameters()).device
+    model.eval()
+    model.requires_grad_(False)
+    calibration = torch.as_tensor(calibration, dtype=torch.long)
+    if s["calibration_windows"]:
+        calibration = calibration[: s["calibration_windows"]]
+    targets = linear_targets(model, groups=s["groups"])
+    mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
+    optimizer = torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    trainer = _Trainer(model, calibration, memorized, s, device)
+    total = mask_gates.total
+    gate_args = (s["gate"], s["tau"], s["offset"])
+
+    rows: list[dict[str, float]] = []
+    start = 0
+    ckpt_path = Path(work_dir) / CHECKPOINT if work_dir else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state.get("format") == CHECKPOINT_FORMAT and state.get("settings") == s:
+            mask_gates.load_state_dict(state["gates"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, rows = int(state["iteration"]), list(state["log"])
+            log.info("resuming %s mask training at iteration %d / %d from %s", mode, start, s["steps"], ckpt_path)
+        else:
+            log.warning("ignoring checkpoint %s: written with other settings", ckpt_path)
+
+    def step(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    lambda_s, lambda_m = float(s["lambda_s"]), float(s["lambda_m"])
+    bar = tqdm(range(start, s["steps"]), initial=start, total=s["steps"], desc=f"mask ({mode})", unit="it",
+               disable=not progress)
+    for it in bar:
+        lr = cosine_lr(it, s["steps"], s["lr"], s["warmup_steps"], s["min_lr_ratio"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        masked, kept = mask_gates.sample(trainer.params, derive_seed(s["seed"], it, 0), *gate_args)
+        calib = trainer.calib_loss(masked, it, stream=0)
+        r_s = sparsity_regularizer(kept, total, s["sparsity"]).float()
+        loss = calib + lambda_s * r_s
+        mem = term = None
+        if mode in ("up", "reciprocal"):
+            mem = trainer.mem_loss(masked, it, stream=1)
+            term = memorization_term(mode, mem, lambda_m)
+            loss = loss + term
+        step(loss)
+        if mode == "down":
+            del masked
+            masked2, _ = mask_gates.sample(trainer.params, derive_seed(s["seed"], it, 1), *gate_args)
+            mem = trainer.mem_loss(masked2, it, stream=1)
+            term = memorization_term(mode, mem, lambda_m, s["threshold"])
+            step(term)
+            del masked2
+        train_sparsity = 1.0 - float(kept.detach()) / total
+        bar.set_postfix(calib=f"{float(calib):.3f}", mem="-" if mem is None else f"{float(mem):.3f}",
+                        r_s=f"{float(r_s):.4f}", sparsity=f"{train_sparsity:.3f}", refresh=False)
+        last = it + 1 == s["steps"]
+        if (it + 1) % s["log_every"] == 0 or last or it == 0:
+            rows.append({
+                "iteration": it + 1,
+                "lr": lr,
+                "loss": float(loss) + (float(term) if mode == "down" else 0.0),
+                "calib_loss": float(calib),
+                "mem_loss": math.nan if mem is None else float(mem),
+                "mem_term": math.nan if term is None else float(term),
+                "r_s": float(r_s),
+                "train_sparsity": train_sparsity,
+                "eval_sparsity": mask_sparsity(mask_gates.eval_masks(s["offset"])),
+            })
+        if ckpt_path is not None and s["checkpoint_every"] and ((it + 1) % s["checkpoint_every"] == 0 or last):
+            _save_checkpoint(ckpt_path, s, it + 1, mask_gates, optimizer, rows)
+        if stop_after is not None and it + 1 >= stop_after and not last:
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after {it + 1} iterations")
+    bar.close()
+
+    masks, stats = final_masks(mask_gates, s)
+    if ckpt_path is not None and ckpt_path.exists() and not s["keep_checkpoint"]:
+        ckpt_path.unlink()
+    history = pd.DataFrame(rows, columns=LOG_COLUMNS)
+    return MaskResult({k: v.cpu() for k, v in masks.items()}, history, stats, targets)
+
+
+def final_masks(mask_gates: MaskGates, s: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The deterministic eval mask, or the exact global top-(1 - r) when asked or when it misses r."""
+    target = float(s["sparsity"])
+    threshold_masks = mask_gates.eval_masks(s["offset"])
+    threshold_sparsity = mask_sparsity(threshold_masks)
+    rule = "threshold"
+    masks = threshold_masks
+    if s["eval_mask"] == "topk" or abs(threshold_sparsity - target) > s["sparsity_tolerance"]:
+        if s["eval_mask"] == "threshold":
+            log.warning(
+                "threshold mask sparsity %.4f misses the target %.4f by more than %.3f: using the exact "
+                "global top-%.3f logits", threshold_sparsity, target, s["sparsity_tolerance"], 1 - target,
+            )
+            rule = "topk (threshold missed target)"
+        else:
+            rule = "topk"
+        masks = mask_gates.topk_masks(1.0 - target)
+    achieved = mask_sparsity(masks)
+    per_matrix = {
+        t.short: round(1.0 - float(masks[t.param_name].float().mean()), 6) for t in mask_gates.targets
+    }
+    stats = {
+        "target_sparsity": target,
+        "sparsity": achieved,
+        "threshold_sparsity": threshold_sparsity,
+        "mask_rule": rule,
+        "gated_weights": mask_gates.total,
+        "per_matrix_sparsity": per_matrix,
+    }
+    return masks, stats
+
+
+def _save_checkpoint(path: Path, settings, iteration, mask_gates, optimizer, rows) -> None:
+    from memctl.artifacts import atomic_path
+
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "settings": dict(settings),
+        "iteration": iteration,
+        "gates": mask_gates.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "log": list(rows),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def per_matrix_table(result: MaskResult) -> pd.DataFrame:
+    """One row per gated matrix: where it is, its size and the share of pruned weights."""
+    rows = []
+    for t in result.targets:
+        m = result.masks[t.param_name]
+        rows.append({"matrix": t.short, "param": t.param_name, "layer": t.layer, "group": t.group, "role": t.role,
+                     "weights": int(m.numel()), "pruned": int(m.numel() - int(m.sum())),
+                     "sparsity": float(1.0 - m.float().mean())})
+    return pd.DataFrame(rows)
+
