@@ -22,8 +22,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 ENV_KEYS = {"name", "channels", "dependencies", "variables", "prefix"}
 #: A conda match spec as written in environment files: name, optional version (=, ==, >=, <, ...,
 #: wildcards, comma-joined constraints), optional build string.
-MATCH_SPEC = re.compile(r"^(?:[\w.-]+::)?[A-Za-z0-9_][\w.-]*(?:\s*(?:==|=|>=|<=|>|<|!=|~=)?\s*[\w.*+!]+"
-                        r"(?:\s*,\s*(?:==|>=|<=|>|<|!=)\s*[\w.*+!]+)*(?:[= ][\w.*]+)?)?$")
+MATCH_SPEC = re.compile(r"^(?:[\w.-]+::)?[A-Za-z0-9_][\w.-]*(?:\s*(?:==|=|>=|<=|>|<|!=|~=)?\s*[\w.*+]+"
+                        r"(?:\s*,\s*(?:==|>=|<=|>|<|!=)\s*[\w.*+]+)*(?:[= ][\w.*]+)?)?$")
 
 
 def pip_section(env: dict) -> list[str]:
