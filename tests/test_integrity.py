@@ -277,27 +277,103 @@ def test_concurrent_writers_of_one_artifact_corrupt_nothing(tmp_path, exchange):
                                      "table.bin.meta.json"])
 
 
+# ------------------------------------------------------------------ claims of runs on one store
+# A holder process claims paths in a store (as a Snakemake run's onstart hook does) and waits.
+HOLDER = r"""
+import json, sys, time
+from memctl.artifacts import claim_paths
+root, outputs, inputs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+print(claim_paths(root, outputs, inputs), flush=True)
+time.sleep(300)
+"""
+
+
+def claimer(root, outputs, inputs=(), keep=False) -> list[str]:
+    return [sys.executable, "-c", HOLDER if keep else HOLDER.replace("time.sleep(300)", ""), str(root),
+            json.dumps([str(p) for p in outputs]), json.dumps([str(p) for p in inputs])]  # fmt: skip
+
+
+def hold(root, outputs, inputs=()) -> subprocess.Popen:
+    """A process that holds these claims until killed."""
+    proc = subprocess.Popen(claimer(root, outputs, inputs, keep=True), env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == str(len(set(outputs) | set(inputs)))
+    return proc
+
+
+def probe(root, outputs, inputs=()) -> subprocess.CompletedProcess:
+    """Claim in a fresh process (which exits at once)."""
+    return subprocess.run(claimer(root, outputs, inputs), env=ENV, capture_output=True, text=True, timeout=60)
+
+
+def test_claims_refuse_conflicting_runs_and_die_with_their_holder(tmp_path):
+    from memctl.artifacts import claim_paths
+
+    store = tmp_path / "store"
+    model, table, other = store / "demo/model-1", store / "x-2/extract.parquet", store / "x-3/extract.parquet"
+    holder = hold(store, outputs=[table], inputs=[model])
+    try:
+        for outputs, inputs, conflict in [
+            ([table], [], f"reads or writes {table} "),  # the same output
+            ([model], [], f"reads or writes {model} "),  # an output the holder reads
+            ([other], [table], f"writes {table} "),  # an input the holder writes
+        ]:
+            refused = probe(store, outputs, inputs)
+            assert refused.returncode == 1, refused.stderr
+            assert f"StoreBusy: store {store} is busy: another running workflow {conflict}" in refused.stderr
+        assert probe(store, [other], [model]).returncode == 0  # reading what it reads, writing elsewhere
+        assert claim_paths(store, [other], [model]) == 2  # this process now holds `other`
+        assert "StoreBusy" in probe(store, [other]).stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # SIGKILLed: its claims went with it, nothing stale to unlock.
+    assert probe(store, [table], [model]).returncode == 0
+    assert stat.S_IMODE((store / ".memctl-claims").stat().st_mode) & 0o060 == 0o060
+    assert verify_paths([store]).problems == []
+
+
 # --------------------------------------------------------------------- Snakemake, shared store
 #
-# The base tiny DAG (demo model, extraction, held-out text, evaluation, report; the edit stages'
-# sections are left out to keep it short) with `root` pointing at one store shared by several
-# working directories, as a lab's users would have it.
+# The base tiny DAG (demo model, extraction, held-out text, evaluation, report; the edit stages
+# are switched off to keep it short) with `root` pointing at one store shared by the working
+# directories of several users. Snakemake's own lock only sees runs from the same working
+# directory; runs on one store claim their outputs and inputs there (memctl.artifacts.
+# claim_workflow as the onstart hook: the wrapper below adds it to the project's Snakefile).
+
+WRAPPER = f"""
+include: {str(REPO / "Snakefile")!r}
+
+from memctl.artifacts import claim_workflow
+
+_workflow_onstart = workflow._onstart
+
+
+def _claim_then_start(log):
+    claim_workflow(workflow, ROOT)
+    _workflow_onstart(log)
+
+
+workflow._onstart = _claim_then_start
+"""
 
 
 def workdir(path: Path, store: Path, **sections) -> Path:
     cfg = yaml.safe_load(TINY.read_text())
     base = {"root", "results_dir", "model", "demo", "candidates", "extract", "heldout", "evaluate", "resources"}
     cfg = {key: value for key, value in cfg.items() if key in base}
+    cfg["masks"] = {"enabled": False}
     cfg["root"] = str(store)
     for section, values in sections.items():
         cfg[section] = {**cfg.get(section, {}), **values}
     (path / "config").mkdir(parents=True)
     (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (path / "Snakefile").write_text(WRAPPER)
     return path
 
 
 def snakemake_cmd(work: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "1", *args]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(work / "Snakefile"), "-d", str(work), "--cores", "1"]
+    return cmd + list(args) + ([] if "--unlock" in args else ["all"])
 
 
 def start(work: Path, *args: str, env=None) -> subprocess.Popen:
@@ -308,20 +384,21 @@ def start(work: Path, *args: str, env=None) -> subprocess.Popen:
         )  # fmt: skip
 
 
-def finish(proc: subprocess.Popen, work: Path, timeout: int = 900) -> int:
+def finish(proc: subprocess.Popen, timeout: int = 900) -> int:
     try:
         return proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def run(work: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(snakemake_cmd(work, *args), env=ENV, capture_output=True, text=True, timeout=900, umask=0o022)
 
 
-def tail(work: Path) -> str:
-    return (work / "snakemake.out").read_text()[-4000:]
+def output(work: Path) -> str:
+    return (work / "snakemake.out").read_text()
 
 
 def sha(path: Path) -> str:
@@ -336,40 +413,37 @@ def lab(tmp_path_factory):
     users = [workdir(base / user, store) for user in ("alice", "bob")]
     t0 = time.time()
     procs = [start(work) for work in users]
-    codes = [finish(proc, work) for proc, work in zip(procs, users)]
-    outcome = {"store": store, "users": users, "codes": codes, "seconds": time.time() - t0, "reruns": {}}
-    # Snakemake's lock is per working directory, so it refuses nothing here; a run may still fail
-    # when the other one deletes an output it was about to read (Snakemake removes a job's old
-    # outputs before running it). That is a failed run, not a corrupt store: rerun it.
+    codes = [finish(proc) for proc in procs]
+    return {"store": store, "users": users, "codes": codes, "seconds": time.time() - t0}
+
+
+def test_two_concurrent_runs_on_one_store_one_is_refused_and_nothing_is_corrupt(lab):
+    store, users, codes = lab["store"], lab["users"], lab["codes"]
+    print(f"two tiny DAGs started together on one store: {lab['seconds']:.0f} s, exit codes {codes}")
+    assert sorted(codes) in ([0, 0], [0, 1]), [output(work)[-3000:] for work in users]
     for work, code in zip(users, codes):
-        if code != 0:
-            outcome["reruns"][work.name] = (tail(work), run(work))
-    return outcome
-
-
-def test_two_concurrent_runs_on_one_store_corrupt_nothing(lab):
-    store, users = lab["store"], lab["users"]
-    print(f"two concurrent tiny DAGs: {lab['seconds']:.0f} s, exit codes {lab['codes']}")
-    for name, (before, rerun) in lab["reruns"].items():
-        assert rerun.returncode == 0, f"{name}'s rerun failed:\n{rerun.stderr[-4000:]}\nfirst run:\n{before}"
+        if code:  # refused before any job started, naming a path of the store
+            text = output(work)
+            assert f"store {store} is busy: another running workflow" in text, text[-3000:]
+            assert "Finished jobid" not in text
     report = verify_paths([store])
     assert report.problems == [] and report.notes == [], report.problems
     assert report.checked >= 16
     assert not [p for p in store.rglob("*") if leftover(p)]
-    for work in users:  # each user sees a finished workflow and the same tables
+    # The refused user's run, once the other has finished, has nothing left to do on the store.
+    for work in users:
         assert "Nothing to be done" in run(work, "-n").stdout
-    tables = [sorted((work / "results" / "tables").glob("*.parquet")) for work in users]
-    assert [p.name for p in tables[0]] == [p.name for p in tables[1]] != []
-    assert [sha(p) for p in tables[0]] == [sha(p) for p in tables[1]]
+    (winner,) = [work for work, code in zip(users, codes) if code == 0][:1]
+    assert sorted(p.name for p in (winner / "results" / "tables").glob("*.parquet")) == ["results.parquet"]
 
 
 def test_store_is_group_writable(lab):
-    """What memctl writes into the store (artifacts, their contents, sidecars, lock files, the
-    directories it creates) is group-writable under a 022 umask; so is each directory artifact."""
+    """What memctl writes into the store (artifacts, their contents, sidecars, lock and claims
+    files) is group-writable under a 022 umask; so is each directory artifact."""
     store = lab["store"]
     written = [p for p in store.rglob("*") if "logs" not in p.parts and "benchmarks" not in p.parts]
     files = [p for p in written if p.is_file() and p.name != ".snakemake_timestamp"]
-    assert len(files) > 30
+    assert len(files) > 30 and store / ".memctl-claims" in files
     assert [p for p in files if stat.S_IMODE(p.stat().st_mode) != 0o664] == []
     artifact_dirs = [p for p in written if p.is_dir() and sidecar_path(p).exists()]
     assert len(artifact_dirs) >= 2  # tokenizer, model
@@ -389,19 +463,17 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
             pause = re.search(rf"{PAUSE_ENV}: (\S+) is complete in (\S+);", log.read_text()) or pause
         time.sleep(0.2)
     try:
-        assert pause, f"the extract job never paused:\n{tail(carol)}"
+        assert pause, f"the extract job never paused:\n{output(carol)[-3000:]}"
         final = Path(pause[1])
         tmp = final.with_name(pause[2])
         writer = leftover(tmp).pid
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and its jobs: one process group
         proc.wait(timeout=30)
-    if leftover(tmp).alive:  # the job, were it in a process group of its own
-        os.kill(writer, signal.SIGKILL)
     deadline = time.time() + 30
     while leftover(tmp).alive and time.time() < deadline:
         time.sleep(0.1)
-    assert leftover(tmp).alive is False
+    assert leftover(tmp).alive is False, f"writer {writer} survived"
 
     extract_dir = final.parent
     assert final.name == "memorized.parquet" and not final.exists()
@@ -412,15 +484,16 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
     assert any(p.startswith(f"{extract_dir / 'extraction.parquet'}: incomplete") for p in problems), problems
     assert all(p.startswith(str(extract_dir) + "/") for p in problems), problems
 
-    # Nothing accepts it: the same working directory refuses incomplete files, another user's
-    # working directory on the same store schedules the extraction again.
+    # Nothing accepts it: the same working directory refuses its incomplete files, another
+    # user's working directory on the same store schedules the extraction again.
     refused = run(carol, "-n")
     assert refused.returncode != 0 and "incomplete" in (refused.stdout + refused.stderr).lower()
     dave = workdir(tmp_path / "dave", store, extract={"batch_size": 8})
     planned = run(dave, "-n", "--quiet", "rules").stdout
     assert re.search(r"^extract\s+1$", planned, re.M), planned
 
-    # Snakemake itself was killed too, so its lock on carol's working directory is stale.
+    # Snakemake itself was killed too, so its own lock on carol's working directory is stale (the
+    # store claims died with it).
     assert run(carol, "--unlock").returncode == 0
     rerun = run(carol, "--rerun-incomplete")
     assert rerun.returncode == 0, rerun.stderr[-4000:]

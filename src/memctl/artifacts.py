@@ -81,7 +81,7 @@ PAUSE_ENV = "MEMCTL_TEST_PAUSE_BEFORE_RENAME"
 STALE_ENV = "MEMCTL_STALE_TMP_S"
 STALE_DEFAULT_S = 3600.0
 #: Entries ``memctl verify`` does not expect a sidecar for: Snakemake's markers, logs, benchmarks.
-UNTRACKED_NAMES = frozenset({".snakemake_timestamp", LOCK_NAME})
+UNTRACKED_NAMES = frozenset({".snakemake_timestamp", LOCK_NAME, ".memctl-claims"})
 UNTRACKED_DIRS = frozenset({"logs", "benchmarks", ".snakemake"})
 TRACKED_PACKAGES = (
     "memctl",
@@ -687,6 +687,95 @@ class Provenance:
                     break
             else:
                 raise RuntimeError(f"{out} kept being replaced while its checksum was computed")
+
+
+# --------------------------------------------------------------------- runs sharing one store
+
+#: In the store's root: one byte-range lock (POSIX ``fcntl``, which NFS also supports) per path
+#: that a running workflow claims. Held by the Snakemake process; the kernel (or the NFS server)
+#: drops them when it exits or is killed, so a claim is never stale.
+CLAIMS_NAME = ".memctl-claims"
+_claims: dict[str, int] = {}  # claims file -> the one descriptor this process holds it with
+
+
+class StoreBusy(RuntimeError):
+    """Another run holds a claim that conflicts with this run's."""
+
+
+def _claim_offset(path: str) -> int:
+    return 1 + int(hashlib.sha256(path.encode()).hexdigest()[:15], 16)  # byte 0: the claim mutex
+
+
+def claim_paths(
+    root: str | os.PathLike, outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike] = ()
+) -> int:
+    """Claim, for the rest of this process, ``outputs`` (exclusively) and ``inputs`` (shared) in
+    the store at ``root``: the cross-working-directory counterpart of Snakemake's own lock, which
+    only sees runs started from the same working directory.
+
+    Raises :class:`StoreBusy` naming a path when another live process claims one of the outputs
+    or inputs exclusively, or one of the outputs at all; the claims are taken as one set (under a
+    mutex), so of two runs started together exactly one gets them. Returns the number of paths
+    claimed (0 where the filesystem has no locks: it warns and claims nothing).
+    """
+    root = Path(root)
+    _make_dirs(root)
+    claims = root / CLAIMS_NAME
+    key = os.path.realpath(claims)
+    fd = _claims.get(key)
+    if fd is None:  # one descriptor per process: closing any other would drop its POSIX locks
+        fd = os.open(claims, os.O_RDWR | os.O_CREAT, 0o666)
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and not st.st_mode & 0o020:
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, _shared_mode(st.st_mode, current_umask(), False))
+        _claims[key] = fd
+    outs = sorted({os.path.realpath(p) for p in outputs})
+    ins = sorted({os.path.realpath(p) for p in inputs} - set(outs))
+    taken: list[int] = []
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, 0)
+    except OSError as err:
+        if err.errno not in _LOCK_UNSUPPORTED:
+            raise
+        warnings.warn(f"memctl: no file locks in {root} ({err.strerror}): concurrent runs are not detected")
+        return 0
+    try:
+        for mode, paths in ((fcntl.LOCK_EX, outs), (fcntl.LOCK_SH, ins)):
+            for path in paths:
+                offset = _claim_offset(path)
+                try:
+                    fcntl.lockf(fd, mode | fcntl.LOCK_NB, 1, offset)
+                except OSError as err:
+                    if err.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    for done in taken:
+                        fcntl.lockf(fd, fcntl.LOCK_UN, 1, done)
+                    use = "writes" if mode == fcntl.LOCK_SH else "reads or writes"
+                    raise StoreBusy(
+                        f"store {root} is busy: another running workflow {use} {path} (a run from another"
+                        " working directory on the same root); wait until it has finished, then run again"
+                    ) from None
+                taken.append(offset)
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, 0)
+    return len(taken)
+
+
+def claim_workflow(workflow: Any, root: str | os.PathLike) -> int:
+    """Snakemake ``onstart`` hook: claim the outputs of the jobs this run will execute and the
+    inputs of all its jobs (what Snakemake's lock covers) in the store; a conflicting run that
+    is still alive makes this run stop before any job starts, with the path named. Nothing is
+    claimed with ``--nolock``."""
+    if not workflow.execution_settings.lock:
+        return 0
+    persistence = workflow.persistence
+    try:
+        return claim_paths(root, map(str, persistence.all_outputfiles()), map(str, persistence.all_inputfiles()))
+    except StoreBusy as err:
+        from snakemake.exceptions import WorkflowError
+
+        raise WorkflowError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------------- verify
