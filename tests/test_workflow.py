@@ -143,6 +143,7 @@ def test_dag_on_a_local_hf_model_with_file_sources(tmp_path, tiny_model_dir, tin
         "candidates": {"source": "parquet", "path": str(tmp_path / "cands.parquet")},
         "extract": {"preset": "32/32", "test_fraction": 0.5},
         "heldout": {"source": "text", "path": str(tmp_path / "heldout.txt")},
+        "calibration": {"source": "text", "path": str(tmp_path / "heldout.txt")},
         "resources": {"threads": 2},
     }
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
