@@ -236,9 +236,10 @@ def cmd_report(args) -> None:
     prov = Provenance("report", {}, {f"metrics[{i}]": m for i, m in enumerate(args.metrics)})
     metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
     out = Path(args.out_dir)
-    outputs = [out / "results.md", out / "results.parquet"]
+    outputs = [out / "results.md", out / "results.parquet", out / "results.html"]
     write_text(outputs[0], report.results_markdown(metrics))
     write_parquet(metrics, outputs[1])
+    write_text(outputs[2], report.results_html(metrics))
     if args.by_copies:
         by_copies = report.bucket_copies(pd.read_parquet(args.by_copies))
         write_text(out / "extraction_by_copies.md", report.extraction_markdown(by_copies))

@@ -123,3 +123,23 @@ def plot_extraction(by_copies: pd.DataFrame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def formatted_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> pd.DataFrame:
+    """The table as the papers print it: chosen columns, their headers, values formatted."""
+    cols = [c for c in columns if c[0] in df.columns]
+    return pd.DataFrame({h: [_fmt(v, f) for v in df[c]] for c, h, f in cols})
+
+
+def html_page(title: str, sections: Sequence[tuple[str, pd.DataFrame]], note: str = "") -> str:
+    """A small standalone HTML page of tables (for ``snakemake --report`` and browsers)."""
+    body = [f"<h1>{title}</h1>", f"<p>{note}</p>" if note else ""]
+    for heading, table in sections:
+        body += [f"<h2>{heading}</h2>", table.to_html(index=False, border=0, classes="memctl")]
+    style = "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+def results_html(metrics: pd.DataFrame) -> str:
+    sections = [(model, formatted_table(part, RESULT_COLUMNS)) for model, part in metrics.groupby("model", sort=True)]
+    return html_page("memctl results", sections)

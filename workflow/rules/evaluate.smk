@@ -49,8 +49,13 @@ rule report:
     output:
         results=f"{RESULTS}/results.md",
         table=f"{RESULTS}/results.parquet",
+        html=report(f"{RESULTS}/results.html", caption="../report/results.rst", category="Results"),
         by_copies=f"{RESULTS}/extraction_by_copies.md",
-        plot=f"{RESULTS}/extraction_by_copies.png",
+        plot=report(
+            f"{RESULTS}/extraction_by_copies.png",
+            caption="../report/extraction_by_copies.rst",
+            category="Extraction",
+        ),
     params:
         out_dir=parent_dir,
     conda:
