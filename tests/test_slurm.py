@@ -1,0 +1,275 @@
+"""The tiny DAG through a real single-node SLURM cluster (scripts/slurm) with the repo's profile.
+
+Needs root on Debian (the scripts install Debian 12's SLURM packages and start the daemons without
+systemd); skipped elsewhere, or with MEMCTL_TEST_SLURM=0. The cluster is started once per module
+(installing the packages the first time) and stopped afterwards when this module started it and no
+other test session is using it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memctl.artifacts import hash_path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = Path(__file__).with_name("tiny_config.yaml")
+SCRIPTS = REPO / "scripts" / "slurm"
+STATE = Path(os.environ.get("MEMCTL_SLURM_STATE", "/var/lib/memctl-slurm"))
+#: Wall-clock limit of one Snakemake run; `timeout -k` because a stuck plugin ignores SIGTERM.
+RUN_LIMIT_S = 1500
+
+
+def one_job_per_rule(cfg: dict) -> dict:
+    """The tiny config cut down so that every rule still runs, once (evaluate once per edit
+    family), with `resources.gpu` on: the model-running rules ask SLURM for a GPU."""
+    cfg["resources"]["gpu"] = True
+    if cfg.get("curvature", {}).get("edits"):
+        cfg["curvature"]["edits"] = cfg["curvature"]["edits"][:1]
+    if cfg.get("masks"):
+        cfg["masks"]["modes"] = cfg["masks"].get("modes", ["none"])[:1]
+        cfg["masks"]["sweep"] = {"sparsities": [], "sparsity_modes": [], "thresholds": [], "baselines": False}
+    if cfg.get("pruning"):
+        cfg["pruning"]["methods"] = cfg["pruning"].get("methods", ["magnitude"])[:1]
+    return cfg
+
+
+def _skip_reason() -> str | None:
+    if os.environ.get("MEMCTL_TEST_SLURM") == "0":
+        return "MEMCTL_TEST_SLURM=0"
+    if not Path("/etc/debian_version").exists() or shutil.which("apt-get") is None:
+        return "the local SLURM cluster (scripts/slurm) needs Debian with apt-get"
+    if os.geteuid() != 0:
+        return "the local SLURM cluster (scripts/slurm) installs packages and starts daemons as root"
+    return None
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
+
+
+def _env() -> dict:
+    # Jobs inherit this environment (sbatch --export=ALL): the `memctl` console script next to this
+    # Python, offline HF hubs (set in conftest).
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        return Path(f"/proc/{int(pidfile.read_text())}").exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _script(name: str, *args: str, timeout: int = 600) -> float:
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted(STATE.glob("log/*.log")))
+        pytest.fail(f"{name} {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}\n{logs}")
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running cluster with accounting. Yields the seconds that install and start took."""
+    import snakemake_executor_plugin_slurm  # noqa: F401  (pip install -e ".[test]" brings it)
+
+    # A shared lock for as long as this session uses the cluster: the last user stops it.
+    STATE.mkdir(parents=True, exist_ok=True)
+    users = open(STATE / "users.lock", "w")  # noqa: SIM115
+    fcntl.flock(users, fcntl.LOCK_SH)
+    was_up = _alive(STATE / "run" / "slurmctld.pid")
+    install_s = _script("install.sh")
+    start_s = _script("start.sh")
+    yield {"install_s": install_s, "start_s": start_s, "was_up": was_up, "users": users}
+    try:
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        sole_user = True
+    except BlockingIOError:
+        sole_user = False  # another session still uses it
+    try:
+        if sole_user and not was_up:
+            _script("stop.sh", timeout=120)
+    finally:
+        users.close()
+
+
+def _workdir(path: Path) -> Path:
+    (path / "config").mkdir(parents=True)
+    cfg = one_job_per_rule(yaml.safe_load(TINY.read_text()))
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start(workdir: Path, *args: str) -> subprocess.Popen:
+    cmd = ["timeout", "-k", "20", str(RUN_LIMIT_S), sys.executable, "-m", "snakemake",
+           "-s", str(REPO / "Snakefile"), "-d", str(workdir), *args]
+    log = open(workdir / "snakemake.out", "w")  # noqa: SIM115
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env())
+
+
+def _finish(proc: subprocess.Popen, workdir: Path, what: str) -> str:
+    proc.wait()
+    out = (workdir / "snakemake.out").read_text()
+    if proc.returncode != 0:
+        _cancel_jobs_of(workdir)
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in workdir.glob("results/logs/**/*.log"))
+        pytest.fail(f"{what} failed (exit {proc.returncode}{', timed out' if proc.returncode in (124, 137) else ''}):\n"
+                    f"{out[-6000:]}\n--- rule logs ---\n{logs[-6000:]}")
+    return out
+
+
+def _cancel_jobs_of(workdir: Path) -> None:
+    """Jobs a failed or killed run left in the queue (only this run's: same working directory)."""
+    listing = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True).stdout
+    ids = [line.split()[0] for line in listing.splitlines() if line.split()[1:] == [str(workdir)]]
+    if ids:
+        subprocess.run(["scancel", *ids], check=False)
+
+
+def _jobs_of_run(out: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """From Snakemake's output: snakemake job id -> {rule, gpu, local}, snakemake job id -> SLURM id."""
+    jobs: dict[str, dict] = {}
+    current = None
+    for line in out.splitlines():
+        m = re.match(r"^(local)?rule (\w+):$", line.strip())
+        if m:
+            current = {"rule": m.group(2), "local": bool(m.group(1)), "gpu": 0}
+            continue
+        if current is None:
+            continue
+        m = re.match(r"^jobid: (\d+)$", line.strip())
+        if m:
+            jobs[m.group(1)] = current
+        m = re.search(r"resources: .*\bgpu=(\d+)", line)
+        if m:
+            current["gpu"] = int(m.group(1))
+    submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out))
+    return jobs, submitted
+
+
+def _sacct(ids: list[str], want: int, timeout: float = 30) -> dict[str, dict]:
+    """sacct rows of these jobs once all of them are listed as finished (slurmdbd lags a little)."""
+    fields = ["JobID", "JobName", "State", "ReqTRES", "AllocTRES", "Comment", "WorkDir"]
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", ",".join(fields)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        rows = {r["JobID"]: r for r in (dict(zip(fields, line.split("|"))) for line in out.splitlines() if line)}
+        done = [r for r in rows.values() if r["State"] not in ("PENDING", "RUNNING", "COMPLETING")]
+        if len(done) >= want or time.monotonic() > deadline:
+            return rows
+        time.sleep(1)
+
+
+def test_tiny_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path, capsys):
+    via_slurm = _workdir(tmp_path / "slurm")
+    local = _workdir(tmp_path / "local")
+    # Both at once: the SLURM run mostly waits on the scheduler and status checks.
+    t0 = time.monotonic()
+    slurm_proc = _start(via_slurm, "--profile", str(REPO / "profiles" / "slurm"))
+    local_proc = _start(local, "--cores", "2")
+    local_out = _finish(local_proc, local, "local run")
+    local_s = time.monotonic() - t0
+    out = _finish(slurm_proc, via_slurm, "SLURM run")
+    slurm_s = time.monotonic() - t0
+    assert "100%) done" in local_out
+
+    # Every job of the DAG but the local `all` ran as a SLURM job, and sacct lists it as completed.
+    jobs, submitted = _jobs_of_run(out)
+    remote = {jid: job for jid, job in jobs.items() if not job["local"]}
+    assert len(remote) >= 8 and set(submitted) == set(remote), (sorted(remote), sorted(submitted))
+    # ... the same jobs as the local run's, and every rule of the workflow but `all` among them.
+    local_jobs = sorted(job["rule"] for job in _jobs_of_run(local_out)[0].values() if not job["local"])
+    assert sorted(job["rule"] for job in remote.values()) == local_jobs
+    rules = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(via_slurm),
+                            "--list-rules"], capture_output=True, text=True, env=_env(), check=True).stdout.split()
+    assert set(rules) - {"all"} <= set(local_jobs), "one_job_per_rule() left a rule out"
+    rows = _sacct(list(submitted.values()), want=len(submitted))
+    for jid, slurm_id in submitted.items():
+        rule = remote[jid]["rule"]
+        row = rows.get(slurm_id)
+        assert row is not None, f"sacct does not list job {slurm_id} ({rule})"
+        assert row["State"] == "COMPLETED", (rule, row)
+        assert row["Comment"].startswith(f"rule_{rule}"), (rule, row)
+        assert Path(row["WorkDir"]) == via_slurm
+        # GPU rules asked for (and got) the fake GPU; the others did not.
+        wants_gpu = remote[jid]["gpu"] > 0
+        assert ("gres/gpu=1" in row["ReqTRES"]) == wants_gpu, (rule, row["ReqTRES"])
+        assert ("gres/gpu=1" in row["AllocTRES"]) == wants_gpu, (rule, row["AllocTRES"])
+    gpu_rules = {job["rule"] for job in remote.values() if job["gpu"]}
+    assert {"demo_pretrain", "extract", "evaluate"} <= gpu_rules
+    assert {"demo_corpus", "report"}.isdisjoint(gpu_rules)
+
+    # The same tables and model as the local run (the tiny DAG is deterministic; train_log.parquet
+    # records tokens/s, wall-clock).
+    tables = sorted(p.relative_to(local) for p in local.glob("results/**/*.parquet") if p.name != "train_log.parquet")
+    assert len(tables) >= 12
+    assert tables == sorted(
+        p.relative_to(via_slurm) for p in via_slurm.glob("results/**/*.parquet") if p.name != "train_log.parquet"
+    )
+    for rel in tables:
+        assert hash_path(via_slurm / rel) == hash_path(local / rel), rel
+    (model,) = (p.relative_to(local) for p in local.glob("results/demo/model-*") if p.is_dir())
+    assert hash_path(local / model / "model.safetensors") == hash_path(via_slurm / model / "model.safetensors")
+    assert (via_slurm / "results" / "tables" / "results.md").read_text() == (
+        local / "results" / "tables" / "results.md").read_text()
+
+    with capsys.disabled():
+        print(f"\n[slurm] install {slurm_cluster['install_s']:.1f} s, start {slurm_cluster['start_s']:.1f} s"
+              f"{' (was up)' if slurm_cluster['was_up'] else ''}; tiny DAG ({len(submitted)} SLURM jobs): "
+              f"via SLURM {slurm_s:.0f} s, local {local_s:.0f} s (run side by side)")
+
+
+NOACCT_SNAKEFILE = """
+rule all:
+    input: "cpu.txt", "gpu.txt"
+
+rule cpu:
+    output: "cpu.txt"
+    shell: "echo cpu $SLURM_JOB_ID > {output}"
+
+rule gpu:
+    output: "gpu.txt"
+    resources: gpu=1
+    shell: "echo gpu $SLURM_JOB_ID $CUDA_VISIBLE_DEVICES > {output}"
+"""
+
+
+def test_profile_for_a_cluster_without_accounting(slurm_cluster, tmp_path):
+    """sacct fails on such a cluster; profiles/slurm-noacct (squeue, no account) still finishes."""
+    users = slurm_cluster["users"]
+    try:  # switching the cluster's mode restarts it: only when no other session is using it
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fcntl.flock(users, fcntl.LOCK_SH)  # a failed conversion may have dropped the shared lock
+        pytest.skip("another test session is using the local cluster")
+    try:
+        _script("start.sh", "--no-accounting")
+        sacct = subprocess.run(["sacct", "-n"], capture_output=True, text=True)
+        assert sacct.returncode != 0 or "disabled" in sacct.stdout + sacct.stderr
+        (tmp_path / "Snakefile").write_text(NOACCT_SNAKEFILE)
+        cmd = ["timeout", "-k", "20", "300", sys.executable, "-m", "snakemake", "--profile",
+               str(REPO / "profiles" / "slurm-noacct"), "-d", str(tmp_path), "-s", str(tmp_path / "Snakefile")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path)
+        if proc.returncode != 0:
+            _cancel_jobs_of(tmp_path)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        cpu, gpu = (tmp_path / "cpu.txt").read_text().split(), (tmp_path / "gpu.txt").read_text().split()
+        assert cpu[0] == "cpu" and cpu[1].isdigit()  # ran inside a SLURM job
+        assert gpu[0] == "gpu" and gpu[1].isdigit() and gpu[2:] == ["0"]  # got the (fake) GPU 0
+    finally:
+        _script("start.sh")  # accounting back on
+        fcntl.flock(users, fcntl.LOCK_SH)
