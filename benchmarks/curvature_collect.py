@@ -117,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="HF model directory (default: a random demo-shaped GPT-NeoX)")
     ap.add_argument("--windows", default=None, help="calibration windows .safetensors (default: random ids)")
-    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
@@ -159,12 +159,15 @@ def main() -> None:
         print("kronfluence not importable here: run this script with a Python that has it (see the docstring)")
     times: dict[str, list[float]] = {k: [] for k in runners}
     for name, fn in runners.items():  # warm-up (allocators, kronfluence's module wrapping)
+        start = time.perf_counter()
         fn()
-    for _ in range(args.rounds):
+        print(f"warm-up: {name} {time.perf_counter() - start:.2f} s", flush=True)
+    for r in range(args.rounds):
         for name, fn in runners.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            print(f"round {r + 1}: {name} {times[name][-1]:.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     ours = med["memctl K-FAC collection"]
     print(f"\n| path | median s ({args.rounds} interleaved rounds) | tokens/s | ratio |")

@@ -212,3 +212,53 @@ def test_best_pair_is_matched_in_perplexity_and_lowest_in_memorization():
     assert "| SVD | svd | s2 | 0 | all | 0.3 | 12.40 |" in md
     assert "K-FAC suppresses more (strict 0.000 vs 0.400" in md
     assert math.isnan(table["ndcg10"].iloc[0])  # column shown as '-' until evaluate provides it
+
+
+# ------------------------------------------------------------------------------------ DAG paths
+
+
+def _planned_outputs(tmp_path, name, curvature):
+    """Output paths of the curvature jobs a dry run of the tiny config plans (from an empty dir)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((repo / "tests" / "tiny_config.yaml").read_text())
+    cfg["curvature"] = curvature
+    work = tmp_path / name
+    (work / "config").mkdir(parents=True)
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(work), "-n",
+         "results/tables/curvature.md"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs, rule = {}, None
+    for line in proc.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("output:") and rule in {"collect_kfac", "decompose_kfac", "apply_edit", "kfac_spectrum"}:
+            jobs.setdefault(rule, set()).update(p.strip() for p in line.split(":", 1)[1].split(","))
+    return jobs
+
+
+def test_changing_one_edit_changes_only_that_edit_path_and_data_changes_only_kfac(tmp_path):
+    base = {"data": {"max_tokens": 3000}, "edits": [
+        {"method": "kfac", "layers": [0], "strength": 0.8}, {"method": "svd", "layers": [0], "strength": 0.5}]}
+    a = _planned_outputs(tmp_path, "a", base)
+    changed = json.loads(json.dumps(base))
+    changed["edits"][0]["strength"] = 0.7
+    b = _planned_outputs(tmp_path, "b", changed)
+    assert len(a["apply_edit"]) == 2
+    assert a["collect_kfac"] == b["collect_kfac"] and a["decompose_kfac"] == b["decompose_kfac"]
+    assert len(a["apply_edit"] & b["apply_edit"]) == 1  # the SVD edit keeps its path
+    more_data = json.loads(json.dumps(base))
+    more_data["data"]["max_tokens"] = 6000
+    c = _planned_outputs(tmp_path, "c", more_data)
+    assert not a["collect_kfac"] & c["collect_kfac"]
+    svd = {p for p in a["apply_edit"] if "/svd-" in p}
+    assert len(svd) == 1 and svd <= c["apply_edit"] and len(a["apply_edit"] & c["apply_edit"]) == 1
