@@ -61,10 +61,9 @@ def umask():
 
 def test_failed_write_leaves_no_artifact(tmp_path):
     target = tmp_path / "out.parquet"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -83,10 +82,9 @@ def test_failed_directory_write_keeps_the_old_directory(tmp_path):
     target = tmp_path / "model"
     with atomic_path(target, directory=True) as tmp:
         (tmp / "w.bin").write_text("v1")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target, directory=True) as tmp:
-            (tmp / "w.bin").write_text("v2-partial")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target, directory=True) as tmp:
+        (tmp / "w.bin").write_text("v2-partial")
+        raise RuntimeError("killed")
     assert (target / "w.bin").read_text() == "v1"
     assert listing(tmp_path) == ["model"]
 

@@ -26,7 +26,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from memctl.artifacts import LOCK_NAME, PAUSE_ENV, directory_lock, leftover, sidecar_path, verify, verify_paths
+from memctl.artifacts import (
+    LOCK_NAME,
+    PAUSE_ENV,
+    directory_lock,
+    leftover,
+    sidecar_path,
+    verify,
+    verify_paths,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("tiny_config.yaml")
@@ -67,7 +75,7 @@ if late:
 def run_writer(final, kind, content, kill="none"):
     cmd = [sys.executable, "-c", WRITER, str(final), kind, content, kill]
     if kill != "pause":
-        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120).returncode
+        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120, check=False).returncode
     proc = subprocess.Popen(cmd, env=dict(ENV, **{PAUSE_ENV: "120"}), stderr=subprocess.PIPE, text=True)
     wait_for_pause(proc, f"{PAUSE_ENV}: {final} is complete")
     proc.send_signal(signal.SIGKILL)
@@ -82,6 +90,10 @@ def wait_for_pause(proc: subprocess.Popen, expected: str) -> None:
         if expected in line:
             return
     pytest.fail(f"no pause ({expected!r}); exit {proc.wait()}:\n{''.join(seen)[-3000:]}")
+
+
+def memctl_verify(path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "memctl"), "verify", str(path)], env=ENV, capture_output=True, text=True, check=False)
 
 
 def content_of(final, kind):
@@ -135,7 +147,7 @@ def test_sigkill_mid_write_leaves_nothing_accepted_and_the_rerun_completes(tmp_p
         assert content_of(final, kind) == "v2"
         words = "corrupt: sha256" if overwrite else "incomplete: no provenance sidecar"
         assert any(p.startswith(f"{final}: {words}") for p in problems), problems
-    cli = subprocess.run([str(BIN / "memctl"), "verify", str(tmp_path)], env=ENV, capture_output=True, text=True)
+    cli = memctl_verify(tmp_path)
     assert cli.returncode == 1
     assert [line.split(" (")[0] for line in cli.stdout.strip().splitlines()[:-1]] == [p.split(" (")[0] for p in problems]
 
@@ -302,7 +314,7 @@ def hold(root, outputs, inputs=()) -> subprocess.Popen:
 
 def probe(root, outputs, inputs=()) -> subprocess.CompletedProcess:
     """Claim in a fresh process (which exits at once)."""
-    return subprocess.run(claimer(root, outputs, inputs), env=ENV, capture_output=True, text=True, timeout=60)
+    return subprocess.run(claimer(root, outputs, inputs), env=ENV, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_claims_refuse_conflicting_runs_and_die_with_their_holder(tmp_path):
@@ -394,7 +406,7 @@ def finish(proc: subprocess.Popen, timeout: int = 900) -> int:
 
 
 def run(work: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_cmd(work, *args), env=ENV, capture_output=True, text=True, timeout=900, umask=0o022)
+    return subprocess.run(snakemake_cmd(work, *args), env=ENV, capture_output=True, text=True, timeout=900, umask=0o022, check=False)
 
 
 def output(work: Path) -> str:
@@ -484,7 +496,7 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
 
     extract_dir = final.parent
     assert final.name == "memorized.parquet" and not final.exists()
-    cli = subprocess.run([str(BIN / "memctl"), "verify", str(store)], env=ENV, capture_output=True, text=True)
+    cli = memctl_verify(store)
     assert cli.returncode == 1
     problems = cli.stdout.strip().splitlines()[:-1]
     assert any(p.startswith(f"{tmp}: leftover of an interrupted write of memorized.parquet") for p in problems)
@@ -497,7 +509,7 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
     assert refused.returncode != 0 and "incomplete" in (refused.stdout + refused.stderr).lower()
     dave = workdir(tmp_path / "dave", store, extract={"batch_size": 8})
     planned = run(dave, "-n", "--quiet", "rules").stdout
-    assert re.search(r"^extract\s+1$", planned, re.M), planned
+    assert re.search(r"^extract\s+1$", planned, re.MULTILINE), planned
 
     # Snakemake itself was killed too, so its own lock on carol's working directory is stale (the
     # store claims died with it).

@@ -25,6 +25,10 @@ inputs, package and code versions, host and wall time, and the sha256 of the art
 ``provenance=`` to :func:`atomic_path` / ``write_*`` writes the sidecar before the rename, so the
 artifact never exists without one.
 
+Workflow runs started from different working directories on one store do not see each other's
+Snakemake lock; :func:`claim_workflow` (an ``onstart`` hook) claims their outputs and inputs in
+the store itself, so a conflicting run stops before any job starts (see docs/store.md).
+
 Test hook: with ``MEMCTL_TEST_PAUSE_BEFORE_RENAME=SECONDS`` (or ``SECONDS:NAME`` to pause only for
 artifacts whose file name contains ``NAME``) every atomic write prints a line to stderr and sleeps
 that long between finishing its temporary and renaming it, so tests can SIGKILL a job mid-write
@@ -814,10 +818,9 @@ def _check_artifact(path: Path) -> list[str]:
     except OSError as err:
         return [f"{path}: unreadable ({err})"]
     if meta["sha256"] != actual:
-        return [
-            f"{path}: corrupt: sha256 {actual[:12]} differs from {str(meta['sha256'])[:12]} in {side.name}"
-            " (truncated, modified, or replaced without its provenance)"
-        ]
+        recorded = str(meta["sha256"])[:12]
+        why = "truncated, modified, or replaced without its provenance"
+        return [f"{path}: corrupt: sha256 {actual[:12]} differs from {recorded} in {side.name} ({why})"]
     return []
 
 
