@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("verify", help="check artifacts against their provenance checksums")
-    p.add_argument("paths", nargs="+", help="artifacts, or directories to scan for sidecars")
+    p.add_argument("paths", nargs="+", help="artifacts, or directories to check whole (missing or stray sidecars, leftovers of killed writes)")
     p.set_defaults(func=cmd_verify)
 
     import importlib
@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    from memctl.artifacts import share_with_group
+
+    share_with_group()  # stages create directories in a shared store: keep them group-writable
     try:
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:

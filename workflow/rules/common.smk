@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+from memctl.artifacts import claim_workflow, share_with_group
 from memctl.config import ConfigError, load_config, prefix_suffix_lengths, settings_hash
 from memctl.models import model_tag
 
@@ -18,6 +19,16 @@ config.clear()
 config.update(_resolved)
 
 ROOT = config["root"].rstrip("/")
+
+# A lab shares one store: what this run creates there (Snakemake's own directories, logs and
+# benchmarks included) is group-writable, and a run claims its outputs in the store before any
+# job starts, so two runs from different working directories never write the same artifact.
+share_with_group()
+
+
+onstart:
+    claim_workflow(workflow, ROOT)
+
 RESULTS = config["results_dir"].rstrip("/")
 DEMO = config["model"]["source"] == "demo"
 PREFIX_LEN, SUFFIX_LEN = prefix_suffix_lengths(config["extract"])
