@@ -93,8 +93,8 @@ def cmd_candidates(args) -> None:
     )
     tokenizer = load_tokenizer(args.model, parse_settings(args.model_settings))
     df, stats = build_candidates(settings, tokenizer, prefix_len, suffix_len, corpus_dir=args.corpus)
-    write_parquet(df, args.out)
-    prov.write(args.out, extra={"stats": stats})
+    prov.extra["stats"] = stats
+    write_parquet(df, args.out, provenance=prov)
     log.info("wrote %d candidates to %s (%s)", len(df), args.out, stats)
 
 
@@ -144,9 +144,9 @@ def _write_windows(args, kind: str) -> None:
     else:
         texts, sep = text_documents(settings, args.corpus, "calibration", demo_split="train")
         windows = calibration_windows(texts, sep, tokenizer, ctx, settings.get("max_windows"), int(settings.get("seed", 0)))
-    with atomic_path(args.out) as tmp:
+    prov.extra.update(windows=int(windows.shape[0]), context_length=ctx)
+    with atomic_path(args.out, provenance=prov) as tmp:
         save_file({"windows": torch.from_numpy(windows)}, str(tmp), metadata={"context_length": str(ctx)})
-    prov.write(args.out, extra={"windows": int(windows.shape[0]), "context_length": ctx})
     log.info("wrote %d %s windows of %d tokens to %s", windows.shape[0], kind, ctx, args.out)
 
 
@@ -175,9 +175,9 @@ def cmd_reference_topk(args) -> None:
     windows = load_file(args.heldout)["windows"][:n].contiguous()
     model, _ = _load(args, prov)
     topk = window_topk(model, windows.numpy(), NDCG_K, batch_size=int(settings.get("heldout_batch_size", 4)))
-    with atomic_path(args.out) as tmp:
+    prov.extra["positions"] = int(topk.shape[0] * topk.shape[1])
+    with atomic_path(args.out, provenance=prov) as tmp:
         save_file({"topk": topk, "windows": windows}, str(tmp))
-    prov.write(args.out, extra={"positions": int(topk.shape[0] * topk.shape[1])})
     log.info("wrote the top-%d reference of %d windows to %s", NDCG_K, len(windows), args.out)
 
 
@@ -210,9 +210,8 @@ def cmd_evaluate(args) -> None:
     )
     table["ndcg10"] = _ndcg(model, args.reference, settings) if args.reference else float("nan")
     out_dir = Path(args.out_dir)
-    write_parquet(table, out_dir / "metrics.parquet")
-    write_parquet(scores, out_dir / "scores.parquet")
-    prov.write(out_dir / "metrics.parquet", out_dir / "scores.parquet")
+    write_parquet(scores, out_dir / "scores.parquet", provenance=prov)
+    write_parquet(table, out_dir / "metrics.parquet", provenance=prov)
     log.info("metrics: %s", table.iloc[0].to_dict())
 
 
@@ -236,17 +235,14 @@ def cmd_report(args) -> None:
     prov = Provenance("report", {}, {f"metrics[{i}]": m for i, m in enumerate(args.metrics)})
     metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
     out = Path(args.out_dir)
-    outputs = [out / "results.md", out / "results.parquet", out / "results.html"]
-    write_text(outputs[0], report.results_markdown(metrics))
-    write_parquet(metrics, outputs[1])
-    write_text(outputs[2], report.results_html(metrics))
+    write_text(out / "results.md", report.results_markdown(metrics), provenance=prov)
+    write_parquet(metrics, out / "results.parquet", provenance=prov)
+    write_text(out / "results.html", report.results_html(metrics), provenance=prov)
     if args.by_copies:
         by_copies = report.bucket_copies(pd.read_parquet(args.by_copies))
-        write_text(out / "extraction_by_copies.md", report.extraction_markdown(by_copies))
-        with atomic_path(out / "extraction_by_copies.png") as tmp:
+        write_text(out / "extraction_by_copies.md", report.extraction_markdown(by_copies), provenance=prov)
+        with atomic_path(out / "extraction_by_copies.png", provenance=prov) as tmp:
             report.plot_extraction(by_copies, tmp)
-        outputs += [out / "extraction_by_copies.md", out / "extraction_by_copies.png"]
-    prov.write(*outputs)
     print(report.results_markdown(metrics))
 
 

@@ -104,16 +104,10 @@ def rates_by_copies(extraction: pd.DataFrame) -> pd.DataFrame:
 def write_outputs(out_dir: Path, extraction: pd.DataFrame, splits: dict[str, pd.DataFrame], prov) -> None:
     from memctl.artifacts import write_parquet
 
-    paths = []
-    tables = {"extraction": extraction, **splits, "by_copies": rates_by_copies(extraction)}
-    for name, df in tables.items():
-        path = out_dir / f"{name}.parquet"
-        write_parquet(df, path)
-        paths.append(path)
-    prov.write(
-        *paths,
-        extra={
-            "counts": {k: int(len(v)) for k, v in splits.items()},
-            "exact_er_all_candidates": metrics.exact_er(extraction),
-        },
+    prov.extra.update(
+        counts={k: int(len(v)) for k, v in splits.items()},
+        exact_er_all_candidates=metrics.exact_er(extraction),
     )
+    tables = {"extraction": extraction, **splits, "by_copies": rates_by_copies(extraction)}
+    for name, df in tables.items():  # each sidecar lands before its table: never one without
+        write_parquet(df, out_dir / f"{name}.parquet", provenance=prov)

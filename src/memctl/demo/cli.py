@@ -70,9 +70,9 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = [out_dir / TRAIN_FILE, out_dir / HELDOUT_FILE, out_dir / CANARIES_FILE]
+    prov.extra["stats"] = stats
     for df, path in zip((train_df, heldout_df, canaries_df), outputs):
-        write_parquet(df, path)
-    prov.write(*outputs, extra={"stats": stats})
+        write_parquet(df, path, provenance=prov)
     print(
         f"demo-corpus: {stats['docs_train']} train docs, {stats['docs_heldout']} held-out docs, "
         f"{stats['canaries']} canaries x copies = {stats['canary_insertions']} insertions -> {out_dir}"
@@ -112,9 +112,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
                 f"{', '.join(short)} preset(s); lengthen demo.canaries.words / digits to use them"
             )
     out = Path(args.out)
-    with atomic_path(out, directory=True) as tmp:
+    with atomic_path(out, directory=True, provenance=prov, extra=extra) as tmp:
         tokenizer.save_pretrained(tmp)
-    prov.write(out, extra=extra)
     print(f"demo-tokenizer: {len(tokenizer)} tokens -> {out}")
     return 0
 
@@ -138,18 +137,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     stream = train_token_stream(corpus, tokenizer)
     model, log_df = pretrain(stream, tokenizer, arch, train_settings, progress=not args.no_progress)
     out = Path(args.out)
-    with atomic_path(out, directory=True) as tmp:
-        save_model(model, tokenizer, log_df, tmp)
     a = log_df.attrs
-    prov.write(
-        out,
-        extra={
-            "final_loss": a["final_loss"],
-            "tokens_per_s": a["tokens_per_s"],
-            "train_wall_time_s": a["wall_time_s"],
-            "train_summary": dict(a),
-        },
-    )
+    extra = {
+        "final_loss": a["final_loss"],
+        "tokens_per_s": a["tokens_per_s"],
+        "train_wall_time_s": a["wall_time_s"],
+        "train_summary": dict(a),
+    }
+    with atomic_path(out, directory=True, provenance=prov, extra=extra) as tmp:
+        save_model(model, tokenizer, log_df, tmp)
     print(
         f"demo-pretrain: final loss {a['final_loss']:.3f}, {a['tokens_per_s']:,.0f} tokens/s, "
         f"{a['wall_time_s']:.0f} s -> {out}"
