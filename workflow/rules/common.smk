@@ -8,6 +8,7 @@ import re
 import sys
 
 from memctl.artifacts import claim_workflow, share_with_group
+from memctl.lab import estimate_mem_mb, estimate_runtime_min, workflow_model_dims
 from memctl.config import ConfigError, load_config, prefix_suffix_lengths, settings_hash
 from memctl.models import model_tag
 
@@ -178,9 +179,28 @@ THREADS = config["resources"]["threads"]
 GPU = 1 if config["resources"]["gpu"] else 0
 
 
-def mem_mb(base):
-    """Memory request that grows with each retry (attempt 1, 2, ...)."""
-    return lambda wildcards, attempt: base * attempt
+# Memory and wall time per job come from the model's size (memctl.lab: weights, activations,
+# K-FAC factors, mask logits + optimizer state) and grow with each retry; `base` is the request
+# when the model's config cannot be read while parsing (a hub model not in the local cache).
+MODEL_DIMS = workflow_model_dims(config)
+
+
+def mem_mb(base, stage=None):
+    def request(wildcards, attempt):
+        if stage is None or MODEL_DIMS is None:
+            return base * attempt
+        return estimate_mem_mb(MODEL_DIMS, stage, config, gpu=bool(GPU), attempt=attempt)
+
+    return request
+
+
+def runtime_min(base, stage=None):
+    def request(wildcards, attempt):
+        if stage is None or MODEL_DIMS is None:
+            return base * attempt
+        return estimate_runtime_min(MODEL_DIMS, stage, config, gpu=bool(GPU), attempt=attempt, floor_min=base)
+
+    return request
 
 
 ENV = "../../envs/memctl.yaml"

@@ -18,8 +18,8 @@ rule demo_corpus:
     benchmark:
         f"{ROOT}/benchmarks/demo_corpus/{CORPUS_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(4000),
-        runtime=20,
+        mem_mb=mem_mb(4000, "demo_corpus"),
+        runtime=runtime_min(20, "demo_corpus"),
     shell:
         "memctl demo-corpus --settings {params.corpus:q} --canary-settings {params.canaries:q}"
         " --out-dir {params.out_dir} > {log} 2>&1"
@@ -40,8 +40,8 @@ rule demo_tokenizer:
     benchmark:
         f"{ROOT}/benchmarks/demo_tokenizer/{TOKENIZER_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(4000),
-        runtime=20,
+        mem_mb=mem_mb(4000, "demo_tokenizer"),
+        runtime=runtime_min(20, "demo_tokenizer"),
     shell:
         "memctl demo-tokenizer --corpus {params.corpus} --settings {params.settings:q}"
         " --out {output} > {log} 2>&1"
@@ -65,8 +65,8 @@ rule demo_pretrain:
     benchmark:
         f"{ROOT}/benchmarks/demo_pretrain/{DEMO_MODEL_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=60,
+        mem_mb=mem_mb(8000, "demo_pretrain"),
+        runtime=runtime_min(60, "demo_pretrain"),
         gpu=GPU,
     shell:
         "memctl demo-pretrain --corpus {params.corpus} --tokenizer {input.tokenizer}"

@@ -31,8 +31,8 @@ rule evaluate:
     benchmark:
         f"{ROOT}/benchmarks/evaluate/{EVAL_HASH}-{{edit}}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=60,
+        mem_mb=mem_mb(8000, "evaluate"),
+        runtime=runtime_min(60, "evaluate"),
         gpu=GPU,
     shell:
         "memctl evaluate --model {params.model:q} --model-settings {params.model_settings:q}"
@@ -65,8 +65,8 @@ rule report:
     benchmark:
         f"{ROOT}/benchmarks/report/{EVAL_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(2000),
-        runtime=10,
+        mem_mb=mem_mb(2000, "report"),
+        runtime=runtime_min(10, "report"),
     shell:
         "memctl report --metrics {input.metrics} --by-copies {input.by_copies}"
         " --out-dir {params.out_dir} > {log} 2>&1"

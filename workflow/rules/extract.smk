@@ -20,8 +20,8 @@ rule candidates:
     benchmark:
         f"{ROOT}/benchmarks/candidates/{CANDIDATES_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(4000),
-        runtime=30,
+        mem_mb=mem_mb(4000, "candidates"),
+        runtime=runtime_min(30, "candidates"),
     shell:
         "memctl candidates --model {params.model:q} --model-settings {params.model_settings:q}"
         " {params.corpus} --settings {params.settings:q} --extract-settings {params.extract:q}"
@@ -47,8 +47,8 @@ rule extract:
     benchmark:
         f"{ROOT}/benchmarks/extract/{EXTRACT_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=120,
+        mem_mb=mem_mb(8000, "extract"),
+        runtime=runtime_min(120, "extract"),
         gpu=GPU,
     shell:
         "memctl extract --model {params.model:q} --model-settings {params.model_settings:q}"

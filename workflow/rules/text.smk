@@ -20,8 +20,8 @@ rule heldout:
     benchmark:
         f"{ROOT}/benchmarks/heldout/{HELDOUT_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(4000),
-        runtime=30,
+        mem_mb=mem_mb(4000, "heldout"),
+        runtime=runtime_min(30, "heldout"),
     shell:
         "memctl heldout --model {params.model:q} --model-settings {params.model_settings:q}"
         " {params.corpus} --settings {params.settings:q} --out {output} > {log} 2>&1"
@@ -45,8 +45,8 @@ rule calibration:
     benchmark:
         f"{ROOT}/benchmarks/calibration/{CALIBRATION_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(4000),
-        runtime=30,
+        mem_mb=mem_mb(4000, "calibration"),
+        runtime=runtime_min(30, "calibration"),
     shell:
         "memctl calibration --model {params.model:q} --model-settings {params.model_settings:q}"
         " {params.corpus} --settings {params.settings:q} --out {output} > {log} 2>&1"
@@ -73,8 +73,8 @@ rule reference_topk:
     benchmark:
         f"{ROOT}/benchmarks/reference_topk/{REFERENCE_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=30,
+        mem_mb=mem_mb(8000, "reference_topk"),
+        runtime=runtime_min(30, "reference_topk"),
         gpu=GPU,
     shell:
         "memctl reference-topk --model {params.model:q} --model-settings {params.model_settings:q}"
