@@ -174,17 +174,9 @@ def _sacct(ids: list[str], want: int, timeout: float = 30) -> dict[str, dict]:
         time.sleep(1)
 
 
-def test_tiny_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path, capsys):
-    via_slurm = _workdir(tmp_path / "slurm")
-    local = _workdir(tmp_path / "local")
-    # Both at once: the SLURM run mostly waits on the scheduler and status checks.
-    t0 = time.monotonic()
-    slurm_proc = _start(via_slurm, "--profile", str(REPO / "profiles" / "slurm"))
-    local_proc = _start(local, "--cores", "2")
-    local_out = _finish(local_proc, local, "local run")
-    local_s = time.monotonic() - t0
-    out = _finish(slurm_proc, via_slurm, "SLURM run")
-    slurm_s = time.monotonic() - t0
+def check_slurm_run(via_slurm: Path, out: str, local: Path, local_out: str) -> int:
+    """The SLURM run's jobs, their accounting and GPU requests, and its outputs against the local
+    run's. Returns the number of SLURM jobs."""
     assert "100%) done" in local_out
 
     # Every job of the DAG but the local `all` ran as a SLURM job, and sacct lists it as completed.
@@ -192,7 +184,8 @@ def test_tiny_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path, caps
     remote = {jid: job for jid, job in jobs.items() if not job["local"]}
     assert len(remote) >= 8 and set(submitted) == set(remote), (sorted(remote), sorted(submitted))
     # ... the same jobs as the local run's, and every rule of the workflow but `all` among them.
-    local_jobs = sorted(job["rule"] for job in _jobs_of_run(local_out)[0].values() if not job["local"])
+    assert {job["rule"] for job in jobs.values() if job["local"]} == {"all"}
+    local_jobs = sorted(job["rule"] for job in _jobs_of_run(local_out)[0].values() if job["rule"] != "all")
     assert sorted(job["rule"] for job in remote.values()) == local_jobs
     rules = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(via_slurm),
                             "--list-rules"], capture_output=True, text=True, env=_env(), check=True).stdout.split()
@@ -227,9 +220,25 @@ def test_tiny_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path, caps
     assert (via_slurm / "results" / "tables" / "results.md").read_text() == (
         local / "results" / "tables" / "results.md").read_text()
 
+    return len(submitted)
+
+
+def test_tiny_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path, capsys):
+    via_slurm = _workdir(tmp_path / "slurm")
+    local = _workdir(tmp_path / "local")
+    # Both at once: the SLURM run mostly waits on the scheduler and status checks.
+    t0 = time.monotonic()
+    slurm_proc = _start(via_slurm, "--profile", str(REPO / "profiles" / "slurm"))
+    local_proc = _start(local, "--cores", "2")
+    local_out = _finish(local_proc, local, "local run")
+    local_s = time.monotonic() - t0
+    out = _finish(slurm_proc, via_slurm, "SLURM run")
+    slurm_s = time.monotonic() - t0
+    n_jobs = check_slurm_run(via_slurm, out, local, local_out)
+
     with capsys.disabled():
         print(f"\n[slurm] install {slurm_cluster['install_s']:.1f} s, start {slurm_cluster['start_s']:.1f} s"
-              f"{' (was up)' if slurm_cluster['was_up'] else ''}; tiny DAG ({len(submitted)} SLURM jobs): "
+              f"{' (was up)' if slurm_cluster['was_up'] else ''}; tiny DAG ({n_jobs} SLURM jobs): "
               f"via SLURM {slurm_s:.0f} s, local {local_s:.0f} s (run side by side)")
 
 

@@ -44,7 +44,7 @@ alive() {  # alive NAME
     pid=$(<"$pidfile")
     [[ -d /proc/$pid ]] || return 1
     # A recycled pid that now belongs to another program does not count.
-    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$1"
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qw -- "$1"
 }
 
 # Wait up to $2 seconds for a command to succeed.
