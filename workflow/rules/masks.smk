@@ -17,8 +17,9 @@ MASK_MODE_LABELS = {
     "reciprocal": "Ours (reciprocal)",
 }
 BASELINE_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
-# The curvature stage's K-FAC A factors (pruning.second_moments: kfac), when it defines them.
-KFAC_FACTORS = globals().get("KFAC_A_FACTORS")
+# The curvature stage's K-FAC factors directory (pruning.second_moments: kfac): its A factors are
+# the layer-input second moments Wanda and SparseGPT need, from the unpruned model (one-pass form).
+KFAC_FACTORS = f"{KFAC_DIR}/factors" if "KFAC_DIR" in globals() else None
 
 MASK_JOBS = {}  # edit id -> train-mask settings
 PRUNE_JOBS = {}  # edit id -> prune settings
@@ -70,7 +71,7 @@ def _add_baseline(method, form, sparsity, table, label=None):
 if MASKS["enabled"]:
     if PRUNING["second_moments"] == "kfac" and not KFAC_FACTORS:
         raise WorkflowError(
-            "pruning.second_moments: 'kfac' needs the curvature stage's A factors (KFAC_A_FACTORS), "
+            "pruning.second_moments: 'kfac' needs the curvature stage's factors (KFAC_DIR), "
             "which this workflow does not define"
         )
     r = MASKS["sparsity"]

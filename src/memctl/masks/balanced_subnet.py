@@ -87,7 +87,7 @@ def train_balanced_subnet(
 
     for it in tqdm(range(steps), desc="balanced subnet", disable=not progress):
         masked = {
-            t.param_name: params[t.param_name] * _TopMask.apply(sc, s["ratio"]).to(params[t.param_name].dtype)
+            t.param_name: params[t.param_name] * _TopMask.apply(sc.abs(), s["ratio"]).to(params[t.param_name].dtype)
             for t, sc in zip(targets, scores, strict=True)
         }
         f_idx = cycling_indices(len(forget), s["batch_size"], it, s["seed"], stream=0)

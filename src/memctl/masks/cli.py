@@ -84,14 +84,17 @@ def cmd_prune(args) -> None:
 
 
 def _load_factors(path):
-    """K-FAC A factors: a safetensors file with one ``[d_in, d_in]`` tensor per input key
-    (``layer3.mlp_in``), optionally prefixed ``A/``; a bias coordinate beyond ``d_in`` is ignored."""
+    """K-FAC A factors by input key (``layer3.mlp_in``): the curvature stage's factors directory
+    (``layer-NNN.safetensors`` files), or one safetensors file with ``A/<input_key>`` tensors."""
+    if Path(path).is_dir():
+        from memctl.curvature.store import load_factors
+
+        return load_factors(path).A
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
-    factors = {k.removeprefix("A/"): v for k, v in tensors.items() if not k.startswith(("G/", "count/"))}
+    factors = {k[2:]: v for k, v in load_file(str(path)).items() if k.startswith("A/")}
     if not factors:
-        raise FileNotFoundError(f"{path}: no A factors found")
+        raise FileNotFoundError(f"{path}: no A/<input_key> factors found")
     return factors
 
 
@@ -185,7 +188,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="pruning baseline: magnitude, Wanda or SparseGPT")
     _model_args(p)
     p.add_argument("--calibration", default=None, help="calibration windows (.safetensors); not needed by magnitude")
-    p.add_argument("--factors", default=None, help="K-FAC A factors (.safetensors) for second_moments 'kfac'")
+    p.add_argument("--factors", default=None, help="K-FAC factors (curvature stage directory) for second_moments 'kfac'")
     p.add_argument("--settings", required=True, help="the job's `pruning` settings (JSON): method, form, sparsity ...")
     p.add_argument("--label", default=None)
     p.add_argument("--out", required=True, help="delta.safetensors to write")

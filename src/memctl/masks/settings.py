@@ -84,8 +84,10 @@ def _resolve(schema: Mapping[str, Any], settings: Mapping[str, Any], where: str)
         for err in errors:
             key = ".".join([where, *map(str, err.absolute_path)])
             if err.validator == "additionalProperties":
-                allowed = ", ".join(sorted(err.schema.get("properties", {})))
-                lines.append(f"{key}: {err.message}; allowed keys: {allowed}")
+                known = err.schema.get("properties", {})
+                allowed = ", ".join(sorted(known))
+                for extra in sorted(set(err.instance) - set(known)):
+                    lines.append(f"{key}.{extra}: unknown key; allowed keys: {allowed}")
             else:
                 lines.append(f"{key}: {err.message}")
         raise ConfigError(f"invalid {where} settings:\n  " + "\n  ".join(lines))

@@ -254,6 +254,8 @@ def train_mask(
             step(term)
             del masked2
         train_sparsity = 1.0 - float(kept.detach()) / total
+        calib, r_s = calib.detach(), r_s.detach()
+        mem = None if mem is None else mem.detach()
         bar.set_postfix(calib=f"{float(calib):.3f}", mem="-" if mem is None else f"{float(mem):.3f}",
                         r_s=f"{float(r_s):.4f}", sparsity=f"{train_sparsity:.3f}", refresh=False)
         last = it + 1 == s["steps"]
@@ -261,10 +263,10 @@ def train_mask(
             rows.append({
                 "iteration": it + 1,
                 "lr": lr,
-                "loss": float(loss) + (float(term) if mode == "down" else 0.0),
+                "loss": float(loss.detach()) + (float(term.detach()) if mode == "down" else 0.0),
                 "calib_loss": float(calib),
                 "mem_loss": math.nan if mem is None else float(mem),
-                "mem_term": math.nan if term is None else float(term),
+                "mem_term": math.nan if term is None else float(term.detach()),
                 "r_s": float(r_s),
                 "train_sparsity": train_sparsity,
                 "eval_sparsity": mask_sparsity(mask_gates.eval_masks(s["offset"])),
