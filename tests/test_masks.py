@@ -17,7 +17,6 @@ from memctl.masks.settings import resolve_mask_job
 from memctl.masks.training import MaskGates, cosine_lr, derive_seed, train_mask
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models run fastest on one thread (and the test machine is shared)."""
@@ -188,11 +187,13 @@ def test_bad_settings_fail_naming_the_key():
 
 
 def test_config_sections_validate_with_defaults_and_reject_bad_values():
+    from pathlib import Path
+
     import yaml
 
     from memctl.config import validate_config
 
-    base = yaml.safe_load(open(__file__.replace("test_masks.py", "tiny_config.yaml")))
+    base = yaml.safe_load((Path(__file__).parent / "tiny_config.yaml").read_text())
     cfg = validate_config(base)
     assert cfg["masks"]["lambda_s"] == {"none": 160, "up": 240, "down": 160, "reciprocal": 160}
     assert cfg["pruning"]["damp"] == 0.01 and cfg["pruning"]["balanced_subnet"]["balance"] == 0.05
