@@ -75,7 +75,8 @@ launch() {  # launch [--bg] NAME CMD...  (--bg: the command does not daemonize i
     name=$1; shift
     if alive "$name"; then return 0; fi
     rm -f "$(pidfile "$name")"
-    if ((bg)); then setsid "$@" </dev/null >/dev/null 2>&1 & else "$@"; fi
+    # 9>&-: the daemon must not keep the start/stop lock open.
+    if ((bg)); then setsid "$@" </dev/null >/dev/null 2>&1 9>&- & else "$@" 9>&-; fi
     wait_for 20 test -s "$(pidfile "$name")" || die "$name did not start (logs in $STATE/log)"
     log "started $name (pid $(<"$(pidfile "$name")"))"
 }

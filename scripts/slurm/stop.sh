@@ -21,7 +21,8 @@ esac
 
 lock
 if [[ ${names[*]} == "slurmd slurmctld slurmdbd mariadbd munged" ]] && alive slurmctld; then
-    scancel --state=PENDING,RUNNING,SUSPENDED --full --quiet 2>/dev/null || true
+    for state in PENDING RUNNING SUSPENDED; do scancel --state="$state" --full --quiet 2>/dev/null || true; done
+    wait_for 20 bash -c '[[ -z $(squeue -h -t PD,R,S,CG -o %i) ]]' || log "jobs still listed: $(squeue -h -o %i | tr '\n' ' ')"
 fi
 
 for name in "${names[@]}"; do
