@@ -72,7 +72,7 @@ def _alive(pidfile: Path) -> bool:
 
 def _script(name: str, *args: str, timeout: int = 600) -> float:
     start = time.monotonic()
-    proc = subprocess.run(["bash", str(SCRIPTS / name), *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(["bash", str(SCRIPTS / name), *args], check=False, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted(STATE.glob("log/*.log")))
         pytest.fail(f"{name} {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}\n{logs}")
@@ -131,7 +131,7 @@ def _finish(proc: subprocess.Popen, workdir: Path, what: str) -> str:
 
 def _cancel_jobs_of(workdir: Path) -> None:
     """Jobs a failed or killed run left in the queue (only this run's: same working directory)."""
-    listing = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True).stdout
+    listing = subprocess.run(["squeue", "-h", "-o", "%i %Z"], check=False, capture_output=True, text=True).stdout
     ids = [line.split()[0] for line in listing.splitlines() if line.split()[1:] == [str(workdir)]]
     if ids:
         subprocess.run(["scancel", *ids], check=False)
@@ -267,12 +267,12 @@ def test_profile_for_a_cluster_without_accounting(slurm_cluster, tmp_path):
         pytest.skip("another test session is using the local cluster")
     try:
         _script("start.sh", "--no-accounting")
-        sacct = subprocess.run(["sacct", "-n"], capture_output=True, text=True)
+        sacct = subprocess.run(["sacct", "-n"], check=False, capture_output=True, text=True)
         assert sacct.returncode != 0 or "disabled" in sacct.stdout + sacct.stderr
         (tmp_path / "Snakefile").write_text(NOACCT_SNAKEFILE)
         cmd = ["timeout", "-k", "20", "300", sys.executable, "-m", "snakemake", "--profile",
                str(REPO / "profiles" / "slurm-noacct"), "-d", str(tmp_path), "-s", str(tmp_path / "Snakefile")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(), cwd=tmp_path)
         if proc.returncode != 0:
             _cancel_jobs_of(tmp_path)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

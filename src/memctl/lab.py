@@ -171,7 +171,7 @@ def workflow_model_dims(config: Mapping) -> ModelDims | None:
             str(model.get("name_or_path")), revision=model.get("revision"), local_files_only=True,
             trust_remote_code=bool(model.get("trust_remote_code", False)),
         )
-    except Exception:  # not cached, no network: the rules keep their fixed defaults
+    except Exception:  # noqa: BLE001  (not cached, no network, ...: the rules keep their defaults)
         return None
     return model_dims(cfg)
 
@@ -259,10 +259,10 @@ def estimate_memory(model: Any, stage: str, settings: Mapping | None = None, *, 
     weights = dims.num_parameters * wbytes
     context = int(_section(settings, "heldout").get("context_length") or dims.context_length)
     curv = _section(settings, "curvature")
-    curv_sel = dict(groups=_section(curv, "modules").get("groups", ["mlp"]),
-                    layers=_section(curv, "modules").get("layers"), roles=_section(curv, "modules").get("roles"))
+    modules = _section(curv, "modules")
+    curv_sel = {"groups": modules.get("groups", ["mlp"]), "layers": modules.get("layers"), "roles": modules.get("roles")}
     masks = _section(settings, "masks")
-    mask_sel = dict(groups=masks.get("groups", ["attention", "mlp"]))
+    mask_sel = {"groups": masks.get("groups", ["attention", "mlp"])}
     device: dict[str, int] = {}  # parts that live on the GPU when there is one
     host: dict[str, int] = {}  # parts that stay in host memory either way
 
@@ -457,7 +457,9 @@ def install_profile(src: Path, dest_root: Path, name: str | None = None, *, forc
 
 
 def _same_tree(src: Path, dest: Path, new_config: str) -> bool:
-    files = lambda root: sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    def files(root: Path) -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
     if files(src) != files(dest) or (dest / "config.yaml").read_text() != new_config:
         return False
     return all((src / rel).read_bytes() == (dest / rel).read_bytes() for rel in files(src) if str(rel) != "config.yaml")
