@@ -119,6 +119,14 @@ EXTRACT_TABLES = [
     "by_copies",
 ]
 
+
+
+def with_sidecars(outputs):
+    """Named outputs plus their provenance sidecars, for rules in Snakemake's between-workflow
+    cache: the cache stores declared outputs only, and a restored artifact needs its sidecar."""
+    return {**outputs, **{f"{name}_meta": f"{path}.meta.json" for name, path in outputs.items()}}
+
+
 HELDOUT_HASH = settings_hash(MODEL_KEY, config["heldout"])
 HELDOUT = f"{MODEL_DIR}/heldout-{HELDOUT_HASH}/windows.safetensors"
 # The unedited model's top-10 on the first held-out windows: nDCG@10's reference, keyed by model + text.

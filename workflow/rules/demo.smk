@@ -52,7 +52,8 @@ rule demo_pretrain:
         train=rules.demo_corpus.output.train,
         tokenizer=rules.demo_tokenizer.output,
     output:
-        directory(DEMO_MODEL_DIR),
+        model=directory(DEMO_MODEL_DIR),
+        model_meta=f"{DEMO_MODEL_DIR}.meta.json",
     params:
         arch=as_json(config["demo"]["architecture"]),
         settings=as_json(config["demo"]["train"]),
@@ -62,14 +63,14 @@ rule demo_pretrain:
         ENV
     log:
         f"{ROOT}/logs/demo_pretrain/{DEMO_MODEL_HASH}.log",
-    benchmark:
-        f"{ROOT}/benchmarks/demo_pretrain/{DEMO_MODEL_HASH}.tsv"
     resources:
         mem_mb=mem_mb(8000, "demo_pretrain"),
         runtime=runtime_min(60, "demo_pretrain"),
         gpu=GPU,
+    # Between-workflow cache (snakemake --cache with SNAKEMAKE_OUTPUT_CACHE): Snakemake allows no
+    # benchmark: here; the sidecars record the wall time instead.
+    cache: True
     shell:
         "memctl demo-pretrain --corpus {params.corpus} --tokenizer {input.tokenizer}"
         " --arch-settings {params.arch:q} --settings {params.settings:q} --threads {threads}"
-        " --out {output}"
-        " > {log} 2>&1"
+        " --out {output.model} > {log} 2>&1"

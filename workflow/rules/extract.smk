@@ -33,7 +33,7 @@ rule extract:
         unpack(model_inputs),
         candidates=CANDIDATES,
     output:
-        expand("{dir}/{table}.parquet", dir=EXTRACT_DIR, table=EXTRACT_TABLES),
+        **with_sidecars({table: f"{EXTRACT_DIR}/{table}.parquet" for table in EXTRACT_TABLES}),
     params:
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
@@ -44,12 +44,13 @@ rule extract:
         ENV
     log:
         f"{ROOT}/logs/extract/{EXTRACT_HASH}.log",
-    benchmark:
-        f"{ROOT}/benchmarks/extract/{EXTRACT_HASH}.tsv"
     resources:
         mem_mb=mem_mb(8000, "extract"),
         runtime=runtime_min(120, "extract"),
         gpu=GPU,
+    # Between-workflow cache (snakemake --cache with SNAKEMAKE_OUTPUT_CACHE): Snakemake allows no
+    # benchmark: here; the sidecars record the wall time instead.
+    cache: True
     shell:
         "memctl extract --model {params.model:q} --model-settings {params.model_settings:q}"
         " --threads {threads} --candidates {input.candidates} --settings {params.settings:q}"
