@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,11 @@ def test_memory_estimates_scale_with_model_and_attempt():
     # stages without a model need the process only; aliases and unknown names
     assert lab.estimate_mem_mb(GPT_NEO_1_3B, "report") == lab.estimate_mem_mb(GPT_NEO_125M, "candidates")
     assert lab.estimate_mem_mb(GPT_NEO_125M, "kfac", {}) == lab.estimate_mem_mb(GPT_NEO_125M, "collect_kfac", {})
+    # every rule of the workflow is a stage name
+    rules = re.findall(r"^rule (\w+):", "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk")), re.MULTILINE)
+    assert len(rules) > 10
+    for rule in rules:
+        assert lab.estimate_mem_mb(GPT_NEO_125M, rule, cfg) >= lab.BASE_MB, rule
     with pytest.raises(ValueError, match="unknown stage"):
         lab.estimate_mem_mb(GPT_NEO_125M, "nonsense")
     for stage in lab.STAGES:

@@ -240,6 +240,9 @@ _ALIASES = {
     "kfac_collect": "collect_kfac", "eigen": "decompose", "curvature_decompose": "decompose",
     "curvature_edit": "apply_edit", "edit": "apply_edit", "mask": "train_mask", "masks": "train_mask",
     "baseline": "prune", "pruning": "prune", "generate": "extract", "verify": "report",
+    # rule names of workflow/rules/*.smk
+    "decompose_kfac": "decompose", "prune_baseline": "prune", "balanced_subnet": "train_mask",
+    "kfac_spectrum": "apply_edit", "masks_report": "report", "curvature_report": "report",
 }
 
 
