@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where needed: the workflow reads ROLES / GROUPS at parse time
+    import torch
+    from torch import nn
 
 #: (parent, leaf) name endings -> (group, role). The role names are the config vocabulary.
 _ROLES: dict[tuple[str, str], tuple[str, str]] = {
@@ -90,6 +92,8 @@ def linear_targets(
 
     Raises ``ValueError`` naming the model type when nothing matches or a filter value is unknown.
     """
+    from torch.nn import Linear
+
     groups = set(groups) if groups is not None else set(GROUPS)
     roles = set(roles) if roles is not None else None
     unknown = (groups - set(GROUPS)) | ((roles or set()) - set(ROLES))
@@ -106,7 +110,7 @@ def linear_targets(
         parts = name.split(".")
         if len(parts) < 2 or (parts[-2], parts[-1]) not in _ROLES:
             continue
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not (isinstance(module, Linear) or _is_conv1d(module)):
             continue
         layer = _layer_index(name)
         if layer is None:
@@ -150,15 +154,17 @@ def weight(model: nn.Module, target: LinearTarget) -> torch.Tensor:
     return w.t() if target.transposed else w
 
 
-@torch.no_grad()
 def set_weight(model: nn.Module, target: LinearTarget, value: torch.Tensor) -> None:
     """Overwrite the matrix from a ``(d_out, d_in)`` tensor (any dtype/device; cast to the parameter's)."""
+    import torch
+
     param = module(model, target).weight
     expected = (target.d_out, target.d_in)
     if tuple(value.shape) != expected:
         raise ValueError(f"{target.name}: new weight has shape {tuple(value.shape)}, expected {expected}")
     value = value.t() if target.transposed else value
-    param.copy_(value.to(device=param.device, dtype=param.dtype))
+    with torch.no_grad():
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
 def to_storage(target: LinearTarget, value: torch.Tensor) -> torch.Tensor:

@@ -12,15 +12,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+# torch is imported inside the functions that need it: the Snakefile imports model_tag from here,
+# and every Snakemake process (one per job on a cluster) would otherwise pay torch's ~5 s import.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"model.dtype: unknown dtype {name!r}; known: {DTYPE_NAMES}")
+    return getattr(torch, name)
 
 # Architectures whose attention needs the eager implementation in recent transformers.
 _EAGER_ATTENTION = {"gpt_neo"}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto"):
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -68,7 +78,7 @@ def load_model(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None
     trust = bool(settings.get("trust_remote_code", False))
     revision = settings.get("revision")
     kwargs: dict[str, Any] = {
-        "dtype": DTYPES[settings.get("dtype", "float32")],
+        "dtype": torch_dtype(settings.get("dtype", "float32")),
         "revision": revision,
         "trust_remote_code": trust,
     }
