@@ -182,6 +182,40 @@ def final_outputs():
     ]
 
 
+# --- code versions -----------------------------------------------------------------------------
+# Rules call `memctl` shell commands, whose Python code Snakemake's "code" trigger cannot see. Each
+# rule gets the hash of the modules its stage runs as a param, so editing one stage's module
+# reruns that stage and what depends on it (and the between-workflow cache sees the change).
+# Shared plumbing (cli, config, artifacts, models) is left out: editing it reruns nothing.
+import hashlib
+from pathlib import Path
+
+import memctl
+
+MEMCTL_SRC = Path(memctl.__file__).parent
+STAGE_MODULES = {
+    "demo_corpus": ["demo/corpus.py"],
+    "demo_tokenizer": ["demo/tokenizer.py"],
+    "demo_pretrain": ["demo/pretrain.py"],
+    "candidates": ["data.py"],
+    "extract": ["extract.py", "generation.py", "metrics.py"],
+    "heldout": ["data.py"],
+    "calibration": ["data.py"],
+    "reference_topk": ["generation.py"],
+    "evaluate": ["evaluate.py", "generation.py", "metrics.py", "edits.py"],
+    "report": ["report.py"],
+}
+
+
+def stage_code(stage):
+    """Short hash of the source of the modules ``stage`` runs (see STAGE_MODULES)."""
+    digest = hashlib.sha256()
+    for name in STAGE_MODULES[stage]:
+        for path in sorted(MEMCTL_SRC.glob(name)):
+            digest.update(path.relative_to(MEMCTL_SRC).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 # --- resources ---------------------------------------------------------------------------------
 THREADS = config["resources"]["threads"]
 GPU = 1 if config["resources"]["gpu"] else 0

@@ -8,6 +8,7 @@ rule demo_corpus:
         heldout=f"{CORPUS_DIR}/heldout.parquet",
         canaries=f"{CORPUS_DIR}/canaries.parquet",
     params:
+        code=stage_code("demo_corpus"),
         corpus=as_json(config["demo"]["corpus"]),
         canaries=as_json(config["demo"]["canaries"]),
         out_dir=parent_dir,
@@ -31,6 +32,7 @@ rule demo_tokenizer:
     output:
         directory(TOKENIZER_DIR),
     params:
+        code=stage_code("demo_tokenizer"),
         settings=as_json(config["demo"]["tokenizer"]),
         corpus=lambda wildcards, input: os.path.dirname(input.train),
     conda:
@@ -55,6 +57,7 @@ rule demo_pretrain:
         model=directory(DEMO_MODEL_DIR),
         model_meta=f"{DEMO_MODEL_DIR}.meta.json",
     params:
+        code=stage_code("demo_pretrain"),
         arch=as_json(config["demo"]["architecture"]),
         settings=as_json(config["demo"]["train"]),
         corpus=lambda wildcards, input: os.path.dirname(input.train),

@@ -15,6 +15,7 @@ rule evaluate:
         metrics=f"{EVAL_DIR}/{{edit}}/metrics.parquet",
         scores=f"{EVAL_DIR}/{{edit}}/scores.parquet",
     params:
+        code=stage_code("evaluate"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=as_json(config["evaluate"]),
@@ -57,6 +58,7 @@ rule report:
             category="Extraction",
         ),
     params:
+        code=stage_code("report"),
         out_dir=parent_dir,
     conda:
         ENV

@@ -8,6 +8,7 @@ rule candidates:
     output:
         CANDIDATES,
     params:
+        code=stage_code("candidates"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=as_json(config["candidates"]),
@@ -35,6 +36,7 @@ rule extract:
     output:
         **with_sidecars({table: f"{EXTRACT_DIR}/{table}.parquet" for table in EXTRACT_TABLES}),
     params:
+        code=stage_code("extract"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=as_json(config["extract"]),

@@ -9,6 +9,7 @@ rule heldout:
     output:
         HELDOUT,
     params:
+        code=stage_code("heldout"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=as_json(config["heldout"]),
@@ -34,6 +35,7 @@ rule calibration:
     output:
         CALIBRATION,
     params:
+        code=stage_code("calibration"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=as_json(config["calibration"]),
@@ -59,6 +61,7 @@ rule reference_topk:
     output:
         REFERENCE_TOPK,
     params:
+        code=stage_code("reference_topk"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         # only what the reference depends on: changing generation batch sizes keeps it
