@@ -181,6 +181,14 @@ def main() -> None:
             ratio = "1.00"
         print(f"| {name} | {t:.2f} | {tokens / t:,.0f} | {ratio} |")
     print("all rounds (s):", {k: [round(x, 2) for x in v] for k, v in times.items()})
+    # Contention changes within minutes: the ratio inside each round (adjacent runs) is the robust one.
+    plain, coll = times["plain forward+backward"], times["memctl K-FAC collection"]
+    print(f"median of per-round ratios: collection / plain = "
+          f"{statistics.median(c / p for c, p in zip(coll, plain)):.2f}x", end="")
+    if "kronfluence fit_covariance_matrices" in times:
+        kron = times["kronfluence fit_covariance_matrices"]
+        print(f"; kronfluence / memctl = {statistics.median(k / c for k, c in zip(kron, coll)):.2f}x", end="")
+    print()
 
     # one-off decomposition, then the cost of one more rho point
     from memctl.curvature.cli import make_edit
