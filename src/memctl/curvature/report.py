@@ -135,6 +135,7 @@ def plot_sweep(table: pd.DataFrame, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharex=True)
     styles = {("kfac", "projector"): ("tab:red", "o", "K-FAC (projector)"),
@@ -149,7 +150,10 @@ def plot_sweep(table: pd.DataFrame, path) -> None:
             ax.scatter(part["heldout_ppl"], part[metric], c=color, marker=marker, s=60 if kind == "none" else 28,
                        label=label, alpha=0.85, edgecolors="none")
         ax.set_xscale("log")
-        ax.set_xlabel("held-out perplexity")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("held-out perplexity (log scale)")
         ax.set_ylabel(title)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
