@@ -262,3 +262,20 @@ def test_changing_one_edit_changes_only_that_edit_path_and_data_changes_only_kfa
     assert not a["collect_kfac"] & c["collect_kfac"]
     svd = {p for p in a["apply_edit"] if "/svd-" in p}
     assert len(svd) == 1 and svd <= c["apply_edit"] and len(a["apply_edit"] & c["apply_edit"]) == 1
+
+
+def test_spectrum_with_an_empty_memorized_set_writes_an_empty_table(tiny_model, tmp_path):
+    from memctl.curvature.spectrum import plot_spectrum, spectrum_table
+    from memctl.curvature.store import Eigen, Eigenbases
+
+    targets = arch.linear_targets(tiny_model, roles=["down"], layers=[0])
+    t = targets[0]
+    eig = Eigenbases(targets, {t.input_key: Eigen(torch.arange(t.d_in, 0, -1.0), torch.eye(t.d_in))},
+                     {t.name: Eigen(torch.arange(t.d_out, 0, -1.0) * 1.01, torch.eye(t.d_out))}, 1)
+    non = pd.DataFrame({"prefix_ids": [[1, 2, 3]], "suffix_ids": [[4, 5]]})
+    table = spectrum_table(tiny_model, eig, targets, non.iloc[:0], non, {})
+    assert table.empty and "ratio_memorized_over_nonmemorized" in table.columns
+    plot_spectrum(table, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    full = spectrum_table(tiny_model, eig, targets, non, non, {"bands": [0.5]})
+    assert len(full) == 2 * 2 and np.allclose(full["ratio_memorized_over_nonmemorized"], 1.0)

@@ -13,6 +13,7 @@ sorted spectra (no d_out * d_in sort). The SVD baseline ranks the rank-one compo
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -23,6 +24,10 @@ import torch
 from memctl.architectures import LinearTarget, module
 
 DEFAULT_BANDS = (0.1, 0.25, 0.5)
+SPECTRUM_COLUMNS = ["module", "short", "layer", "role", "basis", "band", "band_index", "mean_norm_memorized",
+                    "mean_norm_nonmemorized", "ratio_memorized_over_nonmemorized", "n_states_memorized",
+                    "n_states_nonmemorized"]
+log = logging.getLogger(__name__)
 
 
 def band_labels(edges: Sequence[float]) -> list[str]:
@@ -157,7 +162,10 @@ def spectrum_table(model, eig, targets: Sequence[LinearTarget], memorized: pd.Da
     for name, df in (("memorized", memorized), ("nonmemorized", nonmemorized)):
         seqs, pos = sequences_and_positions(df, mode, n_max)
         if len(seqs) == 0:
-            raise ValueError(f"spectrum analysis: the {name} set is empty")
+            # A model that memorized nothing (or everything) has no contrast: an empty table, not a
+            # failed DAG.
+            log.warning("spectrum analysis: the %s set is empty; writing an empty table", name)
+            return pd.DataFrame(columns=SPECTRUM_COLUMNS)
         states[name] = capture_inputs(model, targets, seqs, pos, batch)
     rows = []
     for t in targets:
@@ -179,7 +187,7 @@ def spectrum_table(model, eig, targets: Sequence[LinearTarget], memorized: pd.Da
                     "n_states_memorized": int(states["memorized"][t.name].shape[0]),
                     "n_states_nonmemorized": int(states["nonmemorized"][t.name].shape[0]),
                 })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=SPECTRUM_COLUMNS)
 
 
 def plot_spectrum(df: pd.DataFrame, path) -> None:
@@ -194,6 +202,8 @@ def plot_spectrum(df: pd.DataFrame, path) -> None:
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), dpi=120, squeeze=False)
     for ax in axes.flat[len(modules):]:
         ax.axis("off")
+    if not modules:
+        axes.flat[0].text(0.5, 0.5, "no memorized / non-memorized contrast to analyse", ha="center", va="center")
     for ax, short in zip(axes.flat, modules):
         part = df[df["short"] == short]
         labels = list(dict.fromkeys(part.sort_values("band_index")["band"]))
@@ -207,7 +217,8 @@ def plot_spectrum(df: pd.DataFrame, path) -> None:
         ax.set_title(short, fontsize=9)
         ax.set_ylabel("mean ||Zx||: memorized / non-memorized", fontsize=7)
         ax.grid(alpha=0.3, axis="y")
-    axes.flat[0].legend(fontsize=7)
+    if modules:
+        axes.flat[0].legend(fontsize=7)
     fig.suptitle("Memorized vs non-memorized inputs per curvature band (paper Fig. 2)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png")
