@@ -204,6 +204,16 @@ STAGE_MODULES = {
     "reference_topk": ["generation.py"],
     "evaluate": ["evaluate.py", "generation.py", "metrics.py", "edits.py"],
     "report": ["report.py"],
+    "collect_kfac": ["curvature/collect.py", "curvature/store.py"],
+    "merge_kfac": ["curvature/store.py"],
+    "decompose_kfac": ["curvature/decompose.py", "curvature/store.py"],
+    "apply_edit": ["curvature/edit.py", "curvature/store.py", "edits.py"],
+    "kfac_spectrum": ["curvature/spectrum.py", "curvature/store.py"],
+    "curvature_report": ["curvature/report.py", "report.py"],
+    "train_mask": ["masks/gates.py", "masks/regularizers.py", "masks/training.py", "masks/data.py", "edits.py"],
+    "prune_baseline": ["pruning/*.py", "masks/data.py", "edits.py"],
+    "balanced_subnet": ["masks/balanced_subnet.py", "masks/data.py", "edits.py"],
+    "masks_report": ["masks/report.py", "report.py"],
 }
 
 

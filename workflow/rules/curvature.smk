@@ -66,11 +66,18 @@ rule collect_kfac:
         unpack(model_inputs),
         windows=CALIBRATION,
     output:
-        factors=directory(
-            f"{KFAC_DIR}/factors" if CURV_SHARDS == 1 else f"{KFAC_DIR}/shards/{{shard}}/factors"
+        **with_sidecars(
+            {
+                "factors": directory(
+                    f"{KFAC_DIR}/factors" if CURV_SHARDS == 1 else f"{KFAC_DIR}/shards/{{shard}}/factors"
+                ),
+                "summary": f"{KFAC_DIR}/summary.parquet"
+                if CURV_SHARDS == 1
+                else f"{KFAC_DIR}/shards/{{shard}}/summary.parquet",
+            }
         ),
-        summary=f"{KFAC_DIR}/summary.parquet" if CURV_SHARDS == 1 else f"{KFAC_DIR}/shards/{{shard}}/summary.parquet",
     params:
+        code=stage_code("collect_kfac"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=as_json(CURV_COLLECT_SETTINGS),
@@ -81,12 +88,12 @@ rule collect_kfac:
         ENV
     log:
         f"{ROOT}/logs/collect_kfac/{KFAC_HASH}.log" if CURV_SHARDS == 1 else f"{ROOT}/logs/collect_kfac/{KFAC_HASH}-{{shard}}.log",
-    benchmark:
-        f"{ROOT}/benchmarks/collect_kfac/{KFAC_HASH}.tsv" if CURV_SHARDS == 1 else f"{ROOT}/benchmarks/collect_kfac/{KFAC_HASH}-{{shard}}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=240,
+        mem_mb=mem_mb(8000, "collect_kfac"),
+        runtime=runtime_min(240, "collect_kfac"),
         gpu=GPU,
+    # Between-workflow cache (no benchmark: allowed with cache; the sidecars record wall time).
+    cache: True
     shell:
         "memctl kfac-collect --model {params.model:q} --model-settings {params.model_settings:q}"
         " --threads {threads} --windows {input.windows} --settings {params.settings:q} {params.shard}"
@@ -102,6 +109,7 @@ if CURV_SHARDS > 1:
             factors=directory(f"{KFAC_DIR}/factors"),
             summary=f"{KFAC_DIR}/summary.parquet",
         params:
+            code=stage_code("merge_kfac"),
             shards=lambda wildcards, input: " ".join(os.path.dirname(p) for p in input),
             out_dir=parent_dir,
         conda:
@@ -111,8 +119,8 @@ if CURV_SHARDS > 1:
         benchmark:
             f"{ROOT}/benchmarks/merge_kfac/{KFAC_HASH}.tsv"
         resources:
-            mem_mb=mem_mb(8000),
-            runtime=30,
+            mem_mb=mem_mb(8000, "merge_kfac"),
+            runtime=runtime_min(30, "merge_kfac"),
         shell:
             "memctl kfac-merge --inputs {params.shards} --out-dir {params.out_dir} > {log} 2>&1"
 
@@ -121,20 +129,19 @@ rule decompose_kfac:
     input:
         factors=f"{KFAC_DIR}/factors",
     output:
-        eigen=directory(f"{EIGEN_DIR}/eigen"),
-        summary=f"{EIGEN_DIR}/summary.parquet",
+        **with_sidecars({"eigen": directory(f"{EIGEN_DIR}/eigen"), "summary": f"{EIGEN_DIR}/summary.parquet"}),
     params:
+        code=stage_code("decompose_kfac"),
         out_dir=parent_dir,
     threads: THREADS
     conda:
         ENV
     log:
         f"{ROOT}/logs/decompose_kfac/{EIGEN_HASH}.log",
-    benchmark:
-        f"{ROOT}/benchmarks/decompose_kfac/{EIGEN_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=60,
+        mem_mb=mem_mb(8000, "decompose_kfac"),
+        runtime=runtime_min(60, "decompose_kfac"),
+    cache: True
     shell:
         "memctl kfac-decompose --factors {input.factors} --threads {threads}"
         " --out-dir {params.out_dir} > {log} 2>&1"
@@ -153,6 +160,7 @@ rule apply_edit:
         delta=f"{MODEL_DIR}/edits/{{curv_edit}}/delta.safetensors",
         **({"model_dir": directory(f"{MODEL_DIR}/edits/{{curv_edit}}/model")} if CURV["write_model_dir"] else {}),
     params:
+        code=stage_code("apply_edit"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         spec=lambda wildcards: as_json(CURV_SPECS[wildcards.curv_edit]),
@@ -168,8 +176,8 @@ rule apply_edit:
     benchmark:
         f"{ROOT}/benchmarks/apply_edit/{{curv_edit}}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=30,
+        mem_mb=mem_mb(8000, "apply_edit"),
+        runtime=runtime_min(30, "apply_edit"),
     shell:
         "memctl curvature-edit --model {params.model:q} --model-settings {params.model_settings:q}"
         " --threads {threads} {params.eigen} --edit-id {wildcards.curv_edit} --settings {params.spec:q}"
@@ -185,6 +193,7 @@ rule kfac_spectrum:
     output:
         SPECTRUM,
     params:
+        code=stage_code("kfac_spectrum"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=as_json(CURV["spectrum"]),
@@ -196,8 +205,8 @@ rule kfac_spectrum:
     benchmark:
         f"{ROOT}/benchmarks/kfac_spectrum/{SPECTRUM_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=60,
+        mem_mb=mem_mb(8000, "kfac_spectrum"),
+        runtime=runtime_min(60, "kfac_spectrum"),
         gpu=GPU,
     shell:
         "memctl kfac-spectrum --model {params.model:q} --model-settings {params.model_settings:q}"
@@ -213,6 +222,7 @@ rule curvature_report:
     output:
         CURV_REPORT,
     params:
+        code=stage_code("curvature_report"),
         settings=as_json(CURV["report"]),
         spectrum=lambda wildcards, input: f"--spectrum {input.spectrum}" if input.spectrum else "",
         out_dir=parent_dir,
@@ -223,8 +233,8 @@ rule curvature_report:
     benchmark:
         f"{ROOT}/benchmarks/curvature_report/{EVAL_HASH}-{SPECTRUM_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(2000),
-        runtime=10,
+        mem_mb=mem_mb(2000, "curvature_report"),
+        runtime=runtime_min(10, "curvature_report"),
     shell:
         "memctl curvature-report --metrics {input.metrics} --deltas {input.deltas} {params.spectrum}"
         " --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"

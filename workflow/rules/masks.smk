@@ -145,6 +145,7 @@ rule train_mask:
         delta=f"{MODEL_DIR}/edits/{{edit}}/delta.safetensors",
         log=f"{MODEL_DIR}/edits/{{edit}}/train_log.parquet",
     params:
+        code=stage_code("train_mask"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=lambda wildcards: as_json(MASK_JOBS[wildcards.edit]),
@@ -160,8 +161,8 @@ rule train_mask:
     benchmark:
         f"{ROOT}/benchmarks/train_mask/{{edit}}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=240,
+        mem_mb=mem_mb(8000, "train_mask"),
+        runtime=runtime_min(240, "train_mask"),
         gpu=GPU,
     shell:
         "memctl train-mask --model {params.model:q} --model-settings {params.model_settings:q} --threads {threads}"
@@ -176,6 +177,7 @@ rule prune_baseline:
     output:
         delta=f"{MODEL_DIR}/edits/{{edit}}/delta.safetensors",
     params:
+        code=stage_code("prune_baseline"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=lambda wildcards: as_json(PRUNE_JOBS[wildcards.edit]),
@@ -191,8 +193,8 @@ rule prune_baseline:
     benchmark:
         f"{ROOT}/benchmarks/prune_baseline/{{edit}}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=60,
+        mem_mb=mem_mb(8000, "prune_baseline"),
+        runtime=runtime_min(60, "prune_baseline"),
         gpu=GPU,
     shell:
         "memctl prune --model {params.model:q} --model-settings {params.model_settings:q} --threads {threads}"
@@ -208,6 +210,7 @@ rule balanced_subnet:
         delta=f"{MODEL_DIR}/edits/{{edit}}/delta.safetensors",
         log=f"{MODEL_DIR}/edits/{{edit}}/train_log.parquet",
     params:
+        code=stage_code("balanced_subnet"),
         model=MODEL_REF,
         model_settings=as_json(MODEL_SETTINGS),
         settings=lambda wildcards: as_json(BSN_JOBS[wildcards.edit]),
@@ -222,8 +225,8 @@ rule balanced_subnet:
     benchmark:
         f"{ROOT}/benchmarks/balanced_subnet/{{edit}}.tsv"
     resources:
-        mem_mb=mem_mb(8000),
-        runtime=120,
+        mem_mb=mem_mb(8000, "balanced_subnet"),
+        runtime=runtime_min(120, "balanced_subnet"),
         gpu=GPU,
     shell:
         "memctl balanced-subnet --model {params.model:q} --model-settings {params.model_settings:q}"
@@ -238,6 +241,7 @@ rule masks_report:
     output:
         MASKS_REPORT_OUTPUTS,
     params:
+        code=stage_code("masks_report"),
         spec=as_json(MASKS_REPORT_SPEC),
         out_dir=MASKS_RESULTS,
     conda:
@@ -247,8 +251,8 @@ rule masks_report:
     benchmark:
         f"{ROOT}/benchmarks/masks_report/{MASKS_REPORT_HASH}.tsv"
     resources:
-        mem_mb=mem_mb(4000),
-        runtime=10,
+        mem_mb=mem_mb(4000, "masks_report"),
+        runtime=runtime_min(10, "masks_report"),
     shell:
         "memctl masks-report --metrics {input.metrics} --spec {params.spec:q} --out-dir {params.out_dir}"
         " > {log} 2>&1"
