@@ -222,7 +222,8 @@ def stage_code(stage):
     digest = hashlib.sha256()
     for name in STAGE_MODULES[stage]:
         for path in sorted(MEMCTL_SRC.glob(name)):
-            digest.update(path.relative_to(MEMCTL_SRC).as_posix().encode() + b"\0" + path.read_bytes())
+            digest.update(path.relative_to(MEMCTL_SRC).as_posix().encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
