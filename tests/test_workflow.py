@@ -96,15 +96,58 @@ def test_second_run_does_nothing(tiny_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_changing_evaluation_settings_reruns_only_evaluation(tiny_run, tmp_path):
-    cfg = yaml.safe_load((tiny_run / "config" / "config.yaml").read_text())
-    cfg["evaluate"]["batch_size"] = 8
+def scheduled(workdir: Path, tmp_path: Path, change=None) -> dict[str, int]:
+    """Jobs per rule that a dry run schedules after ``change(cfg)`` edits the workdir's config."""
+    cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    if change:
+        change(cfg)
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = snakemake(tiny_run, "-n", "--configfile", str(path), "--quiet", "rules").stdout
-    jobs = {line.split()[0] for line in out.splitlines() if line and line.split()[0] in
-            {"demo_corpus", "demo_tokenizer", "demo_pretrain", "candidates", "extract", "heldout", "evaluate", "report"}}
-    assert jobs == {"evaluate", "report"}
+    out = snakemake(workdir, "-n", "--configfile", str(path), "--quiet", "rules").stdout
+    jobs = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "total", "all"):
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def test_changing_evaluation_settings_reruns_only_evaluation(tiny_run, tmp_path):
+    jobs = scheduled(tiny_run, tmp_path, lambda cfg: cfg["evaluate"].update(batch_size=8))
+    assert set(jobs) == {"evaluate", "report"}
+
+
+def test_changing_one_edit_strength_reruns_only_that_edit(tiny_run, tmp_path):
+    def change(cfg):
+        cfg["curvature"]["edits"][0]["strength"] = 0.7
+
+    jobs = scheduled(tiny_run, tmp_path, change)
+    assert jobs == {"apply_edit": 1, "evaluate": 1, "curvature_report": 1, "report": 1}
+
+
+def test_changing_the_curvature_data_budget_reruns_the_curvature_stages_only(tiny_run, tmp_path):
+    jobs = scheduled(tiny_run, tmp_path, lambda cfg: cfg["curvature"]["data"].update(max_tokens=2000))
+    kfac_edits = sum(e["method"] != "svd" for e in yaml.safe_load(TINY.read_text())["curvature"]["edits"])
+    assert jobs["collect_kfac"] == 1 and jobs["decompose_kfac"] == 1
+    assert jobs["apply_edit"] == kfac_edits  # SVD edits do not use the factors
+    assert not {"extract", "candidates", "demo_pretrain", "train_mask", "prune_baseline", "balanced_subnet"} & set(jobs)
+
+
+def test_editing_one_stage_module_reruns_that_stage_and_its_dependants(tiny_run, tmp_path):
+    """Rules run `memctl` commands: each carries a hash of its stage's modules as a param."""
+    import memctl
+
+    module = Path(memctl.__file__).parent / "curvature" / "decompose.py"
+    original = module.read_bytes()
+    try:
+        module.write_bytes(original + b"\n# an edit to the decomposition code\n")
+        jobs = scheduled(tiny_run, tmp_path)
+    finally:
+        module.write_bytes(original)
+    assert jobs["decompose_kfac"] == 1 and "collect_kfac" not in jobs
+    assert {"apply_edit", "evaluate", "curvature_report", "report"} <= set(jobs)
+    assert not {"extract", "train_mask", "prune_baseline", "demo_pretrain", "heldout"} & set(jobs)
+    assert scheduled(tiny_run, tmp_path) == {}  # restored: nothing to do
 
 
 def test_same_config_gives_identical_artifacts(tiny_run, tmp_path):
