@@ -48,3 +48,21 @@ def test_delta_for_another_model_fails_before_changing_anything(tmp_path):
     with pytest.raises(ValueError, match="does not have"):
         apply_delta(model, path)
     assert torch.equal(model.get_parameter(good.param_name), before)
+
+
+def test_same_delta_gives_the_same_bytes_in_every_process(tmp_path):
+    """Determinism across processes: safetensors orders several metadata keys at random."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from memctl.edits import save_delta; "
+        "save_delta(sys.argv[1], replace={'a.weight': torch.ones(2, 3)}, masks={'b.weight': torch.eye(4) > 0}, "
+        "metadata={'method': 'x', 'settings': {'z': 1, 'a': 2}, 'edit_id': 'e'})"
+    )
+    digests = set()
+    for i in range(3):
+        out = tmp_path / f"d{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True)
+        digests.add(out.read_bytes())
+    assert len(digests) == 1

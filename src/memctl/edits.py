@@ -31,6 +31,7 @@ from memctl.artifacts import atomic_path
 
 FORMAT = "memctl-delta/1"
 _REPLACE, _MASK = "replace/", "mask/"
+_HEADER_KEY = "memctl_delta"
 
 
 @dataclass
@@ -68,15 +69,28 @@ def save_delta(
         raise ValueError(f"parameters both replaced and masked: {both}; fold the mask into the new value")
     tensors = {_REPLACE + k: v.detach().to("cpu").contiguous() for k, v in replace.items()}
     tensors.update({_MASK + k: pack_mask(v) for k, v in masks.items()})
+    # One metadata key: safetensors writes several keys in a varying order, and the same delta
+    # must give the same bytes in every process.
     header = {
-        "format": FORMAT,
-        "mask_shapes": json.dumps({k: list(v.shape) for k, v in masks.items()}),
-        "memctl": json.dumps(dict(metadata or {}), sort_keys=True, default=str),
+        _HEADER_KEY: json.dumps(
+            {"format": FORMAT, "mask_shapes": {k: list(v.shape) for k, v in masks.items()},
+             "metadata": dict(metadata or {})},
+            sort_keys=True, default=str,
+        )
     }
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return path
+
+
+def read_delta_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The caller's ``metadata`` of a delta, from its header only (no tensors are read)."""
+    with safe_open(str(path), framework="pt") as fh:
+        header = json.loads((fh.metadata() or {}).get(_HEADER_KEY, "{}"))
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a memctl delta")
+    return header["metadata"]
 
 
 def load_delta(path: str | os.PathLike) -> Delta:
@@ -85,11 +99,11 @@ def load_delta(path: str | os.PathLike) -> Delta:
         raise FileNotFoundError(f"delta not found: {path}")
     delta = Delta()
     with safe_open(str(path), framework="pt") as fh:
-        header = fh.metadata() or {}
+        header = json.loads((fh.metadata() or {}).get(_HEADER_KEY, "{}"))
         if header.get("format") != FORMAT:
             raise ValueError(f"{path}: not a memctl delta (format {header.get('format')!r}, expected {FORMAT!r})")
-        shapes = json.loads(header.get("mask_shapes", "{}"))
-        delta.metadata = json.loads(header.get("memctl", "{}"))
+        shapes = header["mask_shapes"]
+        delta.metadata = header["metadata"]
         for key in fh.keys():
             if key.startswith(_REPLACE):
                 delta.replace[key[len(_REPLACE):]] = fh.get_tensor(key)

@@ -6,7 +6,6 @@ keep fraction) mean different things per method and per amount of factor data.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -33,12 +32,11 @@ COLUMNS = [
 
 def read_specs(deltas: Sequence[str]) -> dict[str, dict]:
     """edit id -> edit spec, from the deltas' headers (no tensors are read)."""
-    from safetensors import safe_open
+    from memctl.edits import read_delta_metadata
 
     specs = {}
     for path in deltas:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads((fh.metadata() or {}).get("memctl", "{}"))
+        meta = read_delta_metadata(path)
         if "edit_id" in meta:
             specs[meta["edit_id"]] = meta.get("spec", {})
     return specs
