@@ -52,11 +52,7 @@ def test_train_mask_writes_a_sound_deterministic_delta(tiny_model_dir, tiny_mode
     _train(tiny_model_dir, data, tmp_path / "b", SETTINGS)
     for name in ("delta.safetensors", "train_log.parquet"):
         assert verify(tmp_path / "a" / name) == []
-    assert hash_path(tmp_path / "a" / "train_log.parquet") == hash_path(tmp_path / "b" / "train_log.parquet")
-    # same settings + seed = the same delta (compared decoded: safetensors orders the header keys
-    # of edits.save_delta differently per process)
-    a, b = load_delta(tmp_path / "a" / "delta.safetensors"), load_delta(tmp_path / "b" / "delta.safetensors")
-    assert a.metadata == b.metadata and all(torch.equal(m, b.masks[k]) for k, m in a.masks.items())
+        assert hash_path(tmp_path / "a" / name) == hash_path(tmp_path / "b" / name)  # same settings + seed
     assert not (tmp_path / "a" / "checkpoint.pt").exists()
     delta = load_delta(tmp_path / "a" / "delta.safetensors")
     assert delta.metadata["mode"] == "up" and delta.metadata["label"] == "Ours (up)"
