@@ -113,8 +113,9 @@ def scheduled(workdir: Path, tmp_path: Path, change=None) -> dict[str, int]:
 
 
 def test_changing_evaluation_settings_reruns_only_evaluation(tiny_run, tmp_path):
+    """Every edit is re-evaluated; the reports that read metrics follow; no edit or extraction reruns."""
     jobs = scheduled(tiny_run, tmp_path, lambda cfg: cfg["evaluate"].update(batch_size=8))
-    assert set(jobs) == {"evaluate", "report"}
+    assert set(jobs) == {"evaluate", "report", "curvature_report", "masks_report"}
 
 
 def test_changing_one_edit_strength_reruns_only_that_edit(tiny_run, tmp_path):
