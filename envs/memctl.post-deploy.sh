@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Snakemake runs this inside the freshly created envs/memctl.yaml env (--software-deployment-method
 # conda): install memctl itself, without dependencies (the env file has them), from the checkout.
-# The checkout is $MEMCTL_SRC, else the first directory from the working directory upwards whose
+# The checkout is $MEMCTL_SRC (the workflow sets it to the Snakefile's directory), else the first directory from the working directory upwards whose
 # pyproject.toml names memctl (snakemake is usually run from the checkout).
 set -euo pipefail
 src="${MEMCTL_SRC:-}"

@@ -156,3 +156,5 @@ def test_masks_report_tables_and_plots(tmp_path):
     assert (out / "ablation_sparsity.png").stat().st_size > 5000
     assert not (out / "ablation_threshold.md").exists()
     assert verify(out / "table.md") == [] and verify(out / "ablation_sparsity.png") == []
+    page = (out / "table.html").read_text()  # what `snakemake --report` shows: main and ablation tables
+    assert "<td>Ours (up)</td><td>3.091</td><td>22.00</td>" in page and "Sparsity ablation" in page

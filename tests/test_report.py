@@ -30,3 +30,16 @@ def test_tables_render_missing_values_and_unknown_counts(tmp_path):
     assert "| all | unknown | 3 | 1.000 |" in report.extraction_markdown(by)
     report.plot_extraction(by, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_markdown_pages_render_tables_lists_and_escape_cells():
+    md = ("# Title `x`\n\nSome **bold** text\nthat wraps.\n\n| Method | PPL |\n|---|---:|\n| Ours (up) | 1.50 |\n"
+          "| a<b | - |\n\n- note one\n- note two\n")
+    page = report.markdown_html(md, "T & U")
+    assert "<title>T &amp; U</title>" in page
+    assert "<h1>Title <code>x</code></h1>" in page
+    assert "<p>Some <b>bold</b> text that wraps.</p>" in page
+    assert "<thead><tr><th>Method</th><th>PPL</th></tr></thead>" in page
+    assert "<tr><td>Ours (up)</td><td>1.50</td></tr><tr><td>a&lt;b</td><td>-</td></tr>" in page
+    assert "---" not in page  # the separator row is not a data row
+    assert "<ul><li>note one</li><li>note two</li></ul>" in page

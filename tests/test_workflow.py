@@ -96,6 +96,17 @@ def test_second_run_does_nothing(tiny_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_snakemake_report_shows_every_stage_with_captions(tiny_run, tmp_path):
+    out = tmp_path / "report.html"
+    snakemake(tiny_run, "--report", str(out))
+    page = out.read_text()
+    for category in ("Results", "Extraction", "Curvature", "Masks and pruning"):
+        assert category in page
+    for name in ("results.html", "extraction_by_copies.png", "curvature.html", "curvature_sweep.png", "table.html"):
+        assert name in page
+    assert "K-FAC and the best SVD edit at matched" in page  # a caption, rendered from workflow/report/
+
+
 def scheduled(workdir: Path, tmp_path: Path, change=None) -> dict[str, int]:
     """Jobs per rule that a dry run schedules after ``change(cfg)`` edits the workdir's config."""
     cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
@@ -188,7 +199,15 @@ def test_dag_on_a_local_hf_model_with_file_sources(tmp_path, tiny_model_dir, tin
         "extract": {"preset": "32/32", "test_fraction": 0.5},
         "heldout": {"source": "text", "path": str(tmp_path / "heldout.txt")},
         "calibration": {"source": "text", "path": str(tmp_path / "heldout.txt")},
-        "resources": {"threads": 2},
+        "resources": {"threads": 1},
+        # One job of each edit family (every rule runs), a few steps each: this test is about the
+        # model and data sources, not the methods' defaults (1000 mask steps per mode, sweeps).
+        "curvature": {"data": {"max_tokens": 1000, "batch_size": 4},
+                      "edits": [{"method": "kfac", "layers": [0], "strength": 0.8}]},
+        "masks": {"modes": ["down"], "steps": 4, "batch_size": 4, "mem_batch_size": 4, "log_every": 2,
+                  "checkpoint_every": 2, "sweep": {"sparsities": [], "thresholds": [], "baselines": False}},
+        "pruning": {"methods": ["wanda"], "calibration_windows": 4, "batch_size": 4, "block_size": 32,
+                    "balanced_subnet": {"epochs": 1, "batch_size": 8}},
     }
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     snakemake(work)

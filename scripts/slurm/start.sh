@@ -28,7 +28,10 @@ t0=$EPOCHREALTIME
 lock
 
 HOST=$(hostname -s)
+# munged refuses a group-writable pid directory: the caller's umask (a lab's 002) must not leak in.
+umask 022
 mkdir -p "$STATE"/{run,log,slurmctld,slurmd} "$ETC"
+chmod 0755 "$STATE" "$STATE"/{run,log,slurmctld,slurmd}
 install -d -o munge -g munge -m 0755 /run/munge "$STATE/run/munge"
 install -d -o munge -g munge -m 0700 "$STATE/log/munge"
 

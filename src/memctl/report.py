@@ -6,7 +6,9 @@ The extraction curve (exact extraction by exposure count) is a table and a plot.
 
 from __future__ import annotations
 
+import html
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,10 +138,63 @@ def html_page(title: str, sections: Sequence[tuple[str, pd.DataFrame]], note: st
     body = [f"<h1>{title}</h1>", f"<p>{note}</p>" if note else ""]
     for heading, table in sections:
         body += [f"<h2>{heading}</h2>", table.to_html(index=False, border=0, classes="memctl")]
-    style = "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}"
-    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    return _page(title, body)
 
 
 def results_html(metrics: pd.DataFrame) -> str:
     sections = [(model, formatted_table(part, RESULT_COLUMNS)) for model, part in metrics.groupby("model", sort=True)]
     return html_page("memctl results", sections)
+
+
+def _inline(text: str) -> str:
+    """Escape HTML, then render the inline markup our tables use (`code`, **bold**)."""
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+def markdown_html(text: str, title: str) -> str:
+    """The markdown that memctl's report commands write, as a standalone HTML page.
+
+    Covers what those commands emit (``#`` headings, pipe tables, ``-`` lists, paragraphs), so the
+    same tables appear in ``snakemake --report`` without another dependency.
+    """
+    body: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if not line:
+            i += 1
+        elif line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 6)
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+            i += 1
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            header, rows = block[0], [r for r in block[1:] if not all(set(c) <= set("-:") for c in r)]
+            head = "".join(f"<th>{_inline(c)}</th>" for c in header)
+            cells = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+            body.append(f"<table class='memctl'><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append(f"<ul>{''.join(items)}</ul>")
+        else:
+            para = []
+            while i < len(lines) and lines[i].strip() and not lines[i].startswith(("#", "|", "- ")):
+                para.append(lines[i].strip())
+                i += 1
+            body.append(f"<p>{_inline(' '.join(para))}</p>")
+    return _page(title, body)
+
+
+def _page(title: str, body: Sequence[str]) -> str:
+    style = "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")

@@ -21,6 +21,10 @@ config.update(_resolved)
 
 ROOT = config["root"].rstrip("/")
 
+# envs/memctl.post-deploy.sh installs memctl into a conda-deployed env from this checkout, wherever
+# Snakemake is started from.
+os.environ.setdefault("MEMCTL_SRC", workflow.basedir)
+
 # A lab shares one store: what this run creates there (Snakemake's own directories, logs and
 # benchmarks included) is group-writable, and a run claims its outputs in the store before any
 # job starts, so two runs from different working directories never write the same artifact.

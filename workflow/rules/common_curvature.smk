@@ -43,9 +43,16 @@ for _spec in CURV_EDITS:
 
 CURV_SHARDS = CURV["data"]["shards"]
 CURV_COLLECT_SETTINGS = {"data": CURV["data"], "modules": CURV["modules"]}
-CURV_REPORT = [f"{RESULTS}/curvature.md", f"{RESULTS}/curvature_sweep.png", f"{RESULTS}/curvature_edits.parquet"]
+CURV_REPORT = [f"{RESULTS}/curvature.md", f"{RESULTS}/curvature_sweep.png", f"{RESULTS}/curvature_edits.parquet",
+               f"{RESULTS}/curvature.html"]
 if CURV["spectrum"]["enabled"]:
     CURV_REPORT.append(f"{RESULTS}/curvature_spectrum.png")
+# What `snakemake --report` shows, with captions (workflow/report/).
+CURV_REPORT_OUTPUTS = [
+    path if not path.endswith((".html", ".png"))
+    else report(path, caption=f"../report/{Path(path).stem}.rst", category="Curvature")
+    for path in CURV_REPORT
+]
 if CURV_SPECS or CURV["spectrum"]["enabled"]:
     EXTRA_OUTPUTS.extend(CURV_REPORT)
 

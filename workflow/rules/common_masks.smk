@@ -97,10 +97,16 @@ MASKS_REPORT_SPEC = {"title": f"Masks and pruning baselines at sparsity {MASKS['
                      "edits": list(MASKS_SPEC.values())}
 MASKS_REPORT_HASH = settings_hash(EVAL_HASH, MASKS_REPORT_SPEC)
 MASKS_RESULTS = f"{RESULTS}/masks"
-MASKS_REPORT_OUTPUTS = [f"{MASKS_RESULTS}/table.md", f"{MASKS_RESULTS}/table.parquet"]
+MASKS_REPORT_OUTPUTS = [f"{MASKS_RESULTS}/table.md", f"{MASKS_RESULTS}/table.parquet", f"{MASKS_RESULTS}/table.html"]
 for _table in ("sparsity", "threshold"):
     if any(_table in e["tables"] for e in MASKS_SPEC.values()):
         MASKS_REPORT_OUTPUTS += [f"{MASKS_RESULTS}/ablation_{_table}.{ext}" for ext in ("md", "parquet", "png")]
+# What `snakemake --report` shows, with captions (workflow/report/masks_*.rst).
+MASKS_REPORT_DECLARED = [
+    path if not path.endswith((".html", ".png"))
+    else report(path, caption=f"../report/masks_{Path(path).stem}.rst", category="Masks and pruning")
+    for path in MASKS_REPORT_OUTPUTS
+]
 if MASKS["enabled"]:
     EXTRA_OUTPUTS.extend(MASKS_REPORT_OUTPUTS)
 

@@ -167,7 +167,7 @@ rule curvature_report:
         deltas=[EDIT_DELTAS[e] for e in CURV_SPECS],
         spectrum=[SPECTRUM] if CURV["spectrum"]["enabled"] else [],
     output:
-        CURV_REPORT,
+        CURV_REPORT_OUTPUTS,
     params:
         code=stage_code("curvature_report"),
         settings=as_json(CURV["report"]),

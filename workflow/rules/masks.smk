@@ -109,7 +109,7 @@ rule masks_report:
         metrics=[f"{EVAL_DIR}/{edit}/metrics.parquet" for edit in MASKS_SPEC],
         deltas=[e["delta"] for e in MASKS_SPEC.values() if e["delta"]],
     output:
-        MASKS_REPORT_OUTPUTS,
+        MASKS_REPORT_DECLARED,
     params:
         code=stage_code("masks_report"),
         spec=as_json(MASKS_REPORT_SPEC),

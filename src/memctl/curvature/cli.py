@@ -229,6 +229,7 @@ def cmd_report(args) -> None:
     from memctl.config import parse_settings
     from memctl.curvature import report
     from memctl.curvature.spectrum import plot_spectrum
+    from memctl.report import markdown_html
 
     settings = parse_settings(args.settings)
     prov = Provenance("curvature-report", settings, {
@@ -240,8 +241,10 @@ def cmd_report(args) -> None:
     spectrum = pd.read_parquet(args.spectrum) if args.spectrum else None
     table = report.edit_table(metrics, specs)
     out = Path(args.out_dir)
-    outputs = [out / "curvature.md", out / "curvature_edits.parquet", out / "curvature_sweep.png"]
-    write_text(outputs[0], report.curvature_markdown(table, settings, spectrum))
+    outputs = [out / "curvature.md", out / "curvature_edits.parquet", out / "curvature_sweep.png", out / "curvature.html"]
+    text = report.curvature_markdown(table, settings, spectrum)
+    write_text(outputs[0], text)
+    write_text(outputs[3], markdown_html(text, "Curvature edits (K-FAC vs SVD)"))
     write_parquet(table, outputs[1])
     with atomic_path(outputs[2]) as tmp:
         report.plot_sweep(table, tmp)

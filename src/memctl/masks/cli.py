@@ -137,6 +137,7 @@ def cmd_masks_report(args) -> None:
     from memctl.artifacts import Provenance, atomic_path, write_parquet, write_text
     from memctl.config import parse_settings
     from memctl.masks import report
+    from memctl.report import markdown_html
 
     spec = parse_settings(args.spec)
     entries = spec.get("edits", [])
@@ -166,6 +167,10 @@ def cmd_masks_report(args) -> None:
         with atomic_path(out / f"ablation_{table}.png") as tmp:
             report.plot_ablation(df, x, panels, tmp, title, origin)
         outputs += [out / f"ablation_{table}.md", out / f"ablation_{table}.parquet", out / f"ablation_{table}.png"]
+    pages = [text] + [(out / f"ablation_{t}.md").read_text() for t in ("sparsity", "threshold")
+                      if out / f"ablation_{t}.md" in outputs]
+    write_text(out / "table.html", markdown_html("\n".join(pages), spec.get("title", "Masks and pruning baselines")))
+    outputs.append(out / "table.html")
     prov.write(*outputs)
     print(text)
 
