@@ -96,3 +96,24 @@ def test_snakemake_refuses_a_bad_config_before_scheduling(tmp_path):
     )
     assert proc.returncode != 0
     assert "extract.batch_size: -1 is less than the minimum of 1" in proc.stdout + proc.stderr
+
+
+def test_snakemake_refuses_kfac_second_moments_with_the_sequential_form(tmp_path):
+    """Caught when the DAG is built, not by every Wanda / SparseGPT job failing hours later."""
+    cfg = default_raw()
+    cfg.setdefault("pruning", {}).update(second_moments="kfac", forms=["sequential", "one_pass"])
+    path = tmp_path / "kfac.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "pruning.second_moments: 'kfac' works with pruning.forms: [one_pass] only" in proc.stdout + proc.stderr
+    cfg["pruning"]["forms"] = ["one_pass"]
+    path.write_text(yaml.safe_dump(cfg))
+    ok = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]

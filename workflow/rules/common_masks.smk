@@ -68,6 +68,12 @@ if MASKS["enabled"]:
             "pruning.second_moments: 'kfac' needs the curvature stage's factors (KFAC_DIR), "
             "which this workflow does not define"
         )
+    if PRUNING["second_moments"] == "kfac" and "sequential" in PRUNING["forms"]:
+        raise WorkflowError(
+            f"pruning.second_moments: 'kfac' works with pruning.forms: [one_pass] only (the K-FAC factors "
+            f"are the unpruned model's statistics; the sequential form needs those of the pruned blocks "
+            f"below); got pruning.forms: {PRUNING['forms']}"
+        )
     r = MASKS["sparsity"]
     for method in PRUNING["methods"]:
         for form in (["sequential"] if method == "magnitude" else PRUNING["forms"]):
@@ -87,7 +93,8 @@ if MASKS["enabled"]:
             _add_mask(mode, s, MASKS["threshold"], "sparsity", f"{MASK_MODE_LABELS[mode]}, sparsity {s:.2f}")
         if sweep["baselines"]:
             for method in PRUNING["methods"]:
-                _add_baseline(method, "sequential", s, "sparsity", f"{BASELINE_LABELS[method]}, sparsity {s:.2f}")
+                form = "sequential" if method == "magnitude" else PRUNING["forms"][0]
+                _add_baseline(method, form, s, "sparsity", f"{BASELINE_LABELS[method]}, sparsity {s:.2f}")
     for t in sweep["thresholds"]:
         _add_mask("down", r, t, "threshold", f"Ours (down), t={t:g}")
     if sweep["thresholds"]:

@@ -123,6 +123,9 @@ def notes(df: pd.DataFrame) -> str:
             bits.append(f"final mask: {row['mask_rule']}")
         if _given(row.get("target_sparsity")):
             bits.append(f"target sparsity {row['target_sparsity']:.3f}")
+        if row["method"] == "BalancedSubnet":
+            bits.append("sparsity of the MLP matrices only (its own ratio); the other rows count every "
+                        "attention and MLP matrix")
         if bits:
             out.append(f"- {row['method']}: " + "; ".join(bits))
     return "\n".join(out) + ("\n" if out else "")
