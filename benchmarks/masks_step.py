@@ -7,7 +7,8 @@ Times, side by side in one run (interleaved rounds, medians):
   CLM loss + ``lambda_s R_s`` + backward + AdamW over the gate logits (memctl's train_mask step);
 - mask (up): the same plus the memorized-batch forward (two forward passes per step).
 
-Memory (each in a fresh subprocess; peak RSS on CPU, ``max_memory_allocated`` on CUDA): a floor
+Memory (each in a fresh subprocess; the peak during three steps above what is resident before them:
+VmHWM after resetting it through /proc/self/clear_refs on CPU, ``max_memory_allocated`` on CUDA): a floor
 run (forward + backward through the whole network with almost nothing trainable), the fine-tuning
 run and the mask run; the mask run's excess over the floor, divided by the number of gated weights,
 is the peak memory per gated weight. The persistent part (logits, their gradient, AdamW's two
@@ -21,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -68,8 +69,8 @@ class Steps:
         return window_loss(logits, ids)
 
     def finetune(self):
+        self.model.requires_grad_(True)  # every call: the mask steps in between freeze the weights
         if self.ft_opt is None:
-            self.model.requires_grad_(True)
             self.ft_opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         loss = self._loss(self.model(input_ids=self.ids, use_cache=False).logits, self.ids)
         self.ft_opt.zero_grad(set_to_none=True)
@@ -116,19 +117,34 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def _proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
 def memory_probe(args) -> None:
     """Subprocess entry: run one kind of step three times and print its peak memory as JSON."""
     torch.set_num_threads(args.threads)
     model = build_model(args.model, args.device)
     steps = Steps(model, args.batch, args.context, args.device)
     fn = {"floor": steps.floor, "finetune": steps.finetune, "mask": steps.mask}[args.probe]
+    # Peak during the steps only, above what is resident once the model and the gate logits exist
+    # (the process-lifetime peak is set by loading, the same for every probe).
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _proc_status_kib("VmRSS") * 1024
     for _ in range(3):
         fn()
     sync(args.device)
     if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _proc_status_kib("VmHWM") * 1024 - before
     persistent = sum(p.numel() * 4 * 4 for p in steps.gates.parameters())  # logit, grad, exp_avg, exp_avg_sq
     print(json.dumps({"peak_bytes": peak, "gated": steps.gates.total, "params": sum(p.numel() for p in model.parameters()),
                       "persistent_bytes": persistent}))
@@ -173,10 +189,12 @@ def main() -> None:
     gated, params = probes["mask"]["gated"], probes["mask"]["params"]
     excess_mask = probes["mask"]["peak_bytes"] - probes["floor"]["peak_bytes"]
     excess_ft = probes["finetune"]["peak_bytes"] - probes["floor"]["peak_bytes"]
-    print("\n| run | peak MiB | excess over floor per gated weight (mask) / per parameter (fine-tune) |\n|---|---:|---:|")
+    logit = 4  # the fp32 gate logits exist before the measured steps in every probe
+    print("\n| run | peak MiB during 3 steps (above model + logits) | per gated weight (mask) / per parameter "
+          "(fine-tune), above the floor |\n|---|---:|---:|")
     print(f"| floor (fwd+bwd, nothing trainable) | {probes['floor']['peak_bytes'] / 2**20:.0f} | - |")
     print(f"| fine-tune | {probes['finetune']['peak_bytes'] / 2**20:.0f} | {excess_ft / params:.1f} B |")
-    print(f"| mask | {probes['mask']['peak_bytes'] / 2**20:.0f} | {excess_mask / gated:.1f} B |")
+    print(f"| mask | {probes['mask']['peak_bytes'] / 2**20:.0f} | {excess_mask / gated + logit:.1f} B (incl. the 4 B logit) |")
     print(f"persistent mask state (logit + grad + AdamW moments): {probes['mask']['persistent_bytes'] / gated:.0f} B "
           "per gated weight")
 
