@@ -6,6 +6,9 @@
 # overwritten.
 set -euo pipefail
 
+# The daemons and sacctmgr live in /usr/sbin, which a non-login root shell (CI, cron) may not have.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+
 SLURM_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${MEMCTL_SLURM_STATE:-/var/lib/memctl-slurm}"
 ETC="${MEMCTL_SLURM_ETC:-/etc/slurm}"
