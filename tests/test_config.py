@@ -85,15 +85,19 @@ def test_parse_settings_errors_name_the_problem(tmp_path):
         parse_settings(f"@{tmp_path / 'missing.yaml'}")
 
 
-def test_snakemake_refuses_a_bad_config_before_scheduling(tmp_path):
-    bad = default_raw()
-    bad["extract"]["batch_size"] = -1
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(bad))
-    proc = subprocess.run(
+def dry_run(cfg: dict, path: Path) -> subprocess.CompletedProcess:
+    """`snakemake -n` of the repo's workflow with ``cfg`` written to ``path`` as the config file."""
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
+
+
+def test_snakemake_refuses_a_bad_config_before_scheduling(tmp_path):
+    bad = default_raw()
+    bad["extract"]["batch_size"] = -1
+    proc = dry_run(bad, tmp_path / "bad.yaml")
     assert proc.returncode != 0
     assert "extract.batch_size: -1 is less than the minimum of 1" in proc.stdout + proc.stderr
 
@@ -102,18 +106,9 @@ def test_snakemake_refuses_kfac_second_moments_with_the_sequential_form(tmp_path
     """Caught when the DAG is built, not by every Wanda / SparseGPT job failing hours later."""
     cfg = default_raw()
     cfg.setdefault("pruning", {}).update(second_moments="kfac", forms=["sequential", "one_pass"])
-    path = tmp_path / "kfac.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    proc = dry_run(cfg, tmp_path / "kfac.yaml")
     assert proc.returncode != 0
     assert "pruning.second_moments: 'kfac' works with pruning.forms: [one_pass] only" in proc.stdout + proc.stderr
     cfg["pruning"]["forms"] = ["one_pass"]
-    path.write_text(yaml.safe_dump(cfg))
-    ok = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    ok = dry_run(cfg, tmp_path / "kfac.yaml")
     assert ok.returncode == 0, ok.stderr[-3000:]

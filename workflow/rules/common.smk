@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 from memctl.artifacts import claim_workflow, share_with_group
 from memctl.lab import estimate_mem_mb, estimate_runtime_min, workflow_model_dims
@@ -37,6 +38,16 @@ onstart:
 RESULTS = config["results_dir"].rstrip("/")
 DEMO = config["model"]["source"] == "demo"
 PREFIX_LEN, SUFFIX_LEN = prefix_suffix_lengths(config["extract"])
+
+
+def shown_in_report(paths, category, caption_prefix=""):
+    """``paths`` as rule outputs, the HTML tables and PNG plots marked for ``snakemake --report``,
+    each captioned by workflow/report/<caption_prefix><file stem>.rst."""
+    return [
+        path if not path.endswith((".html", ".png"))
+        else report(path, caption=f"../report/{caption_prefix}{Path(path).stem}.rst", category=category)
+        for path in paths
+    ]
 
 
 def as_json(section):
@@ -192,7 +203,6 @@ def final_outputs():
 # reruns that stage and what depends on it (and the between-workflow cache sees the change).
 # Shared plumbing (cli, config, artifacts, models) is left out: editing it reruns nothing.
 import hashlib
-from pathlib import Path
 
 import memctl
 

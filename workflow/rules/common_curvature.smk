@@ -47,12 +47,7 @@ CURV_REPORT = [f"{RESULTS}/curvature.md", f"{RESULTS}/curvature_sweep.png", f"{R
                f"{RESULTS}/curvature.html"]
 if CURV["spectrum"]["enabled"]:
     CURV_REPORT.append(f"{RESULTS}/curvature_spectrum.png")
-# What `snakemake --report` shows, with captions (workflow/report/).
-CURV_REPORT_OUTPUTS = [
-    path if not path.endswith((".html", ".png"))
-    else report(path, caption=f"../report/{Path(path).stem}.rst", category="Curvature")
-    for path in CURV_REPORT
-]
+CURV_REPORT_OUTPUTS = shown_in_report(CURV_REPORT, "Curvature")
 if CURV_SPECS or CURV["spectrum"]["enabled"]:
     EXTRA_OUTPUTS.extend(CURV_REPORT)
 

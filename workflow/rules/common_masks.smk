@@ -108,12 +108,7 @@ MASKS_REPORT_OUTPUTS = [f"{MASKS_RESULTS}/table.md", f"{MASKS_RESULTS}/table.par
 for _table in ("sparsity", "threshold"):
     if any(_table in e["tables"] for e in MASKS_SPEC.values()):
         MASKS_REPORT_OUTPUTS += [f"{MASKS_RESULTS}/ablation_{_table}.{ext}" for ext in ("md", "parquet", "png")]
-# What `snakemake --report` shows, with captions (workflow/report/masks_*.rst).
-MASKS_REPORT_DECLARED = [
-    path if not path.endswith((".html", ".png"))
-    else report(path, caption=f"../report/masks_{Path(path).stem}.rst", category="Masks and pruning")
-    for path in MASKS_REPORT_OUTPUTS
-]
+MASKS_REPORT_DECLARED = shown_in_report(MASKS_REPORT_OUTPUTS, "Masks and pruning", caption_prefix="masks_")
 if MASKS["enabled"]:
     EXTRA_OUTPUTS.extend(MASKS_REPORT_OUTPUTS)
 
