@@ -1,13 +1,15 @@
-# memctl: find what a language model memorized verbatim, then suppress or amplify it.
+# memctl: find what a language model has memorized verbatim, then suppress or amplify it.
 #
-#   snakemake --profile profiles/local all     # the embedded demo, on a laptop
-#   snakemake --profile profiles/slurm all     # a cluster
+#   snakemake --profile profiles/local all                                # the demo (config/config.yaml)
+#   snakemake all --profile profiles/slurm --configfile my.yaml           # your own config, complete by
+#                                                                         # itself or `extends:` another
 #
-# The config is validated against workflow/schemas/config.schema.yaml (with defaults filled in)
-# before any job is scheduled; see workflow/rules/common.smk.
+# The config is validated (memctl.config, schema in workflow/schemas/) and planned (memctl.plan)
+# before any job is scheduled; see workflow/rules/common.smk and docs/architecture.md.
+import os
 
-
-configfile: "config/config.yaml"
+# envs/memctl.post-deploy.sh installs memctl into a conda-deployed env from this checkout.
+os.environ.setdefault("MEMCTL_SRC", workflow.basedir)
 
 
 report: "workflow/report/workflow.rst"
@@ -17,14 +19,21 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/text.smk"
-include: "workflow/rules/common_curvature.smk"
 include: "workflow/rules/curvature.smk"
-include: "workflow/rules/common_masks.smk"
 include: "workflow/rules/masks.smk"
 include: "workflow/rules/evaluate.smk"
 
 
+onstart:
+    # A lab shares one store: this run's files are group-writable, and it claims its outputs
+    # before any job starts, so two runs never write the same artifact.
+    from memctl.store import claim_workflow, share_with_group
+
+    share_with_group()
+    claim_workflow(workflow, PLAN.root)
+
+
 rule all:
-    input:
-        final_outputs(),
     default_target: True
+    input:
+        PLAN.targets,

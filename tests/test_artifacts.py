@@ -13,8 +13,11 @@ import time
 import pandas as pd
 import pytest
 
-from memctl import artifacts
-from memctl.artifacts import (
+from memctl import store
+from memctl.cli import main
+from memctl.store import atomic, leftovers
+from memctl.store import provenance as store_provenance
+from memctl.store import (
     LOCK_NAME,
     Provenance,
     atomic_path,
@@ -28,7 +31,6 @@ from memctl.artifacts import (
     write_parquet,
     write_text,
 )
-from memctl.cli import main
 
 
 def listing(directory):
@@ -47,7 +49,7 @@ def dead_pid():
 
 
 def host():
-    return artifacts._host_tag()
+    return leftovers.host_tag()
 
 
 @pytest.fixture
@@ -94,7 +96,7 @@ def test_directory_is_replaced_whole(tmp_path, monkeypatch, exchange):
     """A rewrite replaces the whole directory (no file of the old version survives), with the
     atomic swap and with the fallback for filesystems without it."""
     if not exchange:
-        monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     target = tmp_path / "model"
     with atomic_path(target, directory=True) as tmp:
         (tmp / "a.bin").write_text("v1")
@@ -121,7 +123,7 @@ def test_provenance_sidecar_and_verify(tmp_path):
     assert {"python", "torch", "transformers", "memctl"} <= set(meta["versions"])
     assert meta["code_version"].startswith("0.1.0")
     assert meta["host"] == socket.gethostname() and meta["wall_time_s"] >= 0 and meta["started"]
-    assert set(artifacts.REQUIRED_FIELDS) <= set(meta)
+    assert set(store.REQUIRED_FIELDS) <= set(meta)
     assert meta["n"] == 2 and meta["sha256"] == hash_path(out) and meta["artifact"] == "t.parquet"
     assert verify(out) == []
 
@@ -137,13 +139,13 @@ def test_sidecar_is_written_before_the_rename(tmp_path, monkeypatch):
     """With ``provenance=`` the artifact never exists without its sidecar."""
     out = tmp_path / "t.parquet"
     seen = []
-    rename = artifacts._rename_into_place
+    rename = atomic._rename_into_place
 
     def spy(tmp, final, directory):
         seen.append((sidecar_path(final).exists(), final.exists()))
         return rename(tmp, final, directory)
 
-    monkeypatch.setattr(artifacts, "_rename_into_place", spy)
+    monkeypatch.setattr(atomic, "_rename_into_place", spy)
     prov = Provenance("unit", {"k": 2})
     write_parquet(pd.DataFrame({"a": [1, 2, 3]}), out, provenance=prov)
     with atomic_path(tmp_path / "model", directory=True, provenance=prov, extra={"kind": "dir"}) as tmp:
@@ -161,7 +163,7 @@ def test_provenance_write_rehashes_an_artifact_replaced_meanwhile(tmp_path, monk
     describes what is in place when it is written, not what was hashed."""
     out = tmp_path / "t.txt"
     write_text(out, "first")
-    real_hash = artifacts.hash_path
+    real_hash = store_provenance.hash_path
     calls = []
 
     def racing_hash(path, *a, **kw):
@@ -171,7 +173,7 @@ def test_provenance_write_rehashes_an_artifact_replaced_meanwhile(tmp_path, monk
             write_text(out, "second, from another writer")  # lands after our read
         return digest
 
-    monkeypatch.setattr(artifacts, "hash_path", racing_hash)
+    monkeypatch.setattr(store_provenance, "hash_path", racing_hash)
     Provenance("unit", {}).write(out)
     monkeypatch.undo()
     assert json.loads(sidecar_path(out).read_text())["sha256"] == hash_path(out)
@@ -282,7 +284,7 @@ def test_write_in_progress_is_a_note_not_a_problem(tmp_path):
 
 
 def test_next_write_removes_leftovers_of_dead_writers_only(tmp_path, monkeypatch):
-    monkeypatch.setenv(artifacts.STALE_ENV, "600")
+    monkeypatch.setenv(store.STALE_ENV, "600")
     final = tmp_path / "t.txt"
     names = {
         "dead here": f".t.txt.tmp-{dead_pid()}@{host()}-aaaaaaaa",
@@ -348,10 +350,10 @@ def test_directories_keep_the_setgid_bit_of_the_store(tmp_path, umask):
 def test_share_with_group_clears_only_the_group_bits_of_the_umask(umask):
     umask(0o027)
     assert share_with_group() == 0o027
-    assert artifacts.current_umask() == 0o007
+    assert store.current_umask() == 0o007
     umask(0o077)
     share_with_group()
-    assert artifacts.current_umask() == 0o007
+    assert store.current_umask() == 0o007
     umask(0o022)
     share_with_group()
-    assert artifacts.current_umask() == 0o002
+    assert store.current_umask() == 0o002

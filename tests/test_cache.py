@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from memctl.artifacts import verify
+from memctl.store import verify
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("tiny_config.yaml")

@@ -90,7 +90,7 @@ def test_projector_edit_equals_explicit_projectors():
     mu, lam = _spectrum(rng, 8, "power"), _spectrum(rng, 5, "power")
     for energy in (0.3, 0.8, 0.95):
         # fewest directions whose share of the eigenvalue sum reaches the energy, by a plain loop
-        def k_of(v):
+        def k_of(v, energy=energy):
             total, run = float(v.sum()), 0.0
             for k, x in enumerate(v.tolist(), 1):
                 run += x

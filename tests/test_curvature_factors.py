@@ -46,10 +46,10 @@ def brute_force(model, windows, targets, labels: str, seed: int = 0):
         for t in targets:
             mod = model64.get_submodule(t.name)
 
-            def pre(m, args, name=t.name):
+            def pre(m, args, name=t.name, acts=acts):
                 acts[name] = args[0][0].detach()
 
-            def post(m, args, out, name=t.name):
+            def post(m, args, out, name=t.name, probes=probes):
                 probes[name] = torch.zeros_like(out, requires_grad=True)
                 return out + probes[name]
 

@@ -11,12 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from memctl import architectures as arch
-from memctl.artifacts import hash_path, verify
 from memctl.cli import main
 from memctl.config import ConfigError, validate_config
 from memctl.curvature import report, settings
 from memctl.curvature.store import load_eigen, load_factors
 from memctl.edits import apply_delta, load_delta
+from memctl.store import hash_path, verify
 
 COLLECT = {"data": {"max_tokens": 150, "batch_size": 2, "labels": "sampled", "seed": 5},
            "modules": {"groups": ["mlp", "attention"], "layers": None, "roles": None}}
@@ -75,6 +75,18 @@ def test_decomposition_summary_has_top_eigenvalues(kfac_run):
     assert row["top_lambda_A"][0] == pytest.approx(float(eig.A[up.input_key].values[0]))
     # eigenvalues are those of the mean factor: they sum to its trace
     assert float(eig.A[up.input_key].values.sum()) == pytest.approx(row["trace_A"], rel=1e-5)
+
+
+@pytest.mark.parametrize("bad, named", [({"strength": 1.5}, "strength"), ({"strength": 0}, "strength"),
+                                       ({"method": "pca"}, "method"), ({"layers": []}, "layers")])
+def test_edit_command_rechecks_a_spec_given_by_hand(tiny_model_dir, tmp_path, capsys, bad, named):
+    spec = {"method": "svd", "layers": [1], "roles": None, "groups": ["mlp"], "strength": 0.5, "label": "x", **bad}
+    out = tmp_path / "delta.safetensors"
+    with pytest.raises(SystemExit) as exc:
+        main(["curvature-edit", "--model", str(tiny_model_dir), "--model-settings", '{"source": "local"}',
+              "--settings", json.dumps(spec), "--out", str(out)])
+    assert exc.value.code == 2 and f"--settings.{named}" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("method,strength", [("kfac", 0.8), ("kfac_pairwise", 0.5), ("svd", 0.25)])

@@ -144,7 +144,7 @@ def test_heldout_windows_are_non_overlapping(tmp_path, tiny_tokenizer):
 
 def test_demo_corpus_windows_avoid_canaries_and_count_copies(tmp_path, tiny_tokenizer):
     """Canary candidates carry their planted copies; corpus windows never overlap a canary."""
-    from memctl.demo.pretrain import train_token_stream
+    from memctl.corpus_stream import train_token_stream
 
     canary = "zebra quartz violin mango seventy lantern orbit velvet crimson tundra falcon"
     segments = ["def add(a, b):\n    return a + b\n" * 4, canary, "The quick brown fox. " * 10, canary,

@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from memctl.artifacts import sidecar_path, verify
 from memctl.config import ConfigError
+from memctl.corpus_stream import tokenize_segments, train_token_stream
 from memctl.demo import resolve_settings, section_defaults
 from memctl.demo.corpus import build_corpus, dedup_key, split_document
-from memctl.demo.pretrain import lr_at, pretrain, save_model, tokenize_segments, train_token_stream
+from memctl.demo.pretrain import lr_at, pretrain, save_model
 from memctl.demo.tokenizer import train_tokenizer
+from memctl.store import sidecar_path, verify
 
 CORPUS = {"max_chars": 50_000, "heldout_fraction": 0.1, "min_doc_chars": 200, "seed": 3}
 CANARIES = {"copies": [1, 2, 5], "per_count": 2, "kinds": ["words", "digits"], "words": 16, "digits": 32, "seed": 7}

@@ -1,7 +1,7 @@
 """Integrity of a shared store with real processes: SIGKILL mid-write, concurrent writers, and two
 Snakemake runs (two working directories, one `root`) at once, then a killed DAG job and its rerun.
 
-Kills are made deterministic by MEMCTL_TEST_PAUSE_BEFORE_RENAME (artifacts.py): the writer prints
+Kills are made deterministic by MEMCTL_TEST_PAUSE_BEFORE_RENAME (memctl/store/atomic.py): the writer prints
 a line and sleeps between finishing its temporary and the rename; the test SIGKILLs it there. The
 other points (after the sidecar, before Provenance.write) are reached by a writer that SIGKILLs
 itself there.
@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from memctl.artifacts import (
+from memctl.store import (
     LOCK_NAME,
     PAUSE_ENV,
     directory_lock,
@@ -51,13 +51,12 @@ ENV.pop(PAUSE_ENV, None)
 WRITER = r"""
 import os, signal, sys
 from pathlib import Path
-from memctl import artifacts
-from memctl.artifacts import Provenance, atomic_path
+from memctl.store import Provenance, atomic, atomic_path
 
 final, kind, content, kill = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 if kill == "after-sidecar":
-    artifacts._rename_into_place = die
+    atomic._rename_into_place = die
 prov = Provenance("unit", {"content": content})
 late = kill == "before-provenance"
 with atomic_path(final, directory=kind == "dir", provenance=None if late else prov) as tmp:
@@ -193,15 +192,15 @@ def test_killed_stage_command_is_flagged_and_its_rerun_completes(tmp_path):
 RACER = r"""
 import random, sys, time
 from pathlib import Path
-from memctl import artifacts
-from memctl.artifacts import Provenance, atomic_path
+from memctl.store import Provenance, atomic, atomic_path
+from memctl.store import provenance as store_provenance
 
 store, me, n, go, exchange = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
 if exchange == "no":
-    artifacts._exchange = lambda a, b: False
+    atomic._exchange = lambda a, b: False
 # A slow shared filesystem: widen the windows between a sidecar and its rename, and between a
 # checksum and its sidecar, where a writer without the directory lock would let the other in.
-real_sidecar, real_hash = artifacts._write_sidecar, artifacts.hash_path
+real_sidecar, real_hash = store_provenance.write_sidecar, store_provenance.hash_path
 def slow_sidecar(*args):
     real_sidecar(*args)
     time.sleep(random.random() * 0.004)
@@ -209,7 +208,9 @@ def slow_hash(*args):
     digest = real_hash(*args)
     time.sleep(random.random() * 0.004)
     return digest
-artifacts._write_sidecar, artifacts.hash_path = slow_sidecar, slow_hash
+# atomic_path and Provenance.write each look both up in their own module
+atomic.write_sidecar = store_provenance.write_sidecar = slow_sidecar
+atomic.hash_path = store_provenance.hash_path = slow_hash
 while not go.exists():
     time.sleep(0.001)
 prov = Provenance("race", {"writer": me})
@@ -295,7 +296,7 @@ def test_concurrent_writers_of_one_artifact_corrupt_nothing(tmp_path, exchange):
 # A holder process claims paths in a store (as a Snakemake run's onstart hook does) and waits.
 HOLDER = r"""
 import json, sys, time
-from memctl.artifacts import claim_paths
+from memctl.store import claim_paths
 root, outputs, inputs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 print(claim_paths(root, outputs, inputs), flush=True)
 time.sleep(300)
@@ -320,7 +321,7 @@ def probe(root, outputs, inputs=()) -> subprocess.CompletedProcess:
 
 
 def test_claims_refuse_conflicting_runs_and_die_with_their_holder(tmp_path):
-    from memctl.artifacts import claim_paths
+    from memctl.store import claim_paths
 
     store = tmp_path / "store"
     model, table, other = store / "demo/model-1", store / "x-2/extract.parquet", store / "x-3/extract.parquet"
@@ -351,23 +352,12 @@ def test_claims_refuse_conflicting_runs_and_die_with_their_holder(tmp_path):
 # The base tiny DAG (demo model, extraction, held-out text, evaluation, report; the edit stages
 # are switched off to keep it short) with `root` pointing at one store shared by the working
 # directories of several users. Snakemake's own lock only sees runs from the same working
-# directory; runs on one store claim their outputs and inputs there (memctl.artifacts.
-# claim_workflow as the onstart hook: the wrapper below adds it to the project's Snakefile).
+# directory; runs on one store claim their outputs and inputs there (memctl.store.
+# claim_workflow, the project Snakefile's onstart hook; each working directory's Snakefile
+# includes the project's).
 
 WRAPPER = f"""
 include: {str(REPO / "Snakefile")!r}
-
-from memctl.artifacts import claim_workflow
-
-_workflow_onstart = workflow._onstart
-
-
-def _claim_then_start(log):
-    claim_workflow(workflow, ROOT)
-    _workflow_onstart(log)
-
-
-workflow._onstart = _claim_then_start
 """
 
 

@@ -299,9 +299,10 @@ def test_resumed_run_is_identical_to_an_uninterrupted_one(memorizer, tmp_path):
     whole = train_mask(model, calibration, memorized, settings, progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_mask(model, calibration, memorized, settings, work_dir=tmp_path, progress=False, stop_after=17)
-    assert (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "checkpoint" / "tensors.safetensors").exists()  # safetensors + JSON, no pickle
+    assert (tmp_path / "checkpoint" / "state.json").exists() and not (tmp_path / "checkpoint.pt").exists()
     resumed = train_mask(model, calibration, memorized, settings, work_dir=tmp_path, progress=False)
-    assert not (tmp_path / "checkpoint.pt").exists()  # removed after success (keep_checkpoint false)
+    assert not (tmp_path / "checkpoint").exists()  # removed after success (keep_checkpoint false)
     for name, mask in whole.masks.items():
         assert torch.equal(mask, resumed.masks[name]), name
     assert whole.log.equals(resumed.log)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memctl.artifacts import hash_path, verify
 from memctl.cli import main
 from memctl.edits import apply_delta, load_delta
 from memctl.masks import report
+from memctl.store import hash_path, verify
 
 MODEL_SETTINGS = json.dumps({"source": "local", "dtype": "float32", "device": "cpu"})
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memctl.artifacts import hash_path
+from memctl.store import hash_path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("tiny_config.yaml")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from memctl.artifacts import hash_path, verify
+from memctl.store import hash_path, verify
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("tiny_config.yaml")

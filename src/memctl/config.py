@@ -95,6 +95,9 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
                 lines.append(f"{_where(err)}: {err.message}")
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
     _check_semantics(resolved, source)
+    # Resolved once, here: every stage, the plan and the resource estimates read these.
+    ext = resolved["extract"]
+    ext["prefix_len"], ext["suffix_len"] = prefix_suffix_lengths(ext)
     return resolved
 
 
@@ -132,19 +135,85 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(problems))
 
 
-def load_config(path: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Read a YAML config file (or take a mapping) and validate it."""
-    if isinstance(path, Mapping):
-        return validate_config(path)
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML config file as a mapping; errors name the file."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+            raw = yaml.safe_load(fh)
     except FileNotFoundError as err:
         raise ConfigError(f"config file not found: {path}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    return validate_config(raw, source=str(path))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``: mappings merge key by key, anything else (lists included)
+    is replaced whole."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def compose(raw: Mapping[str, Any], search: list[Path], _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Resolve ``extends:``. A config is complete by itself (every key it leaves out takes the
+    schema default), or names the one file it extends with ``extends: PATH``: that file's config
+    (itself composed) with this one's keys on top. A relative PATH is looked up in ``search``
+    (the extending file's directory; for Snakemake the working directory, then the workflow's)."""
+    raw = dict(raw)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"extends: expected the path of a config file, got {parent!r}")
+    candidates = [Path(parent)] if Path(parent).is_absolute() else [d / parent for d in search]
+    found = next((p.resolve() for p in candidates if p.is_file()), None)
+    if found is None:
+        raise ConfigError(f"extends: {parent} not found (looked in {', '.join(str(d) for d in search)})")
+    if found in _chain:
+        raise ConfigError(f"extends: {found} extends itself ({' -> '.join(map(str, (*_chain, found)))})")
+    base = compose(read_yaml(found), [found.parent], (*_chain, found))
+    return merge(base, raw)
+
+
+def load_config(path: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a YAML config file (or take a mapping), resolve ``extends:`` and validate it."""
+    if isinstance(path, Mapping):
+        return validate_config(compose(path, [Path.cwd()]))
+    path = Path(path)
+    return validate_config(compose(read_yaml(path), [path.resolve().parent]), source=str(path))
+
+
+def workflow_config(
+    config: Mapping[str, Any], configfiles: list[str], overrides: Mapping[str, Any], workdir: Path, basedir: Path
+) -> dict[str, Any]:
+    """The config a Snakemake run uses, validated.
+
+    With ``--configfile`` the given files are the config, complete by themselves or extending what
+    they name (``extends:``); the demo's settings are never inherited silently. Without one,
+    ``config/config.yaml`` of the working directory (else of the workflow) is the config. Values
+    of ``--config`` go on top either way.
+    """
+    search = [workdir, basedir]
+    if configfiles:
+        raw = compose(config, [Path(configfiles[-1]).resolve().parent, *search])
+        source = ", ".join(map(str, configfiles))
+    else:
+        default = next((d / "config" / "config.yaml" for d in search if (d / "config" / "config.yaml").is_file()), None)
+        if default is None:
+            raise ConfigError("no config: pass --configfile FILE (or create config/config.yaml)")
+        raw = merge(compose(read_yaml(default), [default.parent, *search]), compose(overrides, search))
+        source = str(default)
+    return validate_config(raw, source=source)
 
 
 def prefix_suffix_lengths(extract: Mapping[str, Any]) -> tuple[int, int]:

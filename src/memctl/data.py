@@ -275,7 +275,7 @@ def demo_candidates(
     ``copies`` is how often its full prefix+suffix window occurs in the token stream the model was
     trained on (canaries also keep ``planted_copies``).
     """
-    from memctl.demo.pretrain import train_token_stream
+    from memctl.corpus_stream import train_token_stream
 
     corpus_dir = Path(corpus_dir)
     stream, in_canary = train_token_stream(corpus_dir, tokenizer, return_canary_mask=True)

@@ -20,14 +20,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from memctl.artifacts import atomic_path
+from memctl.store import atomic_path
+
+if TYPE_CHECKING:
+    from memctl.store import Provenance
 
 FORMAT = "memctl-delta/1"
 _REPLACE, _MASK = "replace/", "mask/"
@@ -61,8 +64,12 @@ def save_delta(
     replace: Mapping[str, torch.Tensor] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    provenance: Provenance | None = None,
 ) -> Path:
-    """Write a delta atomically. ``replace`` values keep their dtype; masks are stored as bits."""
+    """Write a delta atomically. ``replace`` values keep their dtype; masks are stored as bits.
+
+    With a ``provenance`` the delta's sidecar is written before the delta appears.
+    """
     replace, masks = dict(replace or {}), dict(masks or {})
     both = sorted(set(replace) & set(masks))
     if both:
@@ -79,7 +86,7 @@ def save_delta(
         )
     }
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, provenance=provenance) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return path
 
@@ -148,13 +155,16 @@ def load_edited_model(ref: str | os.PathLike, model_settings: Mapping[str, Any] 
     return model
 
 
-def write_edited_model(ref, model_settings, delta_path, out_dir: str | os.PathLike) -> Path:
-    """A full HF model directory (weights + config + tokenizer) of the edited model."""
+def write_edited_model(
+    ref, model_settings, delta_path, out_dir: str | os.PathLike, provenance: Provenance | None = None
+) -> Path:
+    """A full HF model directory (weights + config + tokenizer) of the edited model (with its
+    sidecar, written before the directory appears, when a ``provenance`` is given)."""
     from memctl.models import load_tokenizer
 
     out_dir = Path(out_dir)
     model = load_edited_model(ref, model_settings, delta_path)
-    with atomic_path(out_dir, directory=True) as tmp:
+    with atomic_path(out_dir, directory=True, provenance=provenance) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(ref, model_settings).save_pretrained(tmp)
     return out_dir

@@ -102,7 +102,7 @@ def rates_by_copies(extraction: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_outputs(out_dir: Path, extraction: pd.DataFrame, splits: dict[str, pd.DataFrame], prov) -> None:
-    from memctl.artifacts import write_parquet
+    from memctl.store import write_parquet
 
     prov.extra.update(
         counts={k: int(len(v)) for k, v in splits.items()},

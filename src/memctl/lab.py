@@ -171,7 +171,7 @@ def workflow_model_dims(config: Mapping) -> ModelDims | None:
             str(model.get("name_or_path")), revision=model.get("revision"), local_files_only=True,
             trust_remote_code=bool(model.get("trust_remote_code", False)),
         )
-    except Exception:  # noqa: BLE001  (not cached, no network, ...: the rules keep their defaults)
+    except OSError:  # not in the local cache (nothing is downloaded at parse time): rules keep their defaults
         return None
     return model_dims(cfg)
 
@@ -197,12 +197,15 @@ def _section(settings: Mapping | None, *path: str) -> Mapping:
 
 
 def _seq_len(settings) -> int:
-    preset = str(_section(settings, "extract").get("preset", "32/32"))
-    prefix, _, suffix = preset.partition("/")
-    try:
-        return int(prefix) + int(suffix)
-    except ValueError:
-        return 100
+    """Prefix + suffix tokens of the extraction (resolved once by :func:`memctl.config.validate_config`;
+    a partial config takes the schema's default preset)."""
+    from memctl.config import prefix_suffix_lengths
+
+    extract = dict(_section(settings, "extract"))
+    if extract.get("prefix_len") is None or extract.get("suffix_len") is None:
+        extract.setdefault("preset", "32/32")
+    prefix, suffix = prefix_suffix_lengths(extract)
+    return prefix + suffix
 
 
 def _inference_bytes(dims: ModelDims, batch: int, seq: int, act_bytes: int) -> int:
@@ -229,21 +232,20 @@ def kfac_factor_bytes(dims: ModelDims, groups=None, layers=None, roles=None) -> 
     return sum((d_in**2 + d_out**2) * 4 for *_, d_in, d_out in dims.matrices(groups, layers, roles))
 
 
-#: Stage names accepted by :func:`estimate_memory` (rule names and their aliases).
-STAGES = (
-    "demo_corpus", "demo_tokenizer", "candidates", "heldout", "calibration", "report",
-    "demo_pretrain", "extract", "reference_topk", "evaluate",
-    "collect_kfac", "decompose", "apply_edit", "train_mask", "prune",
-)
-_ALIASES = {
-    "kfac": "collect_kfac", "collect": "collect_kfac", "curvature_collect": "collect_kfac",
-    "kfac_collect": "collect_kfac", "eigen": "decompose", "curvature_decompose": "decompose",
-    "curvature_edit": "apply_edit", "edit": "apply_edit", "mask": "train_mask", "masks": "train_mask",
-    "baseline": "prune", "pruning": "prune", "generate": "extract", "verify": "report",
-    # rule names of workflow/rules/*.smk
-    "decompose_kfac": "decompose", "prune_baseline": "prune", "balanced_subnet": "train_mask",
-    "kfac_spectrum": "apply_edit", "masks_report": "report", "curvature_report": "report",
-}
+#: Resource models of :func:`estimate_memory`; each stage of :mod:`memctl.stages` names one.
+PROFILES = ("light", "pretrain", "generate", "score", "kfac", "eigh", "edit", "mask", "prune")
+
+
+def _profile(stage: str) -> str:
+    """The resource model of a stage (a :data:`memctl.stages.STAGES` name) or a profile name."""
+    from memctl import stages
+
+    if stage in PROFILES:
+        return stage
+    try:
+        return stages.get(stage).profile
+    except KeyError as err:
+        raise ValueError(f"{err.args[0]}; or a resource profile: {', '.join(PROFILES)}") from None
 
 
 def estimate_memory(model: Any, stage: str, settings: Mapping | None = None, *, gpu: bool = False) -> MemoryEstimate:
@@ -254,9 +256,7 @@ def estimate_memory(model: Any, stage: str, settings: Mapping | None = None, *, 
     and the host holds the process, one staging copy of the weights and what the job saves.
     """
     dims = model_dims(model)
-    stage = _ALIASES.get(stage, stage)
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    profile = _profile(stage)
     dtype = str(_section(settings, "model").get("dtype", "float32"))
     wbytes = DTYPE_BYTES.get(dtype, 4)
     weights = dims.num_parameters * wbytes
@@ -269,19 +269,19 @@ def estimate_memory(model: Any, stage: str, settings: Mapping | None = None, *, 
     device: dict[str, int] = {}  # parts that live on the GPU when there is one
     host: dict[str, int] = {}  # parts that stay in host memory either way
 
-    if stage in ("demo_corpus", "demo_tokenizer", "candidates", "heldout", "calibration", "report"):
+    if profile == "light":
         pass  # text, token ids and tables: small next to the process itself
-    elif stage == "demo_pretrain":
+    elif profile == "pretrain":
         train = _section(settings, "demo", "train")
         batch = int(train.get("batch_size", 32))
         params = dims.num_parameters
         device["weights+grads+adamw"] = params * 16  # fp32 master weights, grads, two moments
         device["activations"] = _backward_bytes(dims, batch, dims.context_length, 2 if train.get("bf16", True) else 4)
-    elif stage == "extract":
+    elif profile == "generate":
         batch = int(_section(settings, "extract").get("batch_size", 64))
         device["weights"] = weights
         device["activations"] = _inference_bytes(dims, batch, _seq_len(settings), wbytes)
-    elif stage in ("evaluate", "reference_topk"):
+    elif profile == "score":
         ev = _section(settings, "evaluate")
         device["weights"] = weights
         device["activations"] = max(
@@ -290,24 +290,24 @@ def estimate_memory(model: Any, stage: str, settings: Mapping | None = None, *, 
         )
         if stage == "evaluate":
             device["edit delta"] = dims.gated_weights() * wbytes  # a dense delta: the upper bound
-    elif stage == "collect_kfac":
+    elif profile == "kfac":
         batch = int(_section(curv, "data").get("batch_size", 8))
         device["weights+grads"] = 2 * weights
         device["activations"] = _backward_bytes(dims, batch, context, wbytes)
         device["kfac factors"] = kfac_factor_bytes(dims, **curv_sel)
         host["saved factors"] = kfac_factor_bytes(dims, **curv_sel)
-    elif stage == "decompose":
+    elif profile == "eigh":
         factors = kfac_factor_bytes(dims, **curv_sel)
         largest = max((max(d_in, d_out) for *_, d_in, d_out in dims.matrices(**curv_sel)), default=0)
         # factors in, eigenvectors out (same size), fp64 workspace of the largest eigh
         host["factors+eigenbases"] = 2 * factors
         host["eigh workspace"] = 3 * largest**2 * 8
-    elif stage == "apply_edit":
+    elif profile == "edit":
         device["weights"] = weights
         device["eigenbases"] = kfac_factor_bytes(dims, **curv_sel)
         device["delta"] = dims.gated_weights(**curv_sel) * 4
         host["saved delta"] = dims.gated_weights(**curv_sel) * 4
-    elif stage == "train_mask":
+    elif profile == "mask":
         batch = int(masks.get("batch_size", 8)) + int(masks.get("mem_batch_size", 8))
         gated = dims.gated_weights(**mask_sel)
         device["weights"] = weights
@@ -316,7 +316,7 @@ def estimate_memory(model: Any, stage: str, settings: Mapping | None = None, *, 
         device["masked weights"] = gated * wbytes
         device["activations"] = _backward_bytes(dims, batch, context, wbytes)
         host["saved mask"] = gated * 4
-    elif stage == "prune":
+    elif profile == "prune":
         calib = _section(settings, "calibration")
         largest_in = max(d_in for *_, d_in, _ in dims.matrices(**mask_sel))
         device["weights"] = 2 * weights  # the model and the pruned copy
@@ -362,26 +362,26 @@ def estimate_runtime_min(
     forward, 3x that with a backward pass), a cautious throughput, a factor of 3 and ``attempt``.
     ``n_candidates`` stands in for the candidate count, unknown before the candidates stage."""
     dims = model_dims(model)
-    stage = _ALIASES.get(stage, stage)
+    profile = _profile(stage)
     params = dims.num_parameters
     context = int(_section(settings, "heldout").get("context_length") or dims.context_length)
     seq = _seq_len(settings)
     curv, masks = _section(settings, "curvature"), _section(settings, "masks")
-    if stage == "demo_pretrain":
+    if profile == "pretrain":
         train = _section(settings, "demo", "train")
         flops = 6 * params * int(train.get("steps", 640)) * int(train.get("batch_size", 32)) * dims.context_length
-    elif stage == "extract":
+    elif profile == "generate":
         flops = 2 * params * n_candidates * seq
-    elif stage in ("evaluate", "reference_topk"):
+    elif profile == "score":
         windows = int(_section(settings, "heldout").get("max_windows") or 512)
         flops = 2 * params * (n_candidates * seq + windows * context)
-    elif stage == "collect_kfac":
+    elif profile == "kfac":
         tokens = int(_section(curv, "data").get("max_tokens") or 2_000_000)
         flops = 6 * params * tokens + tokens * kfac_factor_bytes(dims) / 2  # + covariance updates
-    elif stage == "train_mask":
+    elif profile == "mask":
         batch = int(masks.get("batch_size", 8)) + int(masks.get("mem_batch_size", 8))
         flops = 6 * params * int(masks.get("steps", 1000)) * batch * context
-    elif stage in ("decompose", "apply_edit", "prune"):
+    elif profile in ("eigh", "edit", "prune"):
         largest = max(max(d_in, d_out) for *_, d_in, d_out in dims.matrices())
         flops = 10 * dims.num_layers * len(dims.linear_shapes()) * largest**3
     else:
@@ -500,11 +500,13 @@ def cmd_estimate_resources(args) -> None:
     gpu = bool(config.get("resources", {}).get("gpu")) if args.gpu is None else args.gpu
     print(f"model: {dims.num_parameters / 1e6:.1f}M parameters, {dims.gated_weights() / 1e6:.1f}M in attention/MLP "
           f"matrices ({dims.model_type}, {dims.num_layers} layers, d={dims.hidden_size}); gpu={gpu}")
-    print(f"{'stage':<16}{'mem_mb':>10}{'gpu_mb':>10}{'runtime':>9}")
+    from memctl.stages import STAGES
+
+    print(f"{'stage':<18}{'mem_mb':>10}{'gpu_mb':>10}{'runtime':>9}")
     for stage in STAGES:
         est = estimate_memory(dims, stage, config, gpu=gpu)
         runtime = estimate_runtime_min(dims, stage, config, gpu=gpu)
-        print(f"{stage:<16}{est.host_mb:>10}{est.device_mb:>10}{runtime:>9}")
+        print(f"{stage:<18}{est.host_mb:>10}{est.device_mb:>10}{runtime:>9}")
 
 
 def register(subparsers) -> None:

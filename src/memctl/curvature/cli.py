@@ -6,35 +6,18 @@ provenance sidecar for every artifact.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
+from memctl.runner import load, model_args, set_threads, stage, write_dir
+
 log = logging.getLogger("memctl.curvature")
 
 
-def _model_args(p) -> None:
-    p.add_argument("--model", required=True, help="HF model directory or hub id")
-    p.add_argument("--model-settings", default="{}", help="the config's `model` subsection (JSON)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-
-
 def _load_model(args, prov, device: str | None = None):
-    from memctl.cli import _load
-    from memctl.config import parse_settings
-
-    if device is not None:  # edits only read weights: keep them off the accelerator
-        args.model_settings = json.dumps({**parse_settings(args.model_settings), "device": device})
-    model, _ = _load(args, prov)
+    model, _ = load(args, prov, device=device)
     return model
-
-
-def _write_dir(final: Path, write) -> None:
-    from memctl.artifacts import atomic_path
-
-    with atomic_path(final, directory=True) as tmp:
-        write(tmp)
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
@@ -69,73 +52,72 @@ def cmd_collect(args) -> None:
     from safetensors.torch import load_file
 
     from memctl import architectures as arch
-    from memctl.artifacts import Provenance, write_parquet
     from memctl.config import ConfigError, parse_settings
     from memctl.curvature.collect import collect_factors
-    from memctl.curvature.decompose import factor_summary
-    from memctl.curvature.store import save_factors
+    from memctl.curvature.store import factor_summary, save_factors
+    from memctl.store import write_parquet
 
     settings = parse_settings(args.settings)
     data, modules = settings.get("data", {}), settings.get("modules", {})
     shard = _parse_shard(args.shard)
-    prov = Provenance("kfac-collect", {**settings, "shard": list(shard)}, {"model": args.model, "windows": args.windows})
-    all_windows = load_file(args.windows)["windows"]
-    windows, offset, wanted, available = select_windows(all_windows, data.get("max_tokens"), shard)
-    if wanted > available:
-        log.warning("curvature.data.max_tokens asks for %d windows; the calibration file has %d: using all",
-                    wanted, available)
-    model = _load_model(args, prov)
-    try:
-        targets = arch.linear_targets(model, groups=modules.get("groups", ["mlp"]), layers=modules.get("layers"),
-                                      roles=modules.get("roles"))
-    except ValueError as err:
-        raise ConfigError(f"curvature.modules: {err}") from err
-    factors = collect_factors(
-        model, windows, targets, labels=data.get("labels", "sampled"), seed=int(data.get("seed", 0)),
-        batch_size=int(data.get("batch_size", 8)), window_offset=offset, progress=True,
-    )
     out = Path(args.out_dir)
-    _write_dir(out / "factors", lambda tmp: save_factors(factors, tmp))
-    write_parquet(factor_summary(factors), out / "summary.parquet")
-    prov.write(out / "factors", out / "summary.parquet", extra={
-        "tokens": factors.tokens, "windows": int(windows.shape[0]), "window_offset": offset,
-        "windows_requested": wanted, "windows_available": available, "modules": [t.name for t in targets],
-    })
+    with stage("kfac-collect", {**settings, "shard": list(shard)}, {"model": args.model, "windows": args.windows},
+               outputs=[out / "factors", out / "summary.parquet"]) as prov:
+        all_windows = load_file(args.windows)["windows"]
+        windows, offset, wanted, available = select_windows(all_windows, data.get("max_tokens"), shard)
+        if wanted > available:
+            log.warning("curvature.data.max_tokens asks for %d windows; the calibration file has %d: using all",
+                        wanted, available)
+        model = _load_model(args, prov)
+        try:
+            targets = arch.linear_targets(model, groups=modules.get("groups", ["mlp"]), layers=modules.get("layers"),
+                                          roles=modules.get("roles"))
+        except ValueError as err:
+            raise ConfigError(f"curvature.modules: {err}") from err
+        factors = collect_factors(
+            model, windows, targets, labels=data.get("labels", "sampled"), seed=int(data.get("seed", 0)),
+            batch_size=int(data.get("batch_size", 8)), window_offset=offset, progress=True,
+        )
+        prov.extra.update({
+            "tokens": factors.tokens, "windows": int(windows.shape[0]), "window_offset": offset,
+            "windows_requested": wanted, "windows_available": available, "modules": [t.name for t in targets],
+        })
+        write_dir(out / "factors", lambda tmp: save_factors(factors, tmp), provenance=prov)
+        write_parquet(factor_summary(factors), out / "summary.parquet", provenance=prov)
     log.info("K-FAC factors of %d modules over %d tokens -> %s", len(targets), factors.tokens, out)
 
 
 def cmd_merge(args) -> None:
-    from memctl.artifacts import Provenance, write_parquet
-    from memctl.curvature.decompose import factor_summary
-    from memctl.curvature.store import load_factors, save_factors
+    from memctl.curvature.store import factor_summary, load_factors, save_factors
+    from memctl.store import write_parquet
 
-    prov = Provenance("kfac-merge", {}, {f"shard[{i}]": p for i, p in enumerate(args.inputs)})
-    merged = None
-    for path in args.inputs:
-        f = load_factors(Path(path) / "factors")
-        merged = f if merged is None else merged.merged(f)
     out = Path(args.out_dir)
-    _write_dir(out / "factors", lambda tmp: save_factors(merged, tmp))
-    write_parquet(factor_summary(merged), out / "summary.parquet")
-    prov.write(out / "factors", out / "summary.parquet", extra={"tokens": merged.tokens})
+    with stage("kfac-merge", {}, {f"shard[{i}]": p for i, p in enumerate(args.inputs)},
+               outputs=[out / "factors", out / "summary.parquet"]) as prov:
+        merged = None
+        for path in args.inputs:
+            f = load_factors(Path(path) / "factors")
+            merged = f if merged is None else merged.merged(f)
+        prov.extra["tokens"] = merged.tokens
+        write_dir(out / "factors", lambda tmp: save_factors(merged, tmp), provenance=prov)
+        write_parquet(factor_summary(merged), out / "summary.parquet", provenance=prov)
     log.info("merged %d collections: %d tokens -> %s", len(args.inputs), merged.tokens, out)
 
 
 def cmd_decompose(args) -> None:
-    from memctl.artifacts import Provenance, write_parquet
-    from memctl.cli import _set_threads
     from memctl.curvature.decompose import decompose, eigen_summary
     from memctl.curvature.store import load_factors, save_eigen
+    from memctl.store import write_parquet
 
-    _set_threads(args.threads)
-    prov = Provenance("kfac-decompose", {"eigh": "fp64, symmetrized, clamped at 0, descending"},
-                      {"factors": args.factors})
-    factors = load_factors(args.factors)
-    eig, jitter = decompose(factors)
+    set_threads(args.threads)
     out = Path(args.out_dir)
-    _write_dir(out / "eigen", lambda tmp: save_eigen(eig, tmp))
-    write_parquet(eigen_summary(factors, eig, jitter), out / "summary.parquet")
-    prov.write(out / "eigen", out / "summary.parquet", extra={"jitter": {k: v for k, v in jitter.items() if v}})
+    with stage("kfac-decompose", {"eigh": "fp64, symmetrized, clamped at 0, descending"}, {"factors": args.factors},
+               outputs=[out / "eigen", out / "summary.parquet"]) as prov:
+        factors = load_factors(args.factors)
+        eig, jitter = decompose(factors)
+        prov.extra["jitter"] = {k: v for k, v in jitter.items() if v}
+        write_dir(out / "eigen", lambda tmp: save_eigen(eig, tmp), provenance=prov)
+        write_parquet(eigen_summary(factors, eig, jitter), out / "summary.parquet", provenance=prov)
     log.info("eigenbases of %d modules -> %s", len(factors.targets), out)
 
 
@@ -176,90 +158,88 @@ def make_edit(model, spec, eig=None):
 
 
 def cmd_edit(args) -> None:
-    from memctl.artifacts import Provenance
     from memctl.config import parse_settings
     from memctl.curvature.store import load_eigen
     from memctl.edits import save_delta, write_edited_model
 
-    spec = parse_settings(args.settings)
-    prov = Provenance("curvature-edit", {"edit": spec, "edit_id": args.edit_id},
-                      {"model": args.model, "eigen": args.eigen})
-    if spec["method"] != "svd" and not args.eigen:
-        raise ValueError(f"method {spec['method']} needs --eigen")
-    eig = load_eigen(args.eigen, layers=spec["layers"]) if spec["method"] != "svd" else None
-    model = _load_model(args, prov, device="cpu")
-    replace, stats = make_edit(model, spec, eig)
-    meta = {"method": spec["method"], "edit_id": args.edit_id, "spec": spec, "stats": stats}
-    save_delta(args.out, replace=replace, metadata=meta)
-    outputs = [args.out]
-    if args.model_out:
-        write_edited_model(args.model, parse_settings(args.model_settings), args.out, args.model_out)
-        outputs.append(args.model_out)
-    prov.write(*outputs, extra={"stats": stats})
+    from memctl.curvature.settings import validate_spec
+
+    spec = validate_spec(parse_settings(args.settings))
+    with stage("curvature-edit", {"edit": spec, "edit_id": args.edit_id}, {"model": args.model, "eigen": args.eigen},
+               outputs=[args.out, args.model_out]) as prov:
+        if spec["method"] != "svd" and not args.eigen:
+            raise ValueError(f"method {spec['method']} needs --eigen")
+        eig = load_eigen(args.eigen, layers=spec["layers"]) if spec["method"] != "svd" else None
+        model = _load_model(args, prov, device="cpu")
+        replace, stats = make_edit(model, spec, eig)
+        meta = {"method": spec["method"], "edit_id": args.edit_id, "spec": spec, "stats": stats}
+        prov.extra["stats"] = stats
+        save_delta(args.out, replace=replace, metadata=meta, provenance=prov)
+        if args.model_out:
+            write_edited_model(args.model, parse_settings(args.model_settings), args.out, args.model_out,
+                               provenance=prov)
     log.info("%s edit %s of %d matrices -> %s", spec["method"], args.edit_id, len(stats), args.out)
 
 
 def cmd_spectrum(args) -> None:
     import pandas as pd
 
-    from memctl.artifacts import Provenance, write_parquet
     from memctl.config import parse_settings
     from memctl.curvature.spectrum import spectrum_table
     from memctl.curvature.store import load_eigen
+    from memctl.store import write_parquet
 
     settings = parse_settings(args.settings)
-    prov = Provenance("kfac-spectrum", settings, {"model": args.model, "eigen": args.eigen,
-                                                  "memorized": args.memorized, "nonmemorized": args.nonmemorized})
-    eig = load_eigen(args.eigen, layers=settings.get("layers"))
-    roles = settings.get("roles")
-    targets = [t for t in eig.targets if roles is None or t.role in roles]
-    if not targets:
-        raise ValueError(f"curvature.spectrum.roles {roles}: none of the collected matrices has these roles")
-    model = _load_model(args, prov)
-    table = spectrum_table(model, eig, targets, pd.read_parquet(args.memorized), pd.read_parquet(args.nonmemorized), settings)
-    write_parquet(table, args.out)
-    prov.write(args.out)
+    inputs = {"model": args.model, "eigen": args.eigen, "memorized": args.memorized, "nonmemorized": args.nonmemorized}
+    with stage("kfac-spectrum", settings, inputs, outputs=[args.out]) as prov:
+        eig = load_eigen(args.eigen, layers=settings.get("layers"))
+        roles = settings.get("roles")
+        targets = [t for t in eig.targets if roles is None or t.role in roles]
+        if not targets:
+            raise ValueError(f"curvature.spectrum.roles {roles}: none of the collected matrices has these roles")
+        model = _load_model(args, prov)
+        table = spectrum_table(model, eig, targets, pd.read_parquet(args.memorized),
+                               pd.read_parquet(args.nonmemorized), settings)
+        write_parquet(table, args.out, provenance=prov)
     log.info("spectrum bands of %d matrices -> %s", len(targets), args.out)
 
 
 def cmd_report(args) -> None:
     import pandas as pd
 
-    from memctl.artifacts import Provenance, atomic_path, write_parquet, write_text
     from memctl.config import parse_settings
     from memctl.curvature import report
     from memctl.curvature.spectrum import plot_spectrum
     from memctl.report import markdown_html
+    from memctl.store import atomic_path, write_parquet, write_text
 
     settings = parse_settings(args.settings)
-    prov = Provenance("curvature-report", settings, {
+    inputs = {
         **{f"metrics[{i}]": m for i, m in enumerate(args.metrics)},
         **{f"delta[{i}]": d for i, d in enumerate(args.deltas or [])}, "spectrum": args.spectrum,
-    })
-    metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
-    specs = report.read_specs(args.deltas or [])
-    spectrum = pd.read_parquet(args.spectrum) if args.spectrum else None
-    table = report.edit_table(metrics, specs)
+    }
     out = Path(args.out_dir)
-    outputs = [out / "curvature.md", out / "curvature_edits.parquet", out / "curvature_sweep.png", out / "curvature.html"]
-    text = report.curvature_markdown(table, settings, spectrum)
-    write_text(outputs[0], text)
-    write_text(outputs[3], markdown_html(text, "Curvature edits (K-FAC vs SVD)"))
-    write_parquet(table, outputs[1])
-    with atomic_path(outputs[2]) as tmp:
-        report.plot_sweep(table, tmp)
-    if spectrum is not None:
-        with atomic_path(out / "curvature_spectrum.png") as tmp:
-            plot_spectrum(spectrum, tmp)
-        outputs.append(out / "curvature_spectrum.png")
-    prov.write(*outputs)
-    print(outputs[0].read_text())
+    with stage("curvature-report", settings, inputs, outputs=[out]) as prov:
+        metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
+        specs = report.read_specs(args.deltas or [])
+        spectrum = pd.read_parquet(args.spectrum) if args.spectrum else None
+        table = report.edit_table(metrics, specs)
+        text = report.curvature_markdown(table, settings, spectrum)
+        write_text(out / "curvature.md", text, provenance=prov)
+        write_text(out / "curvature.html", markdown_html(text, "Curvature edits (K-FAC vs SVD)"), provenance=prov)
+        write_parquet(table, out / "curvature_edits.parquet", provenance=prov)
+        with atomic_path(out / "curvature_sweep.png", provenance=prov) as tmp:
+            report.plot_sweep(table, tmp)
+        if spectrum is not None:
+            with atomic_path(out / "curvature_spectrum.png", provenance=prov) as tmp:
+                plot_spectrum(spectrum, tmp)
+    print(text)
 
 
 def register(subparsers) -> None:
     """Add this stage family's subcommands to the main parser."""
     p = subparsers.add_parser("kfac-collect", help="K-FAC factors A, G of the target matrices in one data pass")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--windows", required=True, help="calibration windows (.safetensors with 'windows')")
     p.add_argument("--settings", required=True, help='{"data": curvature.data, "modules": curvature.modules} (JSON)')
     p.add_argument("--shard", default=None, help="INDEX/COUNT: collect only this share of the windows")
@@ -278,7 +258,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_decompose)
 
     p = subparsers.add_parser("curvature-edit", help="one K-FAC or SVD edit as a delta")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--eigen", default=None, help="the eigen/ directory of kfac-decompose (K-FAC methods)")
     p.add_argument("--settings", required=True, help="the resolved edit spec (JSON)")
     p.add_argument("--edit-id", default="edit")
@@ -287,7 +267,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_edit)
 
     p = subparsers.add_parser("kfac-spectrum", help="memorized vs non-memorized inputs per curvature band")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--eigen", required=True)
     p.add_argument("--memorized", required=True)
     p.add_argument("--nonmemorized", required=True)

@@ -9,7 +9,8 @@ own predictive distribution (true Fisher, unsupervised) or, optionally, the real
 
 Why it is cheap:
 
-- parameters are frozen and only the targets' inputs are made to require grad, so backward
+- parameters are frozen and only the targets' inputs are made to require grad (by
+  :class:`memctl.capture.Capture`, whose hooks hand over inputs and output gradients), so backward
   computes activation gradients only (no weight gradients) and stops at the lowest target;
 - matrices that read the same tensor (q/k/v, gate/up) share one A, computed once;
 - covariances accumulate only the upper triangle in column blocks (a blocked symmetric rank-k
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from memctl.architectures import LinearTarget, module
+from memctl.architectures import LinearTarget
+from memctl.capture import Capture
 
 log = logging.getLogger(__name__)
 
@@ -111,57 +113,24 @@ def symmetrize_upper(acc: torch.Tensor) -> torch.Tensor:
     return upper + torch.triu(acc, diagonal=1).T
 
 
-class _Collector:
-    """Forward pre-hooks record A and arm output hooks that record G."""
+def _zeros(n: int, device) -> torch.Tensor:
+    return torch.zeros(n, n, dtype=torch.float32, device=device)
 
-    def __init__(self, model, targets: Sequence[LinearTarget], block: int):
-        self.targets = list(targets)
-        self.block = block
-        device = next(model.parameters()).device
-        self.A: dict[str, torch.Tensor] = {}
-        self.G: dict[str, torch.Tensor] = {}
-        self.owner: dict[str, str] = {}  # input_key -> the one target whose hook accumulates A
-        for t in self.targets:
-            if t.input_key not in self.A:
-                self.A[t.input_key] = torch.zeros(t.d_in, t.d_in, dtype=torch.float32, device=device)
-                self.owner[t.input_key] = t.name
-            self.G[t.name] = torch.zeros(t.d_out, t.d_out, dtype=torch.float32, device=device)
-        self.handles = [module(model, t).register_forward_pre_hook(self._pre_hook(t)) for t in self.targets]
-        self.handles += [module(model, t).register_forward_hook(self._post_hook(t)) for t in self.targets]
 
-    def _pre_hook(self, t: LinearTarget):
-        def hook(mod, args):
-            (a, *rest) = args
-            if self.owner[t.input_key] == t.name:
-                with torch.no_grad():
-                    add_gram_(self.A[t.input_key], a.detach()[:, :-1].reshape(-1, t.d_in).float(), self.block)
-            if not a.requires_grad:
-                # Frozen weights: make this input a leaf so the output carries a gradient.
-                a = a.detach().requires_grad_(True)
-            return (a, *rest)
-
-        return hook
-
-    def _post_hook(self, t: LinearTarget):
-        def hook(mod, args, output):
-            acc = self.G[t.name]
-
-            def grad_hook(g):
-                with torch.no_grad():
-                    add_gram_(acc, g.detach()[:, :-1].reshape(-1, t.d_out).float(), self.block)
-
-            output.register_hook(grad_hook)
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def result(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        A = {k: symmetrize_upper(v).cpu() for k, v in self.A.items()}
-        G = {k: symmetrize_upper(v).cpu() for k, v in self.G.items()}
-        return A, G
+def _batch_loss(model, ids: torch.Tensor, labels: str, seed: int, first_window: int) -> torch.Tensor:
+    """Summed next-token cross-entropy of a batch of windows, against sampled or real labels."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    if labels == "empirical":
+        y = ids[:, 1:].reshape(-1)
+    else:
+        with torch.no_grad():
+            u = torch.stack([
+                torch.rand(ids.shape[1] - 1, generator=window_generator(seed, first_window + i))
+                for i in range(ids.shape[0])
+            ])
+            y = sample_labels(flat.detach(), u.reshape(-1))
+    return torch.nn.functional.cross_entropy(flat.float(), y, reduction="sum")
 
 
 def collect_factors(
@@ -191,32 +160,28 @@ def collect_factors(
         p.requires_grad_(False)
     was_training = model.training
     model.eval()
-    collector = _Collector(model, targets, block)
+    # A per shared input (the capture hands each input key over once), G per matrix; upper triangles.
+    A = {t.input_key: _zeros(t.d_in, device) for t in targets}
+    G = {t.name: _zeros(t.d_out, device) for t in targets}
+    capture = Capture(
+        model, targets,
+        on_input=lambda t, a: add_gram_(A[t.input_key], a.float(), block),
+        on_output_grad=lambda t, g: add_gram_(G[t.name], g.float(), block),
+        positions=slice(0, -1),  # the last position predicts nothing
+    )
     try:
         from tqdm.auto import tqdm
 
-        starts = range(0, len(windows), batch_size)
-        for start in tqdm(starts, desc="K-FAC factors", unit="batch", disable=not progress):
-            ids = windows[start : start + batch_size].to(device)
-            with torch.enable_grad():
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-                flat = logits.reshape(-1, logits.shape[-1])
-                if labels == "empirical":
-                    y = ids[:, 1:].reshape(-1)
-                else:
-                    with torch.no_grad():
-                        u = torch.stack([
-                            torch.rand(ids.shape[1] - 1, generator=window_generator(seed, window_offset + start + i))
-                            for i in range(ids.shape[0])
-                        ])
-                        y = sample_labels(flat.detach(), u.reshape(-1))
-                loss = torch.nn.functional.cross_entropy(flat.float(), y, reduction="sum")
-                loss.backward()
+        with capture, torch.enable_grad():
+            for start in tqdm(range(0, len(windows), batch_size), desc="K-FAC factors", unit="batch",
+                              disable=not progress):
+                ids = windows[start : start + batch_size].to(device)
+                _batch_loss(model, ids, labels, seed, window_offset + start).backward()
     finally:
-        collector.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
-    A, G = collector.result()
+    A = {k: symmetrize_upper(v).cpu() for k, v in A.items()}
+    G = {k: symmetrize_upper(v).cpu() for k, v in G.items()}
     tokens = int(windows.shape[0] * (windows.shape[1] - 1))
     return Factors(list(targets), A, G, tokens, {"labels": labels, "seed": int(seed)})

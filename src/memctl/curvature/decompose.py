@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from memctl.curvature.collect import Factors
-from memctl.curvature.store import Eigen, Eigenbases
+from memctl.curvature.store import Eigen, Eigenbases, factor_summary
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +66,6 @@ def decompose(factors: Factors) -> tuple[Eigenbases, dict[str, float]]:
             A[t.input_key], jitter[f"A/{t.input_key}"] = eigh_descending(factors.A[t.input_key], what, factors.tokens)
         G[t.name], jitter[f"G/{t.name}"] = eigh_descending(factors.G[t.name], f"G of {t.name}", factors.tokens)
     return Eigenbases(list(factors.targets), A, G, factors.tokens), jitter
-
-
-def factor_summary(factors: Factors) -> pd.DataFrame:
-    """One row per module: shapes, tokens and traces of the mean factors."""
-    rows = []
-    for t in factors.targets:
-        n = max(factors.tokens, 1)
-        rows.append({
-            "module": t.name, "short": t.short, "layer": t.layer, "group": t.group, "role": t.role,
-            "input_key": t.input_key, "d_in": t.d_in, "d_out": t.d_out, "tokens": factors.tokens,
-            "trace_A": float(factors.A[t.input_key].double().trace()) / n,
-            "trace_G": float(factors.G[t.name].double().trace()) / n,
-        })
-    return pd.DataFrame(rows)
 
 
 def _effective_rank(values: torch.Tensor) -> float:

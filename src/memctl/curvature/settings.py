@@ -107,6 +107,33 @@ def expand_edits(curv: Mapping[str, Any], n_layers: int | None) -> list[dict[str
     return unique
 
 
+def validate_spec(spec: Mapping[str, Any], key: str = "--settings") -> dict[str, Any]:
+    """Re-check a resolved edit spec (what :func:`resolve_edit` returns) handed to
+    ``memctl curvature-edit``, by the plan or by hand; the problem is named."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{key}: an edit spec must be a JSON object")
+    fields = ("method", "layers", "roles", "groups", "strength")
+    missing = [f for f in fields if f not in spec]
+    if missing:
+        raise ConfigError(f"{key}: edit spec lacks {missing} (a resolved spec has {list(fields)} and a label)")
+    method = spec["method"]
+    if method not in METHODS:
+        raise ConfigError(f"{key}.method: {method!r} is not one of {list(METHODS)}")
+    strength = spec["strength"]
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ConfigError(f"{key}.strength: {strength!r} is not in (0, 1]")
+    layers = spec["layers"]
+    if not isinstance(layers, list) or not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
+        raise ConfigError(f"{key}.layers: {layers!r} is not a non-empty list of layer indices >= 0")
+    bad = sorted(set(spec["groups"] or []) - set(GROUPS))
+    if bad or not spec["groups"]:
+        raise ConfigError(f"{key}.groups: {spec['groups']!r}; known groups: {list(GROUPS)}")
+    roles = spec["roles"]
+    if roles is not None and (not isinstance(roles, list) or set(roles) - set(ROLES)):
+        raise ConfigError(f"{key}.roles: {roles!r}; known roles: {list(ROLES)}")
+    return {**dict(spec), "strength": float(strength), "label": spec.get("label") or LABELS[method]}
+
+
 def needs_factors(curv: Mapping[str, Any], specs: Sequence[Mapping[str, Any]]) -> bool:
     return bool(curv["spectrum"]["enabled"]) or any(s["method"] != "svd" for s in specs)
 

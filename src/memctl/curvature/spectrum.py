@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from memctl.architectures import LinearTarget, module
+from memctl.architectures import LinearTarget
+from memctl.capture import Capture
 
 DEFAULT_BANDS = (0.1, 0.25, 0.5)
 SPECTRUM_COLUMNS = ["module", "short", "layer", "role", "basis", "band", "band_index", "mean_norm_memorized",
@@ -118,22 +119,17 @@ def band_scores(states: torch.Tensor, directions: torch.Tensor, weights: torch.T
 @torch.no_grad()
 def capture_inputs(model, targets: Sequence[LinearTarget], sequences: np.ndarray, positions: slice,
                    batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Input activations of each target at the given positions of equal-length token sequences."""
+    """Input activations of each target at the given positions of equal-length token sequences.
+
+    Targets that read one tensor (q/k/v, gate/up) share one captured copy."""
     device = next(model.parameters()).device
-    store: dict[str, list[torch.Tensor]] = {t.name: [] for t in targets}
-    handles = []
-    for t in targets:
-        def hook(mod, args, name=t.name, d_in=t.d_in):
-            store[name].append(args[0][:, positions].reshape(-1, d_in).float().cpu())
-        handles.append(module(model, t).register_forward_pre_hook(hook))
-    try:
+    store: dict[str, list[torch.Tensor]] = {t.input_key: [] for t in targets}
+    with Capture(model, targets, on_input=lambda t, x: store[t.input_key].append(x.float().cpu()), positions=positions):
         for start in range(0, len(sequences), batch_size):
             ids = torch.as_tensor(sequences[start : start + batch_size], dtype=torch.long, device=device)
             model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: torch.cat(v) if v else torch.zeros(0) for k, v in store.items()}
+    states = {k: torch.cat(v) if v else torch.zeros(0) for k, v in store.items()}
+    return {t.name: states[t.input_key] for t in targets}
 
 
 def sequences_and_positions(df: pd.DataFrame, mode: str, max_sequences: int) -> tuple[np.ndarray, slice]:

@@ -7,6 +7,8 @@ Per-layer files let an edit of layers 0-2 of a 32-layer model read three files, 
   label mode, seed and the targets (module name, role, shapes) so a file is self-describing.
 - eigenbases: the same names with ``/values`` (fp64, descending, of the *mean* factor, i.e. the sum
   divided by the token count) and ``/vectors`` (fp32, columns in the same order).
+
+:func:`factor_summary` is the table written next to a collection (``summary.parquet``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -72,6 +75,20 @@ def save_factors(factors: Factors, out_dir: str | os.PathLike) -> list[Path]:
         save_file(tensors, str(path), metadata=_header(header))
         paths.append(path)
     return paths
+
+
+def factor_summary(factors: Factors) -> pd.DataFrame:
+    """One row per module: shapes, tokens and traces of the mean factors."""
+    rows = []
+    for t in factors.targets:
+        n = max(factors.tokens, 1)
+        rows.append({
+            "module": t.name, "short": t.short, "layer": t.layer, "group": t.group, "role": t.role,
+            "input_key": t.input_key, "d_in": t.d_in, "d_out": t.d_out, "tokens": factors.tokens,
+            "trace_A": float(factors.A[t.input_key].double().trace()) / n,
+            "trace_G": float(factors.G[t.name].double().trace()) / n,
+        })
+    return pd.DataFrame(rows)
 
 
 def _layer_files(directory: Path, layers: Iterable[int] | None) -> list[Path]:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from memctl.artifacts import Provenance, atomic_path, write_parquet
 from memctl.config import parse_settings
 from memctl.demo import resolve_settings
+from memctl.runner import stage, write_dir
+from memctl.store import write_parquet
 
 #: Output file names of the corpus stage.
 TRAIN_FILE, HELDOUT_FILE, CANARIES_FILE = "train.parquet", "heldout.parquet", "canaries.parquet"
@@ -65,14 +66,14 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
     corpus = resolve_settings("corpus", parse_settings(args.settings))
     canaries = resolve_settings("canaries", parse_settings(args.canary_settings))
-    prov = Provenance("demo-corpus", {"corpus": corpus, "canaries": canaries})
-    train_df, heldout_df, canaries_df, stats = build_corpus(corpus, canaries, return_stats=True)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     outputs = [out_dir / TRAIN_FILE, out_dir / HELDOUT_FILE, out_dir / CANARIES_FILE]
-    prov.extra["stats"] = stats
-    for df, path in zip((train_df, heldout_df, canaries_df), outputs):
-        write_parquet(df, path, provenance=prov)
+    with stage("demo-corpus", {"corpus": corpus, "canaries": canaries}, outputs=outputs) as prov:
+        train_df, heldout_df, canaries_df, stats = build_corpus(corpus, canaries, return_stats=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prov.extra["stats"] = stats
+        for df, path in zip((train_df, heldout_df, canaries_df), outputs):
+            write_parquet(df, path, provenance=prov)
     print(
         f"demo-corpus: {stats['docs_train']} train docs, {stats['docs_heldout']} held-out docs, "
         f"{stats['canaries']} canaries x copies = {stats['canary_insertions']} insertions -> {out_dir}"
@@ -95,25 +96,23 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from memctl.demo.tokenizer import canary_token_lengths, train_tokenizer
 
     settings = resolve_settings("tokenizer", parse_settings(args.settings))
-    corpus = Path(args.corpus)
-    prov = Provenance("demo-tokenizer", settings, inputs={"train": corpus / TRAIN_FILE})
-    train = pd.read_parquet(corpus / TRAIN_FILE, columns=["segment", "text"]).sort_values("segment")
-    tokenizer = train_tokenizer(train["text"].tolist(), settings)
-    extra: dict = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id}
-    canary_path = corpus / CANARIES_FILE
-    if canary_path.exists():
-        canaries = pd.read_parquet(canary_path)
-        lengths = canary_token_lengths(tokenizer, canaries["text"].tolist())
-        extra["canary_tokens"] = _length_summary(canaries, lengths)
-        short = [name for name, ok in extra["canary_tokens"]["covers"].items() if not ok]
-        if short:
-            print(
-                f"demo-tokenizer: note: the shortest canary has {min(lengths)} tokens, too short for the "
-                f"{', '.join(short)} preset(s); lengthen demo.canaries.words / digits to use them"
-            )
-    out = Path(args.out)
-    with atomic_path(out, directory=True, provenance=prov, extra=extra) as tmp:
-        tokenizer.save_pretrained(tmp)
+    corpus, out = Path(args.corpus), Path(args.out)
+    with stage("demo-tokenizer", settings, inputs={"train": corpus / TRAIN_FILE}, outputs=[out]) as prov:
+        train = pd.read_parquet(corpus / TRAIN_FILE, columns=["segment", "text"]).sort_values("segment")
+        tokenizer = train_tokenizer(train["text"].tolist(), settings)
+        prov.extra.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        canary_path = corpus / CANARIES_FILE
+        if canary_path.exists():
+            canaries = pd.read_parquet(canary_path)
+            lengths = canary_token_lengths(tokenizer, canaries["text"].tolist())
+            prov.extra["canary_tokens"] = _length_summary(canaries, lengths)
+            short = [name for name, ok in prov.extra["canary_tokens"]["covers"].items() if not ok]
+            if short:
+                print(
+                    f"demo-tokenizer: note: the shortest canary has {min(lengths)} tokens, too short for the "
+                    f"{', '.join(short)} preset(s); lengthen demo.canaries.words / digits to use them"
+                )
+        write_dir(out, tokenizer.save_pretrained, provenance=prov)
     print(f"demo-tokenizer: {len(tokenizer)} tokens -> {out}")
     return 0
 
@@ -127,25 +126,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     train_settings = resolve_settings("train", parse_settings(args.settings))
     if not train_settings["threads"] and args.threads:
         train_settings["threads"] = int(args.threads)
-    corpus, tok_dir = Path(args.corpus), Path(args.tokenizer)
-    prov = Provenance(
+    corpus, tok_dir, out = Path(args.corpus), Path(args.tokenizer), Path(args.out)
+    with stage(
         "demo-pretrain",
         {"architecture": arch, "train": train_settings},
         inputs={"train": corpus / TRAIN_FILE, "tokenizer": tok_dir},
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    stream = train_token_stream(corpus, tokenizer)
-    model, log_df = pretrain(stream, tokenizer, arch, train_settings, progress=not args.no_progress)
-    out = Path(args.out)
-    a = log_df.attrs
-    extra = {
-        "final_loss": a["final_loss"],
-        "tokens_per_s": a["tokens_per_s"],
-        "train_wall_time_s": a["wall_time_s"],
-        "train_summary": dict(a),
-    }
-    with atomic_path(out, directory=True, provenance=prov, extra=extra) as tmp:
-        save_model(model, tokenizer, log_df, tmp)
+        outputs=[out],
+    ) as prov:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        stream = train_token_stream(corpus, tokenizer)
+        model, log_df = pretrain(stream, tokenizer, arch, train_settings, progress=not args.no_progress)
+        a = log_df.attrs
+        prov.extra.update({
+            "final_loss": a["final_loss"],
+            "tokens_per_s": a["tokens_per_s"],
+            "train_wall_time_s": a["wall_time_s"],
+            "train_summary": dict(a),
+        })
+        write_dir(out, lambda tmp: save_model(model, tokenizer, log_df, tmp), provenance=prov)
     print(
         f"demo-pretrain: final loss {a['final_loss']:.3f}, {a['tokens_per_s']:,.0f} tokens/s, "
         f"{a['wall_time_s']:.0f} s -> {out}"

@@ -1,10 +1,11 @@
 """Pretrain the demo model: a small Pythia-style GPT-NeoX, from scratch, on the CPU.
 
-Training token stream (:func:`train_token_stream`)
+Training token stream (:func:`memctl.corpus_stream.train_token_stream`, importable from here too)
     Every segment of ``train.parquet`` (documents and canary copies, in stream order) is tokenized
     on its own without special tokens and followed by one eos token; the results are concatenated.
     A canary copy therefore has exactly the ids of the canary text tokenized alone. Other stages
-    (window sampling, duplicate counting) reuse this function so that they see the same stream.
+    (window sampling, duplicate counting) reuse this function so that they see the same stream; it
+    lives in a core module because core stages must not import the demo.
 
 Training (:func:`pretrain`)
     Each step draws ``batch_size`` windows of ``context_length + 1`` tokens at uniformly random
@@ -36,8 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from memctl.corpus_stream import as_tokenizer, tokenize_segments, train_token_stream
 from memctl.demo import resolve_settings
 
 #: Global gradient-norm clip applied at every step.
@@ -48,48 +50,6 @@ ADAM_BETAS = (0.9, 0.95)
 TRAIN_ATTN = "eager"
 #: Number of final steps whose mean loss is reported as the final loss.
 FINAL_LOSS_STEPS = 20
-
-
-def _as_tokenizer(tokenizer):
-    if isinstance(tokenizer, (str, os.PathLike)):
-        return AutoTokenizer.from_pretrained(str(tokenizer))
-    return tokenizer
-
-
-def tokenize_segments(texts: list[str], tokenizer, batch: int = 256, return_lengths: bool = False):
-    """Token stream of ``texts``: each text's ids (no special tokens) followed by eos, concatenated.
-
-    With ``return_lengths`` also the number of stream tokens each text occupies (its ids + eos).
-    """
-    tokenizer = _as_tokenizer(tokenizer)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("tokenizer has no eos token")
-    pieces: list[np.ndarray] = []
-    for start in range(0, len(texts), batch):
-        enc = tokenizer(list(texts[start : start + batch]), add_special_tokens=False)["input_ids"]
-        for ids in enc:
-            pieces.append(np.asarray(ids, dtype=np.int32))
-            pieces.append(np.asarray([eos], dtype=np.int32))
-    stream = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else np.zeros(0, dtype=np.int32)
-    if return_lengths:
-        lengths = np.array([len(p) for p in pieces[0::2]], dtype=np.int64) + 1
-        return stream, lengths
-    return stream
-
-
-def train_token_stream(corpus_dir: str | os.PathLike, tokenizer, return_canary_mask: bool = False):
-    """The training token stream of a demo corpus directory (int32), as the model was trained on it.
-
-    ``tokenizer`` is a tokenizer object or a tokenizer / model directory. With
-    ``return_canary_mask`` also a boolean array marking the tokens of planted canary segments.
-    """
-    train = pd.read_parquet(Path(corpus_dir) / "train.parquet", columns=["segment", "kind", "text"])
-    train = train.sort_values("segment", kind="stable")
-    if not return_canary_mask:
-        return tokenize_segments(train["text"].tolist(), tokenizer)
-    stream, lengths = tokenize_segments(train["text"].tolist(), tokenizer, return_lengths=True)
-    return stream, np.repeat((train["kind"] == "canary").to_numpy(), lengths)
 
 
 def model_config(arch_settings: Mapping[str, Any] | None, vocab_size: int, eos_token_id: int) -> GPTNeoXConfig:
@@ -149,7 +109,7 @@ def pretrain(
     are in ``log_df.attrs`` (``final_loss``, ``tokens_per_s``, ``wall_time_s``, ``threads``, ...).
     The returned model is in eval mode, fp32.
     """
-    tokenizer = _as_tokenizer(tokenizer)
+    tokenizer = as_tokenizer(tokenizer)
     arch = resolve_settings("architecture", arch_settings)
     cfg = resolve_settings("train", train_settings)
     stream = np.asarray(token_stream, dtype=np.int64)
@@ -249,7 +209,7 @@ def pretrain(
 def save_model(model: GPTNeoXForCausalLM, tokenizer, log_df: pd.DataFrame | None, out_dir: str | os.PathLike) -> None:
     """Write a HF model directory: safetensors weights, config, generation config, tokenizer, train log."""
     out_dir = Path(out_dir)
-    tokenizer = _as_tokenizer(tokenizer)
+    tokenizer = as_tokenizer(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from memctl.runner import load, model_args, stage
+
 log = logging.getLogger("memctl.masks")
 
 
@@ -18,41 +20,40 @@ def _public_stats(stats: dict) -> dict:
 
 
 def cmd_train_mask(args) -> None:
-    from memctl.artifacts import Provenance, write_parquet
-    from memctl.cli import _load
     from memctl.config import parse_settings
     from memctl.edits import save_delta
     from memctl.masks.data import load_windows, sequences_from_table
     from memctl.masks.settings import resolve_mask_job
     from memctl.masks.training import train_mask
+    from memctl.store import write_parquet
 
     settings = resolve_mask_job(parse_settings(args.settings))
     if settings["mode"] != "none" and not args.memorized:
         raise FileNotFoundError(f"mode {settings['mode']!r} needs --memorized (the memorized training split)")
-    prov = Provenance(
+    with stage(
         "train_mask",
         {"masks": settings, "model": parse_settings(args.model_settings)},
         {"model": args.model, "calibration": args.calibration, "memorized": args.memorized},
-    )
-    calibration = load_windows(args.calibration)
-    memorized = sequences_from_table(args.memorized, settings["mem_loss_tokens"]) if settings["mode"] != "none" else None
-    model, _ = _load(args, prov)
-    work_dir = Path(args.work_dir or Path(args.out).parent)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    result = train_mask(model, calibration, memorized, settings, work_dir=work_dir)
-    meta = {"method": "mask", "label": args.label, "mode": settings["mode"], "settings": settings,
-            **_public_stats(result.stats)}
-    save_delta(args.out, masks=result.masks, metadata=meta)
-    write_parquet(result.log, args.log)
-    prov.write(args.out, args.log, extra={"stats": result.stats})
+        outputs=[args.out, args.log],
+    ) as prov:
+        calibration = load_windows(args.calibration)
+        memorized = (sequences_from_table(args.memorized, settings["mem_loss_tokens"])
+                     if settings["mode"] != "none" else None)
+        model, _ = load(args, prov)
+        work_dir = Path(args.work_dir or Path(args.out).parent)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        result = train_mask(model, calibration, memorized, settings, work_dir=work_dir)
+        meta = {"method": "mask", "label": args.label, "mode": settings["mode"], "settings": settings,
+                **_public_stats(result.stats)}
+        prov.extra["stats"] = result.stats
+        save_delta(args.out, masks=result.masks, metadata=meta, provenance=prov)
+        write_parquet(result.log, args.log, provenance=prov)
     log.info("%s mask: sparsity %.4f (target %.3f, %s); final calibration loss %.4f", settings["mode"],
              result.stats["sparsity"], settings["sparsity"], result.stats["mask_rule"],
              result.log["calib_loss"].iloc[-1])
 
 
 def cmd_prune(args) -> None:
-    from memctl.artifacts import Provenance
-    from memctl.cli import _load
     from memctl.config import parse_settings
     from memctl.edits import save_delta
     from memctl.masks.data import load_windows
@@ -62,23 +63,24 @@ def cmd_prune(args) -> None:
     settings = resolve_prune_job(parse_settings(args.settings))
     if settings["second_moments"] == "kfac" and settings["method"] != "magnitude" and not args.factors:
         raise FileNotFoundError("pruning.second_moments is 'kfac' but no --factors file was given")
-    prov = Provenance(
+    with stage(
         "prune",
         {"pruning": settings, "model": parse_settings(args.model_settings)},
         {"model": args.model, "calibration": args.calibration, "factors": args.factors},
-    )
-    calibration = None
-    if settings["method"] != "magnitude" and settings["second_moments"] == "calibration":
-        if not args.calibration:
-            raise FileNotFoundError(f"{settings['method']} needs --calibration windows")
-        calibration = load_windows(args.calibration, settings["calibration_windows"])
-    factors = _load_factors(args.factors) if settings["second_moments"] == "kfac" and args.factors else None
-    model, _ = _load(args, prov)
-    result = prune_model(model, settings, calibration, factors)
-    meta = {"method": settings["method"], "label": args.label, "form": result.stats["form"], "settings": settings,
-            **_public_stats(result.stats)}
-    save_delta(args.out, replace=result.replace, masks=result.masks, metadata=meta)
-    prov.write(args.out, extra={"stats": result.stats})
+        outputs=[args.out],
+    ) as prov:
+        calibration = None
+        if settings["method"] != "magnitude" and settings["second_moments"] == "calibration":
+            if not args.calibration:
+                raise FileNotFoundError(f"{settings['method']} needs --calibration windows")
+            calibration = load_windows(args.calibration, settings["calibration_windows"])
+        factors = _load_factors(args.factors) if settings["second_moments"] == "kfac" and args.factors else None
+        model, _ = load(args, prov)
+        result = prune_model(model, settings, calibration, factors)
+        meta = {"method": settings["method"], "label": args.label, "form": result.stats["form"],
+                "settings": settings, **_public_stats(result.stats)}
+        prov.extra["stats"] = result.stats
+        save_delta(args.out, replace=result.replace, masks=result.masks, metadata=meta, provenance=prov)
     log.info("%s (%s): sparsity %.4f (target %.3f)", settings["method"], result.stats["form"],
              result.stats["sparsity"], settings["sparsity"])
 
@@ -99,8 +101,6 @@ def _load_factors(path):
 
 
 def cmd_balanced_subnet(args) -> None:
-    from memctl.artifacts import Provenance, write_parquet
-    from memctl.cli import _load
     from memctl.config import parse_settings
     from memctl.edits import save_delta
     from memctl.masks.balanced_subnet import train_balanced_subnet
@@ -110,77 +110,77 @@ def cmd_balanced_subnet(args) -> None:
         sequences_from_windows,
     )
     from memctl.masks.settings import resolve_balanced_subnet
+    from memctl.store import write_parquet
 
     settings = resolve_balanced_subnet(parse_settings(args.settings))
-    prov = Provenance(
+    with stage(
         "balanced_subnet",
         {"balanced_subnet": settings, "model": parse_settings(args.model_settings)},
         {"model": args.model, "forget": args.forget, "retain": args.retain},
-    )
-    forget = sequences_from_table(args.forget, settings["loss_tokens"])
-    if str(args.retain).endswith(".safetensors"):
-        retain = sequences_from_windows(load_windows(args.retain))
-    else:
-        retain = sequences_from_table(args.retain, settings["loss_tokens"])
-    model, _ = _load(args, prov)
-    result = train_balanced_subnet(model, forget, retain, settings)
-    meta = {"method": "balanced_subnet", "label": args.label, "settings": settings, **_public_stats(result.stats)}
-    save_delta(args.out, masks=result.masks, metadata=meta)
-    write_parquet(result.log, args.log)
-    prov.write(args.out, args.log, extra={"stats": result.stats})
-    log.info("balanced subnet: sparsity %.4f of %d MLP weights", result.stats["sparsity"], result.stats["gated_weights"])
+        outputs=[args.out, args.log],
+    ) as prov:
+        forget = sequences_from_table(args.forget, settings["loss_tokens"])
+        if str(args.retain).endswith(".safetensors"):
+            retain = sequences_from_windows(load_windows(args.retain))
+        else:
+            retain = sequences_from_table(args.retain, settings["loss_tokens"])
+        model, _ = load(args, prov)
+        result = train_balanced_subnet(model, forget, retain, settings)
+        meta = {"method": "balanced_subnet", "label": args.label, "settings": settings,
+                **_public_stats(result.stats)}
+        prov.extra["stats"] = result.stats
+        save_delta(args.out, masks=result.masks, metadata=meta, provenance=prov)
+        write_parquet(result.log, args.log, provenance=prov)
+    log.info("balanced subnet: sparsity %.4f of %d MLP weights", result.stats["sparsity"],
+             result.stats["gated_weights"])
 
 
-def cmd_masks_report(args) -> None:
+def cmd_report(args) -> None:
     import pandas as pd
 
-    from memctl.artifacts import Provenance, atomic_path, write_parquet, write_text
     from memctl.config import parse_settings
     from memctl.masks import report
     from memctl.report import markdown_html
+    from memctl.store import atomic_path, write_parquet, write_text
 
     spec = parse_settings(args.spec)
     entries = spec.get("edits", [])
-    prov = Provenance("masks_report", spec, {f"metrics[{i}]": m for i, m in enumerate(args.metrics)})
-    metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
-    for entry in entries:
-        entry["measured_sparsity"], meta = report.delta_info(entry.get("delta"))
-        entry["mask_rule"] = meta.get("mask_rule")
     out = Path(args.out_dir)
-    outputs = []
-    main = report.main_table(metrics, entries)
-    text = report.markdown(main, spec.get("title", "Masks and pruning baselines")) + "\n" + report.notes(main)
-    write_text(out / "table.md", text)
-    write_parquet(main, out / "table.parquet")
-    outputs += [out / "table.md", out / "table.parquet"]
-    origin = main[main["method"] == "Origin"].iloc[0].to_dict() if (main["method"] == "Origin").any() else None
-    for table, x, panels, title in [
-        ("sparsity", "target_sparsity", report.SPARSITY_PANELS, "Sparsity ablation"),
-        ("threshold", "threshold", report.THRESHOLD_PANELS, "Learning-threshold ablation (mode down)"),
-    ]:
-        df = report.ablation_table(metrics, entries, table)
-        if df.empty:
-            continue
-        lead = [("target_sparsity", "Target", "{:.2f}")] if table == "sparsity" else [("threshold", "t", "{:.2f}")]
-        write_text(out / f"ablation_{table}.md", report.markdown(df, title, lead))
-        write_parquet(df, out / f"ablation_{table}.parquet")
-        with atomic_path(out / f"ablation_{table}.png") as tmp:
-            report.plot_ablation(df, x, panels, tmp, title, origin)
-        outputs += [out / f"ablation_{table}.md", out / f"ablation_{table}.parquet", out / f"ablation_{table}.png"]
-    pages = [text] + [(out / f"ablation_{t}.md").read_text() for t in ("sparsity", "threshold")
-                      if out / f"ablation_{t}.md" in outputs]
-    write_text(out / "table.html", markdown_html("\n".join(pages), spec.get("title", "Masks and pruning baselines")))
-    outputs.append(out / "table.html")
-    prov.write(*outputs)
+    title = spec.get("title", "Masks and pruning baselines")
+    inputs = {f"metrics[{i}]": m for i, m in enumerate(args.metrics)}
+    with stage("masks_report", spec, inputs, outputs=[out]) as prov:
+        metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
+        for entry in entries:
+            entry["measured_sparsity"], meta = report.delta_info(entry.get("delta"))
+            entry["mask_rule"] = meta.get("mask_rule")
+        main = report.main_table(metrics, entries)
+        text = report.markdown(main, title) + "\n" + report.notes(main)
+        write_text(out / "table.md", text, provenance=prov)
+        write_parquet(main, out / "table.parquet", provenance=prov)
+        pages = [text]
+        origin = main[main["method"] == "Origin"].iloc[0].to_dict() if (main["method"] == "Origin").any() else None
+        for table, x, panels, heading in [
+            ("sparsity", "target_sparsity", report.SPARSITY_PANELS, "Sparsity ablation"),
+            ("threshold", "threshold", report.THRESHOLD_PANELS, "Learning-threshold ablation (mode down)"),
+        ]:
+            df = report.ablation_table(metrics, entries, table)
+            if df.empty:
+                continue
+            lead = [("target_sparsity", "Target", "{:.2f}")] if table == "sparsity" else [("threshold", "t", "{:.2f}")]
+            page = report.markdown(df, heading, lead)
+            write_text(out / f"ablation_{table}.md", page, provenance=prov)
+            write_parquet(df, out / f"ablation_{table}.parquet", provenance=prov)
+            with atomic_path(out / f"ablation_{table}.png", provenance=prov) as tmp:
+                report.plot_ablation(df, x, panels, tmp, heading, origin)
+            pages.append(page)
+        write_text(out / "table.html", markdown_html("\n".join(pages), title), provenance=prov)
     print(text)
 
 
 def register(subparsers) -> None:
     """Add this stage family's subcommands to the main parser."""
-    from memctl.cli import _model_args
-
     p = subparsers.add_parser("train-mask", help="train a pruning mask that suppresses or amplifies memorization")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--calibration", required=True, help="calibration windows (.safetensors)")
     p.add_argument("--memorized", default=None, help="memorized_train.parquet (modes up, down, reciprocal)")
     p.add_argument("--settings", required=True, help="the job's `masks` settings (JSON): mode, sparsity, lambda_s ...")
@@ -191,7 +191,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_train_mask)
 
     p = subparsers.add_parser("prune", help="pruning baseline: magnitude, Wanda or SparseGPT")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--calibration", default=None, help="calibration windows (.safetensors); not needed by magnitude")
     p.add_argument("--factors", default=None, help="K-FAC factors (curvature stage directory) for second_moments 'kfac'")
     p.add_argument("--settings", required=True, help="the job's `pruning` settings (JSON): method, form, sparsity ...")
@@ -200,7 +200,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_prune)
 
     p = subparsers.add_parser("balanced-subnet", help="BalancedSubnet baseline (forget memorized, retain other text)")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--forget", required=True, help="memorized_train.parquet")
     p.add_argument("--retain", required=True, help="nonmemorized.parquet, or calibration windows (.safetensors)")
     p.add_argument("--settings", required=True, help="the `pruning.balanced_subnet` settings (JSON)")
@@ -213,5 +213,5 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet of Origin and every masks edit")
     p.add_argument("--spec", required=True, help="JSON: {title, edits: [{edit, series, family, tables, delta, ...}]}")
     p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_masks_report)
+    p.set_defaults(func=cmd_report)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("none", "up", "down", "reciprocal")
+from memctl.masks.settings import MODES  # one list of modes, in a torch-free module
 
 
 def sparsity_regularizer(kept: torch.Tensor, total: int, sparsity: float) -> torch.Tensor:

@@ -18,8 +18,9 @@ from typing import Any
 import yaml
 
 from memctl.config import ConfigError, _DefaultFillingValidator
-from memctl.masks.regularizers import MODES
 
+#: Memorization terms of the mask objective (memctl.masks.regularizers implements them).
+MODES = ("none", "up", "down", "reciprocal")
 PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 FORMS = ("sequential", "one_pass")
 

@@ -19,9 +19,11 @@ uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +42,9 @@ from memctl.masks.settings import resolve_mask_job
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "memctl-mask-checkpoint/1"
+CHECKPOINT = "checkpoint"  #: a directory: see _save_checkpoint
+LEGACY_CHECKPOINT = "checkpoint.pt"  #: pickle of older versions: never loaded
+CHECKPOINT_FORMAT = "memctl-mask-checkpoint/2"
 LOG_COLUMNS = [
     "iteration", "lr", "loss", "calib_loss", "mem_loss", "mem_term", "r_s", "train_sparsity", "eval_sparsity",
 ]
@@ -214,15 +217,26 @@ def train_mask(
     rows: list[dict[str, float]] = []
     start = 0
     ckpt_path = Path(work_dir) / CHECKPOINT if work_dir else None
+    if work_dir is not None and (Path(work_dir) / LEGACY_CHECKPOINT).exists():
+        log.warning("ignoring %s: pickle checkpoints of older versions are never loaded",
+                    Path(work_dir) / LEGACY_CHECKPOINT)
     if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state.get("format") == CHECKPOINT_FORMAT and state.get("settings") == s:
-            mask_gates.load_state_dict(state["gates"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, rows = int(state["iteration"]), list(state["log"])
-            log.info("resuming %s mask training at iteration %d / %d from %s", mode, start, s["steps"], ckpt_path)
+        try:
+            saved = _read_checkpoint(ckpt_path, s, mask_gates, optimizer)
+        except CheckpointError as err:
+            log.warning("ignoring checkpoint %s (%s): training from scratch", ckpt_path, err)
         else:
-            log.warning("ignoring checkpoint %s: written with other settings", ckpt_path)
+            try:
+                mask_gates.load_state_dict(saved.gates)
+                optimizer.load_state_dict(saved.optimizer)
+            except Exception as err:  # noqa: BLE001 - anything odd: never train on a half-loaded state
+                log.warning("ignoring checkpoint %s (cannot be applied: %s): training from scratch", ckpt_path, err)
+                mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
+                optimizer = torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+            else:
+                start, rows = saved.iteration, saved.rows
+                log.info("resuming %s mask training at iteration %d / %d from %s", mode, start, s["steps"],
+                         ckpt_path)
 
     def step(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -279,8 +293,8 @@ def train_mask(
     bar.close()
 
     masks, stats = final_masks(mask_gates, s)
-    if ckpt_path is not None and ckpt_path.exists() and not s["keep_checkpoint"]:
-        ckpt_path.unlink()
+    if ckpt_path is not None and not s["keep_checkpoint"]:
+        _remove_checkpoint(ckpt_path)
     history = pd.DataFrame(rows, columns=LOG_COLUMNS)
     return MaskResult({k: v.cpu() for k, v in masks.items()}, history, stats, targets)
 
@@ -317,19 +331,191 @@ def final_masks(mask_gates: MaskGates, s: Mapping[str, Any]) -> tuple[dict[str, 
     return masks, stats
 
 
-def _save_checkpoint(path: Path, settings, iteration, mask_gates, optimizer, rows) -> None:
-    from memctl.artifacts import atomic_path
+# ------------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint is a directory (renamed into place whole, so never seen half-written) holding
+# ``tensors.safetensors`` (gate parameters ``gates.<name>``, AdamW state ``optimizer.<index>.<key>``)
+# and ``state.json`` (format, settings and their hash, iteration, AdamW param-group
+# hyperparameters, non-tensor optimizer state, log rows, and the sha256 of the tensors file). Nothing
+# in it is executable: no pickle is ever read. There is no RNG state to keep: noise seeds and batch
+# order are pure functions of (seed, iteration).
 
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "settings": dict(settings),
-        "iteration": iteration,
-        "gates": mask_gates.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "log": list(rows),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+CHECKPOINT_TENSORS = "tensors.safetensors"
+CHECKPOINT_STATE = "state.json"
+_SCALAR = (int, float, bool, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (unreadable, incomplete, or written for other settings)."""
+
+
+@dataclass
+class _SavedState:
+    iteration: int
+    rows: list[dict[str, Any]]
+    gates: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+def _canonical(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), for comparing settings."""
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(_canonical(dict(settings)), sort_keys=True).encode()).hexdigest()
+
+
+def _same_kind(value: Any, like: Any) -> bool:
+    """A JSON scalar that may stand for ``like`` (numbers for numbers, bools for bools; None is open)."""
+    if not isinstance(value, _SCALAR):
+        return False
+    if like is None or value is None:
+        return like is None or value is None
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(like, bool) and isinstance(value, bool)
+    return isinstance(like, (int, float)) and isinstance(value, (int, float))
+
+
+def _save_checkpoint(path: Path, settings, iteration, mask_gates, optimizer, rows) -> None:
+    from safetensors.torch import save_file
+
+    from memctl.store import atomic_path
+
+    tensors = {f"gates.{k}": v.detach().cpu().contiguous() for k, v in mask_gates.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in opt["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            elif isinstance(value, _SCALAR):
+                scalars.setdefault(str(index), {})[key] = value
+            else:
+                raise TypeError(f"optimizer state {index}.{key}: cannot checkpoint a {type(value).__name__}")
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+    with atomic_path(path, directory=True) as tmp:
+        save_file(tensors, str(tmp / CHECKPOINT_TENSORS))
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "settings": _canonical(dict(settings)),
+            "settings_sha256": settings_hash(settings),
+            "iteration": int(iteration),
+            "gate_names": list(mask_gates.state_dict()),
+            "optimizer_param_groups": groups,
+            "optimizer_scalar_state": scalars,
+            "log": list(rows),
+            "tensors_sha256": _sha256(tmp / CHECKPOINT_TENSORS),
+        }
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _read_checkpoint(path: Path, settings: Mapping[str, Any], mask_gates: MaskGates, optimizer) -> _SavedState:
+    """Read and check a checkpoint against this run; raises :class:`CheckpointError` if it is unusable."""
+    from safetensors.torch import load_file
+
+    for name in (CHECKPOINT_STATE, CHECKPOINT_TENSORS):
+        if not (path / name).is_file():  # missing, or a device / FIFO planted to hang the reader
+            raise CheckpointError(f"no regular file {name}")
+    try:
+        state = json.loads((path / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+        tensors_sha256 = _sha256(path / CHECKPOINT_TENSORS)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"unreadable: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"not a {CHECKPOINT_FORMAT} checkpoint")
+    if state.get("settings_sha256") != settings_hash(settings) or state.get("settings") != _canonical(dict(settings)):
+        raise CheckpointError("written with other settings")
+    if state.get("tensors_sha256") != tensors_sha256:
+        raise CheckpointError(f"{CHECKPOINT_TENSORS} does not match the checksum in {CHECKPOINT_STATE}")
+    device = next(iter(mask_gates.parameters())).device
+    try:  # straight onto the gates' device, as the training state lives there
+        tensors = load_file(str(path / CHECKPOINT_TENSORS), device=str(device))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"unreadable {CHECKPOINT_TENSORS}: {err}") from None
+
+    iteration = state.get("iteration")
+    if type(iteration) is not int or not 0 < iteration <= int(settings["steps"]):
+        raise CheckpointError(f"bad iteration {iteration!r}")
+    rows = state.get("log")
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and set(r) <= set(LOG_COLUMNS) and all(isinstance(v, _SCALAR) for v in r.values())
+        for r in rows
+    ):
+        raise CheckpointError("bad log rows")
+
+    # Gate parameters: exactly this run's names, shapes and dtypes.
+    expected = mask_gates.state_dict()
+    gates_sd = {k[len("gates."):]: v for k, v in tensors.items() if k.startswith("gates.")}
+    if state.get("gate_names") != list(expected) or set(gates_sd) != set(expected):
+        raise CheckpointError("its gated matrices differ from this run's")
+    for name, value in expected.items():
+        if gates_sd[name].shape != value.shape or gates_sd[name].dtype != value.dtype:
+            raise CheckpointError(f"gate {name}: {tuple(gates_sd[name].shape)} {gates_sd[name].dtype}, "
+                                  f"expected {tuple(value.shape)} {value.dtype}")
+
+    # Optimizer: param groups with this optimizer's keys and scalar values; per-parameter state
+    # tensors shaped like their parameter (or scalars, such as AdamW's step count).
+    current = optimizer.state_dict()
+    groups = state.get("optimizer_param_groups")
+    if not isinstance(groups, list) or len(groups) != len(current["param_groups"]):
+        raise CheckpointError("bad optimizer param groups")
+    param_groups = []
+    for saved_group, group in zip(groups, current["param_groups"], strict=True):
+        keys = set(group) - {"params"}
+        if not isinstance(saved_group, dict) or set(saved_group) != keys:
+            raise CheckpointError("optimizer param groups with other keys")
+        restored = {"params": list(group["params"])}
+        for key in keys:
+            value, like = saved_group[key], group[key]
+            if isinstance(like, tuple):
+                if not isinstance(value, list) or len(value) != len(like) or not all(
+                        isinstance(v, (int, float)) for v in value):
+                    raise CheckpointError(f"bad optimizer setting {key}: {value!r}")
+                value = tuple(value)
+            elif not _same_kind(value, like):
+                raise CheckpointError(f"bad optimizer setting {key}: {value!r}")
+            restored[key] = value
+        param_groups.append(restored)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    scalars = state.get("optimizer_scalar_state", {})
+    if not isinstance(scalars, dict):
+        raise CheckpointError("bad optimizer scalar state")
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("gates."):
+            continue
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "optimizer" or not parts[1].isdigit() or int(parts[1]) >= len(params):
+            raise CheckpointError(f"unexpected tensor {key!r}")
+        index = int(parts[1])
+        if value.ndim and value.shape != params[index].shape:
+            raise CheckpointError(f"{key}: shape {tuple(value.shape)}, parameter {tuple(params[index].shape)}")
+        # Scalar state (AdamW's step count) stays on the CPU, where a fresh AdamW keeps it.
+        opt_state.setdefault(index, {})[parts[2]] = value.cpu() if value.ndim == 0 else value
+    for index, entries in scalars.items():
+        if not index.isdigit() or int(index) >= len(params) or not isinstance(entries, dict) or not all(
+                isinstance(v, _SCALAR) for v in entries.values()):
+            raise CheckpointError("bad optimizer scalar state")
+        opt_state.setdefault(int(index), {}).update(entries)
+    if set(opt_state) != set(range(len(params))):
+        raise CheckpointError("optimizer state does not cover every gate parameter")
+    return _SavedState(iteration, [dict(r) for r in rows], gates_sd, {"state": opt_state, "param_groups": param_groups})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _remove_checkpoint(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def per_matrix_table(result: MaskResult) -> pd.DataFrame:

@@ -12,7 +12,7 @@ labelled as such in the tables.
 
 Statistics per layer input (matrices that read the same activation share them): Wanda needs the
 per-feature sum of squares, SparseGPT the full ``X^T X``; both are accumulated in fp32 from
-``(tokens, d_in)`` inputs captured by forward hooks.
+``(tokens, d_in)`` inputs handed over by :class:`memctl.capture.Capture`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -29,13 +30,10 @@ from tqdm.auto import tqdm
 
 from memctl import architectures as arch
 from memctl.architectures import LinearTarget
+from memctl.capture import Capture, call_arguments
 from memctl.pruning.methods import magnitude_mask, sparsegpt_prune, wanda_mask
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early (inputs of the first block captured)."""
 
 
 @dataclass
@@ -62,17 +60,9 @@ class InputMoments:
             self.sums[key] = value
         self.tokens[key] = self.tokens.get(key, 0) + int(x.shape[0])
 
-    def hooks(self, model: nn.Module, targets: list[LinearTarget]) -> list:
-        """Register one forward hook per distinct input of ``targets``; returns the handles."""
-        handles, seen = [], set()
-        for t in targets:
-            if t.input_key in seen:
-                continue
-            seen.add(t.input_key)
-            handles.append(
-                arch.module(model, t).register_forward_hook(lambda m, inp, out, key=t.input_key: self.add(key, inp[0]))
-            )
-        return handles
+    def capture(self, model: nn.Module, targets: list[LinearTarget]) -> Capture:
+        """A context that adds the inputs of ``targets`` (once per distinct input) while it is open."""
+        return Capture(model, targets, on_input=lambda t, x: self.add(t.input_key, x))
 
     def diag(self, key: str) -> torch.Tensor:
         s = self.sums[key]
@@ -123,14 +113,10 @@ def _hidden(output):
 @torch.no_grad()
 def one_pass_moments(model, targets, windows, batch_size, full: bool, progress: bool = True) -> InputMoments:
     moments = InputMoments(full)
-    handles = moments.hooks(model, targets)
     device = next(model.parameters()).device
-    try:
+    with moments.capture(model, targets):
         for batch in tqdm(list(_batches(windows, batch_size)), desc="calibration pass", disable=not progress):
             model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return moments
 
 
@@ -149,33 +135,17 @@ def sequential(
     device = next(model.parameters()).device
     first = model.get_submodule(blocks[0][0])
     cache: list[tuple[torch.Tensor, tuple, dict]] = []
-
-    def capture(module, args, kwargs):
-        kwargs = dict(kwargs)
+    for batch in _batches(windows, batch_size):
+        args, kwargs = call_arguments(first, partial(model, input_ids=batch.to(device), use_cache=False))
         hidden = args[0] if args else kwargs.pop("hidden_states")
         cache.append((hidden, tuple(args[1:]), kwargs))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for batch in _batches(windows, batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
     for path, block_targets in tqdm(blocks, desc="blocks", disable=not progress):
         block = model.get_submodule(path)
         if block_targets:
             moments = InputMoments(full)
-            handles = moments.hooks(model, block_targets)
-            try:
+            with moments.capture(model, block_targets):
                 for hidden, args, kwargs in cache:
                     block(hidden, *args, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
             prune_block(block_targets, moments)
         cache = [(_hidden(block(hidden, *args, **kwargs)), args, kwargs) for hidden, args, kwargs in cache]
 

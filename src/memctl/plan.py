@@ -1,0 +1,614 @@
+"""The workflow's plan: every stage's jobs, artifact paths, hashes and labels, from the config.
+
+:func:`build_plan` is a pure function of the validated config (:func:`memctl.config.load_config`)
+and the model's dimensions (:func:`memctl.lab.workflow_model_dims`; None when unknown at parse
+time). Snakemake's rule files only read the plan: each rule declares the stage's inputs, outputs,
+log and benchmark from :meth:`Plan.job` and runs ``memctl <command> <Job.args>``; nothing about
+which jobs exist, where they write or how they are keyed lives in the rule files.
+
+Keys. Every artifact directory carries a short hash of the settings and upstream hashes that made
+it (:func:`memctl.config.settings_hash`), so two settings never overwrite each other and a lab can
+share one root::
+
+    {root}/demo/corpus-<h>/ tokenizer-<h>/ model-<h>/           demo_corpus, demo_tokenizer, demo_pretrain
+    {root}/<model tag>/candidates-<h>/candidates.parquet        candidates
+    {root}/<model tag>/extract-<h>/<table>.parquet              extract
+    {root}/<model tag>/heldout-<h>/, calibration-<h>/, reference-<h>/
+    {root}/<model tag>/kfac-<h>/factors, eigen-<h>/eigen, spectrum-<h>/
+    {root}/<model tag>/edits/<edit id>/delta.safetensors        apply_edit, train_mask, prune_baseline, balanced_subnet
+    {root}/<model tag>/eval-<h>/<edit id>/metrics.parquet       evaluate
+    {results_dir}/...                                           report, curvature_report, masks_report
+
+An edit id is the edit family and the hash of exactly the settings and upstream artifacts its job
+uses, so changing one edit reruns that edit and its evaluation only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from memctl import stages as registry
+from memctl.config import ConfigError, settings_hash
+
+#: A path-safe edit id / tag.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+CORPUS_TABLES = ("train", "heldout", "canaries")
+EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_test", "by_copies")
+#: nDCG@k of the reference (reference facts: k = 10).
+EIGEN_METHOD = "eigh fp64, symmetrized, clamped, descending, sign-fixed"
+MASK_MODE_LABELS = {"none": "Ours (none)", "up": "Ours (up)", "down": "Ours (down)", "reciprocal": "Ours (reciprocal)"}
+BASELINE_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def as_json(value: Any) -> str:
+    """Canonical JSON: a job's ``--settings`` argument (the same text on every parse)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+# ------------------------------------------------------------------------------- plan objects
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a stage: what it reads and writes, and the ``memctl`` arguments that do it."""
+
+    stage: str
+    key: str  #: the value of the stage's wildcard ("" for a stage with one job)
+    inputs: Mapping[str, Any]  #: name -> path (or list of paths)
+    outputs: Mapping[str, str]  #: name -> path
+    args: tuple[str, ...]  #: ``memctl <command>`` arguments (``--threads`` comes from the rule)
+    log: str
+    benchmark: str | None
+    settings: Mapping[str, Any] = field(default_factory=dict)  #: resolved settings (the ``--settings`` JSON)
+    label: str | None = None
+
+    @property
+    def arg_string(self) -> str:
+        """The arguments shell-quoted: every path and value reaches the shell as one word."""
+        return shlex.join(self.args)
+
+    def command(self, threads: int | None = None) -> str:
+        """The command line the rule runs (without the log redirection)."""
+        stage = registry.get(self.stage)
+        words = ["memctl", stage.command, *self.args]
+        if stage.threads and threads is not None:
+            words += ["--threads", str(threads)]
+        return shlex.join(words)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The jobs of one stage and the path patterns its rule declares."""
+
+    name: str
+    wildcard: str | None  #: the wildcard that tells jobs apart (None: one job)
+    outputs: Mapping[str, str]  #: name -> path pattern
+    directories: tuple[str, ...]  #: outputs that are directories
+    log: str
+    benchmark: str | None
+    jobs: Mapping[str, Job]
+    shown: Mapping[str, tuple[str, str]] = field(default_factory=dict)  #: output -> (report category, caption)
+
+    @property
+    def constraint(self) -> str:
+        """A regex that matches exactly this stage's job keys (rules sharing an output pattern)."""
+        return "|".join(re.escape(k) for k in self.jobs) or "(?!x)x"
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An edit of the model under study, as the evaluation and the reports see it."""
+
+    id: str
+    label: str
+    stage: str | None  #: the stage that writes its delta (None for the unedited model)
+    delta: str | None
+    info: Mapping[str, Any] = field(default_factory=dict)  #: family, mode, sparsity, tables ...
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model under study."""
+
+    source: str
+    tag: str  #: its directory name in the store
+    ref: str  #: what ``--model`` gets: a directory or a hub id
+    key: str  #: hash of what identifies its weights
+    dir: str  #: ``{root}/<tag>``
+    settings: Mapping[str, Any]  #: the config's ``model`` section with ``tag`` filled in
+    inputs: Mapping[str, str]  #: files the model is (a demo or local model directory)
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Mapping[str, Any]
+    root: str
+    results: str
+    model: Model
+    stages: Mapping[str, StagePlan]
+    edits: Mapping[str, Edit]
+    targets: tuple[str, ...]  #: what ``rule all`` asks for
+
+    def stage(self, name: str) -> StagePlan:
+        if name not in self.stages:
+            raise KeyError(f"the plan has no stage {name!r}")
+        return self.stages[name]
+
+    def job(self, stage: str, wildcards: Mapping[str, str] | None = None) -> Job:
+        """The job of ``stage`` that Snakemake's ``wildcards`` select."""
+        plan = self.stage(stage)
+        key = "" if plan.wildcard is None else str(dict(wildcards or {})[plan.wildcard])
+        try:
+            return plan.jobs[key]
+        except KeyError:
+            raise KeyError(f"stage {stage} has no job {key!r}") from None
+
+    def jobs(self) -> list[Job]:
+        return [job for stage in self.stages.values() for job in stage.jobs.values()]
+
+
+# ------------------------------------------------------------------------------------ builder
+
+
+class _Builder:
+    """Builds the plan stage by stage (each ``_stage`` method adds one :class:`StagePlan`)."""
+
+    def __init__(self, config: Mapping[str, Any], dims: Any, python_version: str) -> None:
+        self.cfg = config
+        self.dims = dims
+        self.python_version = python_version
+        self.root = config["root"].rstrip("/") or "/"
+        self.results = config["results_dir"].rstrip("/") or "/"
+        self.gpu = bool(config["resources"]["gpu"])
+        self.stages: dict[str, StagePlan] = {}
+        self.edits: dict[str, Edit] = {"none": Edit("none", "Origin", None, None, {"family": "origin"})}
+        self.targets: list[str] = []
+
+    # -- helpers --------------------------------------------------------------------------------
+    def log(self, stage: str, name: str) -> str:
+        return f"{self.root}/logs/{stage}/{name}.log"
+
+    def bench(self, stage: str, name: str) -> str | None:
+        return None if registry.get(stage).cache else f"{self.root}/benchmarks/{stage}/{name}.tsv"
+
+    def add(self, name: str, jobs: list[Job], *, wildcard: str | None = None, outputs: Mapping[str, str] | None = None,
+            directories: tuple[str, ...] = (), log: str | None = None, shown: Mapping | None = None) -> None:
+        """Add stage ``name``; with a ``wildcard``, ``outputs`` and ``log`` are patterns in it (the
+        benchmark pattern follows the log's name)."""
+        if wildcard is None:
+            if len(jobs) != 1:
+                raise ValueError(f"stage {name}: one job expected without a wildcard, got {len(jobs)}")
+            outputs, log, bench = jobs[0].outputs, jobs[0].log, jobs[0].benchmark
+        else:
+            log = log or f"{self.root}/logs/{name}/{{{wildcard}}}.log"
+            stem = PurePosixPath(log).name.removesuffix(".log")
+            bench = self.bench(name, stem)
+        keyed = {job.key: job for job in jobs}
+        if len(keyed) != len(jobs):
+            raise ValueError(f"stage {name}: two jobs share a key")
+        self.stages[name] = StagePlan(name, wildcard, dict(outputs or {}), directories, log, bench, keyed,
+                                      dict(shown or {}))
+
+    def model_args(self) -> list[str]:
+        return ["--model", self.model.ref, "--model-settings", as_json(dict(self.model.settings))]
+
+    def register_edit(self, edit_id: str, label: str, stage: str, **info: Any) -> str:
+        if not SAFE_NAME.fullmatch(edit_id):
+            raise ConfigError(f"edit id {edit_id!r} is not a path-safe name")
+        if edit_id in self.edits:
+            raise ConfigError(f"edit id {edit_id!r} is planned twice")
+        delta = f"{self.model.dir}/edits/{edit_id}/delta.safetensors"
+        self.edits[edit_id] = Edit(edit_id, label, stage, delta, info)
+        return delta
+
+    # -- the stages -----------------------------------------------------------------------------
+    def demo(self) -> None:
+        demo = self.cfg["demo"]
+        self.corpus_hash = settings_hash(self.python_version, demo["corpus"], demo["canaries"])
+        self.tokenizer_hash = settings_hash(self.corpus_hash, demo["tokenizer"])
+        self.demo_model_hash = settings_hash(self.tokenizer_hash, demo["architecture"], demo["train"], self.gpu)
+        corpus = f"{self.root}/demo/corpus-{self.corpus_hash}"
+        tokenizer = f"{self.root}/demo/tokenizer-{self.tokenizer_hash}"
+        model = f"{self.root}/demo/model-{self.demo_model_hash}"
+        self.corpus_dir = corpus
+        self.corpus_files = {f"corpus_{t}": f"{corpus}/{t}.parquet" for t in CORPUS_TABLES}
+        h = self.corpus_hash
+        self.add("demo_corpus", [Job(
+            "demo_corpus", "", {}, {t: f"{corpus}/{t}.parquet" for t in CORPUS_TABLES},
+            ("--settings", as_json(demo["corpus"]), "--canary-settings", as_json(demo["canaries"]), "--out-dir", corpus),
+            self.log("demo_corpus", h), self.bench("demo_corpus", h), {"corpus": demo["corpus"], "canaries": demo["canaries"]},
+        )])
+        h = self.tokenizer_hash
+        self.add("demo_tokenizer", [Job(
+            "demo_tokenizer", "", {"train": self.corpus_files["corpus_train"]}, {"tokenizer": tokenizer},
+            ("--corpus", corpus, "--settings", as_json(demo["tokenizer"]), "--out", tokenizer),
+            self.log("demo_tokenizer", h), self.bench("demo_tokenizer", h), demo["tokenizer"],
+        )], directories=("tokenizer",))
+        h = self.demo_model_hash
+        self.add("demo_pretrain", [Job(
+            "demo_pretrain", "", {"train": self.corpus_files["corpus_train"], "tokenizer": tokenizer},
+            {"model": model, "model_meta": f"{model}.meta.json"},
+            ("--corpus", corpus, "--tokenizer", tokenizer, "--arch-settings", as_json(demo["architecture"]),
+             "--settings", as_json(demo["train"]), "--out", model),
+            self.log("demo_pretrain", h), self.bench("demo_pretrain", h),
+            {"architecture": demo["architecture"], "train": demo["train"]},
+        )], directories=("model",))
+        self.demo_model_dir = model
+
+    def model_under_study(self) -> None:
+        model = self.cfg["model"]
+        if model["source"] == "demo":
+            tag = model.get("tag") or f"demo-{self.demo_model_hash}"
+            ref, key, inputs = self.demo_model_dir, self.demo_model_hash, {"model": self.demo_model_dir}
+        else:
+            from memctl.models import model_tag
+
+            tag = model_tag(model)
+            ref = str(model["name_or_path"])
+            key = settings_hash(ref, model["revision"])
+            inputs = {"model": ref} if model["source"] == "local" else {}
+        if not SAFE_NAME.fullmatch(tag) or set(tag) == {"."}:
+            raise ConfigError(f"model.tag: {tag!r} is not a path-safe name (letters, digits, '.', '_', '-'; "
+                              f"starting with a letter or digit)")
+        self.model = Model(model["source"], tag, ref, key, f"{self.root}/{tag}", dict(model, tag=tag), inputs)
+
+    def data_inputs(self, section: str) -> dict[str, str]:
+        """A local data file (candidates / text) is an input: replacing it reruns what read it."""
+        import os
+
+        settings = self.cfg[section]
+        if settings["source"] in ("jsonl", "parquet", "npy", "text") and settings.get("path"):
+            return {"data": settings["path"]}
+        if settings["source"] == "hf" and os.path.exists(settings.get("hf_name") or ""):
+            return {"data": settings["hf_name"]}
+        if settings["source"] == "demo":
+            return dict(self.corpus_files)
+        return {}
+
+    def corpus_args(self, section: str) -> list[str]:
+        return ["--corpus", self.corpus_dir] if self.cfg[section]["source"] == "demo" else []
+
+    def text_stages(self) -> None:
+        cfg, m = self.cfg, self.model
+        ext = cfg["extract"]
+        lengths = {"prefix_len": ext["prefix_len"], "suffix_len": ext["suffix_len"]}
+        cand = dict(cfg["candidates"], **lengths)
+        self.candidates_hash = settings_hash(m.key, cand)
+        path = f"{m.dir}/candidates-{self.candidates_hash}/candidates.parquet"
+        self.candidates = path
+        self.add("candidates", [Job(
+            "candidates", "", {**m.inputs, **self.data_inputs("candidates")}, {"candidates": path},
+            (*self.model_args(), *self.corpus_args("candidates"), "--settings", as_json(cfg["candidates"]),
+             "--extract-settings", as_json(lengths), "--out", path),
+            self.log("candidates", self.candidates_hash), self.bench("candidates", self.candidates_hash), cand,
+        )])
+        # GPU and CPU kernels round differently (borderline sequences can flip): the device is in the key.
+        self.extract_hash = settings_hash(self.candidates_hash, cfg["model"], ext, self.gpu)
+        self.extract_dir = f"{m.dir}/extract-{self.extract_hash}"
+        tables = {t: f"{self.extract_dir}/{t}.parquet" for t in EXTRACT_TABLES}
+        self.tables = tables
+        outputs = {**tables, **{f"{t}_meta": f"{p}.meta.json" for t, p in tables.items()}}
+        self.add("extract", [Job(
+            "extract", "", {**m.inputs, "candidates": path}, outputs,
+            (*self.model_args(), "--candidates", path, "--settings", as_json(ext), "--out-dir", self.extract_dir),
+            self.log("extract", self.extract_hash), None, ext,
+        )])
+        for section in ("heldout", "calibration"):
+            h = settings_hash(m.key, cfg[section])
+            out = f"{m.dir}/{section}-{h}/windows.safetensors"
+            setattr(self, section, out)
+            setattr(self, f"{section}_hash", h)
+            self.add(section, [Job(
+                section, "", {**m.inputs, **self.data_inputs(section)}, {"windows": out},
+                (*self.model_args(), *self.corpus_args(section), "--settings", as_json(cfg[section]), "--out", out),
+                self.log(section, h), self.bench(section, h), cfg[section],
+            )])
+        ev = cfg["evaluate"]
+        # only what the reference depends on: changing generation batch sizes keeps it
+        ref_settings = {k: ev[k] for k in ("ndcg_windows", "heldout_batch_size")}
+        h = settings_hash(self.heldout_hash, cfg["model"], ev["ndcg_windows"], self.gpu)
+        self.reference = f"{m.dir}/reference-{h}/top10.safetensors"
+        self.add("reference_topk", [Job(
+            "reference_topk", "", {**m.inputs, "heldout": self.heldout}, {"topk": self.reference},
+            (*self.model_args(), "--heldout", self.heldout, "--settings", as_json(ref_settings), "--out", self.reference),
+            self.log("reference_topk", h), self.bench("reference_topk", h), ref_settings,
+        )])
+        self.eval_hash = settings_hash(self.extract_hash, self.heldout_hash, cfg["model"], ev, self.gpu)
+        self.eval_dir = f"{m.dir}/eval-{self.eval_hash}"
+
+    def curvature(self) -> None:
+        from memctl.curvature import settings as curvature_settings
+
+        cfg, m, curv = self.cfg, self.model, self.cfg["curvature"]
+        n_layers = None if self.dims is None else self.dims.num_layers
+        curvature_settings.check(curv)
+        specs = curvature_settings.expand_edits(curv, n_layers)
+        # Factors depend on the model (its dtype and device), the calibration text, the data pass and
+        # the module set.
+        self.kfac_hash = settings_hash(self.calibration_hash, m.key, cfg["model"], curv["data"], curv["modules"], self.gpu)
+        kfac = f"{m.dir}/kfac-{self.kfac_hash}"
+        self.kfac_factors = f"{kfac}/factors"
+        eigen_hash = settings_hash(self.kfac_hash, EIGEN_METHOD)
+        eigen_dir = f"{kfac}/eigen-{eigen_hash}"
+        spectrum_hash = settings_hash(eigen_hash, self.extract_hash, curv["spectrum"])
+        spectrum = f"{eigen_dir}/spectrum-{spectrum_hash}/spectrum.parquet"
+        collect = {"data": curv["data"], "modules": curv["modules"]}
+        shards = int(curv["data"]["shards"])
+        collect_args = (*self.model_args(), "--windows", self.calibration, "--settings", as_json(collect))
+        with_meta = lambda outs: {**outs, **{f"{k}_meta": f"{v}.meta.json" for k, v in outs.items()}}  # noqa: E731
+        if shards == 1:
+            outs = with_meta({"factors": f"{kfac}/factors", "summary": f"{kfac}/summary.parquet"})
+            self.add("collect_kfac", [Job(
+                "collect_kfac", "", {**m.inputs, "windows": self.calibration}, outs, (*collect_args, "--out-dir", kfac),
+                self.log("collect_kfac", self.kfac_hash), None, collect,
+            )], directories=("factors",))
+        else:
+            jobs = []
+            for i in range(shards):
+                d = f"{kfac}/shards/{i}"
+                outs = with_meta({"factors": f"{d}/factors", "summary": f"{d}/summary.parquet"})
+                jobs.append(Job("collect_kfac", str(i), {**m.inputs, "windows": self.calibration}, outs,
+                                (*collect_args, "--shard", f"{i}/{shards}", "--out-dir", d),
+                                self.log("collect_kfac", f"{self.kfac_hash}-{i}"), None, dict(collect, shard=i)))
+            pattern = with_meta({"factors": f"{kfac}/shards/{{shard}}/factors",
+                                 "summary": f"{kfac}/shards/{{shard}}/summary.parquet"})
+            self.add("collect_kfac", jobs, wildcard="shard", outputs=pattern, directories=("factors",),
+                     log=f"{self.root}/logs/collect_kfac/{self.kfac_hash}-{{shard}}.log")
+            shard_dirs = [f"{kfac}/shards/{i}" for i in range(shards)]
+            self.add("merge_kfac", [Job(
+                "merge_kfac", "", {"shards": [f"{d}/factors" for d in shard_dirs]},
+                {"factors": f"{kfac}/factors", "summary": f"{kfac}/summary.parquet"},
+                ("--inputs", *shard_dirs, "--out-dir", kfac),
+                self.log("merge_kfac", self.kfac_hash), self.bench("merge_kfac", self.kfac_hash),
+            )], directories=("factors",))
+        self.add("decompose_kfac", [Job(
+            "decompose_kfac", "", {"factors": f"{kfac}/factors"},
+            with_meta({"eigen": f"{eigen_dir}/eigen", "summary": f"{eigen_dir}/summary.parquet"}),
+            ("--factors", f"{kfac}/factors", "--out-dir", eigen_dir), self.log("decompose_kfac", eigen_hash), None,
+        )], directories=("eigen",))
+        # edit id -> job; K-FAC ids chain the eigenbasis hash, SVD ids only the model's.
+        svd_upstream = settings_hash(m.key, cfg["model"])
+        jobs = []
+        for spec in specs:
+            svd = spec["method"] == "svd"
+            edit = curvature_settings.edit_id(spec, svd_upstream if svd else eigen_hash)
+            delta = self.register_edit(edit, spec["label"], "apply_edit", family="curvature", method=spec["method"])
+            outputs = {"delta": delta}
+            extra: tuple[str, ...] = ()
+            if curv["write_model_dir"]:
+                outputs["model_dir"] = f"{m.dir}/edits/{edit}/model"
+                extra = ("--model-out", outputs["model_dir"])
+            eigen = {} if svd else {"eigen": f"{eigen_dir}/eigen"}
+            jobs.append(Job(
+                "apply_edit", edit, {**m.inputs, **eigen}, outputs,
+                (*self.model_args(), *(("--eigen", eigen["eigen"]) if eigen else ()), "--edit-id", edit,
+                 "--settings", as_json(spec), "--out", delta, *extra),
+                self.log("apply_edit", edit), self.bench("apply_edit", edit), spec, spec["label"],
+            ))
+        self.curvature_edits = [j.key for j in jobs]
+        pattern = {"delta": f"{m.dir}/edits/{{curv_edit}}/delta.safetensors"}
+        if curv["write_model_dir"]:
+            pattern["model_dir"] = f"{m.dir}/edits/{{curv_edit}}/model"
+        self.add("apply_edit", jobs, wildcard="curv_edit", outputs=pattern,
+                 directories=("model_dir",) if curv["write_model_dir"] else ())
+        self.add("kfac_spectrum", [Job(
+            "kfac_spectrum", "",
+            {**m.inputs, "eigen": f"{eigen_dir}/eigen", "memorized": self.tables["memorized"],
+             "nonmemorized": self.tables["nonmemorized"]},
+            {"spectrum": spectrum},
+            (*self.model_args(), "--eigen", f"{eigen_dir}/eigen", "--memorized", self.tables["memorized"],
+             "--nonmemorized", self.tables["nonmemorized"], "--settings", as_json(curv["spectrum"]), "--out", spectrum),
+            self.log("kfac_spectrum", spectrum_hash), self.bench("kfac_spectrum", spectrum_hash), curv["spectrum"],
+        )])
+        report = {"markdown": "curvature.md", "sweep": "curvature_sweep.png", "table": "curvature_edits.parquet",
+                  "html": "curvature.html"}
+        if curv["spectrum"]["enabled"]:
+            report["spectrum"] = "curvature_spectrum.png"
+        report = {k: f"{self.results}/{v}" for k, v in report.items()}
+        metrics = [self.metrics(e) for e in ["none", *self.curvature_edits]]
+        deltas = [self.edits[e].delta for e in self.curvature_edits]
+        spectra = [spectrum] if curv["spectrum"]["enabled"] else []
+        name = f"{self.eval_hash}-{spectrum_hash}"
+        self.add("curvature_report", [Job(
+            "curvature_report", "", {"metrics": metrics, "deltas": deltas, "spectrum": spectra}, report,
+            ("--metrics", *metrics, "--deltas", *deltas, *(("--spectrum", spectrum) if spectra else ()),
+             "--settings", as_json(curv["report"]), "--out-dir", self.results),
+            self.log("curvature_report", name), self.bench("curvature_report", name), curv["report"],
+        )], shown={k: ("Curvature", f"{PurePosixPath(v).stem}.rst") for k, v in report.items()
+                   if v.endswith((".html", ".png"))})
+        if self.curvature_edits or curv["spectrum"]["enabled"]:
+            self.targets += list(report.values())
+
+    def metrics(self, edit: str) -> str:
+        return f"{self.eval_dir}/{edit}/metrics.parquet"
+
+    def masks(self) -> None:
+        from memctl.masks import settings as mask_settings
+
+        cfg, m = self.cfg, self.model
+        masks, pruning = cfg["masks"], cfg["pruning"]
+        self.mask_jobs: list[Job] = []
+        self.prune_jobs: list[Job] = []
+        self.bsn_jobs: list[Job] = []
+        self.masks_spec = {"none": {"edit": "none", "series": "Origin", "family": "origin", "delta": None,
+                                    "tables": ["main"]}}
+        if masks["enabled"]:
+            if pruning["second_moments"] == "kfac" and "sequential" in pruning["forms"]:
+                raise ConfigError(
+                    f"pruning.second_moments: 'kfac' works with pruning.forms: [one_pass] only (the K-FAC factors "
+                    f"are the unpruned model's statistics; the sequential form needs those of the pruned blocks "
+                    f"below); got pruning.forms: {pruning['forms']}"
+                )
+            r = masks["sparsity"]
+            for method in pruning["methods"]:
+                for form in (["sequential"] if method == "magnitude" else pruning["forms"]):
+                    self.baseline(method, form, r, "main", mask_settings)
+            bsn = pruning["balanced_subnet"]
+            if bsn["enabled"]:
+                self.balanced_subnet(mask_settings)
+            for mode in masks["modes"]:
+                self.mask(mode, r, masks["threshold"], "main", mask_settings)
+            sweep = masks["sweep"]
+            for s in sweep["sparsities"]:
+                for mode in sweep["sparsity_modes"]:
+                    self.mask(mode, s, masks["threshold"], "sparsity", mask_settings,
+                              f"{MASK_MODE_LABELS[mode]}, sparsity {s:.2f}")
+                if sweep["baselines"]:
+                    for method in pruning["methods"]:
+                        form = "sequential" if method == "magnitude" else pruning["forms"][0]
+                        self.baseline(method, form, s, "sparsity", mask_settings,
+                                      f"{BASELINE_LABELS[method]}, sparsity {s:.2f}")
+            for t in sweep["thresholds"]:
+                self.mask("down", r, t, "threshold", mask_settings, f"Ours (down), t={t:g}")
+            if sweep["thresholds"]:
+                self.mask("down", r, masks["threshold"], "threshold", mask_settings)
+        edit_pattern = {"delta": f"{m.dir}/edits/{{edit}}/delta.safetensors"}
+        log_pattern = {**edit_pattern, "log": f"{m.dir}/edits/{{edit}}/train_log.parquet"}
+        self.add("train_mask", self.mask_jobs, wildcard="edit", outputs=log_pattern)
+        self.add("prune_baseline", self.prune_jobs, wildcard="edit", outputs=edit_pattern)
+        self.add("balanced_subnet", self.bsn_jobs, wildcard="edit", outputs=log_pattern)
+        spec = {"title": f"Masks and pruning baselines at sparsity {masks['sparsity']:g}",
+                "edits": list(self.masks_spec.values())}
+        h = settings_hash(self.eval_hash, spec)
+        out = f"{self.results}/masks"
+        outputs = {"markdown": f"{out}/table.md", "table": f"{out}/table.parquet", "html": f"{out}/table.html"}
+        for table in ("sparsity", "threshold"):
+            if any(table in e["tables"] for e in self.masks_spec.values()):
+                outputs.update({f"{table}_{ext}": f"{out}/ablation_{table}.{ext}" for ext in ("md", "parquet", "png")})
+        metrics = [self.metrics(e) for e in self.masks_spec]
+        self.add("masks_report", [Job(
+            "masks_report", "", {"metrics": metrics, "deltas": [e["delta"] for e in self.masks_spec.values() if e["delta"]]},
+            outputs, ("--metrics", *metrics, "--spec", as_json(spec), "--out-dir", out),
+            self.log("masks_report", h), self.bench("masks_report", h), spec,
+        )], shown={k: ("Masks and pruning", f"masks_{PurePosixPath(v).stem}.rst") for k, v in outputs.items()
+                   if v.endswith((".html", ".png"))})
+        if masks["enabled"]:
+            self.targets += list(outputs.values())
+
+    def _masks_edit(self, jobs: list[Job], stage: str, edit: str, job_settings: Mapping, label: str, series: str,
+                    table: str, inputs: Mapping[str, str], args: tuple[str, ...], **info: Any) -> None:
+        """Plan an edit once (the first, main-table label wins); list every table it appears in."""
+        if edit not in self.masks_spec:
+            delta = self.register_edit(edit, label, stage, **info)
+            outputs = {"delta": delta}
+            out_args: tuple[str, ...] = ("--out", delta)
+            if stage != "prune_baseline":
+                outputs["log"] = f"{self.model.dir}/edits/{edit}/train_log.parquet"
+                out_args += ("--log", outputs["log"])
+            jobs.append(Job(
+                stage, edit, {**self.model.inputs, **inputs}, outputs,
+                (*self.model_args(), *args, "--settings", as_json(dict(job_settings)), "--label", label, *out_args),
+                self.log(stage, edit), self.bench(stage, edit), job_settings, label,
+            ))
+            self.masks_spec[edit] = dict(edit=edit, series=series, delta=delta, tables=[], **info)
+        if table not in self.masks_spec[edit]["tables"]:
+            self.masks_spec[edit]["tables"].append(table)
+
+    def mask(self, mode, sparsity, threshold, table, mask_settings, label=None) -> None:
+        masks = self.cfg["masks"]
+        job = {k: v for k, v in masks.items() if k not in ("enabled", "modes", "sweep", "lambda_s", "threshold")}
+        job.update(mode=mode, sparsity=sparsity, lambda_s=masks["lambda_s"][mode])
+        if mode == "down":
+            job["threshold"] = threshold
+        job = mask_settings.resolve_mask_job(job)
+        upstream = [self.calibration_hash, self.extract_hash if mode != "none" else None]
+        h = settings_hash(self.model.key, self.cfg["model"], self.gpu, upstream, job)
+        inputs = {"calibration": self.calibration}
+        args: tuple[str, ...] = ("--calibration", self.calibration)
+        if mode != "none":
+            inputs["memorized"] = self.tables["memorized_train"]
+            args += ("--memorized", self.tables["memorized_train"])
+        series = MASK_MODE_LABELS[mode]
+        self._masks_edit(self.mask_jobs, "train_mask", f"mask-{mode}-{h}", job, label or series, series, table,
+                         inputs, args, family="ours", mode=mode, sparsity=sparsity,
+                         threshold=threshold if mode == "down" else None)
+
+    def baseline(self, method, form, sparsity, table, mask_settings, label=None) -> None:
+        pruning = self.cfg["pruning"]
+        job = {"method": method, "sparsity": sparsity, "groups": pruning["groups"]}
+        if method != "magnitude":
+            keys = ["calibration_windows", "batch_size", "second_moments"]
+            keys += ["damp", "block_size"] if method == "sparsegpt" else []
+            job.update({k: pruning[k] for k in keys}, form=form)
+        kfac = job.get("second_moments") == "kfac"
+        job = mask_settings.resolve_prune_job(job)
+        upstream = [] if method == "magnitude" else [self.kfac_factors if kfac else self.calibration_hash]
+        h = settings_hash(self.model.key, self.cfg["model"], self.gpu, upstream, job)
+        tag = "-onepass" if form == "one_pass" and method != "magnitude" else ""
+        inputs, args = {}, ()
+        if method != "magnitude":
+            name, path = ("factors", self.kfac_factors) if kfac else ("calibration", self.calibration)
+            inputs, args = {name: path}, (f"--{name}", path)
+        series = BASELINE_LABELS[method] + (" (one-pass)" if tag else "")
+        self._masks_edit(self.prune_jobs, "prune_baseline", f"{method}{tag}-{h}", job, label or series, series, table,
+                         inputs, args, family="baseline", method=method,
+                         form=form if method != "magnitude" else "none", sparsity=sparsity)
+
+    def balanced_subnet(self, mask_settings) -> None:
+        bsn = mask_settings.resolve_balanced_subnet(
+            {k: v for k, v in self.cfg["pruning"]["balanced_subnet"].items() if k != "enabled"})
+        retain_hash = self.extract_hash if bsn["retain"] == "nonmemorized" else [self.extract_hash, self.calibration_hash]
+        h = settings_hash(self.model.key, self.cfg["model"], self.gpu, retain_hash, bsn)
+        retain = self.tables["nonmemorized"] if bsn["retain"] == "nonmemorized" else self.calibration
+        forget = self.tables["memorized_train"]
+        self._masks_edit(self.bsn_jobs, "balanced_subnet", f"bsn-{h}", bsn, "BalancedSubnet", "BalancedSubnet",
+                         "main", {"forget": forget, "retain": retain}, ("--forget", forget, "--retain", retain),
+                         family="baseline", method="balanced_subnet", sparsity=bsn["ratio"])
+
+    def evaluation(self) -> None:
+        m, ev = self.model, self.cfg["evaluate"]
+        jobs = []
+        for edit in self.edits.values():
+            delta = {"delta": edit.delta} if edit.delta else {}
+            out_dir = f"{self.eval_dir}/{edit.id}"
+            jobs.append(Job(
+                "evaluate", edit.id,
+                {**m.inputs, **delta, "memorized": self.tables["memorized_test"], "heldout": self.heldout,
+                 "reference": self.reference},
+                {"metrics": f"{out_dir}/metrics.parquet", "scores": f"{out_dir}/scores.parquet"},
+                (*self.model_args(), "--edit", edit.id, "--method", edit.label,
+                 *(("--delta", edit.delta) if edit.delta else ()), "--memorized", self.tables["memorized_test"],
+                 "--heldout", self.heldout, "--reference", self.reference, "--settings", as_json(ev),
+                 "--out-dir", out_dir),
+                self.log("evaluate", f"{self.eval_hash}-{edit.id}"), self.bench("evaluate", f"{self.eval_hash}-{edit.id}"),
+                ev, edit.label,
+            ))
+        self.add("evaluate", jobs, wildcard="edit",
+                 outputs={"metrics": f"{self.eval_dir}/{{edit}}/metrics.parquet",
+                          "scores": f"{self.eval_dir}/{{edit}}/scores.parquet"},
+                 log=f"{self.root}/logs/evaluate/{self.eval_hash}-{{edit}}.log")
+        metrics = [self.metrics(e) for e in self.edits]
+        r = self.results
+        outputs = {"results": f"{r}/results.md", "table": f"{r}/results.parquet", "html": f"{r}/results.html",
+                   "by_copies": f"{r}/extraction_by_copies.md", "plot": f"{r}/extraction_by_copies.png"}
+        self.add("report", [Job(
+            "report", "", {"metrics": metrics, "by_copies": self.tables["by_copies"]}, outputs,
+            ("--metrics", *metrics, "--by-copies", self.tables["by_copies"], "--out-dir", r),
+            self.log("report", self.eval_hash), self.bench("report", self.eval_hash),
+        )], shown={"html": ("Results", "results.rst"), "plot": ("Extraction", "extraction_by_copies.rst")})
+        self.targets = [outputs["results"], outputs["by_copies"], outputs["plot"], *self.targets]
+
+
+def build_plan(config: Mapping[str, Any], dims: Any = None, *, python_version: str | None = None) -> Plan:
+    """The plan of a validated config (:func:`memctl.config.load_config`).
+
+    ``dims`` (a :class:`memctl.lab.ModelDims`) gives the layer count that sweeps over every layer
+    need; ``python_version`` keys the demo corpus (read from the running Python's standard library).
+    Raises :class:`memctl.config.ConfigError` naming the key when the config asks for something the
+    model cannot do.
+    """
+    b = _Builder(config, dims, python_version or "{}.{}".format(*sys.version_info[:2]))
+    b.demo()
+    b.model_under_study()
+    b.text_stages()
+    b.curvature()
+    b.masks()
+    b.evaluation()
+    return Plan(config, b.root, b.results, b.model, dict(b.stages), dict(b.edits), tuple(dict.fromkeys(b.targets)))

@@ -1,0 +1,227 @@
+"""The stage registry: one vocabulary for rules, commands, code hashes and resource estimates.
+
+Every pipeline stage has one entry here. Its ``name`` is the Snakemake rule, its ``command`` the
+``memctl`` subcommand the rule runs (``entry`` is the function behind it), its ``profile`` the
+resource model of :mod:`memctl.lab`. Which source files a stage's outputs depend on is not listed by
+hand: :func:`code_files` reads the entry function and follows the package's own imports
+(transitively, function-local imports included), so editing any module a stage runs changes
+:func:`code_hash` and reruns that stage and what depends on it. Shared infrastructure that cannot
+change an artifact's content (the store, the dispatcher, this registry and the planner) is left out
+by :data:`INFRASTRUCTURE`.
+
+This module imports nothing heavy: Snakemake reads it while it parses the workflow.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+PACKAGE = "memctl"
+SRC = Path(__file__).resolve().parent
+
+#: Modules (and packages, with everything under them) whose code never shapes an artifact: the
+#: store (atomic writes, sidecars), the dispatcher, this registry, the planner, the resource
+#: estimates and the runner's plumbing (argument parsing, logging; the model itself is loaded by
+#: memctl.models, which counts).
+INFRASTRUCTURE = ("memctl.store", "memctl.cli", "memctl.stages", "memctl.plan", "memctl.lab", "memctl.runner")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage = one rule = one ``memctl`` subcommand."""
+
+    name: str  #: rule name (snake_case)
+    command: str  #: ``memctl`` subcommand
+    entry: str  #: ``module:function`` that runs the subcommand
+    profile: str  #: resource model in :mod:`memctl.lab` (what dominates memory and time)
+    gpu: bool = False  #: runs on an accelerator when the config has one
+    threads: bool = False  #: uses the job's threads (torch)
+    cache: bool = False  #: in Snakemake's between-workflow cache (outputs declared with sidecars)
+    mem_mb: int = 4000  #: request when the model's size is unknown at parse time
+    runtime_min: int = 30  #: floor of the wall-time request
+    family: str = "core"  #: docs/architecture.md groups stages by family
+
+    @property
+    def module(self) -> str:
+        return self.entry.partition(":")[0]
+
+    @property
+    def function(self) -> str:
+        return self.entry.partition(":")[2]
+
+
+_C, _CU, _M, _D = "memctl.commands", "memctl.curvature.cli", "memctl.masks.cli", "memctl.demo.cli"
+
+#: Every stage, in DAG order.
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("demo_corpus", "demo-corpus", f"{_D}:cmd_corpus", "light", family="demo", runtime_min=20),
+        Stage("demo_tokenizer", "demo-tokenizer", f"{_D}:cmd_tokenizer", "light", family="demo", runtime_min=20),
+        Stage("demo_pretrain", "demo-pretrain", f"{_D}:cmd_pretrain", "pretrain", gpu=True, threads=True,
+              cache=True, mem_mb=8000, runtime_min=60, family="demo"),
+        Stage("candidates", "candidates", f"{_C}:cmd_candidates", "light"),
+        Stage("extract", "extract", f"{_C}:cmd_extract", "generate", gpu=True, threads=True, cache=True,
+              mem_mb=8000, runtime_min=120),
+        Stage("heldout", "heldout", f"{_C}:cmd_heldout", "light"),
+        Stage("calibration", "calibration", f"{_C}:cmd_calibration", "light"),
+        Stage("reference_topk", "reference-topk", f"{_C}:cmd_reference_topk", "score", gpu=True, threads=True,
+              mem_mb=8000),
+        Stage("evaluate", "evaluate", f"{_C}:cmd_evaluate", "score", gpu=True, threads=True, mem_mb=8000,
+              runtime_min=60),
+        Stage("report", "report", f"{_C}:cmd_report", "light", mem_mb=2000, runtime_min=10),
+        Stage("collect_kfac", "kfac-collect", f"{_CU}:cmd_collect", "kfac", gpu=True, threads=True, cache=True,
+              mem_mb=8000, runtime_min=240, family="curvature"),
+        Stage("merge_kfac", "kfac-merge", f"{_CU}:cmd_merge", "eigh", mem_mb=8000, family="curvature"),
+        Stage("decompose_kfac", "kfac-decompose", f"{_CU}:cmd_decompose", "eigh", threads=True, cache=True,
+              mem_mb=8000, runtime_min=60, family="curvature"),
+        Stage("apply_edit", "curvature-edit", f"{_CU}:cmd_edit", "edit", threads=True, mem_mb=8000,
+              family="curvature"),
+        Stage("kfac_spectrum", "kfac-spectrum", f"{_CU}:cmd_spectrum", "edit", gpu=True, threads=True,
+              mem_mb=8000, runtime_min=60, family="curvature"),
+        Stage("curvature_report", "curvature-report", f"{_CU}:cmd_report", "light", mem_mb=2000, runtime_min=10,
+              family="curvature"),
+        Stage("train_mask", "train-mask", f"{_M}:cmd_train_mask", "mask", gpu=True, threads=True, mem_mb=8000,
+              runtime_min=240, family="masks"),
+        Stage("prune_baseline", "prune", f"{_M}:cmd_prune", "prune", gpu=True, threads=True, mem_mb=8000,
+              runtime_min=60, family="masks"),
+        Stage("balanced_subnet", "balanced-subnet", f"{_M}:cmd_balanced_subnet", "mask", gpu=True, threads=True,
+              mem_mb=8000, runtime_min=120, family="masks"),
+        Stage("masks_report", "masks-report", f"{_M}:cmd_report", "light", mem_mb=4000, runtime_min=10,
+              family="masks"),
+    )
+}
+
+
+def get(name: str) -> Stage:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGES)}") from None
+
+
+# ------------------------------------------------------------------------- code dependencies
+
+
+def _module_file(module: str) -> Path | None:
+    """The source file of a ``memctl`` module (a package's ``__init__.py``), or None."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = SRC.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _infrastructure(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in INFRASTRUCTURE)
+
+
+def _imports(tree: ast.AST, module: str) -> set[str]:
+    """``memctl`` modules imported anywhere in ``tree`` (``from memctl.x import y`` counts y when
+    it is a module itself)."""
+    found: set[str] = set()
+    package = module if _module_file(module) and _module_file(module).name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    result = set()
+    for name in found:
+        if name.split(".")[0] != PACKAGE or _module_file(name) is None:
+            continue
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py too
+        parts = name.split(".")
+        result.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {m for m in result if _module_file(m) is not None}
+
+
+@cache
+def _parsed(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _entry_closure(module: str, function: str) -> tuple[list[ast.AST], set[str]]:
+    """The entry function and the module's top-level definitions it uses (transitively), and the
+    modules all of them (and the module's top-level imports) import."""
+    path = _module_file(module)
+    if path is None:
+        raise ValueError(f"stage entry module {module} not found under {SRC}")
+    tree = _parsed(path)
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    if function not in defs:
+        raise ValueError(f"stage entry {module}:{function} not found")
+    chosen, todo = {}, [function]
+    while todo:
+        name = todo.pop()
+        if name in chosen:
+            continue
+        chosen[name] = defs[name]
+        todo += [n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name) and n.id in defs]
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.Assign, ast.AnnAssign))]
+    nodes = [*top_level, *chosen.values()]
+    modules = set()
+    for node in nodes:
+        modules |= _imports(node, module)
+    modules.add(PACKAGE)
+    return nodes, modules
+
+
+@cache
+def code_files(name: str) -> tuple[Path, ...]:
+    """Source files whose code shapes the outputs of stage ``name``: the modules its entry
+    function imports, transitively, infrastructure excluded (the entry module itself counts only
+    with the definitions the entry uses, see :func:`code_hash`)."""
+    stage = get(name)
+    _, todo = _entry_closure(stage.module, stage.function)
+    seen: set[str] = set()
+    todo = set(todo)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        todo |= _imports(_parsed(_module_file(module)), module) - seen
+    # Infrastructure is followed (the runner loads the model through memctl.models) but not hashed.
+    kept = {m for m in seen if not _infrastructure(m)} - {stage.module}
+    return tuple(sorted({_module_file(m) for m in kept}))
+
+
+def code_hash(name: str) -> str:
+    """Short hash of the code stage ``name`` runs: the entry function with the top-level
+    definitions and imports of its module that it uses, and every module of :func:`code_files`."""
+    stage = get(name)
+    digest = hashlib.sha256()
+    path = _module_file(stage.module)
+    source = path.read_text(encoding="utf-8")
+    nodes, _ = _entry_closure(stage.module, stage.function)
+    digest.update(stage.entry.encode())
+    for node in nodes:
+        digest.update((ast.get_source_segment(source, node) or "").encode())
+    for file in code_files(name):
+        digest.update(file.relative_to(SRC).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def commands() -> dict[str, Stage]:
+    """``memctl`` subcommand -> stage."""
+    return {s.command: s for s in STAGES.values()}
+
+
+def command_modules() -> list[str]:
+    """The modules that define stage subcommands (each has ``register(subparsers)``), in order."""
+    return list(dict.fromkeys(s.module for s in STAGES.values()))

@@ -1,0 +1,246 @@
+"""The plan (memctl.plan), the stage registry (memctl.stages) and config composition, without
+Snakemake: which jobs exist, where they write, what a changed setting touches."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memctl import lab, stages
+from memctl.config import ConfigError, load_config, validate_config, workflow_config
+from memctl.plan import build_plan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = Path(__file__).with_name("tiny_config.yaml")
+
+
+def tiny(change=None):
+    raw = yaml.safe_load(TINY.read_text())
+    if change:
+        change(raw)
+    cfg = validate_config(raw)
+    return build_plan(cfg, lab.workflow_model_dims(cfg), python_version="3.11")
+
+
+def job_keys(plan):
+    """(stage, key) -> (outputs, args) of every job."""
+    return {(j.stage, j.key): (dict(j.outputs), j.args) for j in plan.jobs()}
+
+
+def changed(before, after):
+    a, b = job_keys(before), job_keys(after)
+    return sorted({stage for stage, key in a.keys() ^ b.keys()} | {s for (s, k) in a.keys() & b.keys() if a[s, k] != b[s, k]})
+
+
+def test_tiny_plan_has_every_stage_and_one_evaluation_per_edit():
+    plan = tiny()
+    counts = {name: len(s.jobs) for name, s in plan.stages.items()}
+    assert counts["apply_edit"] == 3  # the tiny config's three curvature edits
+    assert counts["train_mask"] == 5  # modes none/up/down + sparsity 0.4 (up) + threshold 6 (down)
+    assert counts["prune_baseline"] == 3 and counts["balanced_subnet"] == 1
+    assert counts["evaluate"] == len(plan.edits) == 1 + 3 + 5 + 3 + 1
+    assert set(plan.stage("evaluate").jobs) == set(plan.edits)
+    assert set(plan.stages) <= set(stages.STAGES)
+
+
+def test_every_job_input_is_made_by_a_job_and_no_two_jobs_write_one_path():
+    plan = tiny()
+    produced = {}
+    for job in plan.jobs():
+        for path in job.outputs.values():
+            assert path not in produced, (job.stage, path)
+            produced[path] = job.stage
+            assert path.startswith(("results/", "results/tables/")), path
+    for job in plan.jobs():
+        for value in job.inputs.values():
+            for path in value if isinstance(value, list) else [value]:
+                assert path in produced, (job.stage, path)
+    for target in plan.targets:
+        assert target in produced
+
+
+def test_wildcard_patterns_match_their_jobs():
+    plan = tiny()
+    for stage in plan.stages.values():
+        for job in stage.jobs.values():
+            for name, pattern in stage.outputs.items():
+                expected = pattern.replace(f"{{{stage.wildcard}}}", job.key) if stage.wildcard else pattern
+                assert job.outputs[name] == expected
+            if stage.wildcard:
+                assert re.fullmatch(stage.constraint, job.key)
+                assert job.log == stage.log.replace(f"{{{stage.wildcard}}}", job.key)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        # evaluation settings: every evaluation and the reports that read metrics, nothing upstream
+        (lambda c: c["evaluate"].update(batch_size=8),
+         ["curvature_report", "evaluate", "masks_report", "report"]),
+        # one edit's strength: that edit (a new id), its evaluation, the reports listing it
+        (lambda c: c["curvature"]["edits"][0].update(strength=0.7),
+         ["apply_edit", "curvature_report", "evaluate", "report"]),
+        # the K-FAC data budget: collection onward; the SVD edit, extraction and masks untouched
+        (lambda c: c["curvature"]["data"].update(max_tokens=2000),
+         ["apply_edit", "collect_kfac", "curvature_report", "decompose_kfac", "evaluate", "kfac_spectrum",
+          "report"]),
+        # the down-mode threshold: only down masks
+        (lambda c: c["masks"].update(threshold=5.0), ["evaluate", "masks_report", "report", "train_mask"]),
+    ],
+)
+def test_a_changed_setting_changes_only_the_jobs_it_touches(change, expected):
+    assert changed(tiny(), tiny(change)) == expected
+
+
+def test_changed_strength_keeps_every_other_edit_id():
+    before, after = tiny(), tiny(lambda c: c["curvature"]["edits"][0].update(strength=0.7))
+    assert len(set(before.edits) ^ set(after.edits)) == 2  # one id out, one in
+    svd = [e for e in before.edits.values() if e.info.get("method") == "svd"]
+    assert svd and all(e.id in after.edits for e in svd)
+    ids_before = set(before.stage("apply_edit").jobs)
+    ids_after = set(after.stage("apply_edit").jobs)
+    assert len(ids_before & ids_after) == 2
+
+
+def test_candidates_get_the_lengths_only():
+    """Extraction settings that do not shape the candidate table do not reach it."""
+    assert "candidates" not in changed(tiny(), tiny(lambda c: c["extract"].update(split_seed=7, batch_size=8)))
+    plan = tiny(lambda c: c["extract"].update(prefix_len=20, suffix_len=12))
+    cand = plan.job("candidates")
+    assert cand.settings["prefix_len"] == 20 and cand.settings["suffix_len"] == 12
+    assert '{"prefix_len":20,"suffix_len":12}' in cand.args
+    assert lab._seq_len(plan.config) == 32  # the resource estimate reads the same resolved lengths
+
+
+def test_arguments_survive_the_shell(tmp_path):
+    root = str(tmp_path / "a store; with $(spaces)")
+    plan = tiny(lambda c: c.update(root=root, results_dir=f"{root}/tables"))
+    job = plan.job("evaluate", {"edit": "none"})
+    assert shlex.split(job.arg_string) == list(job.args)
+    assert job.args[job.args.index("--out-dir") + 1].startswith(root)
+    assert shlex.split(job.command(2))[:2] == ["memctl", "evaluate"]
+
+
+def test_model_tag_must_be_path_safe():
+    with pytest.raises(ConfigError, match="model.tag"):
+        tiny(lambda c: c["model"].update(tag=".."))
+
+
+def test_kfac_second_moments_with_the_sequential_form_is_refused():
+    with pytest.raises(ConfigError, match="pruning.second_moments"):
+        tiny(lambda c: c["pruning"].update(second_moments="kfac", forms=["sequential"]))
+
+
+def test_sweeps_over_every_layer_need_the_layer_count():
+    def per_layer(c):
+        c["curvature"]["sweeps"] = {"per_layer": {"methods": ["svd"]}}
+
+    cfg = validate_config(yaml.safe_load(TINY.read_text()) | {"curvature": {"sweeps": {"per_layer": {"methods": ["svd"]}}}})
+    assert len(build_plan(cfg, lab.workflow_model_dims(cfg)).stage("apply_edit").jobs) == 2  # 2 layers
+    with pytest.raises(ConfigError, match="layers"):
+        build_plan(cfg, None)
+
+
+# ------------------------------------------------------------------------------ the registry
+
+
+def test_every_rule_is_a_stage_and_every_stage_a_command():
+    from memctl.cli import build_parser
+
+    text = "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
+    rules = set(re.findall(r"^\s*rule (\w+):", text, re.MULTILINE))
+    assert rules == set(stages.STAGES)
+    for name in rules:
+        assert f'"memctl {stages.get(name).command}' in text, name
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(stages.commands()) <= set(sub.choices)
+    for name, stage in stages.STAGES.items():
+        # the registry's entry is the function the subcommand runs
+        assert sub.choices[stage.command].get_default("func").__qualname__ == stage.function, name
+        assert re.fullmatch(r"[0-9a-f]{12}", stages.code_hash(name))
+
+
+def test_stage_code_follows_the_imports():
+    src = Path(stages.__file__).parent
+    collect = {p.relative_to(src).as_posix() for p in stages.code_files("collect_kfac")}
+    assert {"curvature/collect.py", "architectures.py", "models.py"} <= collect
+    assert "curvature/decompose.py" not in collect  # editing the decomposition keeps the factors
+    assert not any(p.startswith(("store/", "cli.py", "plan.py")) for p in collect)  # infrastructure
+    edit = {p.relative_to(src).as_posix() for p in stages.code_files("apply_edit")}
+    assert {"curvature/edit.py", "architectures.py", "edits.py"} <= edit
+    masks = {p.relative_to(src).as_posix() for p in stages.code_files("train_mask")}
+    assert {"masks/training.py", "masks/gates.py", "masks/data.py"} <= masks
+
+
+def test_stage_code_hash_changes_with_a_used_helper_only(tmp_path, monkeypatch):
+    """The entry module counts with the definitions the entry uses: another command's code in
+    the same module does not rerun this stage."""
+    module = tmp_path / "memctl_fake"
+    module.mkdir()
+    src = (
+        "import json\n\n"
+        "def helper():\n    return 1\n\n"
+        "def other():\n    return 2\n\n"
+        "def cmd_a(args):\n    return helper()\n"
+    )
+    monkeypatch.setattr(stages, "SRC", tmp_path / "memctl")
+    pkg = tmp_path / "memctl"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "fake.py").write_text(src)
+    stage = stages.Stage("fake", "fake", "memctl.fake:cmd_a", "light")
+    monkeypatch.setitem(stages.STAGES, "fake", stage)
+    stages.code_files.cache_clear()
+    stages._parsed.cache_clear()
+    first = stages.code_hash("fake")
+    (pkg / "fake.py").write_text(src.replace("return 2", "return 3"))
+    stages._parsed.cache_clear()
+    assert stages.code_hash("fake") == first
+    (pkg / "fake.py").write_text(src.replace("return 1", "return 4"))
+    stages._parsed.cache_clear()
+    assert stages.code_hash("fake") != first
+    stages.code_files.cache_clear()
+    stages._parsed.cache_clear()
+
+
+# ---------------------------------------------------------------------- config composition
+
+
+def test_extends_puts_the_file_on_top_of_what_it_names(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"masks": {"modes": ["down", "up"], "steps": 7},
+                                                        "extract": {"batch_size": 3}}))
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "masks": {"steps": 9}}))
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert cfg["masks"]["modes"] == ["down", "up"] and cfg["masks"]["steps"] == 9
+    assert cfg["extract"]["batch_size"] == 3 and "extends" not in cfg
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml not found"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_user_config_does_not_inherit_the_demo(tmp_path):
+    """Snakemake with --configfile: the file is the config (schema defaults fill the rest);
+    without one, config/config.yaml is, with --config values on top."""
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    mine = {"masks": {"modes": ["down"]}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(mine))
+    cfg = workflow_config(copy.deepcopy(mine), [str(tmp_path / "mine.yaml")], {}, tmp_path, REPO)
+    assert cfg["curvature"]["sweeps"]["strength"]["svd"] != demo["curvature"]["sweeps"]["strength"]["svd"]
+    default = workflow_config({}, [], {"extract": {"batch_size": 5}}, tmp_path, REPO)
+    assert default["curvature"]["sweeps"]["strength"]["svd"] == demo["curvature"]["sweeps"]["strength"]["svd"]
+    assert default["extract"]["batch_size"] == 5
+    ext = {"extends": "config/config.yaml", "extract": {"batch_size": 5}}
+    extended = workflow_config(ext, [str(tmp_path / "mine.yaml")], {}, tmp_path, REPO)
+    assert extended["masks"]["steps"] == demo["masks"]["steps"] and extended["extract"]["batch_size"] == 5
