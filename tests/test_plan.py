@@ -80,8 +80,10 @@ def test_wildcard_patterns_match_their_jobs():
     "change, expected",
     [
         # evaluation settings: every evaluation and the reports that read metrics, nothing upstream
-        (lambda c: c["evaluate"].update(batch_size=8),
+        (lambda c: c["evaluate"].update(loose_threshold=0.5),
          ["curvature_report", "evaluate", "masks_report", "report"]),
+        # batch sizes: how fast, not what (flags from the rules' resources)
+        (lambda c: (c["evaluate"].update(batch_size=8, heldout_batch_size=2), c["extract"].update(batch_size=3)), []),
         # one edit's strength: that edit (a new id), its evaluation, the reports listing it
         (lambda c: c["curvature"]["edits"][0].update(strength=0.7),
          ["apply_edit", "curvature_report", "evaluate", "report"]),
@@ -105,6 +107,13 @@ def test_changed_strength_keeps_every_other_edit_id():
     ids_before = set(before.stage("apply_edit").jobs)
     ids_after = set(after.stage("apply_edit").jobs)
     assert len(ids_before & ids_after) == 2
+
+
+def test_batch_sizes_are_runtime_flags():
+    plan = tiny(lambda c: c["extract"].update(batch_size=3))
+    job = plan.job("extract")
+    assert job.runtime == {"batch_size": 3} and "batch_size" not in job.settings
+    assert shlex.split(job.command(1))[2:6] == ["--threads", "1", "--batch-size", "3"]
 
 
 def test_candidates_get_the_lengths_only():

@@ -125,8 +125,18 @@ def scheduled(workdir: Path, tmp_path: Path, change=None) -> dict[str, int]:
 
 def test_changing_evaluation_settings_reruns_only_evaluation(tiny_run, tmp_path):
     """Every edit is re-evaluated; the reports that read metrics follow; no edit or extraction reruns."""
-    jobs = scheduled(tiny_run, tmp_path, lambda cfg: cfg["evaluate"].update(batch_size=8))
+    jobs = scheduled(tiny_run, tmp_path, lambda cfg: cfg["evaluate"].update(loose_threshold=0.5))
     assert set(jobs) == {"evaluate", "report", "curvature_report", "masks_report"}
+
+
+def test_batch_sizes_rerun_nothing(tiny_run, tmp_path):
+    """Batch sizes change speed and memory, not results: no job reruns (they reach the commands
+    as flags from the rules' resources, outside the params)."""
+    def change(cfg):
+        cfg["extract"]["batch_size"] = 7
+        cfg["evaluate"].update(batch_size=5, heldout_batch_size=3)
+
+    assert scheduled(tiny_run, tmp_path, change) == {}
 
 
 def test_changing_one_edit_strength_reruns_only_that_edit(tiny_run, tmp_path):

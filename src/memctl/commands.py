@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from memctl.config import parse_settings
+from memctl.config import ConfigError, parse_settings
 from memctl.runner import load, model_args, model_name, stage
 
 log = logging.getLogger("memctl")
@@ -49,12 +49,31 @@ def cmd_candidates(args) -> None:
     log.info("wrote %d candidates to %s (%s)", len(df), args.out, stats)
 
 
+def _batch_args(p, *names: str) -> None:
+    """Batch sizes change how fast a stage runs, not what it writes: the workflow passes them as
+    flags (from the job's resources), outside the settings that key and rerun the stage."""
+    for name in names:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"overrides the settings' {name} (speed and memory only)")
+
+
+def _with_batches(settings: dict, args) -> dict:
+    """``settings`` with the batch sizes given as flags (:func:`_batch_args`)."""
+    for name in ("batch_size", "heldout_batch_size"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: {value} is less than 1")
+            settings = {**settings, name: value}
+    return settings
+
+
 def cmd_extract(args) -> None:
     import pandas as pd
 
     from memctl.extract import run_extraction, split_memorized, write_outputs
 
-    settings = parse_settings(args.settings)
+    settings = _with_batches(parse_settings(args.settings), args)
     with stage(
         "extract",
         {"extract": settings, "model": parse_settings(args.model_settings)},
@@ -119,7 +138,7 @@ def cmd_reference_topk(args) -> None:
     from memctl.generation import window_topk
     from memctl.store import atomic_path
 
-    settings = parse_settings(args.settings)
+    settings = _with_batches(parse_settings(args.settings), args)
     n = int(settings.get("ndcg_windows", 16))
     with stage(
         "reference_topk",
@@ -143,7 +162,7 @@ def cmd_evaluate(args) -> None:
     from memctl.evaluate import evaluate_model
     from memctl.store import write_parquet
 
-    settings = parse_settings(args.settings)
+    settings = _with_batches(parse_settings(args.settings), args)
     out_dir = Path(args.out_dir)
     with stage(
         "evaluate",
@@ -236,6 +255,7 @@ def register(subparsers) -> None:
     model_args(p)
     p.add_argument("--candidates", required=True)
     p.add_argument("--settings", required=True, help="the `extract` subsection (JSON)")
+    _batch_args(p, "batch_size")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_extract)
 
@@ -257,6 +277,7 @@ def register(subparsers) -> None:
     model_args(p)
     p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
     p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
+    _batch_args(p, "heldout_batch_size")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_reference_topk)
 
@@ -269,6 +290,7 @@ def register(subparsers) -> None:
     p.add_argument("--memorized", required=True, help="memorized_test.parquet")
     p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
     p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
+    _batch_args(p, "batch_size", "heldout_batch_size")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_evaluate)
 

@@ -41,8 +41,10 @@ from memctl.config import ConfigError, settings_hash
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CORPUS_TABLES = ("train", "heldout", "canaries")
 EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_test", "by_copies")
-#: nDCG@k of the reference (reference facts: k = 10).
 EIGEN_METHOD = "eigh fp64, symmetrized, clamped, descending, sign-fixed"
+#: Settings that change how fast a stage runs, not what it writes (``Job.runtime``).
+RUNTIME_KEYS = {"extract": ("batch_size",), "reference_topk": ("heldout_batch_size",),
+                "evaluate": ("batch_size", "heldout_batch_size")}
 MASK_MODE_LABELS = {"none": "Ours (none)", "up": "Ours (up)", "down": "Ours (down)", "reciprocal": "Ours (reciprocal)"}
 BASELINE_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 
@@ -50,6 +52,13 @@ BASELINE_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "Spa
 def as_json(value: Any) -> str:
     """Canonical JSON: a job's ``--settings`` argument (the same text on every parse)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _split_runtime(stage: str, settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """(settings that shape the stage's output, runtime knobs) of a config section."""
+    keys = RUNTIME_KEYS.get(stage, ())
+    return ({k: v for k, v in settings.items() if k not in keys},
+            {k: int(settings[k]) for k in keys if k in settings})
 
 
 # ------------------------------------------------------------------------------- plan objects
@@ -68,6 +77,9 @@ class Job:
     benchmark: str | None
     settings: Mapping[str, Any] = field(default_factory=dict)  #: resolved settings (the ``--settings`` JSON)
     label: str | None = None
+    #: knobs that change speed and memory, not the output (batch sizes): flags from the rule's
+    #: resources, outside the params, the settings and the hash, so changing one reruns nothing
+    runtime: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def arg_string(self) -> str:
@@ -77,10 +89,12 @@ class Job:
     def command(self, threads: int | None = None) -> str:
         """The command line the rule runs (without the log redirection)."""
         stage = registry.get(self.stage)
-        words = ["memctl", stage.command, *self.args]
+        words = ["memctl", stage.command]
         if stage.threads and threads is not None:
             words += ["--threads", str(threads)]
-        return shlex.join(words)
+        for name, value in self.runtime.items():
+            words += [f"--{name.replace('_', '-')}", str(value)]
+        return shlex.join([*words, *self.args])
 
 
 @dataclass(frozen=True)
@@ -290,6 +304,7 @@ class _Builder:
             self.log("candidates", self.candidates_hash), self.bench("candidates", self.candidates_hash), cand,
         )])
         # GPU and CPU kernels round differently (borderline sequences can flip): the device is in the key.
+        ext, ext_runtime = _split_runtime("extract", ext)
         self.extract_hash = settings_hash(self.candidates_hash, cfg["model"], ext, self.gpu)
         self.extract_dir = f"{m.dir}/extract-{self.extract_hash}"
         tables = {t: f"{self.extract_dir}/{t}.parquet" for t in EXTRACT_TABLES}
@@ -298,7 +313,7 @@ class _Builder:
         self.add("extract", [Job(
             "extract", "", {**m.inputs, "candidates": path}, outputs,
             (*self.model_args(), "--candidates", path, "--settings", as_json(ext), "--out-dir", self.extract_dir),
-            self.log("extract", self.extract_hash), None, ext,
+            self.log("extract", self.extract_hash), None, ext, runtime=ext_runtime,
         )])
         for section in ("heldout", "calibration"):
             h = settings_hash(m.key, cfg[section])
@@ -310,16 +325,19 @@ class _Builder:
                 (*self.model_args(), *self.corpus_args(section), "--settings", as_json(cfg[section]), "--out", out),
                 self.log(section, h), self.bench(section, h), cfg[section],
             )])
-        ev = cfg["evaluate"]
-        # only what the reference depends on: changing generation batch sizes keeps it
-        ref_settings = {k: ev[k] for k in ("ndcg_windows", "heldout_batch_size")}
+        ev, ev_runtime = _split_runtime("evaluate", cfg["evaluate"])
+        self.eval_runtime = ev_runtime
+        # only what the reference depends on: the held-out windows it scores
+        ref_settings = {"ndcg_windows": ev["ndcg_windows"]}
+        ref_runtime = {"heldout_batch_size": ev_runtime["heldout_batch_size"]}
         h = settings_hash(self.heldout_hash, cfg["model"], ev["ndcg_windows"], self.gpu)
         self.reference = f"{m.dir}/reference-{h}/top10.safetensors"
         self.add("reference_topk", [Job(
             "reference_topk", "", {**m.inputs, "heldout": self.heldout}, {"topk": self.reference},
             (*self.model_args(), "--heldout", self.heldout, "--settings", as_json(ref_settings), "--out", self.reference),
-            self.log("reference_topk", h), self.bench("reference_topk", h), ref_settings,
+            self.log("reference_topk", h), self.bench("reference_topk", h), ref_settings, runtime=ref_runtime,
         )])
+        self.evaluate_settings = ev
         self.eval_hash = settings_hash(self.extract_hash, self.heldout_hash, cfg["model"], ev, self.gpu)
         self.eval_dir = f"{m.dir}/eval-{self.eval_hash}"
 
@@ -563,7 +581,7 @@ class _Builder:
                          family="baseline", method="balanced_subnet", sparsity=bsn["ratio"])
 
     def evaluation(self) -> None:
-        m, ev = self.model, self.cfg["evaluate"]
+        m, ev = self.model, self.evaluate_settings
         jobs = []
         for edit in self.edits.values():
             delta = {"delta": edit.delta} if edit.delta else {}
@@ -578,7 +596,7 @@ class _Builder:
                  "--heldout", self.heldout, "--reference", self.reference, "--settings", as_json(ev),
                  "--out-dir", out_dir),
                 self.log("evaluate", f"{self.eval_hash}-{edit.id}"), self.bench("evaluate", f"{self.eval_hash}-{edit.id}"),
-                ev, edit.label,
+                ev, edit.label, runtime=self.eval_runtime,
             ))
         self.add("evaluate", jobs, wildcard="edit",
                  outputs={"metrics": f"{self.eval_dir}/{{edit}}/metrics.parquet",

@@ -76,6 +76,10 @@ def resources(stage):
         )
 
     extra = {"gpu": int(GPU)} if spec.gpu else {}
+    # batch sizes: how fast, not what (memctl.plan.Job.runtime); resources do not trigger reruns
+    jobs = PLAN.stage(stage).jobs
+    for name in next(iter(jobs.values())).runtime if jobs else ():
+        extra[name] = lambda wildcards, name=name: PLAN.job(stage, wildcards).runtime[name]
     return {"mem_mb": mem_mb, "runtime": runtime, **extra}
 
 

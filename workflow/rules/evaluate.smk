@@ -21,7 +21,8 @@ rule evaluate:
         args=args("evaluate"),
         code=code("evaluate"),
     shell:
-        "memctl evaluate --threads {threads} {params.args} > {log:q} 2>&1"
+        "memctl evaluate --threads {threads} --batch-size {resources.batch_size} --heldout-batch-size {resources.heldout_batch_size}"
+        " {params.args} > {log:q} 2>&1"
 
 
 rule report:

@@ -38,4 +38,5 @@ rule extract:
         args=args("extract"),
         code=code("extract"),
     shell:
-        "memctl extract --threads {threads} {params.args} > {log:q} 2>&1"
+        "memctl extract --threads {threads} --batch-size {resources.batch_size}"
+        " {params.args} > {log:q} 2>&1"

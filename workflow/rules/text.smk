@@ -60,4 +60,5 @@ rule reference_topk:
         args=args("reference_topk"),
         code=code("reference_topk"),
     shell:
-        "memctl reference-topk --threads {threads} {params.args} > {log:q} 2>&1"
+        "memctl reference-topk --threads {threads} --heldout-batch-size {resources.heldout_batch_size}"
+        " {params.args} > {log:q} 2>&1"
