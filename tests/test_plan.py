@@ -220,6 +220,13 @@ def test_stage_code_hash_changes_with_a_used_helper_only(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- config composition
 
 
+def test_sweeps_are_opt_in():
+    """A config that asks for one mode trains one mask (plus the baselines it leaves enabled)."""
+    cfg = validate_config({"masks": {"modes": ["down"]}, "pruning": {"methods": [], "balanced_subnet": {"enabled": False}}})
+    plan = build_plan(cfg, lab.workflow_model_dims(cfg), python_version="3.11")
+    assert len(plan.stage("train_mask").jobs) == 1 and len(plan.stage("apply_edit").jobs) == 0
+
+
 def test_extends_puts_the_file_on_top_of_what_it_names(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"masks": {"modes": ["down", "up"], "steps": 7},
                                                         "extract": {"batch_size": 3}}))
