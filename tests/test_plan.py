@@ -135,6 +135,13 @@ def test_arguments_survive_the_shell(tmp_path):
     assert shlex.split(job.command(2))[:2] == ["memctl", "evaluate"]
 
 
+@pytest.mark.parametrize("key, value", [("root", "results/../elsewhere"), ("results_dir", "../tables"),
+                                        ("root", "a\nb")])
+def test_store_paths_stay_inside(key, value):
+    with pytest.raises(ConfigError, match=key):
+        tiny(lambda c: c.update({key: value}))
+
+
 def test_model_tag_must_be_path_safe():
     with pytest.raises(ConfigError, match="model.tag"):
         tiny(lambda c: c["model"].update(tag=".."))

@@ -43,3 +43,20 @@ def test_markdown_pages_render_tables_lists_and_escape_cells():
     assert "<tr><td>Ours (up)</td><td>1.50</td></tr><tr><td>a&lt;b</td><td>-</td></tr>" in page
     assert "---" not in page  # the separator row is not a data row
     assert "<ul><li>note one</li><li>note two</li></ul>" in page
+
+
+def test_a_pipe_in_a_label_keeps_the_columns():
+    """An edit label with `|` (or a newline) is one cell in the markdown table and the HTML page."""
+    import pandas as pd
+
+    from memctl.report import markdown_html, results_markdown, split_row
+
+    metrics = pd.DataFrame([{"model": "m", "method": "K-FAC | rho=0.5\nnew", "edit": "e", "exact_er": 0.5,
+                             "n_examples": 4}])
+    text = results_markdown(metrics)
+    rows = [line for line in text.splitlines() if line.startswith("| K-FAC")]
+    header = next(line for line in text.splitlines() if line.startswith("| Method"))
+    assert len(split_row(rows[0])) == len(split_row(header))
+    assert "K-FAC | rho=0.5 new" in split_row(rows[0])
+    page = markdown_html(text, "t")
+    assert "<td>K-FAC | rho=0.5 new</td>" in page

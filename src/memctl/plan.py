@@ -54,6 +54,16 @@ def as_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _store_path(value: str, key: str) -> str:
+    """``root`` / ``results_dir``: any path (spaces and shell characters are quoted in every
+    command), but no ``..`` component (artifacts would land outside it) and no control characters."""
+    if any(part == ".." for part in PurePosixPath(value).parts):
+        raise ConfigError(f"{key}: {value!r} contains '..'; give the store's path without it")
+    if any(ord(c) < 32 for c in value):
+        raise ConfigError(f"{key}: {value!r} contains a control character (newline, tab, ...)")
+    return value.rstrip("/") or "/"
+
+
 def _split_runtime(stage: str, settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
     """(settings that shape the stage's output, runtime knobs) of a config section."""
     keys = RUNTIME_KEYS.get(stage, ())
@@ -178,8 +188,8 @@ class _Builder:
         self.cfg = config
         self.dims = dims
         self.python_version = python_version
-        self.root = config["root"].rstrip("/") or "/"
-        self.results = config["results_dir"].rstrip("/") or "/"
+        self.root = _store_path(config["root"], "root")
+        self.results = _store_path(config["results_dir"], "results_dir")
         self.gpu = bool(config["resources"]["gpu"])
         self.stages: dict[str, StagePlan] = {}
         self.edits: dict[str, Edit] = {"none": Edit("none", "Origin", None, None, {"family": "origin"})}

@@ -31,13 +31,29 @@ RESULT_COLUMNS = [
 ]
 
 
+def md_cell(text) -> str:
+    """``text`` as one markdown table cell: a ``|`` in a label (a user's edit label, a model name)
+    must not shift the columns, a newline must not end the row."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def split_row(line: str) -> list[str]:
+    """The cells of a markdown table row written with :func:`md_cell` (escapes undone)."""
+    cells = re.split(r"(?<!\\)\|", line.strip())
+    if cells and not cells[0].strip():
+        cells = cells[1:]
+    if cells and not cells[-1].strip():
+        cells = cells[:-1]
+    return [re.sub(r"\\(.)", r"\1", c).strip() for c in cells]
+
+
 def _fmt(value, pattern: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     try:
-        return pattern.format(value)
+        return md_cell(pattern.format(value))
     except (ValueError, TypeError):
-        return str(value)
+        return md_cell(value)
 
 
 def markdown_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
@@ -173,7 +189,7 @@ def markdown_html(text: str, title: str) -> str:
         elif line.startswith("|"):
             block = []
             while i < len(lines) and lines[i].startswith("|"):
-                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                block.append(split_row(lines[i]))
                 i += 1
             header, rows = block[0], [r for r in block[1:] if not all(set(c) <= set("-:") for c in r)]
             head = "".join(f"<th>{_inline(c)}</th>" for c in header)
