@@ -89,7 +89,7 @@ def test_edit_command_rechecks_a_spec_given_by_hand(tiny_model_dir, tmp_path, ca
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method,strength", [("kfac", 0.8), ("kfac_pairwise", 0.5), ("svd", 0.25)])
+@pytest.mark.parametrize("method,strength", [("kfac", 0.8), ("kfac_factor", 0.8), ("kfac_pairwise", 0.5), ("svd", 0.25)])
 def test_edit_command_writes_a_delta_that_patches_the_model(kfac_run, tiny_model_dir, tiny_model, tmp_path, method, strength):
     import copy
 
@@ -143,7 +143,7 @@ def test_sweeps_expand_into_one_edit_per_layer_and_per_strength():
         modules={"layers": [0, 1, 2]},
         edits=[{"method": "kfac", "layers": [0], "strength": 0.8}],
         sweeps={"per_layer": {"methods": ["kfac_pairwise", "svd"]},
-                "strength": {"layers": [0, 1], "kfac_pairwise": [0.3, 0.6], "svd": [0.2], "kfac": [0.8]}},
+                "strength": {"layers": [0, 1], "kfac_pairwise": [0.3, 0.6], "svd": [0.2], "kfac": [0.8], "kfac_factor": [0.8]}},
     )
     specs = settings.expand_edits(curv, n_layers=4)
     per_layer = [s for s in specs if len(s["layers"]) == 1 and s["method"] != "kfac"]
@@ -151,8 +151,9 @@ def test_sweeps_expand_into_one_edit_per_layer_and_per_strength():
         ("kfac_pairwise", [0], 0.6), ("kfac_pairwise", [1], 0.6), ("kfac_pairwise", [2], 0.6),
         ("svd", [0], 0.2), ("svd", [1], 0.2), ("svd", [2], 0.2)]
     sweep = [(s["method"], s["strength"]) for s in specs if s["layers"] == [0, 1]]
-    assert sweep == [("kfac", 0.8), ("kfac_pairwise", 0.3), ("kfac_pairwise", 0.6), ("svd", 0.2)]
-    assert len(specs) == 1 + 6 + 4
+    assert sweep == [("kfac", 0.8), ("kfac_factor", 0.8), ("kfac_pairwise", 0.3), ("kfac_pairwise", 0.6), ("svd", 0.2)]
+    assert [s["label"] for s in specs if s["layers"] == [0, 1]][:2] == ["K-FAC", "K-FAC (per factor)"]
+    assert len(specs) == 1 + 6 + 5
     ids = [settings.edit_id(s, "up") for s in specs]
     assert len(set(ids)) == len(ids) and all(i.replace("-", "").replace("_", "").isalnum() for i in ids)
     assert settings.edit_id(specs[0], "up") != settings.edit_id(specs[0], "other-upstream")
@@ -209,7 +210,7 @@ def test_best_pair_is_matched_in_perplexity_and_lowest_in_memorization():
         {"edit": "s3", "method": "SVD", "heldout_ppl": 31.0, "strict_accuracy": 0.0, "loose_accuracy": 0.0},
     ])
     spec = lambda m, s: {"method": m, "layers": [0], "roles": None, "strength": s}  # noqa: E731
-    specs = {"k1": spec("kfac", 0.9), "k2": spec("kfac_pairwise", 0.5), "k3": spec("kfac", 0.3),
+    specs = {"k1": spec("kfac", 0.9), "k2": spec("kfac_pairwise", 0.5), "k3": spec("kfac_factor", 0.3),
              "s1": spec("svd", 0.5), "s2": spec("svd", 0.3), "s3": spec("svd", 0.01)}
     table = report.edit_table(metrics, specs)
     assert table["ppl_ratio"].tolist()[0] == 1.0 and len(table) == 7
@@ -217,11 +218,12 @@ def test_best_pair_is_matched_in_perplexity_and_lowest_in_memorization():
     # pairs within 5%: (k1, s1) sum 0.8, (k2, s2) sum 0.4; (k3, s3) is beyond the 1.5x cap
     assert (k["edit"], s["edit"]) == ("k2", "s2")
     k, s = report.best_matched(table, tolerance=0.05, max_ppl_ratio=None)
-    assert (k["edit"], s["edit"]) == ("k3", "s3")
+    assert (k["edit"], s["edit"]) == ("k3", "s3")  # the per-factor form competes as K-FAC too
     assert report.best_matched(table, tolerance=0.001, max_ppl_ratio=None) is None
     md = report.curvature_markdown(table, {"match_tolerance": 0.05, "max_ppl_ratio": 1.5})
     assert "| K-FAC | pairwise | k2 | 0 | all | 0.5 | 12.00 | 1.200 | 0.000 | 0.100 |" in md
     assert "| SVD | svd | s2 | 0 | all | 0.3 | 12.40 |" in md
+    assert "| K-FAC | per-factor | k3 |" in md and "| K-FAC | projector | k1 |" in md
     assert "K-FAC suppresses more (strict 0.000 vs 0.400" in md
     assert math.isnan(table["ndcg10"].iloc[0])  # column shown as '-' until evaluate provides it
 

@@ -31,7 +31,8 @@ def test_jsonl_whole_sequence_ids(tmp_path, tiny_tokenizer):
     assert df["candidate_id"].tolist() == ["a"]
     assert list(df["prefix_ids"][0]) == [10, 11, 12, 13]
     assert list(df["suffix_ids"][0]) == [14, 15, 16]
-    assert stats["dropped_too_short"] == 1
+    assert stats["dropped"] == {"prefix_too_short": 0, "suffix_too_short": 0, "sequence_too_short": 1}
+    assert stats["rows"] == 2 and stats["dropped_total"] == 1 and stats["kept"] == 1
 
 
 def test_jsonl_text_prefix_suffix_is_tokenized(tmp_path, tiny_tokenizer):

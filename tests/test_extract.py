@@ -75,3 +75,37 @@ def test_run_extraction_marks_the_models_own_continuations_as_memorized(tiny_mod
     assert ext["exact_match"].tolist() == [True, False]
     assert ext["frac_match"].tolist() == [1.0, 0.0]
     assert ext["levenshtein"].tolist()[0] == 0
+
+
+def test_extraction_rate_split_does_not_depend_on_what_the_model_extracts():
+    """The extraction-rate track: the same candidates give the same split whatever the model
+    generates; strata (group, copies) keep their share; the memorized track is unaffected."""
+    import numpy as np
+    import pandas as pd
+
+    from memctl.extract import split_memorized
+
+    rng = np.random.default_rng(0)
+    n = 450
+    ext = pd.DataFrame({
+        "candidate_id": [f"c{i:03d}" for i in range(n)],
+        "group": np.where(np.arange(n) % 3 == 0, "canary-words", "corpus-window"),
+        "copies": rng.choice([1, 2, 4, 16], size=n),
+        "prefix_ids": [np.arange(4)] * n, "suffix_ids": [np.arange(4)] * n,
+    })
+    splits = []
+    for outcome_seed in (1, 2):
+        frac = np.random.default_rng(outcome_seed).random(n)
+        table = ext.assign(frac_match=(frac > 0.5).astype(float), exact_match=frac > 0.5, n_match=(frac > 0.5) * 4, n_suffix=4)
+        splits.append(split_memorized(table, {"split_seed": 42, "er_test_fraction": 1 / 15}))
+    a, b = splits
+    assert list(a["er_test"]["candidate_id"]) == list(b["er_test"]["candidate_id"])
+    assert list(a["memorized_test"]["candidate_id"]) != list(b["memorized_test"]["candidate_id"])
+    assert len(a["er_test"]) + len(a["er_train"]) == n and not set(a["er_test"]["candidate_id"]) & set(a["er_train"]["candidate_id"])
+    for (group, copies), part in ext.groupby(["group", "copies"]):
+        test = a["er_test"][(a["er_test"]["group"] == group) & (a["er_test"]["copies"] == copies)]
+        assert len(test) == round(len(part) / 15)
+    # another seed, another split
+    other = split_memorized(ext.assign(frac_match=0.0, exact_match=False, n_match=0, n_suffix=4),
+                            {"split_seed": 7, "er_test_fraction": 1 / 15})
+    assert set(other["er_test"]["candidate_id"]) != set(a["er_test"]["candidate_id"])

@@ -55,3 +55,18 @@ def test_model_tags():
 def test_missing_local_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         load_model(tmp_path / "absent", {"source": "local"})
+
+
+def test_a_named_device_must_exist(monkeypatch):
+    """``cuda`` (what the workflow passes with resources.gpu) never falls back to the CPU silently."""
+    from memctl.config import ConfigError
+    from memctl.models import resolve_device, torch_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=rf"model.device: '{name}', but this job sees no usable CUDA GPU"):
+            resolve_device(name)
+    with pytest.raises(ConfigError, match="model.dtype: unknown dtype 'fp8'"):
+        torch_dtype("fp8")

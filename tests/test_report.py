@@ -60,3 +60,34 @@ def test_a_pipe_in_a_label_keeps_the_columns():
     assert "K-FAC | rho=0.5 new" in split_row(rows[0])
     page = markdown_html(text, "t")
     assert "<td>K-FAC | rho=0.5 new</td>" in page
+
+
+def test_bootstrap_intervals_cover_the_rate_and_say_whether_edits_differ():
+    """Intervals from 1000 resamples: by hand, a rate of k/n has a percentile interval around k/n
+    whose width shrinks like 1/sqrt(n); an edit at 0/40 vs Origin at 30/40 does not overlap."""
+    import numpy as np
+    import pandas as pd
+
+    from memctl.metrics import rate_ci
+    from memctl.report import with_intervals
+
+    exact = np.array([1] * 30 + [0] * 10)
+    ci = rate_ci(exact, exact * 4, np.full(40, 4))
+    lo, hi = ci["exact_er"]
+    assert lo < 0.75 < hi and 0.1 < hi - lo < 0.35  # binomial sd sqrt(.75*.25/40) = 0.068: width ~0.27
+    assert ci["fractional_er"] == ci["exact_er"]  # every suffix all-or-nothing here
+    assert rate_ci(exact, exact * 4, np.full(40, 4)) == ci  # seeded: the same table, the same interval
+
+    def scores(k, n, track):
+        return pd.DataFrame({"track": track, "exact_match": [True] * k + [False] * (n - k), "n_match": [4] * k + [0] * (n - k),
+                             "n_suffix": 4})
+
+    metrics = pd.DataFrame({"model": "m", "edit": ["none", "down", "up"], "method": ["Origin", "Ours (down)", "Ours (up)"]})
+    s = {"none": pd.concat([scores(30, 40, "extraction_rate"), scores(10, 10, "memorized")]),
+         "down": pd.concat([scores(0, 40, "extraction_rate"), scores(0, 10, "memorized")]),
+         "up": pd.concat([scores(31, 40, "extraction_rate"), scores(10, 10, "memorized")])}
+    out = with_intervals(metrics, s).set_index("edit")
+    assert out.loc["down", "er_vs_origin"] == "lower (no overlap)"
+    assert out.loc["up", "er_vs_origin"] == "overlap"
+    assert out.loc["none", "er_exact_ci"].startswith("[0.6")
+    assert out.loc["down", "exact_ci"] == "[0.000, 0.000]"

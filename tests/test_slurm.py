@@ -34,6 +34,7 @@ def one_job_per_rule(cfg: dict) -> dict:
     """The tiny config cut down so that every rule still runs, once (evaluate once per edit
     family), with `resources.gpu` on: the model-running rules ask SLURM for a GPU."""
     cfg["resources"]["gpu"] = True
+    cfg["resources"]["allow_cpu_fallback"] = True  # the test cluster's GPU is a fake gres: CPU is fine
     if cfg.get("curvature", {}).get("edits"):
         cfg["curvature"]["edits"] = cfg["curvature"]["edits"][:1]
     if cfg.get("masks"):

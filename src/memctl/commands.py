@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from memctl.config import ConfigError, parse_settings
+from memctl.config import ConfigError, parse_settings, validate_section
 from memctl.runner import load, model_args, model_name, stage
 
 log = logging.getLogger("memctl")
@@ -27,24 +27,44 @@ def cmd_validate_config(args) -> None:
     print(json.dumps(cfg, indent=2, sort_keys=True) if args.show else f"{args.config}: valid")
 
 
+def _model_settings(args) -> dict:
+    """``--model-settings`` as given, after checking it against the ``model`` schema (the loaders
+    read what was given: a default filled in, such as ``source``, would change what they do)."""
+    settings = parse_settings(args.model_settings)
+    validate_section("model", settings)
+    return settings
+
+
+def _check_window(prefix_len: int, suffix_len: int, context: int, model: str) -> None:
+    if prefix_len + suffix_len > context:
+        raise ConfigError(f"extract: prefix_len + suffix_len = {prefix_len} + {suffix_len} = {prefix_len + suffix_len} "
+                          f"tokens exceed the context length of the model {model} ({context})")
+
+
 def cmd_candidates(args) -> None:
     from memctl.config import prefix_suffix_lengths
     from memctl.data import build_candidates
-    from memctl.models import load_tokenizer
+    from memctl.models import load_tokenizer, model_limits
     from memctl.store import write_parquet
 
-    settings = parse_settings(args.settings)
-    extract_settings = parse_settings(args.extract_settings)
+    settings = validate_section("candidates", parse_settings(args.settings))
+    extract_settings = validate_section("extract", parse_settings(args.extract_settings))
     prefix_len, suffix_len = prefix_suffix_lengths(extract_settings)
+    model_settings = _model_settings(args)
     with stage(
         "candidates",
         {"candidates": settings, "prefix_len": prefix_len, "suffix_len": suffix_len},
         {"model": args.model, "corpus": args.corpus, "path": settings.get("path")},
         outputs=[args.out],
     ) as prov:
-        tokenizer = load_tokenizer(args.model, parse_settings(args.model_settings))
-        df, stats = build_candidates(settings, tokenizer, prefix_len, suffix_len, corpus_dir=args.corpus)
+        tokenizer = load_tokenizer(args.model, model_settings)
+        vocab_size, context = model_limits(args.model, model_settings)
+        _check_window(prefix_len, suffix_len, context, args.model)
+        df, stats = build_candidates(settings, tokenizer, prefix_len, suffix_len, corpus_dir=args.corpus,
+                                     vocab_size=vocab_size)
         prov.extra["stats"] = stats
+        prov.extra["dropped"] = stats.get("dropped", {})  # rows dropped, by reason (a warning was logged)
+        prov.extra["model_limits"] = {"vocab_size": vocab_size, "context_length": context}
         write_parquet(df, args.out, provenance=prov)
     log.info("wrote %d candidates to %s (%s)", len(df), args.out, stats)
 
@@ -68,20 +88,53 @@ def _with_batches(settings: dict, args) -> dict:
     return settings
 
 
-def cmd_extract(args) -> None:
-    import pandas as pd
+def _model_limits(model) -> tuple[int, int]:
+    """(embedding rows, context length) of a loaded model: what every token id and sequence must fit."""
+    from memctl.models import context_length
 
+    return int(model.get_input_embeddings().num_embeddings), context_length(model.config)
+
+
+def _check_candidates(table, path, model, allow_empty: bool = False) -> None:
+    """A candidate table (candidates, a memorized split) a command is handed, against the model:
+    integer ids inside its vocabulary, prefix + suffix within its context
+    (:func:`memctl.data.check_candidate_table`); errors name the file and row."""
+    from memctl.data import check_candidate_table
+
+    check_candidate_table(table, str(path), *_model_limits(model), allow_empty=allow_empty)
+
+
+def _check_windows(windows, path, model) -> None:
+    """Held-out / calibration windows (int64 [n, length]) a command is handed, against the model."""
+    from memctl.data import DataError
+
+    vocab, context = _model_limits(model)
+    if windows.ndim != 2:
+        raise DataError(f"{path}: windows must be a 2-D array (windows x tokens), got shape {tuple(windows.shape)}")
+    if windows.shape[1] > context:
+        raise DataError(f"{path}: windows of {windows.shape[1]} tokens exceed the model's context length of {context}")
+    if windows.size and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
+        import numpy as np
+
+        r, c = (int(x) for x in np.argwhere((windows < 0) | (windows >= vocab))[0])
+        raise DataError(f"{path} window {r} position {c}: token id {int(windows[r, c])} is outside the model's "
+                        f"vocabulary of {vocab} ids")
+
+
+def cmd_extract(args) -> None:
+    from memctl.data import read_parquet_file
     from memctl.extract import run_extraction, split_memorized, write_outputs
 
-    settings = _with_batches(parse_settings(args.settings), args)
+    settings = validate_section("extract", _with_batches(parse_settings(args.settings), args))
     with stage(
         "extract",
-        {"extract": settings, "model": parse_settings(args.model_settings)},
+        {"extract": settings, "model": _model_settings(args)},
         {"model": args.model, "candidates": args.candidates},
         outputs=[args.out_dir],
     ) as prov:
-        candidates = pd.read_parquet(args.candidates)
+        candidates = read_parquet_file(args.candidates, "candidate table")  # a bad file fails before the model loads
         model, tokenizer = load(args, prov)
+        _check_candidates(candidates, args.candidates, model)
         extraction = run_extraction(
             model, candidates, tokenizer.pad_token_id, batch_size=int(settings.get("batch_size", 64))
         )
@@ -99,16 +152,21 @@ def _write_windows(args, kind: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from memctl.data import calibration_windows, heldout_windows, text_documents
-    from memctl.models import context_length, load_config, load_tokenizer
+    from memctl.data import DataError, calibration_windows, heldout_windows, text_documents
+    from memctl.models import load_tokenizer, model_limits
     from memctl.store import atomic_path
 
-    settings = parse_settings(args.settings)
-    inputs = {"model": args.model, "corpus": args.corpus, "path": settings.get("path")}
+    settings = validate_section(kind, parse_settings(args.settings))
+    model_settings = _model_settings(args)
+    inputs = {"model": args.model, "corpus": args.corpus, "path": settings.get("path"),
+              **{f"exclude[{i}]": p for i, p in enumerate(getattr(args, "exclude", None) or [])}}
     with stage(kind, settings, inputs, outputs=[args.out]) as prov:
-        model_settings = parse_settings(args.model_settings)
         tokenizer = load_tokenizer(args.model, model_settings)
-        ctx = int(settings.get("context_length") or context_length(load_config(args.model, model_settings)))
+        vocab_size, model_ctx = model_limits(args.model, model_settings)
+        ctx = int(settings.get("context_length") or model_ctx)
+        if ctx > model_ctx:
+            raise ConfigError(f"{kind}.context_length: {ctx} exceeds the context length of the model {args.model} "
+                              f"({model_ctx})")
         if kind == "heldout":
             texts, sep = text_documents(settings, args.corpus, "heldout", demo_split="heldout")
             windows = heldout_windows(texts, sep, tokenizer, ctx, settings.get("max_windows"))
@@ -117,6 +175,27 @@ def _write_windows(args, kind: str) -> None:
             windows = calibration_windows(
                 texts, sep, tokenizer, ctx, settings.get("max_windows"), int(settings.get("seed", 0))
             )
+        if vocab_size is not None and windows.size and int(windows.max()) >= vocab_size:
+            raise DataError(f"{kind}: the tokenizer of {args.model} gives token id {int(windows.max())}, outside the "
+                            f"model's vocabulary of {vocab_size} ids")
+        exclude = list(getattr(args, "exclude", None) or [])
+        if exclude and args.disjoint_ngram > 0:
+            # the evaluated memories must not calibrate what edits them (K-FAC factors, masks, pruning)
+            import pandas as pd
+
+            from memctl import overlap
+
+            index = overlap.ngram_index(overlap.sequences_of(pd.read_parquet(p) for p in exclude), args.disjoint_ngram)
+            hit = overlap.overlapping(windows, index, args.disjoint_ngram)
+            prov.extra["dropped_for_test_overlap"] = {"windows": int(hit.sum()), "of": int(len(windows)),
+                                                      "ngram": int(args.disjoint_ngram), "tests": exclude}
+            windows = windows[~hit]
+            if not len(windows):
+                raise DataError(f"calibration: every one of {int(hit.sum())} windows shares a {args.disjoint_ngram}-token "
+                                f"run with a test sequence; use other calibration text or a larger extract.disjoint_ngram")
+            if hit.any():
+                log.warning("calibration: dropped %d of %d windows that share a %d-token run with a test sequence",
+                            int(hit.sum()), int(len(hit)), args.disjoint_ngram)
         prov.extra.update(windows=int(windows.shape[0]), context_length=ctx)
         with atomic_path(args.out, provenance=prov) as tmp:
             save_file({"windows": torch.from_numpy(windows)}, str(tmp), metadata={"context_length": str(ctx)})
@@ -131,6 +210,26 @@ def cmd_calibration(args) -> None:
     _write_windows(args, "calibration")
 
 
+def _nonmemorized_sequences(path, n: int):
+    """The first ``n`` (in candidate order) of the rows of an extraction-rate test split that the
+    unedited model does not extract exactly, prefix + suffix as one int64 tensor (None: off)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    if not path or n <= 0:
+        return None
+    table = pd.read_parquet(path)
+    if "exact_match" in table:
+        table = table[~table["exact_match"].astype(bool)]
+    table = table.sort_values("candidate_id", kind="stable").head(n) if "candidate_id" in table else table.head(n)
+    if table.empty:
+        return None
+    rows = [np.concatenate([np.asarray(p, dtype=np.int64), np.asarray(s, dtype=np.int64)])
+            for p, s in zip(table["prefix_ids"], table["suffix_ids"])]
+    return torch.from_numpy(np.stack(rows))
+
+
 def cmd_reference_topk(args) -> None:
     """The unedited model's top-k next tokens on held-out text: the nDCG@10 reference."""
     from safetensors.torch import load_file, save_file
@@ -138,20 +237,31 @@ def cmd_reference_topk(args) -> None:
     from memctl.generation import window_topk
     from memctl.store import atomic_path
 
-    settings = _with_batches(parse_settings(args.settings), args)
+    settings = validate_section("evaluate", _with_batches(parse_settings(args.settings), args))
+    _model_settings(args)
     n = int(settings.get("ndcg_windows", 16))
+    n_seq = int(settings.get("ndcg_sequences", 0))
     with stage(
         "reference_topk",
-        {"ndcg_windows": n, "k": NDCG_K, "model": parse_settings(args.model_settings)},
-        {"model": args.model, "heldout": args.heldout},
+        {"ndcg_windows": n, "ndcg_sequences": n_seq, "k": NDCG_K, "model": parse_settings(args.model_settings)},
+        {"model": args.model, "heldout": args.heldout, "sequences": args.sequences},
         outputs=[args.out],
     ) as prov:
         windows = load_file(args.heldout)["windows"][:n].contiguous()
+        sequences = _nonmemorized_sequences(args.sequences, n_seq)
         model, _ = load(args, prov)
-        topk = window_topk(model, windows.numpy(), NDCG_K, batch_size=int(settings.get("heldout_batch_size", 4)))
-        prov.extra["positions"] = int(topk.shape[0] * topk.shape[1])
+        _check_windows(windows.numpy(), args.heldout, model)
+        if sequences is not None:
+            _check_windows(sequences.numpy(), args.sequences, model)
+        batch = int(settings.get("heldout_batch_size", 4))
+        tensors = {"windows": windows, "topk": window_topk(model, windows.numpy(), NDCG_K, batch_size=batch)}
+        if sequences is not None:
+            tensors["sequences"] = sequences
+            tensors["sequences_topk"] = window_topk(model, sequences.numpy(), NDCG_K, batch_size=int(settings.get("batch_size", 32)))
+        prov.extra["positions"] = int(tensors["topk"].shape[0] * tensors["topk"].shape[1])
+        prov.extra["sequences"] = 0 if sequences is None else int(sequences.shape[0])
         with atomic_path(args.out, provenance=prov) as tmp:
-            save_file({"topk": topk, "windows": windows}, str(tmp))
+            save_file(tensors, str(tmp))
     log.info("wrote the top-%d reference of %d windows to %s", NDCG_K, len(windows), args.out)
 
 
@@ -162,18 +272,26 @@ def cmd_evaluate(args) -> None:
     from memctl.evaluate import evaluate_model
     from memctl.store import write_parquet
 
-    settings = _with_batches(parse_settings(args.settings), args)
+    settings = validate_section("evaluate", _with_batches(parse_settings(args.settings), args))
+    _model_settings(args)
     out_dir = Path(args.out_dir)
     with stage(
         "evaluate",
         {"evaluate": settings, "model": parse_settings(args.model_settings), "edit": args.edit},
         {"model": args.model, "memorized": args.memorized, "heldout": args.heldout, "delta": args.delta,
-         "reference": args.reference},
+         "reference": args.reference, "er_test": args.er_test, "forget": args.forget},
         outputs=[out_dir / "scores.parquet", out_dir / "metrics.parquet"],
     ) as prov:
         memorized = pd.read_parquet(args.memorized)
+        er_test = pd.read_parquet(args.er_test) if args.er_test else None
+        forget = pd.read_parquet(args.forget) if args.forget else None
         heldout = load_file(args.heldout)["windows"].numpy()
         model, tokenizer = load(args, prov)
+        _check_candidates(memorized, args.memorized, model, allow_empty=True)
+        for table, path in ((er_test, args.er_test), (forget, args.forget)):
+            if table is not None:
+                _check_candidates(table, path, model, allow_empty=True)
+        _check_windows(heldout, args.heldout, model)
         if args.delta:
             from memctl.edits import apply_delta, load_delta
 
@@ -182,23 +300,34 @@ def cmd_evaluate(args) -> None:
             prov.extra["edit"] = delta.metadata
         table, scores = evaluate_model(
             model, memorized, heldout, tokenizer.pad_token_id, settings,
-            model_name=model_name(args), edit=args.edit, method=args.method,
+            model_name=model_name(args), edit=args.edit, method=args.method, er_test=er_test, forget=forget,
         )
-        table["ndcg10"] = _ndcg(model, args.reference, settings) if args.reference else float("nan")
+        if args.reference:
+            table["ndcg10"], table["ndcg10_text"] = _ndcg(model, args.reference, settings)
         write_parquet(scores, out_dir / "scores.parquet", provenance=prov)
         write_parquet(table, out_dir / "metrics.parquet", provenance=prov)
     log.info("metrics: %s", table.iloc[0].to_dict())
 
 
-def _ndcg(model, reference_path: str, settings) -> float:
+def _ndcg(model, reference_path: str, settings) -> tuple[float, float]:
+    """nDCG@10 against the unedited model's top-10: (on non-memorized held-out sequences, the
+    loss-curvature paper's column; on held-out text windows). NaN where the reference has none."""
     from safetensors.torch import load_file
 
     from memctl.generation import window_topk
     from memctl.metrics import ndcg_at_k
 
     reference = load_file(reference_path)
-    edited = window_topk(model, reference["windows"].numpy(), NDCG_K, int(settings.get("heldout_batch_size", 4)))
-    return float(ndcg_at_k(reference["topk"].numpy(), edited.numpy()).mean())
+    values = []
+    for name, batch in (("sequences", int(settings.get("batch_size", 32))),
+                        ("windows", int(settings.get("heldout_batch_size", 4)))):
+        key = "topk" if name == "windows" else "sequences_topk"
+        if name not in reference:
+            values.append(float("nan"))
+            continue
+        edited = window_topk(model, reference[name].numpy(), NDCG_K, batch)
+        values.append(float(ndcg_at_k(reference[key].numpy(), edited.numpy()).mean()))
+    return values[0], values[1]
 
 
 def cmd_report(args) -> None:
@@ -208,8 +337,22 @@ def cmd_report(args) -> None:
     from memctl.store import atomic_path, write_parquet, write_text
 
     out = Path(args.out_dir)
-    with stage("report", {}, {f"metrics[{i}]": m for i, m in enumerate(args.metrics)}, outputs=[out]) as prov:
+    scores_paths = list(args.scores or [])
+    if scores_paths and len(scores_paths) != len(args.metrics):
+        raise ConfigError(f"--scores: {len(scores_paths)} files for {len(args.metrics)} --metrics files (one per edit)")
+    inputs = {**{f"metrics[{i}]": m for i, m in enumerate(args.metrics)},
+              **{f"scores[{i}]": m for i, m in enumerate(scores_paths)}}
+    with stage("report", {}, inputs, outputs=[out]) as prov:
         metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
+        if scores_paths:
+            scores = {edit: pd.read_parquet(path) for edit, path in zip(metrics["edit"], scores_paths)}
+            metrics = report.with_intervals(metrics, scores)
+            labels = dict(zip(metrics["edit"], metrics["method"]))
+            by_edit = report.edits_by_copies(scores, labels)
+            write_text(out / "edits_by_copies.md", report.edits_by_copies_markdown(by_edit), provenance=prov)
+            write_parquet(by_edit, out / "edits_by_copies.parquet", provenance=prov)
+            with atomic_path(out / "edits_by_copies.png", provenance=prov) as tmp:
+                report.plot_edits_by_copies(by_edit, tmp)
         write_text(out / "results.md", report.results_markdown(metrics), provenance=prov)
         write_parquet(metrics, out / "results.parquet", provenance=prov)
         write_text(out / "results.html", report.results_html(metrics), provenance=prov)
@@ -223,8 +366,12 @@ def cmd_report(args) -> None:
 
 def cmd_verify(args) -> None:
     """One line per problem (corrupt, incomplete, leftover of a killed write), naming the path;
-    exit status 1 when there is any. Writes in progress on this host are noted on stderr."""
-    from memctl.store import verify_paths
+    exit status 1 when there is any. Writes in progress on this host are noted on stderr.
+
+    ``--repair``: then remove what is damaged or incomplete (each artifact with its sidecar) and
+    the leftovers of dead writers, one ``removed PATH`` line each, so that the next workflow run
+    rebuilds exactly those; exit status 1 only when a problem is left (its line says why)."""
+    from memctl.store import repair, verify_paths
 
     report = verify_paths(args.paths)
     for note in report.notes:
@@ -232,7 +379,17 @@ def cmd_verify(args) -> None:
     for problem in report.problems:
         print(problem)
     print(f"checked {report.checked} artifacts: {len(report.problems)} problems")
-    if report.problems:
+    if not args.repair:
+        if report.problems:
+            raise SystemExit(1)
+        return
+    removed, kept = repair(report)
+    for path in removed:
+        print(f"removed {path}")
+    for line in kept:
+        print(line)
+    print(f"repair: removed {len(removed)} paths, {len(kept)} problems left; the next run rebuilds what was removed")
+    if kept:
         raise SystemExit(1)
 
 
@@ -270,14 +427,19 @@ def register(subparsers) -> None:
     model_args(p)
     p.add_argument("--corpus", default=None)
     p.add_argument("--settings", required=True, help="the `calibration` subsection (JSON)")
+    p.add_argument("--exclude", nargs="*", default=[],
+                   help="test tables (memorized_test, er_test): windows sharing a run of tokens with them are dropped")
+    p.add_argument("--disjoint-ngram", type=int, default=16, help="that run's length in tokens (0 = keep all)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_calibration)
 
     p = subparsers.add_parser("reference-topk", help="the unedited model's top-10 next tokens on held-out text")
     model_args(p)
     p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
+    p.add_argument("--sequences", default=None,
+                   help="er_test.parquet: its rows the unedited model does not extract (non-memorized sequences)")
     p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
-    _batch_args(p, "heldout_batch_size")
+    _batch_args(p, "heldout_batch_size", "batch_size")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_reference_topk)
 
@@ -287,7 +449,9 @@ def register(subparsers) -> None:
     p.add_argument("--method", default="Origin", help="row label in the results table")
     p.add_argument("--delta", default=None, help="edit to apply to the model (delta.safetensors)")
     p.add_argument("--reference", default=None, help="the unedited model's top-10 (reference-topk) for nDCG@10")
-    p.add_argument("--memorized", required=True, help="memorized_test.parquet")
+    p.add_argument("--memorized", required=True, help="memorized_test.parquet (the memorized track)")
+    p.add_argument("--er-test", default=None, help="er_test.parquet (the extraction-rate track)")
+    p.add_argument("--forget", default=None, help="the edit's own training set (e.g. BalancedSubnet's forget set)")
     p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
     p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
     _batch_args(p, "batch_size", "heldout_batch_size")
@@ -297,6 +461,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="results tables and plots")
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--by-copies", default=None, help="by_copies.parquet of the extraction stage")
+    p.add_argument("--scores", nargs="*", default=[],
+                   help="scores.parquet of each edit, in the order of --metrics (intervals, copy-count buckets)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_report)
 
@@ -304,5 +470,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "paths", nargs="+",
         help="artifacts, or directories to check whole (missing or stray sidecars, leftovers of killed writes)",
+    )
+    p.add_argument(
+        "--repair", action="store_true",
+        help="remove damaged or incomplete artifacts (with their sidecars) and leftovers of dead writers,"
+        " so that the next run rebuilds them; run it when no workflow writes to these paths",
     )
     p.set_defaults(func=cmd_verify)

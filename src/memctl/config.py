@@ -102,35 +102,26 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
 
 
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:
-    """Cross-key rules that a JSON schema cannot express clearly."""
+    """Cross-key rules that a JSON schema cannot express clearly (:func:`_section_problems` for
+    each data section), and, for the demo model, whose dimensions are in the config, the
+    extraction window against its context (:func:`model_fit_problems`)."""
     problems = []
     model = cfg["model"]
     if model["source"] != "demo" and not model.get("name_or_path"):
         problems.append("model.name_or_path: required when model.source is not 'demo'")
-    cand = cfg["candidates"]
-    if cand["source"] in ("jsonl", "parquet", "npy") and not cand.get("path"):
-        problems.append(f"candidates.path: required when candidates.source is '{cand['source']}'")
-    if cand["source"] == "hf" and not cand.get("hf_name"):
-        problems.append("candidates.hf_name: required when candidates.source is 'hf'")
-    if cand["source"] == "demo" and model["source"] != "demo":
-        problems.append("candidates.source: 'demo' candidates need model.source 'demo'")
-    held = cfg["heldout"]
-    if held["source"] == "demo" and model["source"] != "demo":
-        problems.append("heldout.source: 'demo' held-out text needs model.source 'demo'")
-    if held["source"] in ("text", "jsonl", "parquet") and not held.get("path"):
-        problems.append(f"heldout.path: required when heldout.source is '{held['source']}'")
-    if held["source"] == "hf" and not held.get("hf_name"):
-        problems.append("heldout.hf_name: required when heldout.source is 'hf'")
-    calib = cfg["calibration"]
-    if calib["source"] == "demo" and model["source"] != "demo":
-        problems.append("calibration.source: 'demo' calibration text needs model.source 'demo'")
-    if calib["source"] in ("text", "jsonl", "parquet") and not calib.get("path"):
-        problems.append(f"calibration.path: required when calibration.source is '{calib['source']}'")
-    if calib["source"] == "hf" and not calib.get("hf_name"):
-        problems.append("calibration.hf_name: required when calibration.source is 'hf'")
-    ext = cfg["extract"]
-    if ext.get("preset") is None and (ext.get("prefix_len") is None or ext.get("suffix_len") is None):
-        problems.append("extract: set either preset or both prefix_len and suffix_len")
+    for section in ("candidates", "heldout", "calibration", "extract"):
+        problems += _section_problems(section, cfg[section])
+    for section, what in (("candidates", "candidates"), ("heldout", "held-out text"),
+                          ("calibration", "calibration text")):
+        if cfg[section]["source"] == "demo" and model["source"] != "demo":
+            problems.append(f"{section}.source: 'demo' {what} need{'s' if section != 'candidates' else ''} "
+                            "model.source 'demo'")
+    if not problems and model["source"] == "demo":
+        demo = cfg["demo"]
+        problems += model_fit_problems(
+            cfg, demo["tokenizer"]["vocab_size"], demo["architecture"]["context_length"],
+            "demo.architecture.context_length",
+        )
     if problems:
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(problems))
 
@@ -255,3 +246,164 @@ def parse_settings(value: str | None) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"--settings must be a JSON object, got {type(loaded).__name__}")
     return loaded
+
+
+# --------------------------------------------------------------------------- stage settings
+
+
+#: File name endings and the format they say a file has (a declared source must not contradict them).
+_EXTENSION_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                      ".json": "jsonl", ".jsonl.gz": "jsonl", ".npy": "npy", ".txt": "text"}
+#: Formats a declared source reads besides its own (plain text may well be JSON).
+_ALSO_READS = {"text": {"jsonl"}, "jsonl": {"text"}}
+
+
+def _section_problems(section: str, settings: Mapping[str, Any]) -> list[str]:
+    """Cross-key problems of one section, each naming its key: a file source without a path, a hub
+    source without a name, a path whose ending contradicts the declared source, an extraction
+    window given neither as a preset nor as both lengths."""
+    problems = []
+    if section == "extract":
+        if settings.get("preset") is None and (settings.get("prefix_len") is None or settings.get("suffix_len") is None):
+            problems.append("extract: set either preset or both prefix_len and suffix_len")
+        return problems
+    if section not in ("candidates", "heldout", "calibration"):
+        return problems
+    src = settings.get("source")
+    files = ("jsonl", "parquet", "npy") if section == "candidates" else ("text", "jsonl", "parquet")
+    path = settings.get("path")
+    if src in files and not path:
+        problems.append(f"{section}.path: required when {section}.source is '{src}'")
+    if src == "hf" and not settings.get("hf_name"):
+        problems.append(f"{section}.hf_name: required when {section}.source is 'hf'")
+    if src in files and path:
+        name = str(path).lower()
+        ending = ".jsonl.gz" if name.endswith(".jsonl.gz") else Path(name).suffix
+        found = _EXTENSION_FORMATS.get(ending)
+        if found is not None and found != src and found not in _ALSO_READS.get(src, ()):
+            fix = f"set {section}.source: {found}, or " if found in files else ""
+            problems.append(f"{section}.source: '{src}', but {section}.path {path} is named like a {found} file; "
+                            f"{fix}point {section}.path at a {src} file")
+    return problems
+
+
+def section_schema(path: str) -> dict[str, Any]:
+    """The schema of the config subsection at dotted ``path`` (``extract``, ``curvature.data``)."""
+    node: Mapping[str, Any] = load_schema()
+    for part in path.split("."):
+        props = node.get("properties", {})
+        if part not in props:
+            raise ConfigError(f"no config section {path!r} (known at that level: {', '.join(sorted(props))})")
+        node = props[part]
+    return dict(node)
+
+
+def validate_section(path: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate what a stage command is handed (its ``--settings`` JSON) against the schema of the
+    config subsection at dotted ``path`` (``"extract"``, ``"heldout"``, ``"curvature.data"``).
+
+    Returns a copy with the schema defaults filled in, or raises :class:`ConfigError` listing
+    every problem, each named ``path.key`` like the workflow's own validation (the section's
+    cross-key rules included: a file source needs a path, ...). A command run by hand gets the
+    same checks as the workflow.
+    """
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"{path}: settings must be a JSON object, got {type(settings).__name__}")
+    resolved = copy.deepcopy(dict(settings))
+    validator = _DefaultFillingValidator(section_schema(path))
+    errors = sorted(validator.iter_errors(resolved), key=lambda e: list(map(str, e.absolute_path)))
+    lines = []
+    for err in errors:
+        where = ".".join([path, *(str(p) for p in err.absolute_path)])
+        if err.validator == "additionalProperties":
+            allowed = sorted(err.schema.get("properties", {}))
+            lines.append(f"{where}: {err.message}; allowed keys: {', '.join(allowed)}")
+        else:
+            lines.append(f"{where}: {err.message}")
+    if not lines:
+        lines = _section_problems(path, resolved)
+    if lines:
+        raise ConfigError(f"invalid {path} settings:\n  " + "\n  ".join(lines))
+    return resolved
+
+
+# ----------------------------------------------------------------------- config against the model
+
+
+def model_fit_problems(
+    cfg: Mapping[str, Any], vocab_size: int | None, context: int | None, context_from: str
+) -> list[str]:
+    """What a validated config asks of a model with ``vocab_size`` ids and ``context`` positions
+    that it cannot give: an extraction window (prefix + suffix) or held-out / calibration windows
+    longer than the context, or ``npy`` candidates (read here, memory-mapped) holding ids outside
+    the vocabulary."""
+    problems = []
+    ext = cfg["extract"]
+    if context is not None:
+        context = int(context)
+        try:
+            prefix, suffix = prefix_suffix_lengths(ext)
+        except ConfigError as err:
+            return [str(err)]
+        if prefix + suffix > context:
+            given = (f"preset {ext['preset']!r}" if ext.get("preset") and ext["preset"] in EXTRACTION_PRESETS
+                     and EXTRACTION_PRESETS[ext["preset"]] == (prefix, suffix) else "prefix_len / suffix_len")
+            problems.append(
+                f"extract: prefix_len + suffix_len = {prefix} + {suffix} = {prefix + suffix} tokens ({given}) exceed "
+                f"the model's context length of {context} ({context_from}); choose a shorter preset or set "
+                f"extract.prefix_len / extract.suffix_len"
+            )
+        for section in ("heldout", "calibration"):
+            n = cfg[section].get("context_length")
+            if n is not None and int(n) > context:
+                problems.append(f"{section}.context_length: {n} exceeds the model's context length of {context} "
+                                f"({context_from})")
+    cand = cfg["candidates"]
+    if vocab_size is not None and cand["source"] == "npy" and cand.get("path") and not cand.get("source_tokenizer"):
+        problems += _npy_vocab_problems(Path(cand["path"]), int(vocab_size))
+    return problems
+
+
+def _npy_vocab_problems(path: Path, vocab_size: int) -> list[str]:
+    """Token ids outside ``[0, vocab_size)`` in npy candidate arrays (files that cannot be read
+    are left to the candidates stage, which names them)."""
+    import numpy as np
+
+    files = sorted(path.glob("*_prefix.npy")) + sorted(path.glob("*_suffix.npy")) + sorted(
+        path.glob("*_preprefix.npy")) if path.is_dir() else [path]
+    for file in files:
+        try:
+            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            continue
+        if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            continue
+        bad = (arr < 0) | (arr >= vocab_size)
+        if bad.any():
+            r, c = (int(x) for x in np.argwhere(bad)[0])
+            hint = ("; ids written with another tokenizer (the LM extraction benchmark's are GPT-2's)? set "
+                    "candidates.source_tokenizer") if arr[r, c] >= 0 else ""
+            return [
+                f"candidates.path: {file} row {r} column {c}: token id {int(arr[r, c])} is outside the model's "
+                f"vocabulary of {vocab_size} ids (0..{vocab_size - 1}; {int(bad.any(axis=1).sum())} of "
+                f"{arr.shape[0]} rows have such ids){hint}"
+            ]
+    return []
+
+
+def check_model_fit(cfg: Mapping[str, Any], dims: Any) -> None:
+    """Raise :class:`ConfigError` when a validated config asks more of the model than it has
+    (:func:`model_fit_problems`). ``dims`` is :func:`memctl.lab.workflow_model_dims` (its
+    ``vocab_size`` and ``context_length``); None (a hub model not in the local cache) checks
+    nothing here: the candidates stage checks against the model it loads."""
+    if dims is None:
+        return
+    model = cfg["model"]
+    context_from = ("demo.architecture.context_length" if model["source"] == "demo"
+                    else f"model.name_or_path {model.get('name_or_path')}")
+    problems = model_fit_problems(cfg, getattr(dims, "vocab_size", None), getattr(dims, "context_length", None),
+                                  context_from)
+    if problems:
+        raise ConfigError("invalid config for this model:\n  " + "\n  ".join(problems))

@@ -5,16 +5,26 @@ target model), ``source``, ``group`` and ``copies`` (known exposure count, or -1
 Sources: the demo corpus (planted canaries + sampled windows with their duplicate counts), local
 JSONL / parquet (token ids or text), ``.npy`` arrays in the LM extraction benchmark layout, and HF
 datasets by name (or a local dataset directory).
+
+Bad input fails here, before anything is written, with the file (and row and column) named: a
+declared source that does not match the file's content, a file a library cannot read, a token id
+that is not an integer or lies outside the model's vocabulary. Rows too short for the extraction
+window are dropped, counted by reason (``stats['dropped']``) and logged as a warning; when every
+row is dropped the stage fails.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger("memctl.data")
 
 CANDIDATE_COLUMNS = ["candidate_id", "prefix_ids", "suffix_ids", "source", "group", "copies"]
 
@@ -33,11 +43,59 @@ class DataError(ValueError):
 # helpers
 
 
-def _is_ids(value: Any) -> bool:
-    if isinstance(value, str):
-        return False
-    arr = np.asarray(value)
-    return arr.ndim == 1 and (arr.size == 0 or np.issubdtype(arr.dtype, np.integer))
+def _is_missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def id_list(value: Any, where: str) -> list[int]:
+    """The token ids of one cell (a list or 1-D array), or :class:`DataError` naming ``where`` and
+    the position of the first element that is not an integer: None / NaN (a missing value), a
+    fraction, a string, a nested list. A whole-number float is accepted (pandas stores an integer
+    list column that has a null anywhere as floats)."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise DataError(f"{where}: expected a list of token ids, got a {value.ndim}-D array of shape {value.shape}")
+        if np.issubdtype(value.dtype, np.integer):
+            if value.size and np.issubdtype(value.dtype, np.unsignedinteger) and int(value.max()) > np.iinfo(np.int64).max:
+                raise DataError(f"{where}: token id {int(value.max())} does not fit in int64")
+            return value.astype(np.int64).tolist()
+    ids = []
+    for k, v in enumerate(value):
+        if isinstance(v, (bool, np.bool_)):
+            bad = f"{v!r} (a boolean)"
+        elif isinstance(v, (int, np.integer)):
+            ids.append(int(v))
+            continue
+        elif _is_missing(v):
+            bad = "a missing value (NaN / None / null)"
+        elif isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+            ids.append(int(v))
+            continue
+        elif isinstance(v, (float, np.floating)):
+            bad = f"the float {v!r}"
+        else:
+            bad = f"{v!r} (a {type(v).__name__})"
+        raise DataError(f"{where}: position {k} is {bad}, not a token id (an id list holds integers only)")
+    return ids
+
+
+def check_id_range(ids: Sequence[int], vocab_size: int | None, where: str, vocabulary: str = "the model's vocabulary",
+                   hint: str = "") -> None:
+    """Every id in ``[0, vocab_size)`` (only ``>= 0`` when the size is unknown), else
+    :class:`DataError` naming ``where``, the position, the id and the limit."""
+    if len(ids) == 0:
+        return
+    arr = np.asarray(ids, dtype=np.int64)
+    bad = arr < 0 if vocab_size is None else (arr < 0) | (arr >= int(vocab_size))
+    if bad.any():
+        k = int(np.argmax(bad))
+        limit = "ids are >= 0" if vocab_size is None else f"{vocabulary} has {int(vocab_size)} ids: 0..{int(vocab_size) - 1}"
+        raise DataError(f"{where}: token id {int(arr[k])} at position {k} is out of range ({limit})"
+                        f"{hint if arr[k] >= 0 else ''}")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -47,9 +105,11 @@ def _encode(tokenizer, text: str) -> list[int]:
 def _as_ids(value: Any, tokenizer, where: str) -> list[int]:
     if isinstance(value, str):
         return _encode(tokenizer, value)
-    if _is_ids(value):
-        return [int(v) for v in np.asarray(value)]
-    raise DataError(f"{where}: expected text or a list of token ids, got {type(value).__name__}")
+    if _is_sequence(value):
+        return id_list(value, where)
+    if _is_missing(value):
+        raise DataError(f"{where}: missing value (null / NaN); expected text or a list of token ids")
+    raise DataError(f"{where}: expected text or a list of token ids, got {type(value).__name__} {str(value)[:50]!r}")
 
 
 def _pick_column(columns: Sequence[str], wanted: str | None, names: Sequence[str], what: str, where: str):
@@ -100,16 +160,30 @@ def _finish(df: pd.DataFrame, max_candidates: int | None, seed: int) -> pd.DataF
     return df[CANDIDATE_COLUMNS + [c for c in df.columns if c not in CANDIDATE_COLUMNS]]
 
 
+#: Why a row can be dropped (``stats['dropped']`` counts each).
+DROP_REASONS = ("prefix_too_short", "suffix_too_short", "sequence_too_short")
+
+
 def _split_whole(ids: Sequence[int], prefix_len: int, suffix_len: int):
     if len(ids) < prefix_len + suffix_len:
-        return None
+        return "sequence_too_short"
     return list(ids[:prefix_len]), list(ids[prefix_len : prefix_len + suffix_len])
 
 
 def _split_pair(prefix: Sequence[int], suffix: Sequence[int], prefix_len: int, suffix_len: int):
-    if len(prefix) < prefix_len or len(suffix) < suffix_len:
-        return None
+    if len(prefix) < prefix_len:
+        return "prefix_too_short"
+    if len(suffix) < suffix_len:
+        return "suffix_too_short"
     return list(prefix[len(prefix) - prefix_len :]), list(suffix[:suffix_len])
+
+
+def describe_dropped(dropped: Mapping[str, int], prefix_len: int, suffix_len: int) -> str:
+    """'3 with fewer than 32 prefix tokens, 1 ...' for the counts that are not 0."""
+    what = {"prefix_too_short": f"with fewer than {prefix_len} prefix tokens",
+            "suffix_too_short": f"with fewer than {suffix_len} suffix tokens",
+            "sequence_too_short": f"shorter than {prefix_len} + {suffix_len} = {prefix_len + suffix_len} tokens"}
+    return ", ".join(f"{n} {what.get(reason, reason)}" for reason, n in dropped.items() if n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,13 +198,17 @@ def candidates_from_table(
     settings: Mapping[str, Any],
     source: str,
     source_tokenizer=None,
-) -> tuple[pd.DataFrame, dict[str, int]]:
+    vocab_size: int | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Candidates from a table with prefix/suffix columns, or one whole-sequence column.
 
     Prefix/suffix columns: the last ``prefix_len`` prefix tokens and the first ``suffix_len``
     suffix tokens. A whole sequence (ids or text): its first ``prefix_len + suffix_len`` tokens.
-    Rows too short for the window are dropped and counted. With ``source_tokenizer`` given, id
-    columns are decoded with it and re-encoded with the target tokenizer.
+    Rows too short for the window are dropped and counted by reason (``stats['dropped']``); when
+    every row is, :class:`DataError`. With ``source_tokenizer`` given, id columns are decoded with
+    it and re-encoded with the target tokenizer. Id columns are checked cell by cell: integers
+    only, and in ``[0, vocab_size)`` (the model's vocabulary; the source tokenizer's when ids are
+    re-encoded) -- the error names the file, row, column and limit.
     """
     cols = list(table.columns)
     pcol = _pick_column(cols, settings.get("prefix_column"), _PREFIX_NAMES, "prefix", source)
@@ -146,25 +224,41 @@ def candidates_from_table(
                 f"{source}: need prefix/suffix columns or a whole-sequence column (ids or text); "
                 f"columns: {cols}"
             )
+    if len(table) == 0:
+        raise DataError(f"{source}: no rows")
+    if source_tokenizer is not None:
+        raw_limit, vocabulary = len(source_tokenizer), "the source tokenizer's vocabulary (candidates.source_tokenizer)"
+        hint = ""
+    else:
+        raw_limit, vocabulary = vocab_size, "the model's vocabulary"
+        hint = ("; ids written with another tokenizer (the LM extraction benchmark's are GPT-2's)? "
+                "set candidates.source_tokenizer to decode them with it")
 
     def convert(value, where):
-        if source_tokenizer is not None and _is_ids(value):
-            value = source_tokenizer.decode([int(v) for v in np.asarray(value)])
+        if _is_sequence(value):
+            ids = id_list(value, where)
+            check_id_range(ids, raw_limit, where, vocabulary, hint)
+            if source_tokenizer is None:
+                return ids
+            value = source_tokenizer.decode(ids)
         return _as_ids(value, tokenizer, where)
 
-    rows, dropped = [], 0
+    rows = []
+    dropped = dict.fromkeys(DROP_REASONS, 0)
     for i, rec in enumerate(table.to_dict("records")):
         where = f"{source} row {i}"
         if whole is not None:
-            pair = _split_whole(convert(rec[whole], where), prefix_len, suffix_len)
+            pair = _split_whole(convert(rec[whole], f"{where} column {whole!r}"), prefix_len, suffix_len)
         else:
             pair = _split_pair(
-                convert(rec[pcol], where), convert(rec[scol], where), prefix_len, suffix_len
+                convert(rec[pcol], f"{where} column {pcol!r}"), convert(rec[scol], f"{where} column {scol!r}"),
+                prefix_len, suffix_len,
             )
-        if pair is None:
-            dropped += 1
+        if isinstance(pair, str):
+            dropped[pair] += 1
             continue
         cid = str(rec[idcol]) if idcol is not None else f"row-{i:07d}"
+        copies = rec.get("copies")
         rows.append(
             {
                 "candidate_id": cid,
@@ -172,39 +266,142 @@ def candidates_from_table(
                 "suffix_ids": pair[1],
                 "source": source,
                 "group": str(rec.get("group", "all")),
-                "copies": int(rec["copies"]) if "copies" in rec and rec["copies"] is not None else -1,
+                "copies": -1 if copies is None or _is_missing(copies) else int(copies),
             }
         )
     if not rows:
         raise DataError(
-            f"{source}: no row has {prefix_len} prefix + {suffix_len} suffix tokens ({dropped} too short)"
+            f"{source}: all {len(table)} rows dropped ({describe_dropped(dropped, prefix_len, suffix_len)}); "
+            f"no row has {prefix_len} prefix + {suffix_len} suffix tokens"
         )
-    return pd.DataFrame(rows), {"rows": len(table), "dropped_too_short": dropped}
+    return pd.DataFrame(rows), {"rows": len(table), "dropped": dropped}
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A local JSONL or parquet file as a DataFrame."""
+#: What a declared ``source`` must find in the file (:func:`sniff_format`).
+_ACCEPTS = {"parquet": {"parquet"}, "jsonl": {"jsonl"}, "npy": {"npy"}, "text": {"text", "jsonl", "json-array"}}
+_FORMAT_NAMES = {"parquet": "a parquet file", "npy": "a .npy array", "gzip": "a gzip file", "zip": "a zip (.npz) file",
+                 "jsonl": "JSON lines", "json-array": "a JSON array (not JSON lines: one object per line)",
+                 "text": "a text file", "binary": "a binary file (not UTF-8 text)", "empty": "an empty file"}
+
+
+def sniff_format(path: str | Path) -> str:
+    """What a file holds, from its first bytes: ``parquet``, ``npy``, ``gzip``, ``zip``,
+    ``jsonl`` (text starting with ``{``), ``json-array``, ``text``, ``binary`` or ``empty``."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err})") from err
+    if not head:
+        return "empty"
+    for magic, kind in ((b"PAR1", "parquet"), (b"\x93NUMPY", "npy"), (b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip")):
+        if head.startswith(magic):
+            return kind
+    for cut in range(4):  # the 4096-byte head may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return "binary"
+    if "\x00" in text:
+        return "binary"
+    stripped = text.lstrip("\ufeff \t\r\n")
+    if stripped.startswith("{"):
+        return "jsonl"
+    if stripped.startswith("["):
+        return "json-array"
+    return "text"
+
+
+def check_format(path: str | Path, source: str, section: str) -> None:
+    """:class:`DataError` naming ``<section>.source`` and the file when the file's content is not
+    what the declared source reads (``source: jsonl`` on a parquet file, ``npy`` on text, ...)."""
+    found = sniff_format(path)
+    accepted = set(_ACCEPTS.get(source, ()))
+    if source == "jsonl" and str(path).endswith(".gz"):
+        accepted.add("gzip")
+    if found in accepted:
+        return
+    sources = ("jsonl", "parquet", "npy") if section == "candidates" else ("text", "jsonl", "parquet")
+    hint = f"; set {section}.source: {found}" if found in sources and found != "text" else ""
+    raise DataError(f"{section}.source is {source!r}, but {section}.path {path} is {_FORMAT_NAMES.get(found, found)}"
+                    f"{hint}")
+
+
+def read_parquet_file(path: str | Path, what: str = "parquet file") -> pd.DataFrame:
+    """``pd.read_parquet`` with any pyarrow / IO error turned into :class:`DataError` naming the file."""
+    import pyarrow as pa
+
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError as err:
+        raise DataError(f"{what} not found: {path}") from err
+    except (OSError, ValueError, pa.lib.ArrowException) as err:
+        raise DataError(f"{path}: not a readable {what} ({type(err).__name__}: {err})") from err
+
+
+def read_table(path: str | Path, source: str | None = None, section: str = "candidates") -> pd.DataFrame:
+    """A local JSONL or parquet file as a DataFrame.
+
+    With ``source`` ('jsonl' or 'parquet', the config's), the file's content must match it; without
+    it the content decides. Library errors are :class:`DataError` naming the file.
+    """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"candidate file not found: {path}")
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".jsonl", ".json", ".jsonl.gz"):
+        what = "candidate file" if section == "candidates" else f"{section}.path: file"
+        raise DataError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{section}.path: {path} is a directory, not a {source or 'jsonl / parquet'} file")
+    if source is None:
+        found = sniff_format(path)
+        source = {"parquet": "parquet", "jsonl": "jsonl", "gzip": "jsonl"}.get(found)
+        if source is None:
+            raise DataError(f"{path}: {_FORMAT_NAMES.get(found, found)}; expected JSON lines or parquet")
+    check_format(path, source, section)
+    if source == "parquet":
+        return read_parquet_file(path)
+    if source == "jsonl":
         try:
-            return pd.read_json(path, lines=True)
-        except ValueError as err:
-            raise DataError(f"{path}: not valid JSON lines ({err})") from err
-    if suffix == ".parquet":
-        return pd.read_parquet(path)
-    raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl or .parquet)")
+            return pd.read_json(path, lines=True, compression="infer")
+        except (ValueError, OSError) as err:
+            raise DataError(f"{path}: not valid JSON lines ({type(err).__name__}: {err})") from err
+    raise DataError(f"{section}.source: {source!r} is not a table format (use jsonl or parquet)")
 
 
-def read_npy_candidates(path: str | Path, prefix_len: int, suffix_len: int) -> pd.DataFrame:
+def _load_npy(path: Path, section: str = "candidates") -> np.ndarray:
+    check_format(path, "npy", section)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err})") from err
+
+
+def _check_npy_ids(arr: np.ndarray, name: str, vocab_size: int | None, vocabulary: str, hint: str) -> None:
+    """Every id of a 2-D token array in range, else :class:`DataError` naming file, row, column, limit."""
+    if arr.size == 0:
+        return
+    bad = arr < 0 if vocab_size is None else (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        r, c = (int(x) for x in np.argwhere(bad)[0])
+        n_rows = int(bad.any(axis=1).sum())
+        limit = "ids are >= 0" if vocab_size is None else f"{vocabulary} has {vocab_size} ids: 0..{vocab_size - 1}"
+        raise DataError(f"{name} row {r} column {c}: token id {int(arr[r, c])} is out of range ({limit}; "
+                        f"{n_rows} of {arr.shape[0]} rows have such ids){hint if arr[r, c] >= 0 else ''}")
+
+
+def read_npy_candidates(
+    path: str | Path, prefix_len: int, suffix_len: int, vocab_size: int | None = None,
+    vocabulary: str = "the model's vocabulary", hint: str = "",
+) -> pd.DataFrame:
     """LM extraction benchmark arrays (uint16 token ids).
 
     ``path`` is either a directory holding ``*_prefix.npy`` and ``*_suffix.npy`` (optionally
     ``*_preprefix.npy``, which is prepended to the prefix), or one 2-D array whose rows are
     pre-prefix + prefix + suffix: the last ``suffix_len`` columns are the suffix and everything
-    before is prefix material.
+    before is prefix material. Every id must be ``>= 0`` and below ``vocab_size`` when it is given
+    (the error names the array file, row and column).
     """
     path = Path(path)
     if path.is_dir():
@@ -215,24 +412,38 @@ def read_npy_candidates(path: str | Path, prefix_len: int, suffix_len: int) -> p
         suf = path / f"{stem}_suffix.npy"
         if not suf.exists():
             raise DataError(f"{path}: {suf.name} missing next to {pre_files[0].name}")
-        prefix = np.load(pre_files[0], allow_pickle=False)
-        suffix = np.load(suf, allow_pickle=False)
+        parts = {"prefix": pre_files[0], "suffix": suf}
         preprefix_file = path / f"{stem}_preprefix.npy"
         if preprefix_file.exists():
-            prefix = np.concatenate([np.load(preprefix_file, allow_pickle=False), prefix], axis=1)
+            parts["preprefix"] = preprefix_file
+        arrays = {}
+        for name, file in parts.items():
+            arr = _load_npy(file)
+            if arr.ndim != 2:
+                raise DataError(f"{file}: expected a 2-D array (rows x tokens), got shape {arr.shape}")
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise DataError(f"{file}: token arrays must be integer (uint16 in the benchmark), got {arr.dtype}")
+            _check_npy_ids(arr, str(file), vocab_size, vocabulary, hint)
+            arrays[name] = arr
+        prefix, suffix = arrays["prefix"], arrays["suffix"]
+        if "preprefix" in arrays:
+            if arrays["preprefix"].shape[0] != prefix.shape[0]:
+                raise DataError(f"{path}: {arrays['preprefix'].shape[0]} preprefix rows but {prefix.shape[0]} prefix rows")
+            prefix = np.concatenate([arrays["preprefix"], prefix], axis=1)
         where = f"{path}/{stem}_*.npy"
     elif path.exists():
-        arr = np.load(path, allow_pickle=False)
+        arr = _load_npy(path)
         if arr.ndim != 2 or arr.shape[1] <= suffix_len:
             raise DataError(f"{path}: expected a 2-D array wider than suffix_len={suffix_len}, got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise DataError(f"{path}: token arrays must be integer (uint16 in the benchmark), got {arr.dtype}")
+        _check_npy_ids(arr, str(path), vocab_size, vocabulary, hint)
         prefix, suffix = arr[:, :-suffix_len], arr[:, -suffix_len:]
         where = str(path)
     else:
         raise DataError(f"npy candidates not found: {path}")
     if prefix.shape[0] != suffix.shape[0]:
         raise DataError(f"{where}: {prefix.shape[0]} prefix rows but {suffix.shape[0]} suffix rows")
-    if not np.issubdtype(prefix.dtype, np.integer) or not np.issubdtype(suffix.dtype, np.integer):
-        raise DataError(f"{where}: token arrays must be integer (uint16 in the benchmark)")
     return pd.DataFrame(
         {
             "candidate_id": [f"row-{i:07d}" for i in range(len(prefix))],
@@ -243,19 +454,34 @@ def read_npy_candidates(path: str | Path, prefix_len: int, suffix_len: int) -> p
 
 
 def load_hf_table(
-    name: str, config_name: str | None, split: str, revision: str | None = None
+    name: str, config_name: str | None, split: str, revision: str | None = None, section: str = "candidates"
 ) -> pd.DataFrame:
-    """A HF dataset split as a DataFrame: a hub id, a local dataset folder, or a ``save_to_disk`` dir."""
+    """A HF dataset split as a DataFrame: a hub id, a local dataset folder, or a ``save_to_disk`` dir.
+
+    Any error of ``datasets`` (not found, offline, a bad split, unreadable files) is a
+    :class:`DataError` naming the dataset, its config and split.
+    """
     import datasets
 
     local = Path(name)
-    if local.is_dir() and (local / "dataset_info.json").exists() and (local / "state.json").exists():
-        ds = datasets.load_from_disk(str(local))
-    elif local.is_dir() and (local / "dataset_dict.json").exists():
-        ds = datasets.load_from_disk(str(local))[split]
-    else:
-        ds = datasets.load_dataset(name, config_name, split=split, revision=revision)
-    return ds.to_pandas()
+    try:
+        if local.is_dir() and (local / "dataset_info.json").exists() and (local / "state.json").exists():
+            ds = datasets.load_from_disk(str(local))
+        elif local.is_dir() and (local / "dataset_dict.json").exists():
+            saved = datasets.load_from_disk(str(local))
+            if split not in saved:
+                raise DataError(f"{section}.hf_split: {split!r} not in {name} (splits: {sorted(saved)})")
+            ds = saved[split]
+        else:
+            ds = datasets.load_dataset(name, config_name, split=split, revision=revision)
+        return ds.to_pandas()
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many kinds (not found, offline, bad split, arrow errors)
+        raise DataError(
+            f"{section}.hf_name: cannot load dataset {name!r} (config {config_name!r}, split {split!r}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def demo_candidates(
@@ -280,7 +506,7 @@ def demo_candidates(
     corpus_dir = Path(corpus_dir)
     stream, in_canary = train_token_stream(corpus_dir, tokenizer, return_canary_mask=True)
     stream = np.asarray(stream, dtype=np.int64)
-    canaries = pd.read_parquet(corpus_dir / "canaries.parquet")
+    canaries = read_parquet_file(corpus_dir / "canaries.parquet", "demo canaries table")
     width = prefix_len + suffix_len
     rows, short = [], 0
     for rec in canaries.to_dict("records"):
@@ -343,21 +569,59 @@ def demo_candidates(
     return df, stats
 
 
+def check_candidate_table(
+    df: pd.DataFrame, where: str, vocab_size: int | None = None, context_length: int | None = None,
+    allow_empty: bool = False,
+) -> None:
+    """A candidate table a stage is handed (or about to write): ``prefix_ids`` / ``suffix_ids``
+    columns of integer ids in ``[0, vocab_size)``, prefix + suffix within ``context_length``.
+    :class:`DataError` names the file (``where``), the row, its candidate id and the limit."""
+    missing = [c for c in ("prefix_ids", "suffix_ids") if c not in df.columns]
+    if missing:
+        raise DataError(f"{where}: not a candidate table: no {' / '.join(missing)} column; columns: {list(df.columns)}")
+    if len(df) == 0 and not allow_empty:
+        raise DataError(f"{where}: no candidates")
+    ids = df["candidate_id"].tolist() if "candidate_id" in df.columns else [None] * len(df)
+    for i, (cid, prefix, suffix) in enumerate(zip(ids, df["prefix_ids"], df["suffix_ids"])):
+        row = f"{where} row {i}" + (f" (candidate {cid})" if cid is not None else "")
+        lengths = []
+        for col, value in (("prefix_ids", prefix), ("suffix_ids", suffix)):
+            cell = f"{row} column {col!r}"
+            if not _is_sequence(value):
+                raise DataError(f"{cell}: expected a list of token ids, got {type(value).__name__}")
+            values = id_list(value, cell)
+            check_id_range(values, vocab_size, cell)
+            lengths.append(len(values))
+        if context_length is not None and sum(lengths) > context_length:
+            raise DataError(f"{row}: {lengths[0]} prefix + {lengths[1]} suffix = {sum(lengths)} tokens exceed the "
+                            f"model's context length of {context_length}")
+
+
 def build_candidates(
     settings: Mapping[str, Any],
     tokenizer,
     prefix_len: int,
     suffix_len: int,
     corpus_dir: str | Path | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Dispatch on ``settings['source']`` and return (candidates, stats)."""
+    """Dispatch on ``settings['source']`` and return (candidates, stats).
+
+    ``vocab_size`` (the model's, its embedding rows) bounds every token id: a table with an id
+    outside it is never returned. ``stats['dropped']`` counts the rows dropped by reason; a
+    warning says how many when any are.
+    """
     src = settings["source"]
     seed = int(settings.get("seed", 0))
     source_tok = None
     if settings.get("source_tokenizer"):
         from memctl.models import load_tokenizer
 
-        source_tok = load_tokenizer(settings["source_tokenizer"])
+        try:
+            source_tok = load_tokenizer(settings["source_tokenizer"])
+        except (OSError, ValueError) as err:
+            raise DataError(f"candidates.source_tokenizer: cannot load {settings['source_tokenizer']!r} "
+                            f"({type(err).__name__}: {err})") from err
     if src == "demo":
         if corpus_dir is None:
             raise DataError("candidates.source 'demo' needs the demo corpus directory (--corpus)")
@@ -365,28 +629,49 @@ def build_candidates(
             corpus_dir, tokenizer, prefix_len, suffix_len, int(settings.get("demo_windows", 0)), seed,
             n_duplicated=int(settings.get("demo_duplicated_windows", 0)),
         )
-    elif src in ("jsonl", "parquet"):
-        table = read_table(settings["path"])
+        where = f"{corpus_dir} (demo candidates)"
+    elif src in ("jsonl", "parquet", "npy", "hf"):
+        columns = settings  # which columns hold what (fixed for the npy arrays)
+        if src == "hf":
+            where = f"hf:{settings['hf_name']}"
+            table = load_hf_table(
+                settings["hf_name"], settings.get("hf_config"), settings.get("hf_split", "train"),
+                settings.get("hf_revision"),
+            )
+        elif not settings.get("path"):
+            raise DataError(f"candidates.path: required when candidates.source is {src!r}")
+        elif src == "npy":
+            where = str(settings["path"])
+            if source_tok is not None:
+                limit, vocabulary, hint = len(source_tok), "the source tokenizer's vocabulary", ""
+            else:
+                limit, vocabulary = vocab_size, "the model's vocabulary"
+                hint = "; ids written with another tokenizer (the benchmark's are GPT-2's)? set candidates.source_tokenizer"
+            table = read_npy_candidates(settings["path"], prefix_len, suffix_len, limit, vocabulary, hint)
+            columns = {}
+        else:
+            where = str(settings["path"])
+            table = read_table(settings["path"], src, "candidates")
         df, stats = candidates_from_table(
-            table, tokenizer, prefix_len, suffix_len, settings, str(settings["path"]), source_tok
-        )
-    elif src == "npy":
-        table = read_npy_candidates(settings["path"], prefix_len, suffix_len)
-        df, stats = candidates_from_table(
-            table, tokenizer, prefix_len, suffix_len, {}, str(settings["path"]), source_tok
-        )
-    elif src == "hf":
-        table = load_hf_table(
-            settings["hf_name"], settings.get("hf_config"), settings.get("hf_split", "train"),
-            settings.get("hf_revision"),
-        )
-        df, stats = candidates_from_table(
-            table, tokenizer, prefix_len, suffix_len, settings, f"hf:{settings['hf_name']}", source_tok
+            table, tokenizer, prefix_len, suffix_len, columns, where, source_tok, vocab_size=vocab_size
         )
     else:
         raise DataError(f"candidates.source: unknown source {src!r}")
+    if df["candidate_id"].duplicated().any():
+        dup = df.loc[df["candidate_id"].duplicated(), "candidate_id"].iloc[0]
+        raise DataError(f"{where}: duplicate candidate_id {dup!r}")
+    rows = int(stats.get("rows", len(df)))
+    dropped = dict(stats.get("dropped", {}))
+    n_dropped = sum(dropped.values())
+    if n_dropped:
+        log.warning("candidates: dropped %d of %d rows of %s: %s", n_dropped, rows, where,
+                    describe_dropped(dropped, prefix_len, suffix_len))
+    usable = len(df)
     df = _finish(df, settings.get("max_candidates"), seed)
-    stats = dict(stats, kept=int(len(df)), prefix_len=prefix_len, suffix_len=suffix_len)
+    # The target tokenizer's ids (text re-encoded, demo windows) must fit the model as well.
+    check_candidate_table(df, f"{where} (as candidates)", vocab_size)
+    stats = dict(stats, rows=rows, dropped=dropped, dropped_total=n_dropped, not_sampled=usable - len(df),
+                 kept=int(len(df)), prefix_len=prefix_len, suffix_len=suffix_len)
     return df, stats
 
 
@@ -410,28 +695,43 @@ def text_documents(
     if src == "demo":
         if corpus_dir is None:
             raise DataError(f"{section}.source 'demo' needs the demo corpus directory (--corpus)")
-        table = pd.read_parquet(Path(corpus_dir) / f"{demo_split}.parquet")
+        table = read_parquet_file(Path(corpus_dir) / f"{demo_split}.parquet", "demo corpus table")
         if "kind" in table.columns:
             table = table[table["kind"] == "doc"]
         return table["text"].tolist(), "eos"
+    if src in ("text", "jsonl", "parquet") and not settings.get("path"):
+        raise DataError(f"{section}.path: required when {section}.source is {src!r}")
     if src == "text":
         path = Path(settings["path"])
         if not path.exists():
             raise DataError(f"{section}.path: text file not found: {path}")
-        return [path.read_text(encoding="utf-8")], "\n\n"
+        if path.is_dir():
+            raise DataError(f"{section}.path: {path} is a directory, not a text file")
+        check_format(path, "text", section)
+        try:
+            return [path.read_text(encoding="utf-8")], "\n\n"
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err})") from err
     if src in ("jsonl", "parquet"):
-        table = read_table(settings["path"])
+        where = str(settings["path"])
+        table = read_table(settings["path"], src, section)
     elif src == "hf":
+        where = f"hf:{settings['hf_name']}"
         table = load_hf_table(
             settings["hf_name"], settings.get("hf_config"), settings.get("hf_split", "validation"),
-            settings.get("hf_revision"),
+            settings.get("hf_revision"), section=section,
         )
     else:
         raise DataError(f"{section}.source: unknown source {src!r}")
     if col not in table.columns:
-        raise DataError(f"{section}.text_column: column {col!r} not found; columns: {list(table.columns)}")
+        raise DataError(f"{section}.text_column: column {col!r} not found in {where}; columns: {list(table.columns)}")
+    texts = table[col].tolist()
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            what = "a missing value (null / NaN)" if _is_missing(t) else f"{type(t).__name__} {str(t)[:50]!r}"
+            raise DataError(f"{where} row {i} column {col!r}: {what}, not text")
     # WikiText-2 protocol: the split's lines joined with blank lines, then cut into windows.
-    return [str(t) for t in table[col].tolist()], "\n\n"
+    return texts, "\n\n"
 
 
 def heldout_texts(settings: Mapping[str, Any], corpus_dir: str | Path | None = None) -> tuple[list[str], str]:

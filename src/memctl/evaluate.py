@@ -1,4 +1,9 @@
-"""Evaluation of one (model, edit): memorization on held-out memorized sequences, and utility.
+"""Evaluation of one (model, edit): memorization on two tracks, and utility.
+
+- The memorized track (loss-curvature paper Sec. 4.2): held-out sequences the unedited model
+  extracts exactly (``memorized_test``); unprefixed columns.
+- The extraction-rate track (weight-pruning paper Sec. 4.1): a held-out split of all candidates,
+  whatever the unedited model extracts (``er_test``); columns prefixed ``er_``.
 
 The unedited model is the edit ``none``; edited models (curvature edits, masks, baselines) plug in
 through the same function once they exist. One metrics row per (model, edit):
@@ -36,7 +41,33 @@ METRIC_COLUMNS = [
     "heldout_ppl",
     "heldout_tokens",
     "ndcg10",
+    "ndcg10_text",
+    "er_n_examples",
+    "er_exact_er",
+    "er_fractional_er",
+    "er_loose_accuracy",
+    "forget_n_examples",
+    "forget_exact_er",
+    "forget_fractional_er",
 ]
+#: Generation-only tracks besides the memorized one: argument name -> (column prefix, track name).
+EXTRA_TRACKS = {"er_test": ("er_", "extraction_rate"), "forget": ("forget_", "forget")}
+#: Columns of the candidates that per-example scores keep (copy-count buckets, groups).
+ID_COLUMNS = ("candidate_id", "group", "copies")
+
+
+def _generation_scores(model, table: pd.DataFrame, pad_id: int, batch: int, progress: bool) -> pd.DataFrame:
+    """Greedy generations of ``table``'s prefixes scored against its suffixes, with its id columns."""
+    prefixes = [list(map(int, p)) for p in table["prefix_ids"]]
+    suffixes = [list(map(int, s)) for s in table["suffix_ids"]]
+    if not prefixes:
+        return metrics.score_generations([], [])
+    generated = greedy_generate(model, prefixes, len(suffixes[0]), pad_id, batch_size=batch, progress=progress)
+    scores = metrics.score_generations(generated, suffixes)
+    for i, col in enumerate(c for c in ID_COLUMNS if c in table.columns):
+        scores.insert(i, col, table[col].to_numpy())
+    scores["generated_ids"] = list(generated)
+    return scores
 
 
 def evaluate_model(
@@ -49,25 +80,24 @@ def evaluate_model(
     edit: str = "none",
     method: str = "Origin",
     progress: bool = True,
+    er_test: pd.DataFrame | None = None,
+    forget: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (one-row metrics table, per-example scores on the memorized split)."""
+    """Return (one-row metrics table, per-example scores); the scores' ``track`` column says
+    ``memorized``, ``extraction_rate`` (``er_test``, when given) or ``forget`` (an edit's own
+    training set, e.g. BalancedSubnet's: the paper's Table 1 contrast with held-out memories)."""
     batch = int(settings.get("batch_size", 32))
     loose = float(settings.get("loose_threshold", metrics.LOOSE_THRESHOLD))
     prefixes = [list(map(int, p)) for p in memorized["prefix_ids"]]
     suffixes = [list(map(int, s)) for s in memorized["suffix_ids"]]
+    scores = _generation_scores(model, memorized, pad_id, batch, progress)
     if prefixes:
-        n_new = len(suffixes[0])
-        generated = greedy_generate(model, prefixes, n_new, pad_id, batch_size=batch, progress=progress)
-        scores = metrics.score_generations(generated, suffixes)
         forced = score_suffixes(model, prefixes, suffixes, pad_id, batch_size=batch, progress=progress)
         mem_nll, mem_tokens = float(forced["nll_sum"].sum()), int(forced["n_tokens"].sum())
-        scores.insert(0, "candidate_id", memorized["candidate_id"].to_numpy())
-        scores["generated_ids"] = [row for row in generated]
         scores["suffix_nll"] = forced["nll_sum"]
         scores["teacher_forced_match"] = forced["argmax_match"]
         tf_match = float(np.average(forced["argmax_match"], weights=forced["n_tokens"]))
     else:
-        scores = metrics.score_generations([], [])
         mem_nll, mem_tokens, tf_match = 0.0, 0, math.nan
     summary = metrics.memorization_summary(scores, loose) if len(scores) else {
         "n_examples": 0, "exact_er": math.nan, "fractional_er": math.nan, "strict_accuracy": math.nan,
@@ -88,5 +118,21 @@ def evaluate_model(
         "heldout_ppl": metrics.perplexity(held_nll, held_tokens),
         "heldout_tokens": held_tokens,
         "ndcg10": math.nan,  # filled in by the evaluate command when it has the reference top-10
+        "ndcg10_text": math.nan,
+        **{c: math.nan for c in METRIC_COLUMNS if c.startswith(("er_", "forget_"))},
+        "er_n_examples": 0,
+        "forget_n_examples": 0,
     }
+    scores.insert(0, "track", "memorized")
+    for name, table in (("er_test", er_test), ("forget", forget)):
+        if table is None:
+            continue
+        prefix, track = EXTRA_TRACKS[name]
+        extra = _generation_scores(model, table, pad_id, batch, progress)
+        if len(extra):
+            values = {"n_examples": int(len(extra)), "exact_er": metrics.exact_er(extra),
+                      "fractional_er": metrics.fractional_er(extra), "loose_accuracy": metrics.loose_accuracy(extra, loose)}
+            row.update({prefix + k: v for k, v in values.items() if prefix + k in METRIC_COLUMNS})
+        extra.insert(0, "track", track)
+        scores = pd.concat([scores, extra], ignore_index=True)
     return pd.DataFrame([row])[METRIC_COLUMNS], scores

@@ -4,7 +4,12 @@ Outputs (one directory per model + candidates + settings):
 - ``extraction.parquet``: one row per candidate with prefix, suffix and generated ids, exact match,
   matching positions, token Levenshtein distance;
 - ``memorized.parquet`` / ``nonmemorized.parquet``: the split by ``memorized_threshold``;
-- ``memorized_train.parquet`` / ``memorized_test.parquet``: a seeded split of the memorized set;
+- ``memorized_train.parquet`` / ``memorized_test.parquet``: a seeded split of the memorized set
+  (the memorized track, loss-curvature paper Sec. 4.2: what the unedited model extracts exactly);
+- ``er_train.parquet`` / ``er_test.parquet``: the extraction-rate track (weight-pruning paper
+  Sec. 4.1): a seeded split of ALL candidates, stratified by group and copy count, that does not
+  depend on what the model extracts (the unedited model's Exact ER on it is a measurement, not 1
+  by construction);
 - ``by_copies.parquet``: extraction rates by group and exposure count.
 """
 
@@ -18,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memctl import metrics
+from memctl import metrics, overlap
 from memctl.generation import greedy_generate
 
 OUTPUT_FILES = (
@@ -27,8 +32,13 @@ OUTPUT_FILES = (
     "nonmemorized.parquet",
     "memorized_train.parquet",
     "memorized_test.parquet",
+    "er_train.parquet",
+    "er_test.parquet",
     "by_copies.parquet",
 )
+#: Columns of the extraction table that the extraction-rate split must never read.
+OUTCOME_COLUMNS = ("generated_ids", "exact_match", "n_match", "n_suffix", "match_positions", "levenshtein",
+                   "levenshtein_norm", "levenshtein_sim", "frac_match")
 
 
 def run_extraction(
@@ -76,12 +86,59 @@ def split_memorized(
             stacklevel=2,
         )
     test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
-    return {
+    usable = extraction[diverse].reset_index(drop=True)
+    er_train, er_test = split_extraction_rate(
+        usable.drop(columns=[c for c in OUTCOME_COLUMNS if c in usable.columns]),
+        float(settings.get("er_test_fraction", 1 / 15)), int(settings.get("split_seed", 42)),
+    )
+    splits = {
         "memorized": memorized,
         "nonmemorized": nonmemorized,
         "memorized_train": memorized.iloc[train_idx].reset_index(drop=True),
         "memorized_test": memorized.iloc[test_idx].reset_index(drop=True),
+        "er_train": usable.iloc[er_train].reset_index(drop=True),
+        "er_test": usable.iloc[er_test].reset_index(drop=True),
     }
+    return drop_test_overlap(splits, int(settings.get("disjoint_ngram", overlap.DEFAULT_N)))
+
+
+def drop_test_overlap(splits: dict[str, pd.DataFrame], n: int) -> dict[str, pd.DataFrame]:
+    """Drop from the training sides (``memorized_train``: BalancedSubnet's forget set;
+    ``er_train``: the masks' memorization data) every row sharing a run of ``n`` tokens with a
+    test sequence of either track (0 = off). ``splits['dropped']`` counts them per table."""
+    dropped = {}
+    if n > 0:
+        index = overlap.ngram_index(overlap.sequences_of([splits["memorized_test"], splits["er_test"]]), n)
+        for name in ("memorized_train", "er_train"):
+            table = splits[name]
+            hit = overlap.overlapping(overlap.sequences_of([table]), index, n)
+            dropped[name] = int(hit.sum())
+            splits[name] = table[~hit].reset_index(drop=True)
+    splits["dropped"] = dropped  # type: ignore[assignment]
+    return splits
+
+
+def split_extraction_rate(candidates: pd.DataFrame, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, test) of the extraction-rate track: within each stratum (group, copy
+    count; one stratum per group where counts are unknown) a seeded permutation of the rows in
+    ``candidate_id`` order puts ``round(n * test_fraction)`` of them on the test side. Reads the
+    candidates' identity columns only, never an extraction outcome."""
+    cols = [c for c in ("candidate_id", "group", "copies") if c in candidates.columns]
+    table = candidates[cols].reset_index(drop=True)
+    if "group" not in table:
+        table["group"] = "all"
+    copies = table["copies"] if "copies" in table else pd.Series(-1, index=table.index)
+    table["stratum_copies"] = copies.fillna(-1).astype(np.int64)
+    order = table.sort_values(["group", "stratum_copies", "candidate_id"] if "candidate_id" in table
+                              else ["group", "stratum_copies"], kind="stable")
+    test: list[int] = []
+    for i, ((group, count), part) in enumerate(order.groupby(["group", "stratum_copies"], sort=True)):
+        rng = np.random.default_rng([int(seed), i])
+        idx = part.index.to_numpy()[rng.permutation(len(part))]
+        test.extend(idx[: int(round(len(part) * float(test_fraction)))].tolist())
+    test_idx = np.sort(np.asarray(test, dtype=np.int64))
+    train_idx = np.setdiff1d(np.arange(len(table)), test_idx)
+    return train_idx, test_idx
 
 
 def rates_by_copies(extraction: pd.DataFrame) -> pd.DataFrame:
@@ -104,9 +161,12 @@ def rates_by_copies(extraction: pd.DataFrame) -> pd.DataFrame:
 def write_outputs(out_dir: Path, extraction: pd.DataFrame, splits: dict[str, pd.DataFrame], prov) -> None:
     from memctl.store import write_parquet
 
+    splits = dict(splits)
+    dropped = splits.pop("dropped", {})
     prov.extra.update(
         counts={k: int(len(v)) for k, v in splits.items()},
         exact_er_all_candidates=metrics.exact_er(extraction),
+        dropped_for_test_overlap=dropped,
     )
     tables = {"extraction": extraction, **splits, "by_copies": rates_by_copies(extraction)}
     for name, df in tables.items():  # each sidecar lands before its table: never one without

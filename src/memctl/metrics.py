@@ -107,3 +107,34 @@ def ndcg_at_k(reference_topk: np.ndarray, edited_topk: np.ndarray) -> np.ndarray
     matches = ed[:, :, None] == ref[:, None, :]  # [positions, edited slot, reference rank]
     gains = (matches * relevance[None, None, :]).sum(-1)
     return (gains * discount).sum(-1) / float((relevance * discount).sum())
+
+
+def bootstrap_ci(
+    scores: pd.DataFrame, statistic, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(scores)`` over examples resampled with
+    replacement (``n_boot`` resamples, a fixed ``seed``: the same table gives the same interval).
+    NaN when there are no examples."""
+    n = len(scores)
+    if n == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    values = np.array([statistic(scores.iloc[row]) for row in idx], dtype=np.float64)
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def rate_ci(exact: np.ndarray, n_match: np.ndarray, n_suffix: np.ndarray, n_boot: int = 1000, seed: int = 0,
+            level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Bootstrap intervals of Exact ER and Fractional ER from per-example arrays (vectorised)."""
+    n = len(exact)
+    if n == 0:
+        return {"exact_er": (math.nan, math.nan), "fractional_er": (math.nan, math.nan)}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    ex = np.asarray(exact, dtype=np.float64)[idx].mean(axis=1)
+    frac = np.asarray(n_match, dtype=np.float64)[idx].sum(axis=1) / np.maximum(
+        np.asarray(n_suffix, dtype=np.float64)[idx].sum(axis=1), 1)
+    return {"exact_er": tuple(map(float, np.quantile(ex, q))), "fractional_er": tuple(map(float, np.quantile(frac, q)))}

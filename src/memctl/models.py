@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from memctl.config import ConfigError
+
 # torch is imported inside the functions that need it: the Snakefile imports model_tag from here,
 # and every Snakemake process (one per job on a cluster) would otherwise pay torch's ~5 s import.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -21,7 +23,7 @@ def torch_dtype(name: str):
     import torch
 
     if name not in DTYPE_NAMES:
-        raise ValueError(f"model.dtype: unknown dtype {name!r}; known: {DTYPE_NAMES}")
+        raise ConfigError(f"model.dtype: unknown dtype {name!r}; known: {DTYPE_NAMES}")
     return getattr(torch, name)
 
 # Architectures whose attention needs the eager implementation in recent transformers.
@@ -29,11 +31,33 @@ _EAGER_ATTENTION = {"gpt_neo"}
 
 
 def resolve_device(name: str = "auto"):
+    """``auto``: the GPU when one is visible, else the CPU. A named accelerator (``cuda``,
+    ``cuda:N``, ``mps``) must be there: no silent fall-back to the CPU. The workflow passes
+    ``cuda`` when the config asks for a GPU (``resources.gpu: true``) unless
+    ``resources.allow_cpu_fallback`` says the CPU is fine."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"model.device: {name!r} is not a device ({err})") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(
+                f"model.device: {name!r}, but this job sees no usable CUDA GPU (torch.cuda.is_available() is False; "
+                f"CUDA_VISIBLE_DEVICES={visible if visible is not None else '<unset>'}; torch "
+                f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). The config asks for a GPU "
+                f"(resources.gpu: true): run the job where one is, or set resources.allow_cpu_fallback: true "
+                f"to run it on the CPU"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device: {name!r}, but this job sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"model.device: {name!r}, but MPS is not available on this machine")
+    return device
 
 
 def model_tag(model_settings: Mapping[str, Any]) -> str:
@@ -105,6 +129,15 @@ def load_config(ref: str | os.PathLike, settings: Mapping[str, Any] | None = Non
         revision=settings.get("revision"),
         trust_remote_code=bool(settings.get("trust_remote_code", False)),
     )
+
+
+def model_limits(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> tuple[int | None, int]:
+    """(vocabulary size, context length) of a model from its HF config, without its weights:
+    every token id must be below the first (None when the config does not say), every sequence
+    at most the second long."""
+    cfg = load_config(ref, settings)
+    vocab = getattr(cfg, "vocab_size", None)
+    return (int(vocab) if isinstance(vocab, int) and vocab > 0 else None), context_length(cfg)
 
 
 def context_length(cfg) -> int:

@@ -40,10 +40,11 @@ from memctl.config import ConfigError, settings_hash
 #: A path-safe edit id / tag.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CORPUS_TABLES = ("train", "heldout", "canaries")
-EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_test", "by_copies")
+EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_test", "er_train", "er_test",
+                  "by_copies")
 EIGEN_METHOD = "eigh fp64, symmetrized, clamped, descending, sign-fixed"
 #: Settings that change how fast a stage runs, not what it writes (``Job.runtime``).
-RUNTIME_KEYS = {"extract": ("batch_size",), "reference_topk": ("heldout_batch_size",),
+RUNTIME_KEYS = {"extract": ("batch_size",), "reference_topk": ("batch_size", "heldout_batch_size"),
                 "evaluate": ("batch_size", "heldout_batch_size")}
 MASK_MODE_LABELS = {"none": "Ours (none)", "up": "Ours (up)", "down": "Ours (down)", "reciprocal": "Ours (reciprocal)"}
 BASELINE_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
@@ -281,7 +282,13 @@ class _Builder:
         if not SAFE_NAME.fullmatch(tag) or set(tag) == {"."}:
             raise ConfigError(f"model.tag: {tag!r} is not a path-safe name (letters, digits, '.', '_', '-'; "
                               f"starting with a letter or digit)")
-        self.model = Model(model["source"], tag, ref, key, f"{self.root}/{tag}", dict(model, tag=tag), inputs)
+        from memctl.config import check_model_fit
+
+        check_model_fit(self.cfg, self.dims)  # extraction window vs context, npy ids vs vocabulary
+        settings = dict(model, tag=tag)
+        if self.gpu and settings.get("device", "auto") == "auto" and not self.cfg["resources"].get("allow_cpu_fallback"):
+            settings["device"] = "cuda"  # asked for a GPU: a job that gets none fails instead of running on the CPU
+        self.model = Model(model["source"], tag, ref, key, f"{self.root}/{tag}", settings, inputs)
 
     def data_inputs(self, section: str) -> dict[str, str]:
         """A local data file (candidates / text) is an input: replacing it reruns what read it."""
@@ -325,26 +332,35 @@ class _Builder:
             (*self.model_args(), "--candidates", path, "--settings", as_json(ext), "--out-dir", self.extract_dir),
             self.log("extract", self.extract_hash), None, ext, runtime=ext_runtime,
         )])
+        n = int(ext["disjoint_ngram"])
+        tests = [tables["memorized_test"], tables["er_test"]]
         for section in ("heldout", "calibration"):
-            h = settings_hash(m.key, cfg[section])
+            # calibration text sharing an n-gram with a test sequence of either track is dropped
+            exclude = tests if section == "calibration" and n > 0 else []
+            h = settings_hash(m.key, cfg[section], *([self.extract_hash, n] if exclude else []))
             out = f"{m.dir}/{section}-{h}/windows.safetensors"
             setattr(self, section, out)
             setattr(self, f"{section}_hash", h)
+            extra = ("--exclude", *exclude, "--disjoint-ngram", str(n)) if exclude else ()
             self.add(section, [Job(
-                section, "", {**m.inputs, **self.data_inputs(section)}, {"windows": out},
-                (*self.model_args(), *self.corpus_args(section), "--settings", as_json(cfg[section]), "--out", out),
+                section, "", {**m.inputs, **self.data_inputs(section), **({"exclude": exclude} if exclude else {})},
+                {"windows": out},
+                (*self.model_args(), *self.corpus_args(section), "--settings", as_json(cfg[section]), *extra,
+                 "--out", out),
                 self.log(section, h), self.bench(section, h), cfg[section],
             )])
         ev, ev_runtime = _split_runtime("evaluate", cfg["evaluate"])
         self.eval_runtime = ev_runtime
         # only what the reference depends on: the held-out windows it scores
-        ref_settings = {"ndcg_windows": ev["ndcg_windows"]}
-        ref_runtime = {"heldout_batch_size": ev_runtime["heldout_batch_size"]}
-        h = settings_hash(self.heldout_hash, cfg["model"], ev["ndcg_windows"], self.gpu)
+        ref_settings = {"ndcg_windows": ev["ndcg_windows"], "ndcg_sequences": ev["ndcg_sequences"]}
+        ref_runtime = dict(ev_runtime)
+        h = settings_hash(self.heldout_hash, self.extract_hash, cfg["model"], ref_settings, self.gpu)
         self.reference = f"{m.dir}/reference-{h}/top10.safetensors"
+        er_test = self.tables["er_test"]
         self.add("reference_topk", [Job(
-            "reference_topk", "", {**m.inputs, "heldout": self.heldout}, {"topk": self.reference},
-            (*self.model_args(), "--heldout", self.heldout, "--settings", as_json(ref_settings), "--out", self.reference),
+            "reference_topk", "", {**m.inputs, "heldout": self.heldout, "sequences": er_test}, {"topk": self.reference},
+            (*self.model_args(), "--heldout", self.heldout, "--sequences", er_test, "--settings", as_json(ref_settings),
+             "--out", self.reference),
             self.log("reference_topk", h), self.bench("reference_topk", h), ref_settings, runtime=ref_runtime,
         )])
         self.evaluate_settings = ev
@@ -550,9 +566,9 @@ class _Builder:
         h = settings_hash(self.model.key, self.cfg["model"], self.gpu, upstream, job)
         inputs = {"calibration": self.calibration}
         args: tuple[str, ...] = ("--calibration", self.calibration)
-        if mode != "none":
-            inputs["memorized"] = self.tables["memorized_train"]
-            args += ("--memorized", self.tables["memorized_train"])
+        if mode != "none":  # the memorization term trains on the extraction-rate track's train side
+            inputs["memorized"] = self.tables["er_train"]
+            args += ("--memorized", self.tables["er_train"])
         series = MASK_MODE_LABELS[mode]
         self._masks_edit(self.mask_jobs, "train_mask", f"mask-{mode}-{h}", job, label or series, series, table,
                          inputs, args, family="ours", mode=mode, sparsity=sparsity,
@@ -588,21 +604,24 @@ class _Builder:
         forget = self.tables["memorized_train"]
         self._masks_edit(self.bsn_jobs, "balanced_subnet", f"bsn-{h}", bsn, "BalancedSubnet", "BalancedSubnet",
                          "main", {"forget": forget, "retain": retain}, ("--forget", forget, "--retain", retain),
-                         family="baseline", method="balanced_subnet", sparsity=bsn["ratio"])
+                         family="baseline", method="balanced_subnet", sparsity=bsn["ratio"], forget=forget)
 
     def evaluation(self) -> None:
         m, ev = self.model, self.evaluate_settings
         jobs = []
         for edit in self.edits.values():
             delta = {"delta": edit.delta} if edit.delta else {}
+            # an edit trained on a set of its own (BalancedSubnet's forget set) is scored on it too
+            forget = {"forget": edit.info["forget"]} if edit.info.get("forget") else {}
             out_dir = f"{self.eval_dir}/{edit.id}"
             jobs.append(Job(
                 "evaluate", edit.id,
-                {**m.inputs, **delta, "memorized": self.tables["memorized_test"], "heldout": self.heldout,
-                 "reference": self.reference},
+                {**m.inputs, **delta, **forget, "memorized": self.tables["memorized_test"],
+                 "er_test": self.tables["er_test"], "heldout": self.heldout, "reference": self.reference},
                 {"metrics": f"{out_dir}/metrics.parquet", "scores": f"{out_dir}/scores.parquet"},
                 (*self.model_args(), "--edit", edit.id, "--method", edit.label,
                  *(("--delta", edit.delta) if edit.delta else ()), "--memorized", self.tables["memorized_test"],
+                 "--er-test", self.tables["er_test"], *(("--forget", forget["forget"]) if forget else ()),
                  "--heldout", self.heldout, "--reference", self.reference, "--settings", as_json(ev),
                  "--out-dir", out_dir),
                 self.log("evaluate", f"{self.eval_hash}-{edit.id}"), self.bench("evaluate", f"{self.eval_hash}-{edit.id}"),
@@ -613,15 +632,20 @@ class _Builder:
                           "scores": f"{self.eval_dir}/{{edit}}/scores.parquet"},
                  log=f"{self.root}/logs/evaluate/{self.eval_hash}-{{edit}}.log")
         metrics = [self.metrics(e) for e in self.edits]
+        scores = [f"{self.eval_dir}/{e}/scores.parquet" for e in self.edits]
         r = self.results
         outputs = {"results": f"{r}/results.md", "table": f"{r}/results.parquet", "html": f"{r}/results.html",
-                   "by_copies": f"{r}/extraction_by_copies.md", "plot": f"{r}/extraction_by_copies.png"}
+                   "by_copies": f"{r}/extraction_by_copies.md", "plot": f"{r}/extraction_by_copies.png",
+                   "edits_by_copies": f"{r}/edits_by_copies.md", "edits_by_copies_table": f"{r}/edits_by_copies.parquet",
+                   "edits_by_copies_plot": f"{r}/edits_by_copies.png"}
         self.add("report", [Job(
-            "report", "", {"metrics": metrics, "by_copies": self.tables["by_copies"]}, outputs,
-            ("--metrics", *metrics, "--by-copies", self.tables["by_copies"], "--out-dir", r),
+            "report", "", {"metrics": metrics, "scores": scores, "by_copies": self.tables["by_copies"]}, outputs,
+            ("--metrics", *metrics, "--scores", *scores, "--by-copies", self.tables["by_copies"], "--out-dir", r),
             self.log("report", self.eval_hash), self.bench("report", self.eval_hash),
-        )], shown={"html": ("Results", "results.rst"), "plot": ("Extraction", "extraction_by_copies.rst")})
-        self.targets = [outputs["results"], outputs["by_copies"], outputs["plot"], *self.targets]
+        )], shown={"html": ("Results", "results.rst"), "plot": ("Extraction", "extraction_by_copies.rst"),
+                   "edits_by_copies_plot": ("Results", "edits_by_copies.rst")})
+        self.targets = [outputs["results"], outputs["by_copies"], outputs["plot"], outputs["edits_by_copies"],
+                        outputs["edits_by_copies_plot"], *self.targets]
 
 
 def build_plan(config: Mapping[str, Any], dims: Any = None, *, python_version: str | None = None) -> Plan:

@@ -18,6 +18,9 @@ import pandas as pd
 RESULT_COLUMNS = [
     ("method", "Method", "{}"),
     ("edit", "Edit", "{}"),
+    # Only where the metrics carry it (a trained edit's delta says converged: false when written with
+    # on_unconverged: flag): "no" marks a result that is not the method's.
+    ("converged", "Converged", "{}"),
     ("heldout_loss", "Held-out loss", "{:.3f}"),
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
     ("fractional_er", "Fractional ER", "{:.3f}"),
@@ -50,6 +53,8 @@ def split_row(line: str) -> list[str]:
 def _fmt(value, pattern: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # the converged marker
+        return "yes" if value else "no (did not converge)"
     try:
         return md_cell(pattern.format(value))
     except (ValueError, TypeError):
@@ -65,18 +70,163 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) ->
     return "\n".join(lines)
 
 
+ER_COLUMNS = [
+    ("method", "Method", "{}"),
+    ("edit", "Edit", "{}"),
+    ("converged", "Converged", "{}"),  # the marker: only where the metrics carry it
+    ("er_exact_er", "Exact ER", "{:.3f}"),
+    ("er_exact_ci", "95% CI", "{}"),
+    ("er_fractional_er", "Fractional ER", "{:.3f}"),
+    ("er_fractional_ci", "95% CI", "{}"),
+    ("er_vs_origin", "vs Origin (Exact ER)", "{}"),
+    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
+    ("er_n_examples", "N", "{}"),
+]
+
+
+def _ci_text(lo: float, hi: float) -> str:
+    return "-" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def _versus(lo: float, hi: float, ref_lo: float, ref_hi: float) -> str:
+    """Do two 95% intervals overlap? In words, for the reader of the table."""
+    if any(math.isnan(v) for v in (lo, hi, ref_lo, ref_hi)):
+        return "-"
+    if hi < ref_lo:
+        return "lower (no overlap)"
+    if lo > ref_hi:
+        return "higher (no overlap)"
+    return "overlap"
+
+
+def with_intervals(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame], n_boot: int = 1000) -> pd.DataFrame:
+    """``metrics`` with bootstrap 95% intervals of Exact ER and Fractional ER on both tracks (from
+    each edit's per-example ``scores``) and, per edit, whether its Exact ER interval overlaps the
+    unedited model's."""
+    from memctl.metrics import rate_ci
+
+    out = metrics.copy()
+    for prefix, track in (("", "memorized"), ("er_", "extraction_rate")):
+        bounds = {}
+        for edit, table in scores.items():
+            part = table[table["track"] == track] if "track" in table else table.iloc[0:0]
+            ci = rate_ci(part["exact_match"].to_numpy(), part["n_match"].to_numpy(), part["n_suffix"].to_numpy(),
+                         n_boot=n_boot)
+            bounds[edit] = ci
+        ref = bounds.get("none", {"exact_er": (math.nan, math.nan)})["exact_er"]
+        nan = {"exact_er": (math.nan, math.nan), "fractional_er": (math.nan, math.nan)}
+        out[f"{prefix}exact_ci"] = [_ci_text(*bounds.get(e, nan)["exact_er"]) for e in out["edit"]]
+        out[f"{prefix}fractional_ci"] = [_ci_text(*bounds.get(e, nan)["fractional_er"]) for e in out["edit"]]
+        out[f"{prefix}vs_origin"] = ["-" if e == "none" else _versus(*bounds.get(e, nan)["exact_er"], *ref)
+                                     for e in out["edit"]]
+        for i, name in enumerate(("lo", "hi")):
+            out[f"{prefix}exact_er_{name}"] = [bounds.get(e, nan)["exact_er"][i] for e in out["edit"]]
+    return out
+
+
+MEMORIZED_COLUMNS = [
+    ("method", "Method", "{}"),
+    ("edit", "Edit", "{}"),
+    ("converged", "Converged", "{}"),  # the marker: only where the metrics carry it
+    ("heldout_loss", "Held-out loss", "{:.3f}"),
+    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
+    ("fractional_er", "Fractional ER", "{:.3f}"),
+    ("exact_er", "Exact ER", "{:.3f}"),
+    ("exact_ci", "95% CI", "{}"),
+    ("vs_origin", "vs Origin (Exact ER)", "{}"),
+    ("loose_accuracy", "Loose acc.", "{:.3f}"),
+    ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
+    ("mem_loss", "Mem. loss", "{:.3f}"),
+    ("mem_ppl", "Mem. PPL", "{:.2f}"),
+    ("ndcg10", "nDCG@10", "{:.3f}"),
+    ("ndcg10_text", "nDCG@10 (text)", "{:.3f}"),
+    ("n_examples", "N", "{}"),
+]
+
+
 def results_markdown(metrics: pd.DataFrame) -> str:
+    """Both evaluation tracks per model (intervals where :func:`with_intervals` added them)."""
     parts = ["# memctl results", ""]
     parts.append(
-        "Memorization is measured by greedy generation on the held-out memorized test split "
-        "(Exact ER = strict accuracy; loose = token Levenshtein similarity >= 0.75). "
-        "Held-out PPL is corpus perplexity over non-overlapping context-length windows; "
-        "Mem. loss/PPL is teacher-forced on the memorized suffixes. nDCG@10 compares each position's "
-        "top-10 next tokens on held-out text with the unedited model's (1 = unchanged)."
+        "Two evaluation tracks. Extraction-rate track (weight-pruning paper Sec. 4.1): greedy generation on a "
+        "held-out split of all candidates, stratified by group and copy count, whatever the unedited model "
+        "extracts. Memorized track (loss-curvature paper Sec. 4.2): held-out sequences the unedited model "
+        "extracts exactly (so its Exact ER there is 1 by construction). Exact ER = strict accuracy; Fractional "
+        "ER = matching suffix positions pooled; loose = token Levenshtein similarity >= 0.75. 95% CI: "
+        "percentile bootstrap over examples (1000 resamples); 'vs Origin' says whether the edit's Exact ER "
+        "interval overlaps the unedited model's. Held-out PPL is corpus perplexity over non-overlapping "
+        "context-length windows; Mem. loss/PPL is teacher-forced on the memorized suffixes. nDCG@10 compares "
+        "each position's top-10 next tokens with the unedited model's (1 = unchanged): on non-memorized held-out "
+        "sequences (the loss-curvature paper's column) and on held-out text windows (text)."
     )
     for model, part in metrics.groupby("model", sort=True):
-        parts += ["", f"## {model}", "", markdown_table(part, RESULT_COLUMNS)]
+        parts += ["", f"## {model}"]
+        if "er_n_examples" in part and (part["er_n_examples"].fillna(0) > 0).any():
+            parts += ["", "### Extraction-rate track", "", markdown_table(part, ER_COLUMNS)]
+        parts += ["", "### Memorized track", "", markdown_table(part, MEMORIZED_COLUMNS)]
     return "\n".join(parts) + "\n"
+
+
+def edits_by_copies(scores: dict[str, pd.DataFrame], labels: dict[str, str],
+                    track: str = "extraction_rate") -> pd.DataFrame:
+    """Every metric of every edit per copy-count bucket (powers of two, as :func:`bucket_copies`)
+    on one track; candidates without counts form the bucket -1."""
+    from memctl import metrics as m
+
+    rows = []
+    for edit, table in scores.items():
+        part = table[table["track"] == track] if "track" in table else table.iloc[0:0]
+        if part.empty or "copies" not in part:
+            continue
+        buckets = part["copies"].fillna(-1).map(lambda c: 1 << max(int(c) - 1, 0).bit_length() if c > 0 else -1)
+        for bucket, chunk in part.groupby(buckets, sort=True):
+            rows.append({"edit": edit, "method": labels.get(edit, edit), "copies": int(bucket), "n": int(len(chunk)),
+                         "exact_er": m.exact_er(chunk), "fractional_er": m.fractional_er(chunk),
+                         "loose_accuracy": m.loose_accuracy(chunk)})
+    return pd.DataFrame(rows, columns=["edit", "method", "copies", "n", "exact_er", "fractional_er", "loose_accuracy"])
+
+
+def edits_by_copies_markdown(table: pd.DataFrame) -> str:
+    """Exact ER per copy-count bucket, one row per edit (the extraction-rate track)."""
+    head = ["# Extraction-rate track by copy count", "",
+            "Exact ER of each edit per bucket of copies in the training stream (<= bucket; -1 = unknown); "
+            "N per bucket in the header."]
+    if table.empty:
+        return "\n".join([*head, "", "No copy counts for these candidates."]) + "\n"
+    buckets = sorted(table["copies"].unique())
+    n = table.groupby("copies")["n"].first()
+    wide = table.pivot_table(index=["method", "edit"], columns="copies", values="exact_er", sort=False).reset_index()
+    cols = [("method", "Method", "{}"), ("edit", "Edit", "{}")] + [
+        (b, f"{'unknown' if b == -1 else f'<={b}'} (N={int(n[b])})", "{:.3f}") for b in buckets]
+    return "\n".join([*head, "", markdown_table(wide, cols)]) + "\n"
+
+
+def plot_edits_by_copies(table: pd.DataFrame, path: Path) -> None:
+    """Extraction rate vs copies, one line per edit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    known = table[table["copies"] > 0]
+    if known.empty:
+        ax.text(0.5, 0.5, "no exposure counts for these candidates", ha="center", va="center")
+    for (edit, method), part in known.groupby(["edit", "method"], sort=False):
+        part = part.sort_values("copies")
+        style = {"color": "black", "linewidth": 2.5} if edit == "none" else {"linewidth": 1, "alpha": 0.8}
+        ax.plot(part["copies"], part["exact_er"], marker="o", markersize=3, label=method, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("copies in the training stream (<= bucket)")
+    ax.set_ylabel("exact extraction rate (extraction-rate track)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    if not known.empty:
+        ax.legend(fontsize=6, ncol=2, loc="upper left")
+    ax.set_title("Exact extraction by exposure count, per edit")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
 
 
 def extraction_markdown(by_copies: pd.DataFrame) -> str:
@@ -158,8 +308,8 @@ def html_page(title: str, sections: Sequence[tuple[str, pd.DataFrame]], note: st
 
 
 def results_html(metrics: pd.DataFrame) -> str:
-    sections = [(model, formatted_table(part, RESULT_COLUMNS)) for model, part in metrics.groupby("model", sort=True)]
-    return html_page("memctl results", sections)
+    """The results page: both tracks per model, as :func:`results_markdown` writes them."""
+    return markdown_html(results_markdown(metrics), "memctl results")
 
 
 def _inline(text: str) -> str:

@@ -60,5 +60,6 @@ rule reference_topk:
         args=args("reference_topk"),
         code=code("reference_topk"),
     shell:
-        "memctl reference-topk --threads {threads} --heldout-batch-size {resources.heldout_batch_size}"
+        "memctl reference-topk --threads {threads} --batch-size {resources.batch_size}"
+        " --heldout-batch-size {resources.heldout_batch_size}"
         " {params.args} > {log:q} 2>&1"

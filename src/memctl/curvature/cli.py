@@ -52,13 +52,18 @@ def cmd_collect(args) -> None:
     from safetensors.torch import load_file
 
     from memctl import architectures as arch
-    from memctl.config import ConfigError, parse_settings
+    from memctl.config import ConfigError, parse_settings, validate_section
     from memctl.curvature.collect import collect_factors
     from memctl.curvature.store import factor_summary, save_factors
     from memctl.store import write_parquet
 
     settings = parse_settings(args.settings)
-    data, modules = settings.get("data", {}), settings.get("modules", {})
+    if set(settings) - {"data", "modules"}:
+        raise ConfigError(f"kfac-collect --settings: unexpected keys {sorted(set(settings) - {'data', 'modules'})}; "
+                          f"expected {{\"data\": curvature.data, \"modules\": curvature.modules}}")
+    data = validate_section("curvature.data", settings.get("data", {}))
+    modules = validate_section("curvature.modules", settings.get("modules", {}))
+    settings = {"data": data, "modules": modules}
     shard = _parse_shard(args.shard)
     out = Path(args.out_dir)
     with stage("kfac-collect", {**settings, "shard": list(shard)}, {"model": args.model, "windows": args.windows},
@@ -184,12 +189,12 @@ def cmd_edit(args) -> None:
 def cmd_spectrum(args) -> None:
     import pandas as pd
 
-    from memctl.config import parse_settings
+    from memctl.config import parse_settings, validate_section
     from memctl.curvature.spectrum import spectrum_table
     from memctl.curvature.store import load_eigen
     from memctl.store import write_parquet
 
-    settings = parse_settings(args.settings)
+    settings = validate_section("curvature.spectrum", parse_settings(args.settings))
     inputs = {"model": args.model, "eigen": args.eigen, "memorized": args.memorized, "nonmemorized": args.nonmemorized}
     with stage("kfac-spectrum", settings, inputs, outputs=[args.out]) as prov:
         eig = load_eigen(args.eigen, layers=settings.get("layers"))
@@ -207,13 +212,13 @@ def cmd_spectrum(args) -> None:
 def cmd_report(args) -> None:
     import pandas as pd
 
-    from memctl.config import parse_settings
+    from memctl.config import parse_settings, validate_section
     from memctl.curvature import report
     from memctl.curvature.spectrum import plot_spectrum
     from memctl.report import markdown_html
     from memctl.store import atomic_path, write_parquet, write_text
 
-    settings = parse_settings(args.settings)
+    settings = validate_section("curvature.report", parse_settings(args.settings))
     inputs = {
         **{f"metrics[{i}]": m for i, m in enumerate(args.metrics)},
         **{f"delta[{i}]": d for i, d in enumerate(args.deltas or [])}, "spectrum": args.spectrum,

@@ -1,7 +1,9 @@
 """Curvature results: one row per edit, the sweep plot, and K-FAC vs SVD at matched perplexity.
 
 Edits are compared at matched held-out perplexity, not matched strength: strengths (energy, rho,
-keep fraction) mean different things per method and per amount of factor data.
+keep fraction) mean different things per method and per amount of factor data. Every K-FAC method
+(``kfac``, ``kfac_factor``, ``kfac_pairwise``) is of kind "kfac" in the K-FAC vs SVD comparison; the
+form column tells them apart.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def edit_table(metrics: pd.DataFrame, specs: Mapping[str, Mapping]) -> pd.DataFr
         spec = spec or {}
         rows.append({
             **rec,
-            "kind": "none" if rec["edit"] == "none" else ("svd" if spec["method"] == "svd" else "kfac"),
+            "kind": "none" if rec["edit"] == "none" else ("svd" if spec["method"] == "svd" else "kfac"),  # all K-FAC forms
             "form": FORMS.get(spec.get("method"), "-"),
             "layers": ",".join(map(str, spec["layers"])) if spec.get("layers") else "-",
             "roles": ",".join(spec["roles"]) if spec.get("roles") else ("all" if spec else "-"),
@@ -98,9 +100,11 @@ def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.Data
         "# Curvature edits (K-FAC vs SVD)", "",
         "Memorization on the held-out memorized split (strict = exact suffix, loose = token Levenshtein "
         "similarity >= 0.75); held-out PPL = corpus perplexity; nDCG@10 against the unedited model's "
-        "top-10 on non-memorized held-out text. Form: `projector` = paper form (per-factor energy "
-        "kept = strength), `pairwise` = public-code form (Fisher pairs kept up to rho = strength of "
-        "tr(G) tr(A)), `svd` = top strength share of singular values.", "",
+        "top-10 on non-memorized held-out text. Form: `projector` = paper form (Kronecker eigenpairs "
+        "taken by product lambda_i mu_j until they hold strength of tr(A) tr(G), then projection on "
+        "the A and G directions they use), `per-factor` = the same projection with strength of each "
+        "factor's energy kept, `pairwise` = public-code form (Fisher pairs kept up to rho = strength "
+        "of tr(G) tr(A)), `svd` = top strength share of singular values.", "",
         markdown_table(table, COLUMNS), "",
         f"## Best K-FAC vs best SVD at matched held-out perplexity (within {tol:.0%}"
         + (f", PPL at most {cap}x the unedited model's" if cap is not None else "") + ")", "",
@@ -137,6 +141,7 @@ def plot_sweep(table: pd.DataFrame, path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharex=True)
     styles = {("kfac", "projector"): ("tab:red", "o", "K-FAC (projector)"),
+              ("kfac", "per-factor"): ("tab:purple", "D", "K-FAC (per factor)"),
               ("kfac", "pairwise"): ("tab:orange", "s", "K-FAC (pairwise)"),
               ("svd", "svd"): ("tab:blue", "^", "SVD"), ("none", "-"): ("black", "*", "unedited")}
     for ax, metric, title in ((axes[0], "strict_accuracy", "strict (exact) accuracy"),

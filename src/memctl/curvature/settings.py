@@ -15,7 +15,8 @@ from memctl.architectures import GROUPS, ROLES
 from memctl.config import ConfigError
 from memctl.curvature.edit import DEFAULT_STRENGTH, LABELS, METHODS
 
-#: Which roles belong to which group (architecture-independent vocabulary).
+#: Which roles belong to which group (architecture-independent vocabulary); every K-FAC method
+#: (``kfac``, ``kfac_factor``, ``kfac_pairwise``) edits only collected roles, ``svd`` any of the groups'.
 GROUP_ROLES = {"attention": ("qkv", "q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
 
 
@@ -91,11 +92,11 @@ def expand_edits(curv: Mapping[str, Any], n_layers: int | None) -> list[dict[str
         for method in per_layer["methods"]:
             for layer in layers:
                 base = {"method": method, "layers": [layer], "roles": per_layer["roles"],
-                        "strength": per_layer["strength"][method]}
+                        "strength": per_layer["strength"].get(method)}
                 specs.append(resolve_edit(base, curv, n_layers, f"{key}[{method}, layer {layer}]"))
     sweep = curv["sweeps"]["strength"]
-    for method in METHODS:
-        for value in sweep[method]:
+    for method in METHODS:  # kfac (product energy), kfac_factor, kfac_pairwise, svd
+        for value in sweep.get(method) or []:
             base = {"method": method, "layers": sweep["layers"], "roles": sweep["roles"], "strength": value}
             specs.append(resolve_edit(base, curv, n_layers, f"curvature.sweeps.strength.{method}"))
     unique, seen = [], set()
