@@ -357,3 +357,176 @@ def test_share_with_group_clears_only_the_group_bits_of_the_umask(umask):
     umask(0o022)
     share_with_group()
     assert store.current_umask() == 0o002
+
+
+# ------------------------------------------------ a stage checks its inputs; verify --repair
+
+
+def flip_byte(path, keep_mtime=False):
+    """Flip one bit in the middle of ``path`` in place (same size, same inode); with
+    ``keep_mtime`` its modification time is set back, as by a tool that preserves it."""
+    st = path.stat()
+    with open(path, "r+b") as fh:
+        fh.seek(st.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(st.st_size // 2)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:  # a write within the same timestamp tick would look unchanged: make the change visible
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def store_inputs(tmp_path):
+    """A table, a model directory (config + weights), a user's file and a directory holding a table."""
+    prov = Provenance("unit", {})
+    table, model, corpus = tmp_path / "s" / "t.parquet", tmp_path / "s" / "model", tmp_path / "s" / "corpus"
+    write_parquet(pd.DataFrame({"x": list(range(100))}), table, provenance=prov)
+    with atomic_path(model, directory=True, provenance=prov) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    write_parquet(pd.DataFrame({"y": [1, 2]}), corpus / "train.parquet", provenance=prov)
+    user = tmp_path / "user.jsonl"
+    user.write_text('{"prefix": "a", "suffix": "b"}\n')
+    return {"table": table, "model": model, "corpus": corpus, "user": user, "hub": "EleutherAI/pythia-70m"}
+
+
+def test_sidecars_record_what_stages_need_to_trust_large_files(tmp_path):
+    inputs = store_inputs(tmp_path)
+    meta = json.loads(sidecar_path(inputs["table"]).read_text())
+    st = inputs["table"].stat()
+    assert meta["stat"] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    files = json.loads(sidecar_path(inputs["model"]).read_text())["stat"]["files"]
+    weights = inputs["model"] / "model.safetensors"
+    assert set(files) == {"config.json", "model.safetensors"}
+    assert files["model.safetensors"] == {"size": weights.stat().st_size, "mtime_ns": weights.stat().st_mtime_ns,
+                                          "inode": weights.stat().st_ino, "sha256": hash_path(weights)}
+    # stamped afterwards: the same record
+    Provenance("unit", {}).write(inputs["table"])
+    assert json.loads(sidecar_path(inputs["table"]).read_text())["stat"] == meta["stat"]
+    prov = Provenance("unit", {}, inputs)  # every input sound: no error
+    assert prov.inputs["table"]["sha256"] == hash_path(inputs["table"])
+    assert prov.inputs["model"]["sha256"] == hash_path(inputs["model"])
+    assert prov.inputs["hub"] == {"ref": "EleutherAI/pythia-70m"}
+
+
+@pytest.mark.parametrize(
+    "damage, refused",
+    [
+        ("flip a byte of the table", "table: corrupt: sha256"),
+        ("truncate the table", "table: corrupt: sha256"),
+        ("flip a byte of the model weights", "model: corrupt: sha256"),
+        ("add a file to the model", "model: corrupt: sha256"),
+        ("flip a byte of a table in an input directory", "train.parquet: corrupt: sha256"),
+        ("delete the table, keep its sidecar", "table: incomplete: missing, but its sidecar"),
+        ("garble the table's sidecar", "table.meta: corrupt sidecar"),
+    ],
+)
+def test_a_stage_refuses_a_damaged_input_before_it_runs(tmp_path, capsys, damage, refused):
+    from memctl.data import DataError
+    from memctl.runner import stage
+
+    inputs = store_inputs(tmp_path)
+    table, weights = inputs["table"], inputs["model"] / "model.safetensors"
+    names = {"table": table, "table.meta": sidecar_path(table), "model": inputs["model"],
+             "train.parquet": inputs["corpus"] / "train.parquet"}
+    if damage == "flip a byte of the table":
+        flip_byte(table)
+    elif damage == "truncate the table":
+        table.write_bytes(table.read_bytes()[:-5])
+    elif damage == "flip a byte of the model weights":
+        flip_byte(weights)
+    elif damage == "add a file to the model":
+        (inputs["model"] / "extra.bin").write_bytes(b"x")
+    elif damage == "flip a byte of a table in an input directory":
+        flip_byte(inputs["corpus"] / "train.parquet")
+    elif damage == "delete the table, keep its sidecar":
+        table.unlink()
+    else:
+        sidecar_path(table).write_text('{"sha2')
+    what, _, words = refused.partition(": ")
+    ran = []
+    with pytest.raises(DataError) as err, stage("unit", {}, inputs, outputs=[tmp_path / "out"]):
+        ran.append(True)
+    assert not ran  # refused before the stage's block
+    assert str(err.value).startswith(f"{names[what]}: {words}") and "\n" not in str(err.value)
+    if what == "model":  # which file of the directory
+        assert ("; extra.bin was added" if "add" in damage else "; model.safetensors differs") in str(err.value)
+    assert "memctl verify --repair" in str(err.value)
+    with pytest.raises(store.IntegrityError):
+        Provenance("unit", {}, inputs)
+    assert Provenance("unit", {}, inputs, check=False).stage == "unit"
+
+
+def test_large_unchanged_files_are_trusted_by_size_mtime_and_inode(tmp_path, monkeypatch):
+    """Files over TRUST_STAT_OVER_BYTES (256 MiB; here every file) are not reread by a stage
+    while their size, mtime and inode are those in the sidecar; a change of any is read whole.
+    `memctl verify` always reads everything."""
+    from memctl.store import check_input, hashing
+
+    monkeypatch.setattr(hashing, "TRUST_STAT_OVER_BYTES", 0)
+    inputs = store_inputs(tmp_path)
+    model, table = inputs["model"], inputs["table"]
+    reads = []
+    real = hashing.hash_path
+    monkeypatch.setattr(hashing, "hash_path", lambda p, *a, **kw: reads.append(p) or real(p, *a, **kw))
+    assert check_input(model) == [] and check_input(table) == [] and reads == []  # nothing read
+
+    flip_byte(model / "model.safetensors", keep_mtime=True)  # silent damage, stat unchanged
+    assert check_input(model) == []  # the stage's cache trusts it ...
+    (problem,) = verify(model)  # ... verify reads it
+    assert problem.startswith(f"{model}: corrupt: sha256")
+    flip_byte(model / "model.safetensors", keep_mtime=True)  # undone
+    assert verify(model) == []
+
+    flip_byte(model / "model.safetensors")  # mtime changed: read whole, refused
+    reads.clear()
+    (problem,) = check_input(model)
+    assert problem.startswith(f"{model}: corrupt: sha256")
+    assert reads == [model / "model.safetensors"]
+    flip_byte(model / "model.safetensors")  # content restored, mtime not: read, accepted
+    assert check_input(model) == []
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[:-1])  # size changed
+    assert check_input(model)[0].startswith(f"{model}: corrupt: sha256")
+    (model / "model.safetensors").unlink()  # a copy (new inode) of the same content: read, accepted
+    (model / "model.safetensors").write_bytes(weights)
+    assert check_input(model) == []
+    flip_byte(table, keep_mtime=True)
+    os.utime(table, ns=(0, json.loads(sidecar_path(table).read_text())["stat"]["mtime_ns"]))
+    assert check_input(table) == []  # same size, mtime and inode: trusted
+    assert verify(table)[0].startswith(f"{table}: corrupt")
+
+
+def test_verify_repair_removes_what_is_damaged_and_reports_it(tmp_path, capsys):
+    store_dir, arts, expected = make_store(tmp_path)
+    busy = store_dir / "stage-ab12" / f".good.parquet.tmp-{os.getpid()}@{host()}-inflight"
+    busy.write_bytes(b"a live write")  # in progress here: a note, never removed
+    elsewhere = store_dir / "stage-ab12" / ".other.parquet.tmp-1@elsewhere-fresh123"
+    elsewhere.write_bytes(b"maybe a live write on another node")
+    stray = tmp_path / "notes.txt"  # a file that is no artifact, in a directory memctl never wrote
+    stray.write_text("mine")
+    before = {p: p.read_bytes() for p in [arts["good"], sidecar_path(arts["good"]), stray]}
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", "--repair", str(store_dir), str(stray)])
+    assert exit_.value.code == 1  # two problems are left, each saying why
+    out = capsys.readouterr().out.strip().splitlines()
+    removed = {line.removeprefix("removed ") for line in out if line.startswith("removed ")}
+    side = lambda p: str(sidecar_path(p))  # noqa: E731
+    by_kind = {words: path for path, words in expected.items()}
+    model, orphan = by_kind["corrupt"], by_kind["incomplete: missing, but its sidecar"]
+    model = next(p for p in expected if p.name == "model-cd34")
+    want = {str(arts[name]) for name in ("truncated", "flipped", "no_sidecar", "bad_sidecar", "thin_sidecar")}
+    want |= {side(arts[name]) for name in ("truncated", "flipped", "bad_sidecar", "thin_sidecar")}
+    want |= {str(model), side(model), side(orphan)}  # a sidecar whose artifact is missing: the sidecar
+    want |= {str(p) for p, words in expected.items() if "leftover" in words or "directory without" in words}
+    assert removed == want
+    assert all(not os.path.lexists(p) for p in removed)
+    left = [line for line in out if ": not removed: " in line]
+    assert [line.split(": not removed: ")[0] for line in left] == [str(stray), str(elsewhere)]
+    assert out[-1].startswith(f"repair: removed {len(want)} paths, 2 problems left")
+    assert {p: p.read_bytes() for p in before} == before and busy.exists()
+    report = verify_paths([store_dir])
+    assert [p for p in report.problems if not p.startswith(str(elsewhere))] == []
+    assert main(["verify", "--repair", str(arts["good"])]) is None  # nothing to repair: exit 0

@@ -1,5 +1,6 @@
 """Integrity of a shared store with real processes: SIGKILL mid-write, concurrent writers, and two
-Snakemake runs (two working directories, one `root`) at once, then a killed DAG job and its rerun.
+Snakemake runs (two working directories, one `root`) at once, then a killed DAG job and its rerun;
+damaged inputs refused by the stages, `memctl verify --repair`, and what the next run rebuilds.
 
 Kills are made deterministic by MEMCTL_TEST_PAUSE_BEFORE_RENAME (memctl/store/atomic.py): the writer prints
 a line and sleeps between finishing its temporary and the rename; the test SIGKILLs it there. The
@@ -14,6 +15,8 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -204,8 +207,8 @@ real_sidecar, real_hash = store_provenance.write_sidecar, store_provenance.hash_
 def slow_sidecar(*args):
     real_sidecar(*args)
     time.sleep(random.random() * 0.004)
-def slow_hash(*args):
-    digest = real_hash(*args)
+def slow_hash(*args, **kwargs):
+    digest = real_hash(*args, **kwargs)
     time.sleep(random.random() * 0.004)
     return digest
 # atomic_path and Provenance.write each look both up in their own module
@@ -516,3 +519,211 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
     ext = pd.read_parquet(extract_dir / "extraction.parquet")
     mem, non = pd.read_parquet(final), pd.read_parquet(extract_dir / "nonmemorized.parquet")
     assert len(mem) + len(non) == len(ext) and mem["exact_match"].all()
+
+
+# ------------------------------------------- damaged inputs are refused, repaired and rebuilt
+#
+# One store with an edit (the base tiny DAG plus one SVD edit: K-FAC is not needed for it): a
+# flipped byte in a delta, in memorized_test.parquet or in the model's weights is refused by the
+# stage that reads it (before any compute, naming the file) and reported by `memctl verify`;
+# `memctl verify --repair` removes it and the next run rebuilds exactly it and what depends on it,
+# with the undamaged run's numbers. A run killed during `--forcerun evaluate` leaves outputs that
+# Snakemake deleted when the job started: the next plain run rebuilds them.
+
+SVD_ONLY = {"edits": [{"method": "svd", "layers": [0], "strength": 0.5}], "spectrum": {"enabled": False}}
+DAMAGED = {  # what is damaged -> (glob in the store, the artifact it belongs to: "file" or its "dir")
+    "svd delta": ("*/edits/svd-*/delta.safetensors", "file"),
+    "memorized_test": ("*/extract-*/memorized_test.parquet", "file"),
+    "model weights": ("demo/model-*/model.safetensors", "dir"),
+}
+
+
+def jobs_of(text: str) -> dict[str, int]:
+    """Jobs per rule from Snakemake's job stats (a dry run's, or a run's)."""
+    jobs = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] not in ("job", "total", "all", "count"):
+            jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def planned(work: Path, *args: str) -> dict[str, int]:
+    """Jobs per rule that a dry run of ``all`` schedules (empty: nothing to be done)."""
+    proc = run(work, "-n", "--quiet", "rules", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return jobs_of(proc.stdout + proc.stderr)
+
+
+def results_table(work: Path) -> pd.DataFrame:
+    return pd.read_parquet(work / "results" / "tables" / "results.parquet")
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory):
+    base = tmp_path_factory.mktemp("edited")
+    work = workdir(base / "work", base / "store", curvature=SVD_ONLY)
+    t0 = time.time()
+    done = run(work)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert planned(work) == {}
+    return {"work": work, "store": base / "store", "results": results_table(work), "seconds": time.time() - t0}
+
+
+def damaged_path(edited, case: str) -> tuple[Path, Path]:
+    """(the file to damage, the artifact it belongs to)."""
+    pattern, kind = DAMAGED[case]
+    (path,) = edited["store"].glob(pattern)
+    return path, path if kind == "file" else path.parent
+
+
+def flip(path: Path) -> None:
+    """Flip bits of one byte in place; in a safetensors file, the top byte of the first float32
+    tensor's first value (|w| becomes ~1e37-1e38: the file still loads, the numbers are garbage);
+    in any other file, a byte in the middle (a parquet file may still read)."""
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".safetensors":
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        start = min(v["data_offsets"][0] for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+        data[8 + n + start + 3] ^= 0x7E
+    else:
+        data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def evaluate_command(work: Path, edit_prefix: str, out_dir: Path) -> list[str]:
+    """The `memctl evaluate` command of one evaluation job (as a forced dry run prints it),
+    writing to ``out_dir`` instead of the store."""
+    proc = run(work, "-n", "-p", "--forcerun", "evaluate")
+    for line in (proc.stdout + proc.stderr).splitlines():
+        line = line[line.find("memctl evaluate ") :]  # after "Shell command: "
+        if line.startswith("memctl evaluate ") and f"--edit {edit_prefix}" in line:
+            words = shlex.split(line.split(" > ")[0])
+            words[words.index("--out-dir") + 1] = str(out_dir)
+            return [str(BIN / "memctl"), *words[1:]]
+    pytest.fail(f"no evaluate command for {edit_prefix}:\n{proc.stdout[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_evaluate_refuses_a_damaged_input_naming_it(edited, tmp_path, case):
+    """The evaluation of the SVD edit reads the delta, the memorized test split and the model:
+    a flipped byte in any of them is refused (exit status 2, one line naming the file) before
+    anything is computed, and `memctl verify` reports it."""
+    path, artifact = damaged_path(edited, case)
+    out = tmp_path / "out"
+    cmd = evaluate_command(edited["work"], "svd-", out)
+    original, st = path.read_bytes(), path.stat()
+    flip(path)
+    try:
+        t0 = time.time()
+        refused = subprocess.run(cmd, cwd=edited["work"], env=ENV, capture_output=True, text=True, timeout=300, check=False)
+        seconds = time.time() - t0
+        checked = memctl_verify(edited["store"])
+    finally:
+        path.write_bytes(original)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    print(f"{case}: refused in {seconds:.1f} s")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (line,) = [x for x in refused.stderr.splitlines() if x.startswith("memctl evaluate: error:")]
+    assert line.startswith(f"memctl evaluate: error: {artifact}: corrupt: sha256"), line
+    if artifact != path:  # a file of a directory artifact: named too
+        assert f"; {path.name} differs" in line, line
+    assert "evaluate: started" not in refused.stderr and "Traceback" not in refused.stderr
+    assert not out.exists()  # nothing computed, nothing written
+    assert checked.returncode == 1
+    assert [x.split(": ")[0] for x in checked.stdout.splitlines()[:-1]] == [str(artifact)]
+    assert verify(artifact) == []  # restored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, rebuilt",
+    [
+        ("svd delta", {"apply_edit": 1, "evaluate": 1, "curvature_report": 1, "report": 1}),
+        ("memorized_test", {"extract": 1, "evaluate": 2, "curvature_report": 1, "report": 1}),
+        ("model weights", None),  # everything after the model: a dry run only (see below)
+    ],
+)
+def test_verify_repair_then_the_next_run_rebuilds_exactly_the_damaged(edited, tmp_path, case, rebuilt):
+    work, store = edited["work"], edited["store"]
+    path, artifact = damaged_path(edited, case)
+    recorded = json.loads(sidecar_path(artifact).read_text())["sha256"]
+    if rebuilt is None:  # keep the sound model, to put it back instead of retraining it
+        backup = tmp_path / "backup"
+        backup.mkdir()
+        os.rename(artifact, backup / artifact.name)
+        shutil.copytree(backup / artifact.name, artifact, copy_function=shutil.copy2)
+        shutil.copy2(sidecar_path(artifact), backup)
+    flip(path)
+
+    repaired = subprocess.run([str(BIN / "memctl"), "verify", "--repair", str(store), str(work / "results")],
+                              env=ENV, capture_output=True, text=True, check=False)
+    assert repaired.returncode == 0, repaired.stdout[-3000:]
+    removed = [x.removeprefix("removed ") for x in repaired.stdout.splitlines() if x.startswith("removed ")]
+    assert removed == [str(artifact), str(sidecar_path(artifact))]
+    assert not artifact.exists() and not sidecar_path(artifact).exists()
+    assert verify_paths([store]).problems == []
+
+    jobs = planned(work)
+    if rebuilt is None:
+        assert jobs["demo_pretrain"] == 1 and "demo_corpus" not in jobs and "demo_tokenizer" not in jobs, jobs
+        assert {"extract", "evaluate", "report"} <= set(jobs), jobs
+        shutil.rmtree(artifact, ignore_errors=True)
+        os.rename(backup / artifact.name, artifact)
+        os.rename(backup / sidecar_path(artifact).name, sidecar_path(artifact))
+        assert planned(work) == {} and verify_paths([store]).problems == []
+        return
+    assert jobs == rebuilt
+    again = run(work)
+    assert again.returncode == 0, again.stderr[-4000:]
+    finished = re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", again.stdout + again.stderr)
+    assert {rule: finished.count(rule) for rule in set(finished) - {"all"}} == rebuilt
+    assert json.loads(sidecar_path(artifact).read_text())["sha256"] == recorded  # the same bytes again
+    assert verify_paths([store]).problems == [] and planned(work) == {}
+    pd.testing.assert_frame_equal(results_table(work), edited["results"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["job", "workflow"])
+def test_killed_forcerun_evaluate_is_rebuilt_by_the_next_plain_run(edited, kill):
+    """SIGKILL during `snakemake --forcerun evaluate`, while an evaluation job waits to write its
+    first table: Snakemake deleted the job's old outputs when it started it, so they are missing
+    (their sidecars remain). Killed: the job only (the OOM killer; Snakemake stops, its lock is
+    released), or Snakemake with its jobs (its lock is stale: --unlock). A plain run and the
+    profile's then schedule the evaluation again (not "Nothing to be done") and rebuild it."""
+    work, store = edited["work"], edited["store"]
+    proc = start(work, "--forcerun", "evaluate", env=dict(ENV, **{PAUSE_ENV: "300:scores.parquet"}))
+    pause, deadline = None, time.time() + 600
+    while pause is None and time.time() < deadline and proc.poll() is None:
+        for log in store.glob("logs/evaluate/*.log"):
+            pause = re.search(rf"{PAUSE_ENV}: (\S+) is complete in (\S+);", log.read_text()) or pause
+        time.sleep(0.2)
+    try:
+        assert pause, f"no evaluation paused:\n{output(work)[-3000:]}"
+        scores = Path(pause[1])
+        writer = leftover(scores.with_name(pause[2])).pid
+        if kill == "job":
+            os.kill(writer, signal.SIGKILL)
+            assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    metrics = scores.with_name("metrics.parquet")
+    holes = [p for p in verify_paths([store]).problems if "incomplete: missing, but its sidecar" in p]
+    assert {p.split(": ")[0] for p in holes} == {str(scores), str(metrics)}, holes
+    if kill == "workflow":
+        assert run(work, "--unlock").returncode == 0
+
+    expected = {"evaluate": 1, "curvature_report": 1, "report": 1}
+    assert planned(work) == expected
+    assert planned(work, "--profile", str(REPO / "profiles" / "local")) == expected
+    again = run(work)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert metrics.exists() and scores.exists()
+    report = verify_paths([store])
+    assert report.problems == [] and report.notes == []
+    assert planned(work) == {}
+    pd.testing.assert_frame_equal(results_table(work), edited["results"])

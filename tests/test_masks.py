@@ -14,7 +14,16 @@ from memctl.masks import gates
 from memctl.masks.data import sequence_loss, sequences_from_pairs
 from memctl.masks.regularizers import memorization_term, sparsity_regularizer
 from memctl.masks.settings import resolve_mask_job
-from memctl.masks.training import MaskGates, cosine_lr, derive_seed, train_mask
+from memctl.masks.training import (
+    AUTO_LR_TRAVEL,
+    MaskGates,
+    NotConvergedError,
+    cosine_lr,
+    derive_seed,
+    resolve_budget,
+    schedule_sum,
+    train_mask,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -184,6 +193,25 @@ def test_bad_settings_fail_naming_the_key():
         resolve_mask_job({"mode": "sideways", "lambda_s": 1})
     job = resolve_mask_job({"mode": "none", "lambda_s": 160})
     assert (job["tau"], job["offset"], job["logit_init"], job["weight_decay"], job["sparsity"]) == (0.4, 3.0, 0.0, 0.001, 0.3)
+    # steps / lr: null = one pass over the calibration windows / sized to the run; unconverged = fail
+    assert (job["steps"], job["lr"], job["on_unconverged"]) == (None, None, "fail")
+    with pytest.raises(ConfigError, match=r"masks\.on_unconverged"):
+        resolve_mask_job({"mode": "up", "lambda_s": 1, "on_unconverged": "ignore"})
+    assert resolve_mask_job({"mode": "up", "lambda_s": 1, "steps": 7})["steps"] == 7  # an integer still works
+
+
+def test_steps_default_to_one_pass_over_the_windows_and_lr_to_the_run():
+    job = resolve_mask_job({"mode": "up", "lambda_s": 240, "batch_size": 8})
+    s, info = resolve_budget(job, 512)
+    assert s["steps"] == 64 == info["steps"] and "one pass over 512 calibration windows" in info["steps_rule"]
+    assert resolve_budget(job, 20)[0]["steps"] == 3  # ceil(20 / 8): the last batch wraps around
+    # lr: every logit may travel AUTO_LR_TRAVEL (4) times its distance to the gate boundary (|0 + 3|)
+    assert AUTO_LR_TRAVEL == 4.0 and s["lr"] * schedule_sum(64) == pytest.approx(AUTO_LR_TRAVEL * 3.0)
+    assert s["lr"] == info["lr"] == pytest.approx(12.0 / sum(cosine_lr(i, 64, 1.0) for i in range(64)))
+    # thousands of iterations (a large calibration set) give the paper's order of magnitude (2e-3 - 3e-3)
+    assert resolve_budget(job, 45_000)[0]["lr"] == pytest.approx(4.3e-3, abs=1e-4)
+    fixed, info = resolve_budget({**job, "steps": 5, "lr": 0.01}, 512)
+    assert (fixed["steps"], fixed["lr"], info["steps_rule"], info["lr_rule"]) == (5, 0.01, "set", "set")
 
 
 def test_config_sections_validate_with_defaults_and_reject_bad_values():
@@ -283,6 +311,10 @@ def test_up_lowers_and_down_raises_memorized_loss_relative_to_none(memorizer, mo
 def test_masks_reach_the_target_sparsity_and_log_the_terms(mode_runs):
     for mode, r in mode_runs.items():
         assert abs(r.stats["sparsity"] - 0.3) <= 0.01, mode
+        # converged: the gates' sampled sparsity is at the target and the cut is of logits that crossed
+        assert r.stats["converged"], (mode, r.stats["convergence"])
+        assert abs(r.stats["convergence"]["expected_train_sparsity"] - 0.3) <= 0.01
+        assert r.stats["convergence"]["crossed_share_of_cut"] == 1.0 and (r.stats["steps"], r.stats["lr"]) == (120, 0.1)
         kept = sum(int(m.sum()) for m in r.masks.values())
         total = sum(m.numel() for m in r.masks.values())
         assert r.stats["sparsity"] == pytest.approx(1 - kept / total)
@@ -295,7 +327,9 @@ def test_masks_reach_the_target_sparsity_and_log_the_terms(mode_runs):
 
 def test_resumed_run_is_identical_to_an_uninterrupted_one(memorizer, tmp_path):
     model, calibration, memorized = memorizer
-    settings = {**SETTINGS, "mode": "down", "steps": 30, "checkpoint_every": 10, "log_every": 5}
+    # 30 iterations do not reach the target: flag (a flagged run is as deterministic as any)
+    settings = {**SETTINGS, "mode": "down", "steps": 30, "checkpoint_every": 10, "log_every": 5,
+                "on_unconverged": "flag"}
     whole = train_mask(model, calibration, memorized, settings, progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_mask(model, calibration, memorized, settings, work_dir=tmp_path, progress=False, stop_after=17)
@@ -305,14 +339,14 @@ def test_resumed_run_is_identical_to_an_uninterrupted_one(memorizer, tmp_path):
     assert not (tmp_path / "checkpoint").exists()  # removed after success (keep_checkpoint false)
     for name, mask in whole.masks.items():
         assert torch.equal(mask, resumed.masks[name]), name
-    assert whole.log.equals(resumed.log)
+    assert whole.log.equals(resumed.log) and whole.stats == resumed.stats
     again = train_mask(model, calibration, memorized, settings, progress=False)
     assert all(torch.equal(m, again.masks[k]) for k, m in whole.masks.items())
 
 
 def test_checkpoint_of_other_settings_is_ignored(memorizer, tmp_path):
     model, calibration, memorized = memorizer
-    settings = {**SETTINGS, "mode": "none", "steps": 6, "checkpoint_every": 2}
+    settings = {**SETTINGS, "mode": "none", "steps": 6, "checkpoint_every": 2, "on_unconverged": "flag"}
     with pytest.raises(KeyboardInterrupt):
         train_mask(model, calibration, memorized, settings, work_dir=tmp_path, progress=False, stop_after=4)
     other = train_mask(model, calibration, memorized, {**settings, "seed": 1}, work_dir=tmp_path, progress=False)
@@ -320,14 +354,75 @@ def test_checkpoint_of_other_settings_is_ignored(memorizer, tmp_path):
     assert all(torch.equal(m, fresh.masks[k]) for k, m in other.masks.items())
 
 
-@pytest.mark.parametrize("variant", [{"gate": "bernoulli"}, {"gate": "deterministic"}, {"logit_rank": 4},
-                                     {"mode": "reciprocal"}, {"eval_mask": "topk", "bf16": True}])
+@pytest.mark.parametrize("variant", [{"gate": "deterministic"}, {"logit_rank": 4}, {"mode": "reciprocal"},
+                                     {"eval_mask": "topk", "bf16": True}])
 def test_gate_variants_and_modes_train_to_the_target(memorizer, variant):
     model, calibration, memorized = memorizer
-    settings = {**SETTINGS, "mode": "up", "steps": 40, "lr": 0.2, **variant}
+    settings = {**SETTINGS, "mode": "up", "steps": 80, "lr": None, **variant}  # lr sized to the 80 iterations
     r = train_mask(model, calibration, memorized, settings, progress=False)
     assert abs(r.stats["sparsity"] - 0.3) <= 0.01
-    assert r.log["train_sparsity"].iloc[-1] > 0.1  # the gates did close during training
+    assert r.stats["converged"], r.stats["convergence"]
+    assert r.stats["lr"] == pytest.approx(AUTO_LR_TRAVEL * 3.0 / schedule_sum(80))
+    if variant.get("gate") == "deterministic":  # its training gate is the eval rule: no fallback needed
+        assert r.stats["mask_rule"] == "threshold"
+
+
+def test_bernoulli_gates_that_hover_at_the_boundary_are_flagged(memorizer):
+    # Measured: the sampled sparsity reaches 0.30 largely by gates that stay open with p ~ 0.7
+    # (logit + offset ~ +0.35) rather than by gates closing: the threshold mask prunes far less than
+    # 30%, and of the weights the top-k fallback prunes only ~60% crossed the boundary (13-66% over
+    # 40-256 iterations): not a trained cut.
+    model, calibration, memorized = memorizer
+    settings = {**SETTINGS, "mode": "up", "steps": 80, "lr": None, "gate": "bernoulli"}
+    with pytest.raises(NotConvergedError, match="crossed the gate boundary"):
+        train_mask(model, calibration, memorized, settings, progress=False)
+    r = train_mask(model, calibration, memorized, {**settings, "on_unconverged": "flag"}, progress=False)
+    assert not r.stats["converged"] and "crossed the gate boundary" in r.stats["unconverged_reason"]
+    assert abs(r.stats["convergence"]["expected_train_sparsity"] - 0.3) <= 0.01  # the sparsity itself is met
+    assert r.stats["convergence"]["crossed_share_of_cut"] < 0.9 and r.stats["threshold_sparsity"] < 0.25
+
+
+# ---------------------------------------------------------------------- unconverged masks
+
+#: The new user's run: 60 iterations at the paper's lr 2e-3 cannot move a logit past offset 3.
+SHORT = {**SETTINGS, "mode": "down", "steps": 60, "lr": 2e-3}
+
+
+def test_an_unconverged_mask_fails_saying_what_to_change(memorizer):
+    model, calibration, memorized = memorizer
+    with pytest.raises(NotConvergedError) as err:
+        train_mask(model, calibration, memorized, SHORT, progress=False)
+    message = str(err.value)
+    assert isinstance(err.value, ConfigError)  # memctl prints it as one error, exit status 2
+    assert "down mask did not converge after 60 iterations" in message
+    assert "training sparsity ended at 0.000" in message and "target 0.300" in message
+    assert "only 0.0% of them have logits that crossed" in message  # the fallback cut of unmoved logits
+    # what to change, with the numbers: masks.lr (now 0.002) / masks.steps (now 60)
+    assert "raise masks.lr to >=" in message and "masks.steps (now 60" in message and "lr 0.002" in message
+    assert "one pass over the 64 calibration windows at batch_size 8 is 8" in message
+    assert "masks.on_unconverged: flag" in message
+
+
+def test_an_unconverged_mask_is_flagged_when_asked(memorizer):
+    model, calibration, memorized = memorizer
+    r = train_mask(model, calibration, memorized, {**SHORT, "on_unconverged": "flag"}, progress=False)
+    assert r.stats["converged"] is False and r.stats["mask_rule"] == "topk (threshold missed target)"
+    assert "training sparsity 0.000 vs target 0.300" in r.stats["unconverged_reason"]
+    c = r.stats["convergence"]
+    assert c["expected_train_sparsity"] < 0.01 and c["crossed_share_of_cut"] == 0.0
+    assert c["logit_shift_max"] < 0.2 and c["lr_travel"] == pytest.approx(2e-3 * schedule_sum(60))
+
+
+def test_defaults_train_a_working_mask_in_one_pass(memorizer):
+    # Schema defaults (steps: one pass, lr: sized to it, lambda_s of the mode) on 512 windows at batch 8.
+    model, _, memorized = memorizer
+    calibration = _counting(512, torch.Generator().manual_seed(5))
+    r = train_mask(model, calibration, memorized, {"mode": "up", "lambda_s": 240, "checkpoint_every": 0},
+                   progress=False)
+    assert (r.stats["steps"], r.stats["steps_rule"]) == (64, "one pass over 512 calibration windows at batch_size 8")
+    assert list(r.log["iteration"])[-1] == 64 and r.stats["lr"] == pytest.approx(12.0 / schedule_sum(64))
+    assert r.stats["converged"] and abs(r.stats["sparsity"] - 0.3) <= 0.01
+    assert _mem_loss(_masked(model, r.masks), memorized) < 0.5  # measured 0.10 (the `none` mask: 1.7)
 
 
 def test_model_is_left_unchanged(memorizer, mode_runs):
@@ -354,6 +449,7 @@ def test_balanced_subnet_unlearns_more_than_random_pruning(memorizer):
     result = train_balanced_subnet(model, memorized, retain, {"ratio": 0.2, "epochs": 30, "batch_size": 8,
                                                               "lr": 100.0}, progress=False)
     assert result.stats["sparsity"] == pytest.approx(0.2, abs=1e-4)
+    assert result.stats["converged"] and result.stats["convergence"]["changed_share"] > 0.5  # measured 0.77
     gen = torch.Generator().manual_seed(0)
     params = dict(model.named_parameters())
     random = {t.param_name: lowest_fraction_mask(torch.rand(params[t.param_name].shape, generator=gen), 0.2)
@@ -362,3 +458,19 @@ def test_balanced_subnet_unlearns_more_than_random_pruning(memorizer):
     # measured: forget loss 0.26 (BalancedSubnet) vs 0.09 (random 20% of the MLP); retain 0.08 vs 0.10
     assert _mem_loss(bsn, memorized) > 2.0 * _mem_loss(rnd, memorized)
     assert _mem_loss(bsn, retain) < _mem_loss(rnd, retain) + 0.02
+
+
+def test_a_balanced_subnet_that_kept_its_initial_mask_fails(memorizer):
+    from memctl.masks.balanced_subnet import train_balanced_subnet
+    from memctl.masks.data import sequences_from_windows
+
+    model, calibration, memorized = memorizer
+    retain = sequences_from_windows(calibration)
+    settings = {"ratio": 0.01, "epochs": 2, "batch_size": 8}  # the reference lr 0.1: scores do not move here
+    with pytest.raises(NotConvergedError) as err:
+        train_balanced_subnet(model, memorized, retain, settings, progress=False)
+    message = str(err.value)
+    assert "BalancedSubnet did not converge after 2 steps" in message and "only 0.0% of its pruned weights" in message
+    assert "pruning.balanced_subnet.lr (now 0.1)" in message and "epochs (now 2)" in message
+    flagged = train_balanced_subnet(model, memorized, retain, {**settings, "on_unconverged": "flag"}, progress=False)
+    assert flagged.stats["converged"] is False and flagged.stats["convergence"]["changed_share"] == 0.0

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from memctl.cli import main
 from memctl.edits import apply_delta, load_delta
 from memctl.masks import report
-from memctl.store import hash_path, verify
+from memctl.masks.training import schedule_sum
+from memctl.store import hash_path, read_sidecar, verify
 
 MODEL_SETTINGS = json.dumps({"source": "local", "dtype": "float32", "device": "cpu"})
 
@@ -43,8 +44,11 @@ def _train(tiny_model_dir, data, out, settings):
          "--log", str(out / "train_log.parquet"))
 
 
-SETTINGS = {"mode": "up", "lambda_s": 240, "steps": 6, "batch_size": 4, "mem_batch_size": 3, "lr": 0.3,
-            "log_every": 2, "checkpoint_every": 3}
+# 60 iterations at lr null (sized to them) train this tiny random model's mask to its target (measured:
+# expected sampled sparsity 0.299; 20 do not, 30-40 end at 0.303-0.307); one pass (16 windows at batch 4)
+# would be 4 iterations.
+SETTINGS = {"mode": "up", "lambda_s": 240, "steps": 60, "batch_size": 4, "mem_batch_size": 3,
+            "log_every": 20, "checkpoint_every": 30}
 
 
 def test_train_mask_writes_a_sound_deterministic_delta(tiny_model_dir, tiny_model, data, tmp_path):
@@ -57,10 +61,16 @@ def test_train_mask_writes_a_sound_deterministic_delta(tiny_model_dir, tiny_mode
     delta = load_delta(tmp_path / "a" / "delta.safetensors")
     assert delta.metadata["mode"] == "up" and delta.metadata["label"] == "Ours (up)"
     assert abs(delta.metadata["sparsity"] - 0.3) <= 0.01 and not delta.replace
+    assert delta.metadata["converged"] is True and "unconverged_reason" not in delta.metadata
+    # lr: null is recorded as trained, in the delta and its sidecar
+    lr = delta.metadata["settings"]["lr"]
+    assert lr == delta.metadata["lr"] == pytest.approx(12.0 / schedule_sum(60)) and delta.metadata["lr_rule"] != "set"
+    sidecar = json.dumps(read_sidecar(tmp_path / "a" / "delta.safetensors"))
+    assert '"resolved_settings"' in sidecar and json.dumps(lr) in sidecar
     kept = sum(int(m.sum()) for m in delta.masks.values())
     assert 1 - kept / sum(m.numel() for m in delta.masks.values()) == pytest.approx(delta.metadata["sparsity"])
     log = pd.read_parquet(tmp_path / "a" / "train_log.parquet")
-    assert list(log["iteration"]) == [1, 2, 4, 6] and log["mem_loss"].notna().all()
+    assert list(log["iteration"]) == [1, 20, 40, 60] and log["mem_loss"].notna().all()
     # the delta applies through the shared edit path: masked weights become exact zeros
     import copy
 
@@ -76,6 +86,35 @@ def test_bad_settings_exit_early_naming_the_key(tiny_model_dir, data, tmp_path, 
     assert err.value.code == 2
     assert "masks.tau" in capsys.readouterr().err
     assert not (tmp_path / "delta.safetensors").exists()
+
+
+def test_an_unconverged_mask_fails_the_job_naming_steps_and_lr(tiny_model_dir, data, tmp_path, capsys):
+    # The new user's run: 60 iterations at the paper's lr 2e-3 (mode down, other settings default).
+    short = {"mode": "down", "lambda_s": 160, "threshold": 4.0, "steps": 60, "lr": 0.002, "batch_size": 4,
+             "mem_batch_size": 3}
+    with pytest.raises(SystemExit) as err:
+        _train(tiny_model_dir, data, tmp_path, short)
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "memctl train-mask: error: the down mask did not converge after 60 iterations (lr 0.002" in stderr
+    assert "training sparsity ended at 0.000" in stderr and "raise masks.lr to >=" in stderr
+    assert "masks.steps (now 60; one pass over the 16 calibration windows at batch_size 4 is 4)" in stderr
+    assert not (tmp_path / "delta.safetensors").exists() and not (tmp_path / "checkpoint").exists()
+
+    # on_unconverged: flag writes it, marked in the delta; the masks table and plot mark it too
+    _train(tiny_model_dir, data, tmp_path, {**short, "on_unconverged": "flag"})
+    _, meta = report.delta_info(tmp_path / "delta.safetensors")
+    assert meta["converged"] is False and "training sparsity 0.000 vs target 0.300" in meta["unconverged_reason"]
+    assert meta["mask_rule"] == "topk (threshold missed target)" and meta["convergence"]["crossed_share_of_cut"] == 0
+
+
+def test_steps_default_to_one_pass_over_the_calibration_windows(tiny_model_dir, data, tmp_path):
+    settings = {"mode": "up", "lambda_s": 240, "batch_size": 4, "mem_batch_size": 3, "on_unconverged": "flag"}
+    _train(tiny_model_dir, data, tmp_path, settings)  # 4 iterations cannot converge here: flagged
+    meta = load_delta(tmp_path / "delta.safetensors").metadata
+    assert meta["settings"]["steps"] == meta["steps"] == 4  # ceil(16 windows / 4)
+    assert meta["steps_rule"] == "one pass over 16 calibration windows at batch_size 4"
+    assert list(pd.read_parquet(tmp_path / "train_log.parquet")["iteration"])[-1] == 4
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
@@ -100,13 +139,29 @@ def test_prune_needs_calibration(tiny_model_dir, tmp_path, capsys):
     assert "needs --calibration" in capsys.readouterr().err
 
 
+def test_balanced_subnet_that_did_not_move_fails(tiny_model_dir, data, tmp_path, capsys):
+    args = ["balanced-subnet", "--model", str(tiny_model_dir), "--model-settings", MODEL_SETTINGS, "--threads", "1",
+            "--forget", str(data / "memorized_train.parquet"), "--retain", str(data / "nonmemorized.parquet"),
+            "--out", str(tmp_path / "delta.safetensors"), "--log", str(tmp_path / "log.parquet")]
+    settings = {"epochs": 2, "batch_size": 3, "ratio": 0.05}  # reference lr 0.1: 0.5% of the cut moves
+    with pytest.raises(SystemExit) as err:
+        _run(*args, "--settings", json.dumps(settings))
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "BalancedSubnet did not converge" in stderr and "pruning.balanced_subnet.lr (now 0.1)" in stderr
+    assert not (tmp_path / "delta.safetensors").exists()
+    _run(*args, "--settings", json.dumps({**settings, "on_unconverged": "flag"}))
+    assert report.delta_info(tmp_path / "delta.safetensors")[1]["converged"] is False
+
+
 def test_balanced_subnet_command(tiny_model_dir, data, tmp_path):
     _run("balanced-subnet", "--model", str(tiny_model_dir), "--model-settings", MODEL_SETTINGS, "--threads", "1",
          "--forget", str(data / "memorized_train.parquet"), "--retain", str(data / "nonmemorized.parquet"),
-         "--settings", json.dumps({"epochs": 2, "batch_size": 3, "ratio": 0.05}), "--out",
+         "--settings", json.dumps({"epochs": 2, "batch_size": 3, "ratio": 0.05, "lr": 10.0}), "--out",
          str(tmp_path / "delta.safetensors"), "--log", str(tmp_path / "log.parquet"))
     sparsity, meta = report.delta_info(tmp_path / "delta.safetensors")
     assert sparsity == pytest.approx(0.05, abs=1e-3) and meta["method"] == "balanced_subnet"
+    assert meta["converged"] is True and meta["convergence"]["changed_share"] >= 0.01
     assert len(pd.read_parquet(tmp_path / "log.parquet")) == 4
     assert all(".mlp." in name for name in load_delta(tmp_path / "delta.safetensors").masks)
 
@@ -128,8 +183,12 @@ def test_masks_report_tables_and_plots(tmp_path):
     replaced = torch.ones(4, 5)
     replaced[0] = 0  # 5 of 20 weights: 25% zeros
     save_delta(tmp_path / "sgpt.safetensors", replace={"w": replaced})
+    # a down mask written with on_unconverged: flag (its delta says so), in the main table and an ablation
+    save_delta(tmp_path / "down.safetensors", masks={"w": mask},
+               metadata={"mask_rule": "topk (threshold missed target)", "converged": False,
+                         "unconverged_reason": "training sparsity 0.000 vs target 0.300"})
     rows = [_metrics("none", 0.9, 20.0), _metrics("up", 0.95, 22.0), _metrics("up4", 0.9, 25.0),
-            _metrics("sgpt", 0.5, 21.0)]
+            _metrics("sgpt", 0.5, 21.0), _metrics("down", 0.0, 150.0), _metrics("up5", 0.5, 40.0)]
     paths = []
     for row in rows:
         paths.append(tmp_path / f"{row['edit']}.parquet")
@@ -142,17 +201,28 @@ def test_masks_report_tables_and_plots(tmp_path):
          "delta": str(tmp_path / "up.safetensors"), "tables": ["sparsity"]},
         {"edit": "sgpt", "series": "SparseGPT", "family": "baseline", "form": "sequential", "sparsity": 0.3,
          "delta": str(tmp_path / "sgpt.safetensors"), "tables": ["main"]},
+        {"edit": "down", "series": "Ours (down)", "family": "ours", "mode": "down", "sparsity": 0.3, "threshold": 4.0,
+         "delta": str(tmp_path / "down.safetensors"), "tables": ["main"]},
+        {"edit": "up5", "series": "Ours (up)", "family": "ours", "mode": "up", "sparsity": 0.5,
+         "delta": str(tmp_path / "down.safetensors"), "tables": ["sparsity"]},
     ]}
     out = tmp_path / "out"
     _run("masks-report", "--metrics", *map(str, paths), "--spec", json.dumps(spec), "--out-dir", str(out))
     table = pd.read_parquet(out / "table.parquet")
-    assert list(table["method"]) == ["Origin", "SparseGPT", "Ours (up)"]  # the paper's row order
-    assert list(table["sparsity"]) == pytest.approx([0.0, 0.25, 0.3])  # measured on the deltas
+    assert list(table["method"]) == ["Origin", "SparseGPT", "Ours (up)", "Ours (down)"]  # the paper's row order
+    assert list(table["sparsity"]) == pytest.approx([0.0, 0.25, 0.3, 0.3])  # measured on the deltas
+    assert [None if c is None else bool(c) for c in table["converged"]] == [None, None, None, False]
     md = (out / "table.md").read_text()
     assert "| Ours (up) | 3.091 | 22.00 | 0.950 | 0.950 | 0.050 | 1.051 | 0.300 |" in md
     assert "SparseGPT: form: sequential" in md and "Ours (up): final mask: threshold" in md
+    # the unconverged mask: marked in its row and in the notes, with the reason
+    assert "| Ours (down) (did not converge) | 5.011 | 150.00 | 0.000 | 0.000 |" in md
+    assert ("- Ours (down) (did not converge): **did not converge** (training sparsity 0.000 vs target 0.300)"
+            in md)
+    assert md.count("did not converge") == 3  # the row and the note (twice); no other row
     ablation = pd.read_parquet(out / "ablation_sparsity.parquet")
-    assert list(ablation["target_sparsity"]) == [0.3, 0.4]
+    assert list(ablation["target_sparsity"]) == [0.3, 0.4, 0.5]
+    assert "| Ours (up) (did not converge) | 0.50 |" in (out / "ablation_sparsity.md").read_text()
     assert (out / "ablation_sparsity.png").stat().st_size > 5000
     assert not (out / "ablation_threshold.md").exists()
     assert verify(out / "table.md") == [] and verify(out / "ablation_sparsity.png") == []

@@ -180,7 +180,7 @@ def test_balanced_subnet_prunes_its_ratio_of_every_mlp_matrix():
     forget = sequences_from_pairs(torch.randint(0, 300, (8, 12), generator=gen).tolist(),
                                   torch.randint(0, 300, (8, 12), generator=gen).tolist())
     retain = sequences_from_windows(torch.randint(0, 300, (8, 24), generator=gen))
-    result = train_balanced_subnet(model, forget, retain, {"ratio": 0.05, "epochs": 6, "batch_size": 4, "lr": 0.5},
+    result = train_balanced_subnet(model, forget, retain, {"ratio": 0.05, "epochs": 6, "batch_size": 4, "lr": 5.0},
                                    progress=False)
     mlp = {t.param_name for t in arch.linear_targets(model, groups=["mlp"])}
     assert set(result.masks) == mlp and len(mlp) == 6

@@ -214,10 +214,12 @@ def test_dag_on_a_local_hf_model_with_file_sources(tmp_path, tiny_model_dir, tin
         # model and data sources, not the methods' defaults (1000 mask steps per mode, sweeps).
         "curvature": {"data": {"max_tokens": 1000, "batch_size": 4},
                       "edits": [{"method": "kfac", "layers": [0], "strength": 0.8}]},
+        # 4 steps cannot train a mask: flagged "did not converge" instead of failing the run
         "masks": {"modes": ["down"], "steps": 4, "batch_size": 4, "mem_batch_size": 4, "log_every": 2,
-                  "checkpoint_every": 2, "sweep": {"sparsities": [], "thresholds": [], "baselines": False}},
+                  "checkpoint_every": 2, "on_unconverged": "flag",
+                  "sweep": {"sparsities": [], "thresholds": [], "baselines": False}},
         "pruning": {"methods": ["wanda"], "calibration_windows": 4, "batch_size": 4, "block_size": 32,
-                    "balanced_subnet": {"epochs": 1, "batch_size": 8}},
+                    "balanced_subnet": {"epochs": 1, "batch_size": 8, "on_unconverged": "flag"}},
     }
     (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     snakemake(work)

@@ -304,6 +304,8 @@ def cmd_evaluate(args) -> None:
         )
         if args.reference:
             table["ndcg10"], table["ndcg10_text"] = _ndcg(model, args.reference, settings)
+        # a trained edit written with on_unconverged: flag says so in every table
+        table["converged"] = bool((prov.extra.get("edit") or {}).get("converged", True))
         write_parquet(scores, out_dir / "scores.parquet", provenance=prov)
         write_parquet(table, out_dir / "metrics.parquet", provenance=prov)
     log.info("metrics: %s", table.iloc[0].to_dict())

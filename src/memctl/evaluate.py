@@ -49,6 +49,7 @@ METRIC_COLUMNS = [
     "forget_n_examples",
     "forget_exact_er",
     "forget_fractional_er",
+    "converged",
 ]
 #: Generation-only tracks besides the memorized one: argument name -> (column prefix, track name).
 EXTRA_TRACKS = {"er_test": ("er_", "extraction_rate"), "forget": ("forget_", "forget")}
@@ -122,6 +123,7 @@ def evaluate_model(
         **{c: math.nan for c in METRIC_COLUMNS if c.startswith(("er_", "forget_"))},
         "er_n_examples": 0,
         "forget_n_examples": 0,
+        "converged": True,  # the evaluate command sets it from the edit's delta
     }
     scores.insert(0, "track", "memorized")
     for name, table in (("er_test", er_test), ("forget", forget)):

@@ -132,7 +132,7 @@ def split_extraction_rate(candidates: pd.DataFrame, test_fraction: float, seed: 
     order = table.sort_values(["group", "stratum_copies", "candidate_id"] if "candidate_id" in table
                               else ["group", "stratum_copies"], kind="stable")
     test: list[int] = []
-    for i, ((group, count), part) in enumerate(order.groupby(["group", "stratum_copies"], sort=True)):
+    for i, (_stratum, part) in enumerate(order.groupby(["group", "stratum_copies"], sort=True)):
         rng = np.random.default_rng([int(seed), i])
         idx = part.index.to_numpy()[rng.permutation(len(part))]
         test.extend(idx[: int(round(len(part) * float(test_fraction)))].tolist())

@@ -380,7 +380,10 @@ def estimate_runtime_min(
         flops = 6 * params * tokens + tokens * kfac_factor_bytes(dims) / 2  # + covariance updates
     elif profile == "mask":
         batch = int(masks.get("batch_size", 8)) + int(masks.get("mem_batch_size", 8))
-        flops = 6 * params * int(masks.get("steps", 1000)) * batch * context
+        # steps null = one pass over the calibration windows (memctl.masks.settings)
+        windows = int(_section(settings, "calibration").get("max_windows") or 512)
+        steps = masks.get("steps") or math.ceil(windows / max(1, int(masks.get("batch_size", 8))))
+        flops = 6 * params * int(steps) * batch * context
     elif profile in ("eigh", "edit", "prune"):
         largest = max(max(d_in, d_out) for *_, d_in, d_out in dims.matrices())
         flops = 10 * dims.num_layers * len(dims.linear_shapes()) * largest**3

@@ -62,7 +62,9 @@ def _fmt(value, pattern: str) -> str:
 
 
 def markdown_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> str:
-    cols = [c for c in columns if c[0] in df.columns]
+    # the convergence marker only where some edit did not converge
+    cols = [c for c in columns if c[0] in df.columns
+            and not (c[0] == "converged" and df[c[0]].fillna(True).astype(bool).all())]
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |"]
     lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|")
     for rec in df.to_dict("records"):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from memctl.config import parse_settings
-from memctl.store import Provenance, atomic_path
+from memctl.store import IntegrityError, Provenance, atomic_path
 
 log = logging.getLogger("memctl")
 
@@ -90,12 +90,29 @@ def stage(
 ) -> Iterator[Provenance]:
     """The provenance of one run of stage ``name``; logs its start and, when the block succeeds,
     its finish with the outputs and the wall time. Pass the provenance to every write
-    (``provenance=prov``) so each output gets its sidecar before it appears."""
+    (``provenance=prov``) so each output gets its sidecar before it appears.
+
+    Every input that is an artifact of the store is first checked against its sidecar's
+    checksum (:class:`~memctl.store.Provenance`); a corrupt or incomplete one raises
+    :class:`~memctl.data.DataError` naming it, before the block runs."""
     outs = [str(o) for o in outputs if o]
-    prov = Provenance(name, settings, inputs)
+    try:
+        prov = Provenance(name, settings, inputs)
+    except IntegrityError as err:
+        # A corrupt or incomplete input artifact: refused before any compute, as bad input data
+        # (`memctl <cmd>: error: <path>: ...`, exit status 2).
+        from memctl.data import DataError
+
+        raise DataError(_refusal(err.problems)) from None
     log.info("%s: started -> %s", name, ", ".join(outs) or "(no outputs)")
     yield prov
     log.info("%s: finished in %.1f s -> %s", name, time.time() - prov.started, ", ".join(outs) or "(no outputs)")
+
+
+def _refusal(problems: list[str]) -> str:
+    """One line: the first problem, how to repair it, and how many more inputs have one."""
+    more = f" (and {len(problems) - 1} more damaged inputs)" if len(problems) > 1 else ""
+    return f"{problems[0]}{more}; refusing to use it: `memctl verify --repair` removes it, the next run rebuilds it"
 
 
 def write_dir(

@@ -24,9 +24,15 @@ Canaries
     * ``words``: ``words`` words drawn (seeded, with replacement) from a word list built from the
       stdlib itself (:func:`build_word_list`), arranged in sentences of 5-12 words with a capital
       letter, the odd comma and a full stop;
-    * ``digits``: ``digits`` random digits in groups of four separated by spaces.
+    * ``digits``: ``digits`` random digits in groups of four separated by spaces;
+    * ``quotes``: an attributed quotation, ``"<sentences>" -- <Name> <Surname>``: ``quote_words``
+      words in sentences like ``words``, but drawn from a disjoint vocabulary (the next
+      :data:`WORD_LIST_SIZE` words by frequency, :func:`build_word_list` with ``skip``), and a
+      made-up name of two to three syllables per part. Meant as an out-of-domain family (the
+      weight-pruning paper's quotes): nothing the edits train on shares its form or its words.
 
-    A canary must not occur in any stdlib document (train, held-out or unselected) nor inside
+    ``per_count`` is one number for every kind, or a mapping ``{kind: number}`` (kinds left out
+    of the mapping get none). A canary must not occur in any stdlib document (train, held-out or unselected) nor inside
     another canary; a draw that does is redrawn. Each canary is inserted ``copies`` times between
     training documents at seeded random gaps (distinct gaps while there are enough), never into the
     held-out slice. ``canary_id`` is ``<kind>-<copies:03d>-<index:03d>``.
@@ -182,8 +188,9 @@ def load_stdlib_documents(min_doc_chars: int = 200, root: str | Path | None = No
     return list(docs), dict(stats)
 
 
-def build_word_list(docs: list[Document], size: int = WORD_LIST_SIZE) -> list[str]:
-    """The ``size`` most frequent lowercase words (3-12 letters, no Python keywords) in ``docs``.
+def build_word_list(docs: list[Document], size: int = WORD_LIST_SIZE, skip: int = 0) -> list[str]:
+    """The ``size`` most frequent lowercase words (3-12 letters, no Python keywords) in ``docs``,
+    after the ``skip`` most frequent ones.
 
     Ties are broken alphabetically and the result is sorted, so the list is a pure function of the
     documents.
@@ -193,7 +200,7 @@ def build_word_list(docs: list[Document], size: int = WORD_LIST_SIZE) -> list[st
         counts.update(_WORD_RE.findall(doc.text))
     banned = set(keyword.kwlist) | set(getattr(keyword, "softkwlist", [])) | {"self", "cls", "none", "true", "false"}
     ranked = sorted((w for w in counts if w not in banned), key=lambda w: (-counts[w], w))
-    return sorted(ranked[:size])
+    return sorted(ranked[skip : skip + size])
 
 
 def _words_canary(rng: np.random.Generator, words: list[str], n_words: int) -> str:
@@ -221,23 +228,57 @@ def _digits_canary(rng: np.random.Generator, n_digits: int) -> str:
     return " ".join(digits[i : i + 4] for i in range(0, n_digits, 4))
 
 
-def make_canaries(canary_settings: Mapping[str, Any], word_list: list[str], forbidden_text: str) -> pd.DataFrame:
+_CONSONANTS, _VOWELS = "bcdfghklmnprstvz", "aeiou"
+
+
+def _name(rng: np.random.Generator) -> str:
+    syllables = int(rng.integers(2, 4))
+    name = "".join(_CONSONANTS[int(rng.integers(len(_CONSONANTS)))] + _VOWELS[int(rng.integers(len(_VOWELS)))]
+                   for _ in range(syllables))
+    return name.capitalize()
+
+
+def _quote_canary(rng: np.random.Generator, words: list[str], n_words: int) -> str:
+    return f'"{_words_canary(rng, words, n_words)}" -- {_name(rng)} {_name(rng)}'
+
+
+def per_count_of(canary_settings: Mapping[str, Any], kind: str) -> int:
+    """Canaries of ``kind`` per copy count: ``per_count`` itself, or its entry for ``kind``."""
+    per_count = canary_settings["per_count"]
+    if isinstance(per_count, Mapping):
+        return int(per_count.get(kind, 0))
+    return int(per_count)
+
+
+def make_canaries(
+    canary_settings: Mapping[str, Any], word_list: list[str], forbidden_text: str,
+    quote_word_list: list[str] | None = None,
+) -> pd.DataFrame:
     """The canary table (``canary_id``, ``kind``, ``copies``, ``text``, ``n_chars``).
 
-    ``forbidden_text`` is the text no canary may occur in (all stdlib documents joined).
+    ``forbidden_text`` is the text no canary may occur in (all stdlib documents joined);
+    ``quote_word_list`` the vocabulary of the ``quotes`` kind (required when it is used).
     """
     cfg = resolve_settings("canaries", canary_settings)
     rng = np.random.default_rng(cfg["seed"])
+    if isinstance(cfg["per_count"], Mapping):
+        unknown = sorted(set(cfg["per_count"]) - set(cfg["kinds"]))
+        if unknown:
+            raise ValueError(f"demo.canaries.per_count: kind(s) {', '.join(unknown)} not in kinds {cfg['kinds']}")
+    if "quotes" in cfg["kinds"] and not quote_word_list:
+        raise ValueError("demo.canaries.kinds: quotes need a quote word list")
     rows = []
     texts: list[str] = []
     for kind in cfg["kinds"]:
         for copies in sorted(set(int(c) for c in cfg["copies"])):
-            for index in range(int(cfg["per_count"])):
+            for index in range(per_count_of(cfg, kind)):
                 for _attempt in range(1000):
                     if kind == "words":
                         text = _words_canary(rng, word_list, int(cfg["words"]))
                     elif kind == "digits":
                         text = _digits_canary(rng, int(cfg["digits"]))
+                    elif kind == "quotes":
+                        text = _quote_canary(rng, quote_word_list, int(cfg["quote_words"]))
                     else:
                         raise ValueError(f"demo.canaries.kinds: unknown kind {kind!r}")
                     clash = text in forbidden_text or any(text in t or t in text for t in texts)
@@ -323,8 +364,9 @@ def build_corpus(
     heldout_docs, train_docs = selected[:n_held], selected[n_held:]
 
     word_list = build_word_list(docs)
+    quote_words = build_word_list(docs, skip=WORD_LIST_SIZE) if "quotes" in can_cfg["kinds"] else None
     forbidden = "\n\x00\n".join(d.text for d in docs)
-    canaries_df = make_canaries(can_cfg, word_list, forbidden)
+    canaries_df = make_canaries(can_cfg, word_list, forbidden, quote_words)
     train_df = _plant(train_docs, canaries_df, int(cfg["seed"]))
     heldout_df = pd.DataFrame(
         [(d.doc_id, d.source, d.text) for d in sorted(heldout_docs, key=lambda d: d.doc_id)],
@@ -352,6 +394,7 @@ def build_corpus(
         "chars_canaries": canary_chars,
         "segments_train": len(train_df),
         "word_list_size": len(word_list),
+        "quote_word_list_size": len(quote_words or []),
     }
     if return_stats:
         return train_df, heldout_df, canaries_df, stats
@@ -367,6 +410,7 @@ __all__ = [
     "load_stdlib_documents",
     "make_canaries",
     "normalize_text",
+    "per_count_of",
     "split_document",
     "stdlib_dir",
     "stdlib_sources",

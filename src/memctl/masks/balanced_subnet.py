@@ -5,6 +5,11 @@ Learned scores shaped like each MLP matrix; the forward pass keeps all but the l
 to the scores). The loss ``-(1 - balance) * L_forget + balance * L_retain`` pushes the pruned
 weights towards those that carry the memorized (forget) sequences while the retain term keeps
 ordinary text working. SGD with momentum on the scores; the weights stay frozen.
+
+The scores start random (kaiming) or at ``|W|``, so the initial mask is already a valid ``ratio``
+pruning: a run whose scores barely moved reports that initial pruning as the method's result. Such
+a run did not converge (:func:`convergence`): it fails (``on_unconverged: fail``, default) with the
+numbers seen and what to change, or is flagged in its delta (``flag``).
 """
 
 from __future__ import annotations
@@ -22,9 +27,19 @@ from tqdm.auto import tqdm
 from memctl.architectures import linear_targets
 from memctl.masks.data import Sequences, cycling_indices, sequence_loss
 from memctl.masks.settings import resolve_balanced_subnet
-from memctl.masks.training import MaskResult, derive_seed, mask_sparsity
+from memctl.masks.training import MaskResult, NotConvergedError, derive_seed, mask_sparsity
 
 log = logging.getLogger(__name__)
+
+#: A BalancedSubnet mask counts as trained only if at least this share of the weights it prunes
+#: are not among those its initial scores pruned.
+MIN_CHANGED_SHARE = 0.01
+
+
+def _pruned_indices(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Flat indices of the entries :func:`lowest_fraction_mask` prunes (same order and tie-break)."""
+    k = round(ratio * scores.numel())
+    return torch.sort(scores.detach().abs().flatten(), stable=True).indices[:k]
 
 
 def lowest_fraction_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -73,6 +88,7 @@ def train_balanced_subnet(
             bound = 1.0 / math.sqrt(t.d_in)
             init = (torch.rand(tuple(w.shape), generator=gen) * 2 - 1) * bound
         scores.append(nn.Parameter(init.to(device)))
+    initial = [_pruned_indices(sc, s["ratio"]) for sc in scores]  # ~ratio x 8 bytes per weight
     optimizer = torch.optim.SGD(scores.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
     steps_per_epoch = max(1, math.ceil(len(forget) / s["batch_size"]))
     steps = steps_per_epoch * s["epochs"]
@@ -101,6 +117,7 @@ def train_balanced_subnet(
         rows.append({"iteration": it + 1, "loss": float(loss.detach()), "forget_loss": float(l_forget.detach()),
                      "retain_loss": float(l_retain.detach())})
     masks = {t.param_name: lowest_fraction_mask(sc, s["ratio"]).cpu() for t, sc in zip(targets, scores, strict=True)}
+    history = pd.DataFrame(rows)
     stats = {
         "target_sparsity": s["ratio"],
         "sparsity": mask_sparsity(masks),
@@ -108,4 +125,54 @@ def train_balanced_subnet(
         "matrices": [t.short for t in targets],
         "steps": steps,
     }
-    return MaskResult(masks, pd.DataFrame(rows), stats, targets)
+    report = convergence([masks[t.param_name] for t in targets], initial, history, steps_per_epoch, s)
+    stats["converged"] = report["converged"]
+    stats["convergence"] = {k: v for k, v in report.items() if k not in ("converged", "message")}
+    if not report["converged"]:
+        if s["on_unconverged"] == "fail":
+            raise NotConvergedError(report["message"])
+        stats["unconverged_reason"] = report["reason"]
+        log.warning("%s\n(on_unconverged: flag: the mask is written, marked 'did not converge')", report["message"])
+    return MaskResult(masks, history, stats, targets)
+
+
+def convergence(final: list[torch.Tensor], initial: list[torch.Tensor], history: pd.DataFrame,
+                steps_per_epoch: int, s: Mapping[str, Any]) -> dict[str, Any]:
+    """Did the scores move the mask away from its initial pruning?
+
+    ``changed_share``: among the weights the final mask prunes, the share its initial scores did not
+    prune; at least :data:`MIN_CHANGED_SHARE` is required (below it the edit is the initial random /
+    magnitude pruning). The forget and retain losses of the first and the last epoch (means of the
+    logged batches; the same sequences each epoch) go with it, to say what training did.
+    """
+    pruned = unchanged = 0
+    for keep, init in zip(final, initial, strict=True):
+        flat = keep.flatten()
+        pruned += int((~flat).sum())
+        unchanged += int((~flat[init.to(flat.device)]).sum())
+    changed = (pruned - unchanged) / pruned if pruned else 1.0
+    first, last = history.iloc[:steps_per_epoch], history.iloc[-steps_per_epoch:]
+    out: dict[str, Any] = {
+        "changed_share": round(changed, 6),
+        "forget_loss_first_epoch": round(float(first["forget_loss"].mean()), 6),
+        "forget_loss_last_epoch": round(float(last["forget_loss"].mean()), 6),
+        "retain_loss_first_epoch": round(float(first["retain_loss"].mean()), 6),
+        "retain_loss_last_epoch": round(float(last["retain_loss"].mean()), 6),
+    }
+    out["converged"] = changed >= MIN_CHANGED_SHARE
+    if out["converged"]:
+        return out
+    steps = len(history)
+    out["reason"] = f"only {changed:.1%} of its pruned weights differ from its initial ({s['score_init']}) pruning"
+    out["message"] = (
+        f"BalancedSubnet did not converge after {steps} steps ({s['epochs']} epochs of {steps_per_epoch} at "
+        f"batch_size {s['batch_size']}; SGD lr {s['lr']:g}, momentum {s['momentum']:g}): {out['reason']} "
+        f"(needed: {MIN_CHANGED_SHARE:.0%}), so the edit is that initial pruning, not a trained one; forget loss "
+        f"{out['forget_loss_first_epoch']:.4f} (first epoch) -> {out['forget_loss_last_epoch']:.4f} (last). The "
+        f"scores moved too little to reorder them (their gradients are smallest where the forget loss is "
+        f"already low, as on a well-memorized set): raise pruning.balanced_subnet.lr (now {s['lr']:g}) or "
+        f"epochs (now {s['epochs']}).\n"
+        "Or run the job with on_unconverged: flag to write this mask anyway, marked 'did not converge' in its "
+        "delta and in every masks table and plot."
+    )
+    return out

@@ -42,15 +42,22 @@ def cmd_train_mask(args) -> None:
         model, _ = load(args, prov)
         work_dir = Path(args.work_dir or Path(args.out).parent)
         work_dir.mkdir(parents=True, exist_ok=True)
+        # Fails (NotConvergedError, a ConfigError: one message, exit status 2) when the mask did not reach
+        # its target and on_unconverged is 'fail'; with 'flag' the delta says converged: false.
         result = train_mask(model, calibration, memorized, settings, work_dir=work_dir)
-        meta = {"method": "mask", "label": args.label, "mode": settings["mode"], "settings": settings,
+        # steps / lr as trained (null = one pass over the windows / sized to the run: resolved here)
+        resolved = {**settings, "steps": result.stats["steps"], "lr": result.stats["lr"]}
+        meta = {"method": "mask", "label": args.label, "mode": settings["mode"], "settings": resolved,
                 **_public_stats(result.stats)}
         prov.extra["stats"] = result.stats
+        prov.extra["resolved_settings"] = resolved
         save_delta(args.out, masks=result.masks, metadata=meta, provenance=prov)
         write_parquet(result.log, args.log, provenance=prov)
-    log.info("%s mask: sparsity %.4f (target %.3f, %s); final calibration loss %.4f", settings["mode"],
-             result.stats["sparsity"], settings["sparsity"], result.stats["mask_rule"],
-             result.log["calib_loss"].iloc[-1])
+    log.info("%s mask: sparsity %.4f (target %.3f, %s); %d iterations (%s), lr %.4g (%s); final calibration "
+             "loss %.4f%s", settings["mode"], result.stats["sparsity"], settings["sparsity"],
+             result.stats["mask_rule"], result.stats["steps"], result.stats["steps_rule"], result.stats["lr"],
+             result.stats["lr_rule"], result.log["calib_loss"].iloc[-1],
+             "" if result.stats["converged"] else "; DID NOT CONVERGE: " + result.stats["unconverged_reason"])
 
 
 def cmd_prune(args) -> None:
@@ -125,14 +132,18 @@ def cmd_balanced_subnet(args) -> None:
         else:
             retain = sequences_from_table(args.retain, settings["loss_tokens"])
         model, _ = load(args, prov)
+        # Fails (NotConvergedError: one message, exit status 2) when the final mask is (almost) the initial
+        # one and on_unconverged is 'fail'; with 'flag' the delta says converged: false.
         result = train_balanced_subnet(model, forget, retain, settings)
         meta = {"method": "balanced_subnet", "label": args.label, "settings": settings,
                 **_public_stats(result.stats)}
         prov.extra["stats"] = result.stats
         save_delta(args.out, masks=result.masks, metadata=meta, provenance=prov)
         write_parquet(result.log, args.log, provenance=prov)
-    log.info("balanced subnet: sparsity %.4f of %d MLP weights", result.stats["sparsity"],
-             result.stats["gated_weights"])
+    log.info("balanced subnet: sparsity %.4f of %d MLP weights; %.1f%% of the pruned weights moved from the "
+             "initial pruning%s", result.stats["sparsity"], result.stats["gated_weights"],
+             100 * result.stats["convergence"]["changed_share"],
+             "" if result.stats["converged"] else "; DID NOT CONVERGE: " + result.stats["unconverged_reason"])
 
 
 def cmd_report(args) -> None:
@@ -153,6 +164,8 @@ def cmd_report(args) -> None:
         for entry in entries:
             entry["measured_sparsity"], meta = report.delta_info(entry.get("delta"))
             entry["mask_rule"] = meta.get("mask_rule")
+            entry["converged"] = meta.get("converged")  # false: trained with on_unconverged: flag
+            entry["unconverged_reason"] = meta.get("unconverged_reason")
         main = report.main_table(metrics, entries)
         text = report.markdown(main, title) + "\n" + report.notes(main)
         write_text(out / "table.md", text, provenance=prov)

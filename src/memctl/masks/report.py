@@ -3,7 +3,9 @@
 Every number comes from the ``evaluate`` stage's ``metrics.parquet`` of each edit; sparsity is
 measured on the edit itself (share of zero weights among the matrices the edit touches: masked-out
 weights, or zeros of SparseGPT's replaced weights). The Origin row is the unedited model (no
-pruning: sparsity 0).
+pruning: sparsity 0). A trained edit whose delta says ``converged: false`` (written with
+``on_unconverged: flag``) is marked "did not converge" in every table (method cell, a note with the
+reason, the ``converged`` column of the parquet) and plot (a red cross over its point).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 #: Row order of the main table (labels not listed here follow, in spec order).
@@ -73,8 +76,25 @@ def _rows(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]], table: str) 
             **{col: float(m[col]) for col, _, _ in COLUMNS if col != "sparsity"},
             "sparsity": entry["measured_sparsity"],
             "mask_rule": entry.get("mask_rule"),
+            # None: not a trained edit (Origin, pruning baselines) or a delta from before the check
+            "converged": entry.get("converged"),
+            "unconverged_reason": entry.get("unconverged_reason"),
         })
     return pd.DataFrame(rows)
+
+
+#: Appended to the method cell of an edit that did not converge.
+UNCONVERGED = "did not converge"
+
+
+def unconverged(value) -> bool:
+    """True for a ``converged`` cell that says False (None / NaN: not a trained edit, or not recorded)."""
+    return isinstance(value, (bool, np.bool_)) and not bool(value)
+
+
+def _method_cell(row) -> str:
+    method = str(row.get("method"))
+    return f"{method} ({UNCONVERGED})" if unconverged(row.get("converged")) else method
 
 
 def main_table(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -104,7 +124,8 @@ def markdown(df: pd.DataFrame, title: str, lead: Sequence[tuple[str, str, str]] 
     lines = [f"## {title}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
              "|---|" + "---:|" * (len(cols) - 1)]
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(row.get(c), f) for c, _, f in cols) + " |")
+        cells = [_method_cell(row), *(_fmt(row.get(c), f) for c, _, f in cols[1:])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,6 +138,10 @@ def notes(df: pd.DataFrame) -> str:
     out = []
     for _, row in df.iterrows():
         bits = []
+        if unconverged(row.get("converged")):
+            reason = row.get("unconverged_reason")
+            bits.append(f"**{UNCONVERGED}**" + (f" ({reason})" if _given(reason) else "")
+                        + ": not a result of the method; see its train_mask / balanced_subnet log")
         if _given(row.get("form")) and row["form"] != "none":
             bits.append(f"form: {str(row['form']).replace('_', '-')}")
         if _given(row.get("mask_rule")):
@@ -127,7 +152,7 @@ def notes(df: pd.DataFrame) -> str:
             bits.append("sparsity of the MLP matrices only (its own ratio); the other rows count every "
                         "attention and MLP matrix")
         if bits:
-            out.append(f"- {row['method']}: " + "; ".join(bits))
+            out.append(f"- {_method_cell(row)}: " + "; ".join(bits))
     return "\n".join(out) + ("\n" if out else "")
 
 
@@ -139,10 +164,17 @@ def plot_ablation(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], p
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    flagged = df["converged"].map(unconverged) if "converged" in df.columns else pd.Series(False, index=df.index)
     for ax, (col, label) in zip(axes, panels, strict=True):
+        crossed = False
         for method, group in df.groupby("method", sort=True):
             group = group.sort_values(x)
-            ax.plot(group[x], group[col], marker="o", label=method)
+            bad = flagged.loc[group.index]
+            ax.plot(group[x], group[col], marker="o", label=f"{method} ({UNCONVERGED}: x)" if bad.any() else method)
+            if bad.any():  # a red cross over every point that did not converge
+                ax.scatter(group[x][bad], group[col][bad], marker="x", s=90, color="red", zorder=5,
+                           label=None if crossed else UNCONVERGED)
+                crossed = True
         if origin and col in origin:
             ax.axhline(origin[col], color="grey", linestyle="--", linewidth=1, label="Origin")
         ax.set_xlabel("target sparsity" if x == "target_sparsity" else "learning threshold t")

@@ -74,7 +74,15 @@ def prune_job_schema() -> dict[str, Any]:
 
 @cache
 def balanced_subnet_schema() -> dict[str, Any]:
-    return _job_schema(fragment("pruning")["properties"]["balanced_subnet"], drop=("enabled",), add={}, required=[])
+    # on_unconverged is a job setting (the config's pruning.balanced_subnet section does not list it
+    # yet): fail unless a job says flag.
+    unconverged = {
+        **fragment("masks")["properties"]["on_unconverged"],
+        "description": "A BalancedSubnet whose final mask is (almost) its random initial one: fail the job, or flag it.",
+    }
+    bsn = fragment("pruning")["properties"]["balanced_subnet"]
+    add = {} if "on_unconverged" in bsn.get("properties", {}) else {"on_unconverged": unconverged}
+    return _job_schema(bsn, drop=("enabled",), add=add, required=[])
 
 
 def _resolve(schema: Mapping[str, Any], settings: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -14,6 +14,12 @@ state) persist per gated weight. The learning rate follows a linear warm-up and 
 per iteration (both steps of a ``down`` iteration use the same rate). Noise seeds and batch order
 are pure functions of (seed, iteration), so a run resumed from a checkpoint is bit-identical to an
 uninterrupted one.
+
+``steps: null`` is one pass over the calibration windows and ``lr: null`` is sized to that run
+(:func:`resolve_budget`). After training, :func:`convergence` checks that the mask reached its target
+(the gates' sampled sparsity, and a final cut made of logits that crossed the gate boundary); a mask
+that did not fails its job with what to change (:class:`NotConvergedError`), or is written marked
+"did not converge" (``on_unconverged: flag``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from memctl.architectures import LinearTarget, linear_targets
+from memctl.config import ConfigError
 from memctl.masks import gates
 from memctl.masks.data import Sequences, cycling_indices, sequence_loss, window_loss
 from memctl.masks.regularizers import memorization_term, sparsity_regularizer
@@ -48,6 +55,11 @@ CHECKPOINT_FORMAT = "memctl-mask-checkpoint/2"
 LOG_COLUMNS = [
     "iteration", "lr", "loss", "calib_loss", "mem_loss", "mem_term", "r_s", "train_sparsity", "eval_sparsity",
 ]
+#: lr: null gives every logit room to travel this many times its distance to the gate boundary.
+AUTO_LR_TRAVEL = 4.0
+#: A top-k final cut counts as trained only if at least this share of the weights it prunes have
+#: logits that crossed the gate boundary (logit + offset <= 0) during training.
+MIN_CROSSED_SHARE = 0.9
 
 
 def derive_seed(*parts: int) -> int:
@@ -156,6 +168,44 @@ class MaskResult:
     targets: list[LinearTarget] = field(default_factory=list)
 
 
+class NotConvergedError(ConfigError):
+    """A trained edit that did not reach its target with these settings on this data (the message
+    has the numbers seen and what to change)."""
+
+
+def schedule_sum(steps: int, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Sum over the iterations of the schedule's factor (:func:`cosine_lr` at ``lr = 1``)."""
+    return float(sum(cosine_lr(it, steps, 1.0, warmup, min_ratio) for it in range(steps)))
+
+
+def boundary_distance(s: Mapping[str, Any]) -> float:
+    """How far a logit starts from the gate boundary ``logit + offset = 0`` (at least 1)."""
+    return max(abs(float(s["logit_init"]) + float(s["offset"])), 1.0)
+
+
+def resolve_budget(settings: Mapping[str, Any], n_windows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``steps: null`` -> one pass over ``n_windows`` calibration windows; ``lr: null`` -> sized to the run.
+
+    Returns the settings with both resolved and a record of how (for the delta and its sidecar).
+    """
+    s = dict(settings)
+    info: dict[str, Any] = {"calibration_windows_used": int(n_windows)}
+    if s.get("steps") is None:
+        s["steps"] = max(1, math.ceil(n_windows / s["batch_size"]))
+        info["steps_rule"] = f"one pass over {n_windows} calibration windows at batch_size {s['batch_size']}"
+    else:
+        info["steps_rule"] = "set"
+    if s.get("lr") is None:
+        total = schedule_sum(s["steps"], s["warmup_steps"], s["min_lr_ratio"])
+        s["lr"] = AUTO_LR_TRAVEL * boundary_distance(s) / max(total, 1e-12)
+        info["lr_rule"] = (f"{AUTO_LR_TRAVEL:g} x distance to the gate boundary {boundary_distance(s):g} / "
+                           f"schedule sum {total:.4g} over {s['steps']} iterations")
+    else:
+        info["lr_rule"] = "set"
+    info["steps"], info["lr"] = int(s["steps"]), float(s["lr"])
+    return s, info
+
+
 class _Trainer:
     def __init__(self, model, calibration, memorized, settings, device):
         self.s = settings
@@ -207,6 +257,7 @@ def train_mask(
     calibration = torch.as_tensor(calibration, dtype=torch.long)
     if s["calibration_windows"]:
         calibration = calibration[: s["calibration_windows"]]
+    s, budget = resolve_budget(s, len(calibration))
     targets = linear_targets(model, groups=s["groups"])
     mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
     optimizer = torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
@@ -293,10 +344,140 @@ def train_mask(
     bar.close()
 
     masks, stats = final_masks(mask_gates, s)
+    stats.update(budget)
+    report = convergence(mask_gates, masks, s, stats, rows[-1]["train_sparsity"] if rows else math.nan)
+    stats["converged"] = report["converged"]
+    stats["convergence"] = {k: v for k, v in report.items() if k not in ("converged", "message")}
     if ckpt_path is not None and not s["keep_checkpoint"]:
         _remove_checkpoint(ckpt_path)
+    if not report["converged"]:
+        if s["on_unconverged"] == "fail":
+            raise NotConvergedError(report["message"])
+        stats["unconverged_reason"] = report["reason"]
+        log.warning("%s\n(masks.on_unconverged: flag: the mask is written, marked 'did not converge')",
+                    report["message"])
     history = pd.DataFrame(rows, columns=LOG_COLUMNS)
     return MaskResult({k: v.cpu() for k, v in masks.items()}, history, stats, targets)
+
+
+@torch.no_grad()
+def expected_sparsity(logits: torch.Tensor, kind: str, tau: float, offset: float) -> float:
+    """Sum over ``logits`` of each gate's probability of being closed in a training sample.
+
+    gumbel: ``P(l + offset + g <= 0) = exp(-exp(l + offset))`` (standard Gumbel ``g``); bernoulli:
+    ``1 - sigmoid((l + offset) / tau)``; deterministic: ``[l + offset <= 0]``. Divided by the number
+    of gates it is the sampled training sparsity without the sampling noise.
+    """
+    x = logits.detach().double() + offset
+    if kind == "gumbel":
+        closed = torch.exp(-torch.exp(x))
+    elif kind == "bernoulli":
+        closed = 1.0 - torch.sigmoid(x / tau)
+    elif kind == "deterministic":
+        closed = (x <= 0).double()
+    else:
+        raise ValueError(f"unknown gate kind {kind!r}; known: {gates.GATE_KINDS}")
+    return float(closed.sum())
+
+
+@torch.no_grad()
+def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Mapping[str, Any],
+                stats: Mapping[str, Any], last_sampled: float = math.nan) -> dict[str, Any]:
+    """Did the mask reach its target? Two measurable conditions, both required:
+
+    1. **Sparsity reached**: the gates' expected sampled sparsity under the final logits (the
+       training sparsity without sampling noise, :func:`expected_sparsity`) is within
+       ``sparsity_tolerance`` of the target ``r``.
+    2. **The final cut was trained**: among the weights whose final state differs from the initial
+       one (every gate starts open, so: the pruned weights), at least :data:`MIN_CROSSED_SHARE` have
+       logits that crossed the gate boundary ``logit + offset = 0``. The threshold rule meets this
+       by construction; a top-k cut of logits that barely moved (the fallback when the threshold
+       rule misses ``r``) does not.
+
+    Returns the numbers, ``converged``, and for an unconverged mask a ``reason`` and a ``message``
+    that says what to change (steps, lr, lambda_s) with the numbers seen.
+    """
+    target, tol, offset = float(s["sparsity"]), float(s["sparsity_tolerance"]), float(s["offset"])
+    init_open = float(s["logit_init"]) + offset > 0
+    closed = decided = backed = 0.0
+    shift_max = shift_sum = 0.0
+    reached = 0
+    distance = boundary_distance(s)
+    for i, t in enumerate(mask_gates.targets):
+        logits = mask_gates.logits_of(i).detach().float()
+        closed += expected_sparsity(logits, s["gate"], float(s["tau"]), offset)
+        crossed = (logits + offset > 0) != init_open
+        differs = masks[t.param_name].to(logits.device) != init_open
+        decided += float(differs.sum())
+        backed += float((differs & crossed).sum())
+        shift = (logits - float(s["logit_init"])).abs()
+        shift_max = max(shift_max, float(shift.max()))
+        shift_sum += float(shift.double().sum())
+        reached += int((shift >= distance).sum())
+    total = mask_gates.total
+    expected = closed / total
+    crossed_share = backed / decided if decided else 1.0
+    travel = float(s["lr"]) * schedule_sum(s["steps"], s["warmup_steps"], s["min_lr_ratio"])
+    out: dict[str, Any] = {
+        "expected_train_sparsity": round(expected, 6),
+        "last_train_sparsity": None if math.isnan(last_sampled) else round(float(last_sampled), 6),
+        "crossed_share_of_cut": round(crossed_share, 6),
+        "logit_shift_max": round(shift_max, 6),
+        "logit_shift_mean": round(shift_sum / total, 6),
+        "share_moved_past_boundary_distance": round(reached / total, 6),
+        "boundary_distance": distance,
+        "lr_travel": round(travel, 6),
+    }
+    sparsity_ok = abs(expected - target) <= tol
+    cut_ok = crossed_share >= MIN_CROSSED_SHARE
+    out["converged"] = sparsity_ok and cut_ok
+    if out["converged"]:
+        return out
+
+    mode = s["mode"]
+    problems, reasons = [], []
+    if not sparsity_ok:
+        sampled = "" if math.isnan(last_sampled) else f"; the last sample's: {last_sampled:.3f}"
+        problems.append(f"the gates' training sparsity ended at {expected:.3f} (expected under the final "
+                        f"logits{sampled}), target {target:.3f} +- {tol:.3f}")
+        reasons.append(f"training sparsity {expected:.3f} vs target {target:.3f}")
+    if not cut_ok:
+        problems.append(
+            f"the final mask ({stats.get('mask_rule')}) prunes {stats.get('sparsity', 0.0):.3f} of the weights, but "
+            f"only {crossed_share:.1%} of them have logits that crossed the gate boundary (logit + offset <= 0; "
+            f"needed: {MIN_CROSSED_SHARE:.0%}): the cut ranks logits that barely moved")
+        reasons.append(f"only {crossed_share:.0%} of the pruned weights crossed the gate boundary")
+    moved = (f"the logits moved at most {shift_max:.3f} (mean {shift_sum / total:.3f}) from logit_init "
+             f"{float(s['logit_init']):g}; the gate boundary is {distance:g} away")
+    steps, lr = int(s["steps"]), float(s["lr"])
+    one_pass = stats.get("calibration_windows_used")
+    pass_note = (f"; one pass over the {one_pass} calibration windows at batch_size {s['batch_size']} is "
+                 f"{max(1, math.ceil(one_pass / s['batch_size']))}" if one_pass else "")
+    needed = AUTO_LR_TRAVEL * distance
+    if travel < needed:
+        lr_needed = needed / max(travel / lr, 1e-12)
+        advice = (
+            f"With lr {lr:g} over {steps} iterations AdamW can move a logit by about sum_t lr_t = {travel:.3g} "
+            f"in all (about lr per step), under the {needed:g} this needs ({AUTO_LR_TRAVEL:g} x the distance to "
+            f"the boundary): raise masks.lr to >= {lr_needed:.2g} at these steps (or leave masks.lr null: sized "
+            f"to the run), or masks.steps (now {steps}{pass_note}) to >= {math.ceil(steps * needed / travel)} "
+            f"at this lr.")
+    elif expected > target + tol:
+        advice = (f"The logits had room to move (sum_t lr_t = {travel:.3g}); the sparsity overshot: lower "
+                  f"masks.lambda_s.{mode} (now {float(s['lambda_s']):g}) or masks.lr (now {lr:g}), or raise "
+                  f"masks.steps (now {steps}{pass_note}) so the schedule settles.")
+    else:
+        advice = (f"The logits had room to move (sum_t lr_t = {travel:.3g}) but the sparsity term did not close "
+                  f"enough gates: raise masks.lambda_s.{mode} (now {float(s['lambda_s']):g}) or masks.steps "
+                  f"(now {steps}{pass_note}).")
+    out["reason"] = "; ".join(reasons)
+    out["message"] = (
+        f"the {mode} mask did not converge after {steps} iterations (lr {lr:g}, lambda_s {float(s['lambda_s']):g}, "
+        f"target sparsity {target:g}):\n  - " + "\n  - ".join([*problems, moved]) + f"\n{advice}\n"
+        "Or set masks.on_unconverged: flag to write this mask anyway, marked 'did not converge' in its delta "
+        "and in every masks table and plot."
+    )
+    return out
 
 
 def final_masks(mask_gates: MaskGates, s: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

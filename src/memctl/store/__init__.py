@@ -7,10 +7,10 @@ Modules, each importing only those above it:
 - :mod:`~memctl.store.locks`: the per-directory lock around renames, fsync
 - :mod:`~memctl.store.hashing`: checksums of artifacts, fingerprints of inputs, the checksum memo
 - :mod:`~memctl.store.leftovers`: temporaries of writes: names, leftovers of dead writers
-- :mod:`~memctl.store.provenance`: :class:`Provenance` and its sidecars
+- :mod:`~memctl.store.provenance`: :class:`Provenance` and its sidecars; the check of a stage's inputs
 - :mod:`~memctl.store.atomic`: :func:`atomic_path`, ``write_text`` / ``write_json`` / ``write_parquet``
 - :mod:`~memctl.store.claims`: runs of several working directories on one store
-- :mod:`~memctl.store.verification`: ``memctl verify``
+- :mod:`~memctl.store.verification`: ``memctl verify`` and ``--repair``
 
 See docs/store.md.
 """
@@ -32,15 +32,18 @@ from memctl.store.permissions import current_umask, share, share_with_group
 from memctl.store.provenance import (
     REQUIRED_FIELDS,
     TRACKED_PACKAGES,
+    IntegrityError,
     Provenance,
+    check_input,
     code_version,
     package_versions,
     read_sidecar,
 )
-from memctl.store.verification import VerifyReport, verify, verify_paths
+from memctl.store.verification import VerifyReport, repair, verify, verify_paths
 
 __all__ = [
     "CLAIMS_NAME",
+    "IntegrityError",
     "LOCK_NAME",
     "PAUSE_ENV",
     "REQUIRED_FIELDS",
@@ -56,6 +59,7 @@ __all__ = [
     "VerifyReport",
     "atomic_path",
     "claim_paths",
+    "check_input",
     "claim_workflow",
     "code_version",
     "current_umask",
@@ -66,6 +70,7 @@ __all__ = [
     "leftovers_of",
     "package_versions",
     "read_sidecar",
+    "repair",
     "share",
     "share_with_group",
     "sidecar_path",

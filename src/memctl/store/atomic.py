@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memctl.store.hashing import hash_path, identity, remember
+from memctl.store.hashing import hash_path, identity, remember, stat_record
 from memctl.store.leftovers import remove, remove_stale_leftovers, tmp_prefix
 from memctl.store.locks import directory_lock, fsync, fsync_tree
 from memctl.store.permissions import has_setgid, make_dirs, share
@@ -132,8 +132,11 @@ def atomic_path(
         _test_pause(tmp, final)
         sha = meta = None
         if provenance is not None:
-            sha = hash_path(tmp)
-            meta = provenance.sidecar(final, sha, extra)
+            digests: dict[str, str] = {}
+            sha = hash_path(tmp, digests=digests)
+            # size, mtime and inode survive the rename: readers trust large unchanged files by them
+            stat = stat_record(tmp, digests)
+            meta = provenance.sidecar(final, sha, extra, stat)
         with directory_lock(final.parent):
             if meta is not None:
                 write_sidecar(final, meta)
@@ -141,7 +144,7 @@ def atomic_path(
             garbage = _rename_into_place(tmp, final, directory)
             fsync(final.parent)
         if sha is not None:
-            remember(final, ident, sha)
+            remember(final, ident, sha, stat)
         if garbage is not None:
             remove(garbage)
     except BaseException:

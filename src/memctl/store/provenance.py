@@ -23,8 +23,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from memctl.store.hashing import fingerprint_path, hash_path, identity, recall
-from memctl.store.layout import sidecar_path
+from memctl.store.hashing import (
+    checked_hash,
+    differing_file,
+    fingerprint_path,
+    hash_path,
+    identity,
+    recall,
+    stat_record,
+)
+from memctl.store.layout import SIDECAR_SUFFIX, UNTRACKED_DIRS, UNTRACKED_NAMES, sidecar_path
 from memctl.store.leftovers import remove, remove_stale_leftovers, tmp_prefix
 from memctl.store.locks import directory_lock, fsync
 from memctl.store.permissions import share
@@ -131,28 +139,109 @@ def read_sidecar(artifact: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+class IntegrityError(ValueError):
+    """An input artifact of a stage is corrupt or incomplete (see :func:`check_input`); the
+    message is one line per problem, each starting with the path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def check_input(path: str | os.PathLike, cache: dict[str, str] | None = None) -> list[str]:
+    """Problems of an input that is an artifact of the store, one line each naming the path:
+    its content against the checksum its sidecar records (:func:`~memctl.store.hashing.
+    checked_hash`: small files are read whole, unchanged large ones trusted by size, mtime and
+    inode), a missing artifact whose sidecar exists, an unreadable sidecar. An input without a
+    sidecar (a user's file, a hub id) is not an artifact: nothing to check, except that a
+    directory without one is searched for artifacts inside it (e.g. the demo corpus). Empty
+    list: sound (or not an artifact)."""
+    path = Path(path)
+    side = sidecar_path(path)
+    if side.exists():
+        return _check_against_sidecar(path, side, cache)
+    if not path.is_dir():
+        return []
+    problems = []
+    for root, dirs, files in os.walk(path):
+        here, names = Path(root), set(files) | set(dirs)
+        for name in sorted(d for d in dirs if d + SIDECAR_SUFFIX in names):  # directory artifacts: whole
+            problems += _check_against_sidecar(here / name, here / (name + SIDECAR_SUFFIX), cache)
+        dirs[:] = sorted(
+            d for d in dirs if d + SIDECAR_SUFFIX not in names and not d.startswith(".") and d not in UNTRACKED_DIRS
+        )
+        for name in sorted(files):
+            if name.startswith(".") or name in UNTRACKED_NAMES:
+                continue
+            if name.endswith(SIDECAR_SUFFIX) and name[: -len(SIDECAR_SUFFIX)] not in names:
+                problems += _check_against_sidecar(here / name[: -len(SIDECAR_SUFFIX)], here / name, cache)
+            elif name + SIDECAR_SUFFIX in names:
+                problems += _check_against_sidecar(here / name, here / (name + SIDECAR_SUFFIX), cache)
+    return problems
+
+
+def _check_against_sidecar(path: Path, side: Path, cache: dict[str, str] | None) -> list[str]:
+    if not path.exists():
+        return [f"{path}: incomplete: missing, but its sidecar {side.name} exists (write interrupted?)"]
+    try:
+        meta = read_sidecar(path)
+    except (OSError, ValueError) as err:
+        return [f"{side}: corrupt sidecar ({err})"]
+    recorded = meta.get("sha256")
+    if not isinstance(recorded, str):
+        return [f"{side}: incomplete sidecar, lacks sha256"]
+    digests: dict[str, str] = {}
+    try:
+        actual = checked_hash(path, recorded, meta.get("stat"), cache, digests)
+    except OSError as err:
+        return [f"{path}: unreadable ({err})"]
+    if actual != recorded:
+        return [mismatch(path, actual, recorded, differing_file(meta.get("stat"), digests))]
+    return []
+
+
+def mismatch(path: Path, actual: str, recorded: str, detail: str = "") -> str:
+    """The line for an artifact whose checksum differs from its sidecar's (``detail``: which
+    file of a directory, :func:`~memctl.store.hashing.differing_file`)."""
+    why = "truncated, modified, or replaced without its provenance"
+    side = sidecar_path(path).name
+    return f"{path}: corrupt: sha256 {actual[:12]} differs from {recorded[:12]} in {side}{detail} ({why})"
+
+
 class Provenance:
-    """Collects what a stage needs to describe its outputs; the writers put it in each sidecar."""
+    """Collects what a stage needs to describe its outputs; the writers put it in each sidecar.
+
+    Every input that is an artifact of the store (has a sidecar) is checked first
+    (:func:`check_input`): a corrupt or incomplete one raises :class:`IntegrityError` naming it,
+    before the stage computes anything. ``check=False`` skips that.
+    """
 
     def __init__(
         self,
         stage: str,
         settings: Mapping[str, Any],
         inputs: Mapping[str, str | os.PathLike | None] | None = None,
+        check: bool = True,
     ) -> None:
         self.stage = stage
         self.settings = dict(settings)
         self.started = time.time()
         self.extra: dict[str, Any] = {}  # facts learnt while running (e.g. the model's hub commit)
         self.inputs: dict[str, dict[str, str]] = {}
+        cache: dict[str, str] = {}  # each file is read once for its check and its fingerprint
+        problems: list[str] = []
         for name, ref in (inputs or {}).items():
             if ref is None:
                 continue
             ref_path = Path(ref)
+            if check:
+                problems += check_input(ref_path, cache)
             if ref_path.exists():
-                self.inputs[name] = {"path": str(ref_path), "sha256": fingerprint_path(ref_path)}
+                self.inputs[name] = {"path": str(ref_path), "sha256": fingerprint_path(ref_path, cache)}
             else:  # e.g. a hub model id: record the reference itself
                 self.inputs[name] = {"ref": str(ref)}
+        if problems:
+            raise IntegrityError(list(dict.fromkeys(problems)))
 
     def record(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -168,9 +257,19 @@ class Provenance:
             **(dict(extra) if extra else {}),
         }
 
-    def sidecar(self, artifact: str | os.PathLike, sha256: str, extra: Mapping[str, Any] | None = None) -> dict:
-        """The sidecar of ``artifact`` whose content has checksum ``sha256``."""
-        return dict(self.record(extra), artifact=Path(artifact).name, sha256=sha256)
+    def sidecar(
+        self,
+        artifact: str | os.PathLike,
+        sha256: str,
+        extra: Mapping[str, Any] | None = None,
+        stat: Mapping[str, Any] | None = None,
+    ) -> dict:
+        """The sidecar of ``artifact`` whose content has checksum ``sha256`` (and the files' size,
+        mtime and inode ``stat``, :func:`~memctl.store.hashing.stat_record`)."""
+        meta = dict(self.record(extra), artifact=Path(artifact).name, sha256=sha256)
+        if stat is not None:
+            meta["stat"] = dict(stat)
+        return meta
 
     def write(self, *outputs: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
         """Stamp the sidecar of each output already in place (checksum of what is there).
@@ -183,12 +282,18 @@ class Provenance:
         for out in map(Path, outputs):
             for _attempt in range(5):
                 ident = identity(out)
-                sha = recall(out, ident) or hash_path(out)
+                known = recall(out, ident)
+                if known:
+                    sha, stat = known
+                else:
+                    digests: dict[str, str] = {}
+                    sha = hash_path(out, digests=digests)
+                    stat = stat_record(out, digests)
                 with directory_lock(out.parent):
                     # Another writer may have renamed a new version in while we hashed.
                     if identity(out) != ident:
                         continue
-                    write_sidecar(out, dict(base, artifact=out.name, sha256=sha))
+                    write_sidecar(out, dict(base, artifact=out.name, sha256=sha, stat=stat))
                     fsync(out.parent)
                     break
             else:
