@@ -37,3 +37,4 @@ rule all:
     default_target: True
     input:
         PLAN.targets,
+        PLAN.artifacts(),  # every artifact the tables need: a removed or killed one is rebuilt

@@ -446,7 +446,7 @@ def test_a_stage_refuses_a_damaged_input_before_it_runs(tmp_path, capsys, damage
         sidecar_path(table).write_text('{"sha2')
     what, _, words = refused.partition(": ")
     ran = []
-    with pytest.raises(DataError) as err, stage("unit", {}, inputs, outputs=[tmp_path / "out"]):
+    with pytest.raises(DataError) as err, stage("evaluate", {}, inputs, outputs=[tmp_path / "out"]):
         ran.append(True)
     assert not ran  # refused before the stage's block
     assert str(err.value).startswith(f"{names[what]}: {words}") and "\n" not in str(err.value)
@@ -483,7 +483,7 @@ def test_large_unchanged_files_are_trusted_by_size_mtime_and_inode(tmp_path, mon
     reads.clear()
     (problem,) = check_input(model)
     assert problem.startswith(f"{model}: corrupt: sha256")
-    assert reads == [model / "model.safetensors"]
+    assert set(reads) == {model / "model.safetensors"}  # (twice: again under the lock before refusing)
     flip_byte(model / "model.safetensors")  # content restored, mtime not: read, accepted
     assert check_input(model) == []
     weights = (model / "model.safetensors").read_bytes()
@@ -530,3 +530,35 @@ def test_verify_repair_removes_what_is_damaged_and_reports_it(tmp_path, capsys):
     report = verify_paths([store_dir])
     assert [p for p in report.problems if not p.startswith(str(elsewhere))] == []
     assert main(["verify", "--repair", str(arts["good"])]) is None  # nothing to repair: exit 0
+
+
+def test_an_input_being_replaced_is_not_called_corrupt(tmp_path, monkeypatch):
+    """A writer writes the new sidecar, then renames the new content in, both under the
+    directory's lock: a stage reading between the two looks again under the lock."""
+    import threading
+
+    from memctl.store import check_input
+
+    table = tmp_path / "t.parquet"
+    write_parquet(pd.DataFrame({"x": [1]}), table, provenance=Provenance("unit", {}))
+    renamed, looked = threading.Event(), threading.Event()
+    real = atomic._rename_into_place
+
+    def slow_rename(tmp, final, directory):
+        looked.wait(5)  # the new sidecar is in place, the old content still is: the reader checks now
+        time.sleep(0.2)
+        garbage = real(tmp, final, directory)
+        renamed.set()
+        return garbage
+
+    monkeypatch.setattr(atomic, "_rename_into_place", slow_rename)
+    writer = threading.Thread(
+        target=write_parquet, args=(pd.DataFrame({"x": [2]}), table), kwargs={"provenance": Provenance("unit", {})}
+    )
+    writer.start()
+    while json.loads(sidecar_path(table).read_text())["sha256"] == hash_path(table):
+        time.sleep(0.01)
+    looked.set()
+    assert check_input(table) == [] and renamed.is_set()
+    writer.join()
+    assert verify(table) == []

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from memctl.plan import EXTRACT_TABLES
 from memctl.store import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_second_user_reuses_cached_model_and_extraction(tmp_path):
     run(alice, cache, "extract")
     assert {"demo_pretrain", "extract"} <= ran(alice)
     entries = set(os.listdir(cache))
-    assert entries  # model directory, sidecars and the six tables
+    assert entries  # model directory, sidecars and the extraction tables
 
     second = run(bob, cache, "extract")
     assert "from cache" in second
@@ -68,4 +69,4 @@ def test_second_user_reuses_cached_model_and_extraction(tmp_path):
     carol = user_dir(tmp_path / "carol", extract={"memorized_threshold": 0.9})
     run(carol, cache, "extract")
     assert "extract" in ran(carol) and "demo_pretrain" not in ran(carol)
-    assert len(set(os.listdir(cache)) - entries) == 12  # six tables + six sidecars
+    assert len(set(os.listdir(cache)) - entries) == 2 * len(EXTRACT_TABLES)  # the tables + their sidecars

@@ -64,6 +64,16 @@ def test_every_job_input_is_made_by_a_job_and_no_two_jobs_write_one_path():
         assert target in produced
 
 
+def test_artifacts_are_what_the_targets_need():
+    plan = tiny()
+    needed = set(plan.artifacts())
+    assert set(plan.targets) <= needed
+    assert plan.job("extract").outputs["memorized_test"] in needed
+    assert all(p in needed for p in plan.job("apply_edit", {"curv_edit": next(iter(plan.stage("apply_edit").jobs))}).outputs.values())
+    off = tiny(lambda c: c["curvature"]["spectrum"].update(enabled=False))
+    assert off.job("kfac_spectrum").outputs["spectrum"] not in set(off.artifacts())  # planned, not needed
+
+
 def test_wildcard_patterns_match_their_jobs():
     plan = tiny()
     for stage in plan.stages.values():

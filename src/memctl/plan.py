@@ -178,6 +178,24 @@ class Plan:
     def jobs(self) -> list[Job]:
         return [job for stage in self.stages.values() for job in stage.jobs.values()]
 
+    def artifacts(self) -> list[str]:
+        """Every output of every job the targets depend on, transitively. ``rule all`` asks for
+        them: Snakemake looks for missing outputs only among what a target needs, so an artifact
+        removed by ``memctl verify --repair`` (or lost to a kill) upstream of up-to-date tables
+        would otherwise never be rebuilt."""
+        producer = {path: job for job in self.jobs() for path in job.outputs.values()}
+        seen: set[tuple[str, str]] = set()
+        stack, found = list(self.targets), []
+        while stack:
+            job = producer.get(stack.pop())
+            if job is None or (job.stage, job.key) in seen:
+                continue
+            seen.add((job.stage, job.key))
+            found += job.outputs.values()
+            for value in job.inputs.values():
+                stack += value if isinstance(value, (list, tuple)) else [value]
+        return list(dict.fromkeys(found))
+
 
 # ------------------------------------------------------------------------------------ builder
 

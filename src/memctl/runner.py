@@ -95,6 +95,9 @@ def stage(
     Every input that is an artifact of the store is first checked against its sidecar's
     checksum (:class:`~memctl.store.Provenance`); a corrupt or incomplete one raises
     :class:`~memctl.data.DataError` naming it, before the block runs."""
+    from memctl import stages
+
+    stages.get(name)  # sidecars name the stage in the registry's vocabulary (= its rule)
     outs = [str(o) for o in outputs if o]
     try:
         prov = Provenance(name, settings, inputs)

@@ -66,7 +66,7 @@ def cmd_collect(args) -> None:
     settings = {"data": data, "modules": modules}
     shard = _parse_shard(args.shard)
     out = Path(args.out_dir)
-    with stage("kfac-collect", {**settings, "shard": list(shard)}, {"model": args.model, "windows": args.windows},
+    with stage("collect_kfac", {**settings, "shard": list(shard)}, {"model": args.model, "windows": args.windows},
                outputs=[out / "factors", out / "summary.parquet"]) as prov:
         all_windows = load_file(args.windows)["windows"]
         windows, offset, wanted, available = select_windows(all_windows, data.get("max_tokens"), shard)
@@ -97,7 +97,7 @@ def cmd_merge(args) -> None:
     from memctl.store import write_parquet
 
     out = Path(args.out_dir)
-    with stage("kfac-merge", {}, {f"shard[{i}]": p for i, p in enumerate(args.inputs)},
+    with stage("merge_kfac", {}, {f"shard[{i}]": p for i, p in enumerate(args.inputs)},
                outputs=[out / "factors", out / "summary.parquet"]) as prov:
         merged = None
         for path in args.inputs:
@@ -116,7 +116,7 @@ def cmd_decompose(args) -> None:
 
     set_threads(args.threads)
     out = Path(args.out_dir)
-    with stage("kfac-decompose", {"eigh": "fp64, symmetrized, clamped at 0, descending"}, {"factors": args.factors},
+    with stage("decompose_kfac", {"eigh": "fp64, symmetrized, clamped at 0, descending"}, {"factors": args.factors},
                outputs=[out / "eigen", out / "summary.parquet"]) as prov:
         factors = load_factors(args.factors)
         eig, jitter = decompose(factors)
@@ -170,7 +170,7 @@ def cmd_edit(args) -> None:
     from memctl.curvature.settings import validate_spec
 
     spec = validate_spec(parse_settings(args.settings))
-    with stage("curvature-edit", {"edit": spec, "edit_id": args.edit_id}, {"model": args.model, "eigen": args.eigen},
+    with stage("apply_edit", {"edit": spec, "edit_id": args.edit_id}, {"model": args.model, "eigen": args.eigen},
                outputs=[args.out, args.model_out]) as prov:
         if spec["method"] != "svd" and not args.eigen:
             raise ValueError(f"method {spec['method']} needs --eigen")
@@ -196,7 +196,7 @@ def cmd_spectrum(args) -> None:
 
     settings = validate_section("curvature.spectrum", parse_settings(args.settings))
     inputs = {"model": args.model, "eigen": args.eigen, "memorized": args.memorized, "nonmemorized": args.nonmemorized}
-    with stage("kfac-spectrum", settings, inputs, outputs=[args.out]) as prov:
+    with stage("kfac_spectrum", settings, inputs, outputs=[args.out]) as prov:
         eig = load_eigen(args.eigen, layers=settings.get("layers"))
         roles = settings.get("roles")
         targets = [t for t in eig.targets if roles is None or t.role in roles]
@@ -224,7 +224,7 @@ def cmd_report(args) -> None:
         **{f"delta[{i}]": d for i, d in enumerate(args.deltas or [])}, "spectrum": args.spectrum,
     }
     out = Path(args.out_dir)
-    with stage("curvature-report", settings, inputs, outputs=[out]) as prov:
+    with stage("curvature_report", settings, inputs, outputs=[out]) as prov:
         metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
         specs = report.read_specs(args.deltas or [])
         spectrum = pd.read_parquet(args.spectrum) if args.spectrum else None

@@ -68,7 +68,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     canaries = resolve_settings("canaries", parse_settings(args.canary_settings))
     out_dir = Path(args.out_dir)
     outputs = [out_dir / TRAIN_FILE, out_dir / HELDOUT_FILE, out_dir / CANARIES_FILE]
-    with stage("demo-corpus", {"corpus": corpus, "canaries": canaries}, outputs=outputs) as prov:
+    with stage("demo_corpus", {"corpus": corpus, "canaries": canaries}, outputs=outputs) as prov:
         train_df, heldout_df, canaries_df, stats = build_corpus(corpus, canaries, return_stats=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         prov.extra["stats"] = stats
@@ -97,7 +97,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
     settings = resolve_settings("tokenizer", parse_settings(args.settings))
     corpus, out = Path(args.corpus), Path(args.out)
-    with stage("demo-tokenizer", settings, inputs={"train": corpus / TRAIN_FILE}, outputs=[out]) as prov:
+    with stage("demo_tokenizer", settings, inputs={"train": corpus / TRAIN_FILE}, outputs=[out]) as prov:
         train = pd.read_parquet(corpus / TRAIN_FILE, columns=["segment", "text"]).sort_values("segment")
         tokenizer = train_tokenizer(train["text"].tolist(), settings)
         prov.extra.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
@@ -128,7 +128,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         train_settings["threads"] = int(args.threads)
     corpus, tok_dir, out = Path(args.corpus), Path(args.tokenizer), Path(args.out)
     with stage(
-        "demo-pretrain",
+        "demo_pretrain",
         {"architecture": arch, "train": train_settings},
         inputs={"train": corpus / TRAIN_FILE, "tokenizer": tok_dir},
         outputs=[out],

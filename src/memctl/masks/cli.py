@@ -71,7 +71,7 @@ def cmd_prune(args) -> None:
     if settings["second_moments"] == "kfac" and settings["method"] != "magnitude" and not args.factors:
         raise FileNotFoundError("pruning.second_moments is 'kfac' but no --factors file was given")
     with stage(
-        "prune",
+        "prune_baseline",
         {"pruning": settings, "model": parse_settings(args.model_settings)},
         {"model": args.model, "calibration": args.calibration, "factors": args.factors},
         outputs=[args.out],

@@ -113,9 +113,11 @@ def ablation_table(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]], tab
 
 
 def _fmt(value, fmt: str) -> str:
+    from memctl.report import md_cell
+
     if not _given(value):
         return "-"
-    return fmt.format(value)
+    return md_cell(fmt.format(value))  # a | in a label stays inside its cell
 
 
 def markdown(df: pd.DataFrame, title: str, lead: Sequence[tuple[str, str, str]] = ()) -> str:

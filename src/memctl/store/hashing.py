@@ -1,6 +1,7 @@
 """Checksums of artifacts (:func:`hash_path`), fingerprints of inputs (:func:`fingerprint_path`),
-and the memo of checksums computed at rename time (so stamping a sidecar afterwards need not read
-the artifact again)."""
+what a stage compares its input artifacts with (:func:`stat_record` in each sidecar,
+:func:`checked_hash`), and the memo of checksums computed at rename time (so stamping a sidecar
+afterwards need not read the artifact again)."""
 
 from __future__ import annotations
 

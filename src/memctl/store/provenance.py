@@ -181,6 +181,16 @@ def check_input(path: str | os.PathLike, cache: dict[str, str] | None = None) ->
 
 
 def _check_against_sidecar(path: Path, side: Path, cache: dict[str, str] | None) -> list[str]:
+    problems = _compare_with_sidecar(path, side, cache)
+    if problems and path.parent.is_dir():
+        # A writer renaming a new version in holds the directory's lock between its new sidecar
+        # and the rename: look again under the lock before calling the artifact damaged.
+        with directory_lock(path.parent):
+            problems = _compare_with_sidecar(path, side, None)
+    return problems
+
+
+def _compare_with_sidecar(path: Path, side: Path, cache: dict[str, str] | None) -> list[str]:
     if not path.exists():
         return [f"{path}: incomplete: missing, but its sidecar {side.name} exists (write interrupted?)"]
     try:
