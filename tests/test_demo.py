@@ -294,3 +294,23 @@ def test_cli_end_to_end(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     assert model.config.num_hidden_layers == ARCH["num_hidden_layers"]
     assert len(pd.read_parquet(model_dir / "train_log.parquet")) == 5
+
+
+def test_quote_canaries_have_their_own_vocabulary_and_count_per_kind():
+    """The out-of-domain family (quotes) shares no word with the word canaries; per_count can be
+    given per kind; each canary occurs in the training stream exactly `copies` times."""
+    import re
+
+    settings = {"copies": [1, 3], "per_count": {"words": 2, "quotes": 3}, "kinds": ["words", "quotes"],
+                "words": 16, "quote_words": 12, "seed": 7}
+    train, _, canaries = build_corpus(CORPUS, settings)
+    counts = canaries.groupby(["kind", "copies"]).size().to_dict()
+    assert counts == {("quotes", 1): 3, ("quotes", 3): 3, ("words", 1): 2, ("words", 3): 2}
+    words = {w.lower() for t in canaries.loc[canaries["kind"] == "words", "text"] for w in re.findall(r"[A-Za-z]+", t)}
+    quotes = canaries.loc[canaries["kind"] == "quotes", "text"]
+    assert all(re.fullmatch(r'"[^"]+" -- [A-Z][a-z]+ [A-Z][a-z]+', t) for t in quotes)
+    body = {w.lower() for t in quotes for w in re.findall(r"[A-Za-z]+", t.split(" -- ")[0])}
+    assert not body & words
+    stream = "\n".join(train["text"])
+    for text, copies in zip(canaries["text"], canaries["copies"]):
+        assert stream.count(text) == copies

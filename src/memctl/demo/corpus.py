@@ -37,11 +37,15 @@ Canaries
     training documents at seeded random gaps (distinct gaps while there are enough), never into the
     held-out slice. ``canary_id`` is ``<kind>-<copies:03d>-<index:03d>``.
 
-Canary lengths under the default settings (Python 3.11 stdlib, default tokenizer of 4096 BPE
-tokens): a 48-word canary has 88-110 tokens (median 98) and a 120-digit canary 86-94 tokens
-(median 90). That covers the 32/32 preset (64 tokens) but not the 50/50 preset (100 tokens): for
-that, ``words: 56`` and ``digits: 140`` give at least 102 tokens. The tokenizer stage records the
-measured lengths in its provenance sidecar (``canary_tokens``).
+Canary lengths (Python 3.11 stdlib, tokenizer of 4096 BPE tokens). The tokenizer learns its merges
+from the training stream, canaries included (each distinct text once), so lengths depend on the
+canary mix: with the schema defaults (64 canaries), a 48-word canary has 88-110 tokens (median 98)
+and a 120-digit canary 86-94 tokens (median 90); with config/config.yaml's demo (1,072 canaries,
+512 of them digits, whose digit pairs earn merges), a 43-word canary has 68-101 tokens (median 82),
+a 132-digit canary 69-85 (median 76) and a 24-word quote 70-93 (median 79): at least the 64 tokens
+of the 32/32 preset, which is all the demo model's context of 64 admits. For the 50/50 preset (100
+tokens) raise ``context_length`` and the lengths (e.g. ``words: 56``, ``digits: 180``). The
+tokenizer stage records the measured lengths in its provenance sidecar (``canary_tokens``).
 """
 
 from __future__ import annotations

@@ -16,12 +16,16 @@ Training (:func:`pretrain`)
     while weights and optimizer state stay fp32. Results are deterministic for a given seed, thread
     count and machine.
 
-Measured with the default settings (Python 3.11 stdlib: a ~1.16M-token stream of which ~0.19M are
-canary copies; 4 layers, d=256, vocab 4096, context 128, batch 32, 800 steps = 3.3M training
-tokens, ~2.8 passes; 5.3M parameters): final training loss 2.22; exact 32 -> 32 greedy extraction
-of the canaries 0% at 1, 2 and 4 copies, 12% at 8, 100% at 16 and more. Speed on 2 cores: ~7.7k
-tokens/s (7 min) on an AMD EPYC with AVX512-bf16 but no AMX, ~10-12k tokens/s (~5 min) where AMX
-is present; budget by steps, the host's speed swings.
+Measured with the schema defaults (a ~0.96M-token stream of which ~0.19M are canary copies; 4
+layers, d=256, vocab 4096, context 128, batch 32, 640 steps = 2.6M training tokens, ~2.7 passes;
+5.3M parameters): exact 32 -> 32 greedy extraction of the canaries 0% at 1, 2 and 4 copies, 12%
+at 8, 100% at 16 and more. config/config.yaml's testbed (docs/demo-testbed.md: context 64, 1150
+steps = 2.36M tokens over a 1.12M-token stream, ~80% canary copies, lr 4e-3): 0-3% at 2-4 copies,
+26% at 6, 47% at 8, 85% at 12, 92% at 16, 100% at 24; ~530 of 1,360 candidates memorized.
+Speed on 2 cores, steady state, measured side by side: bf16 autocast 12.1k tokens/s at context
+128 and 12.9k at 64 on a Xeon with AMX, fp32 6.2k / 6.3k there (bf16 halves the time only where
+AMX is present); ~6.4-7.7k tokens/s in bf16 on an AMD EPYC without AMX; a one-thread run of the
+testbed averaged 7.6k on the AMX host. Budget by steps, the host's speed swings.
 """
 
 from __future__ import annotations
