@@ -91,3 +91,17 @@ def test_bootstrap_intervals_cover_the_rate_and_say_whether_edits_differ():
     assert out.loc["up", "er_vs_origin"] == "overlap"
     assert out.loc["none", "er_exact_ci"].startswith("[0.6")
     assert out.loc["down", "exact_ci"] == "[0.000, 0.000]"
+
+
+def test_the_data_section_counts_what_was_dropped():
+    from memctl.report import data_markdown, split_row
+
+    text = data_markdown({
+        "candidates": {"stats": {"kept": 46, "rows": 50}, "dropped": {"prefix_too_short": 3, "sequence_too_short": 1}},
+        "extract": {"dropped_for_test_overlap": {"er_train": 3, "memorized_train": 0}, "counts": {"er_train": 40}},
+        "calibration": {"windows": 119, "dropped_for_test_overlap": {"windows": 5, "of": 124, "ngram": 16}},
+    })
+    rows = {split_row(line)[0]: split_row(line) for line in text.splitlines() if line.startswith("| ") and "Stage" not in line}
+    assert rows["candidates"][1:3] == ["46 of 50 rows", "4"] and "prefix too short 3" in rows["candidates"][3]
+    assert rows["extract (er_train)"][2] == "3" and rows["calibration"][1:3] == ["119 of 124 windows", "5"]
+    assert data_markdown({}) == ""

@@ -332,6 +332,21 @@ def _ndcg(model, reference_path: str, settings) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def _sidecars(paths) -> dict[str, dict]:
+    """stage -> provenance sidecar of each artifact in ``paths`` (for the report's data section)."""
+    from memctl.data import DataError
+    from memctl.store import sidecar_path
+
+    records = {}
+    for path in paths or []:
+        try:
+            meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: its provenance sidecar cannot be read ({err})") from err
+        records[str(meta.get("stage"))] = meta
+    return records
+
+
 def cmd_report(args) -> None:
     import pandas as pd
 
@@ -355,15 +370,16 @@ def cmd_report(args) -> None:
             write_parquet(by_edit, out / "edits_by_copies.parquet", provenance=prov)
             with atomic_path(out / "edits_by_copies.png", provenance=prov) as tmp:
                 report.plot_edits_by_copies(by_edit, tmp)
-        write_text(out / "results.md", report.results_markdown(metrics), provenance=prov)
+        data = report.data_markdown(_sidecars(args.data_provenance))
+        write_text(out / "results.md", report.results_markdown(metrics, data), provenance=prov)
         write_parquet(metrics, out / "results.parquet", provenance=prov)
-        write_text(out / "results.html", report.results_html(metrics), provenance=prov)
+        write_text(out / "results.html", report.results_html(metrics, data), provenance=prov)
         if args.by_copies:
             by_copies = report.bucket_copies(pd.read_parquet(args.by_copies))
             write_text(out / "extraction_by_copies.md", report.extraction_markdown(by_copies), provenance=prov)
             with atomic_path(out / "extraction_by_copies.png", provenance=prov) as tmp:
                 report.plot_extraction(by_copies, tmp)
-    print(report.results_markdown(metrics))
+    print(report.results_markdown(metrics, data))
 
 
 def cmd_verify(args) -> None:
@@ -463,6 +479,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="results tables and plots")
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument("--by-copies", default=None, help="by_copies.parquet of the extraction stage")
+    p.add_argument("--data-provenance", nargs="*", default=[],
+                   help="artifacts of the data stages (candidates, an extract table, calibration windows) whose "
+                        "sidecars say what was dropped")
     p.add_argument("--scores", nargs="*", default=[],
                    help="scores.parquet of each edit, in the order of --metrics (intervals, copy-count buckets)")
     p.add_argument("--out-dir", required=True)

@@ -656,9 +656,12 @@ class _Builder:
                    "by_copies": f"{r}/extraction_by_copies.md", "plot": f"{r}/extraction_by_copies.png",
                    "edits_by_copies": f"{r}/edits_by_copies.md", "edits_by_copies_table": f"{r}/edits_by_copies.parquet",
                    "edits_by_copies_plot": f"{r}/edits_by_copies.png"}
+        data = [self.candidates, self.tables["er_train"], self.calibration]  # their sidecars: what was dropped
         self.add("report", [Job(
-            "report", "", {"metrics": metrics, "scores": scores, "by_copies": self.tables["by_copies"]}, outputs,
-            ("--metrics", *metrics, "--scores", *scores, "--by-copies", self.tables["by_copies"], "--out-dir", r),
+            "report", "", {"metrics": metrics, "scores": scores, "by_copies": self.tables["by_copies"], "data": data},
+            outputs,
+            ("--metrics", *metrics, "--scores", *scores, "--by-copies", self.tables["by_copies"],
+             "--data-provenance", *data, "--out-dir", r),
             self.log("report", self.eval_hash), self.bench("report", self.eval_hash),
         )], shown={"html": ("Results", "results.rst"), "plot": ("Extraction", "extraction_by_copies.rst"),
                    "edits_by_copies_plot": ("Results", "edits_by_copies.rst")})

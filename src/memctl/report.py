@@ -146,8 +146,9 @@ MEMORIZED_COLUMNS = [
 ]
 
 
-def results_markdown(metrics: pd.DataFrame) -> str:
-    """Both evaluation tracks per model (intervals where :func:`with_intervals` added them)."""
+def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
+    """Both evaluation tracks per model (intervals where :func:`with_intervals` added them), then
+    ``data`` (:func:`data_markdown`)."""
     parts = ["# memctl results", ""]
     parts.append(
         "Two evaluation tracks. Extraction-rate track (weight-pruning paper Sec. 4.1): greedy generation on a "
@@ -166,7 +167,37 @@ def results_markdown(metrics: pd.DataFrame) -> str:
         if "er_n_examples" in part and (part["er_n_examples"].fillna(0) > 0).any():
             parts += ["", "### Extraction-rate track", "", markdown_table(part, ER_COLUMNS)]
         parts += ["", "### Memorized track", "", markdown_table(part, MEMORIZED_COLUMNS)]
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts) + "\n" + data
+
+
+def data_markdown(records: dict[str, dict]) -> str:
+    """What the data stages kept and dropped, from their sidecars (``records``: stage -> sidecar):
+    candidate rows dropped (too short, ...), training rows and calibration windows dropped for
+    sharing a run of tokens with a test sequence."""
+    rows = []
+    cand = records.get("candidates")
+    if cand:
+        stats, dropped = cand.get("stats") or {}, cand.get("dropped") or {}
+        why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items() if v) or "-"
+        rows.append({"stage": "candidates", "kept": f"{stats.get('kept', '?')} of {stats.get('rows', '?')} rows",
+                     "dropped": str(sum(int(v) for v in dropped.values())), "why": why})
+    ext = records.get("extract")
+    if ext and ext.get("dropped_for_test_overlap") is not None:
+        dropped, counts = ext["dropped_for_test_overlap"], ext.get("counts") or {}
+        for name in ("er_train", "memorized_train"):
+            if name in dropped:
+                rows.append({"stage": f"extract ({name})", "kept": f"{counts.get(name, '?')} rows",
+                             "dropped": str(dropped[name]), "why": "shares a token run with a test sequence"})
+    cal = records.get("calibration")
+    if cal and cal.get("dropped_for_test_overlap"):
+        d = cal["dropped_for_test_overlap"]
+        rows.append({"stage": "calibration", "kept": f"{cal.get('windows', '?')} of {d.get('of', '?')} windows",
+                     "dropped": str(d.get("windows", 0)), "why": f"shares a {d.get('ngram')}-token run with a test sequence"})
+    if not rows:
+        return ""
+    cols = [("stage", "Stage", "{}"), ("kept", "Kept", "{}"), ("dropped", "Dropped", "{}"), ("why", "Why", "{}")]
+    return "\n## Data\n\nWhat the data stages dropped (from their provenance sidecars).\n\n" + markdown_table(
+        pd.DataFrame(rows), cols) + "\n"
 
 
 def edits_by_copies(scores: dict[str, pd.DataFrame], labels: dict[str, str],
@@ -309,9 +340,9 @@ def html_page(title: str, sections: Sequence[tuple[str, pd.DataFrame]], note: st
     return _page(title, body)
 
 
-def results_html(metrics: pd.DataFrame) -> str:
+def results_html(metrics: pd.DataFrame, data: str = "") -> str:
     """The results page: both tracks per model, as :func:`results_markdown` writes them."""
-    return markdown_html(results_markdown(metrics), "memctl results")
+    return markdown_html(results_markdown(metrics, data), "memctl results")
 
 
 def _inline(text: str) -> str:
