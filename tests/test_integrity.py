@@ -642,7 +642,8 @@ def test_evaluate_refuses_a_damaged_input_naming_it(edited, tmp_path, case):
     "case, rebuilt",
     [
         ("svd delta", {"apply_edit": 1, "evaluate": 1, "curvature_report": 1, "report": 1}),
-        ("memorized_test", {"extract": 1, "reference_topk": 1, "evaluate": 2, "curvature_report": 1, "report": 1}),
+        ("memorized_test", {"extract": 1, "calibration": 1, "reference_topk": 1, "evaluate": 2, "curvature_report": 1,
+                            "report": 1}),
         ("model weights", None),  # everything after the model: a dry run only (see below)
     ],
 )
