@@ -277,3 +277,21 @@ def test_a_user_config_does_not_inherit_the_demo(tmp_path):
     ext = {"extends": "config/config.yaml", "extract": {"batch_size": 5}}
     extended = workflow_config(ext, [str(tmp_path / "mine.yaml")], {}, tmp_path, REPO)
     assert extended["masks"]["steps"] == demo["masks"]["steps"] and extended["extract"]["batch_size"] == 5
+
+
+def test_the_full_reproduction_is_the_quick_tour_plus_its_sweeps():
+    """config/paper.yaml extends the quick tour: every quick-tour job is planned by it unchanged
+    (same paths, so one store serves both), and it adds the sweeps, forms and ablations."""
+    tour_cfg = load_config(REPO / "config" / "config.yaml")
+    paper_cfg = load_config(REPO / "config" / "paper.yaml")
+    tour = build_plan(tour_cfg, lab.workflow_model_dims(tour_cfg))
+    paper = build_plan(paper_cfg, lab.workflow_model_dims(paper_cfg))
+    tour_outputs = {p for s in tour.stages.values() for j in s.jobs for p in j.outputs.values()}
+    paper_outputs = {p for s in paper.stages.values() for j in s.jobs for p in j.outputs.values()}
+    report_files = {p for p in tour_outputs if "/tables/" in p or p.startswith(tour_cfg["results_dir"])}
+    assert tour_outputs - report_files <= paper_outputs
+    for stage in ("apply_edit", "train_mask", "prune_baseline", "evaluate"):
+        assert len(paper.stage(stage).jobs) > len(tour.stage(stage).jobs), stage
+    # one point of every curvature form in the quick tour
+    methods = sorted({j.settings.get("method") for j in tour.stage("apply_edit").jobs})
+    assert methods == ["kfac", "kfac_pairwise", "svd"]
