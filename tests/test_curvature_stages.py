@@ -224,7 +224,7 @@ def test_best_pair_is_matched_in_perplexity_and_lowest_in_memorization():
     assert "| K-FAC | pairwise | k2 | 0 | all | 0.5 | 12.00 | 1.200 | 0.000 | 0.100 |" in md
     assert "| SVD | svd | s2 | 0 | all | 0.3 | 12.40 |" in md
     assert "| K-FAC | per-factor | k3 |" in md and "| K-FAC | projector | k1 |" in md
-    assert "K-FAC suppresses more (strict 0.000 vs 0.400" in md
+    assert "K-FAC suppresses more on the test split (strict 0.000 vs 0.400" in md
     assert math.isnan(table["ndcg10"].iloc[0])  # column shown as '-' until evaluate provides it
 
 
@@ -293,3 +293,36 @@ def test_spectrum_with_an_empty_memorized_set_writes_an_empty_table(tiny_model, 
     assert (tmp_path / "s.png").stat().st_size > 1000
     full = spectrum_table(tiny_model, eig, targets, non, non, {"bands": [0.5]})
     assert len(full) == 2 * 2 and np.allclose(full["ratio_memorized_over_nonmemorized"], 1.0)
+
+
+def test_the_best_pair_is_chosen_on_the_validation_slice_not_the_test_split():
+    """Two matched pairs: (k1, s1) looks best on the test split, (k2, s2) on the validation slice.
+    The report picks (k2, s2), says so, and shows their test numbers with intervals."""
+    metrics = _metrics([
+        {"edit": "none", "method": "Origin", "heldout_ppl": 10.0, "strict_accuracy": 1.0, "loose_accuracy": 1.0,
+         "val_n_examples": 20, "val_exact_er": 1.0, "val_loose_accuracy": 1.0},
+        {"edit": "k1", "method": "K-FAC", "heldout_ppl": 11.0, "strict_accuracy": 0.0, "loose_accuracy": 0.1,
+         "val_n_examples": 20, "val_exact_er": 0.5, "val_loose_accuracy": 0.6},
+        {"edit": "s1", "method": "SVD", "heldout_ppl": 11.2, "strict_accuracy": 0.1, "loose_accuracy": 0.2,
+         "val_n_examples": 20, "val_exact_er": 0.5, "val_loose_accuracy": 0.6},
+        {"edit": "k2", "method": "K-FAC", "heldout_ppl": 12.0, "strict_accuracy": 0.3, "loose_accuracy": 0.4,
+         "val_n_examples": 20, "val_exact_er": 0.1, "val_loose_accuracy": 0.2},
+        {"edit": "s2", "method": "SVD", "heldout_ppl": 12.2, "strict_accuracy": 0.6, "loose_accuracy": 0.7,
+         "val_n_examples": 20, "val_exact_er": 0.2, "val_loose_accuracy": 0.3},
+    ])
+    spec = lambda m, s: {"method": m, "layers": [0], "roles": None, "strength": s}  # noqa: E731
+    specs = {"k1": spec("kfac", 0.5), "s1": spec("svd", 0.5), "k2": spec("kfac", 0.3), "s2": spec("svd", 0.3)}
+    table = report.edit_table(metrics, specs)
+    k, s = report.best_matched(table, tolerance=0.05, max_ppl_ratio=None)
+    assert (k["edit"], s["edit"]) == ("k2", "s2")
+    bounds = {"none": (0.9, 1.0), "k1": (0.0, 0.05), "s1": (0.0, 0.2), "k2": (0.1, 0.5), "s2": (0.45, 0.75)}
+    table["exact_er_lo"] = table["edit"].map(lambda e: bounds[e][0])
+    table["exact_er_hi"] = table["edit"].map(lambda e: bounds[e][1])
+    md = report.curvature_markdown(table, {"match_tolerance": 0.05, "max_ppl_ratio": None})
+    assert "chosen on the validation slice (20 memorized sequences" in md
+    assert "K-FAC [0.100, 0.500], SVD [0.450, 0.750]: they overlap" in md
+    # without a validation slice the choice falls back to the test split, and the report says so
+    bare = table.drop(columns=["val_n_examples", "val_exact_er", "val_loose_accuracy"])
+    k, s = report.best_matched(bare, tolerance=0.05, max_ppl_ratio=None)
+    assert (k["edit"], s["edit"]) == ("k1", "s1")
+    assert "chosen on the TEST split" in report.curvature_markdown(bare, {"match_tolerance": 0.05, "max_ppl_ratio": None})

@@ -35,7 +35,8 @@ def test_split_is_seeded_disjoint_and_complete():
     assert mem == set(ext.loc[ext["exact_match"], "candidate_id"])
     assert set(a["nonmemorized"]["candidate_id"]) == set(ext["candidate_id"]) - mem
     train, test = set(a["memorized_train"]["candidate_id"]), set(a["memorized_test"]["candidate_id"])
-    assert train.isdisjoint(test) and train | test == mem
+    val = set(a["memorized_val"]["candidate_id"])
+    assert train.isdisjoint(test) and val.isdisjoint(train | test) and train | val | test == mem
     assert len(test) == round(0.25 * len(mem))
     assert a["memorized_test"]["candidate_id"].tolist() == b["memorized_test"]["candidate_id"].tolist()
     c = split_memorized(ext, {**settings, "split_seed": 7})
@@ -109,3 +110,18 @@ def test_extraction_rate_split_does_not_depend_on_what_the_model_extracts():
     other = split_memorized(ext.assign(frac_match=0.0, exact_match=False, n_match=0, n_suffix=4),
                             {"split_seed": 7, "er_test_fraction": 1 / 15})
     assert set(other["er_test"]["candidate_id"]) != set(a["er_test"]["candidate_id"])
+
+
+def test_the_validation_slice_comes_off_the_train_side_and_leaves_the_test_split_alone():
+    ext = fake_extraction(80)
+    base = {"memorized_threshold": 1.0, "test_fraction": 0.25, "split_seed": 42}
+    none = split_memorized(ext, {**base, "validation_fraction": 0.0})
+    some = split_memorized(ext, {**base, "validation_fraction": 0.2})
+    ids = {k: set(some[k]["candidate_id"]) for k in ("memorized_train", "memorized_val", "memorized_test")}
+    mem = set(some["memorized"]["candidate_id"])
+    assert len(ids["memorized_val"]) == round(0.2 * len(mem)) and len(none["memorized_val"]) == 0
+    assert ids["memorized_val"].isdisjoint(ids["memorized_train"] | ids["memorized_test"])
+    assert ids["memorized_train"] | ids["memorized_val"] | ids["memorized_test"] == mem
+    # the same test split whatever the validation share: choosing strengths never moves the test set
+    assert some["memorized_test"]["candidate_id"].tolist() == none["memorized_test"]["candidate_id"].tolist()
+    assert set(none["memorized_train"]["candidate_id"]) == ids["memorized_train"] | ids["memorized_val"]

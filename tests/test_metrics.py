@@ -77,3 +77,25 @@ def test_ndcg_at_10_by_hand():
     # positions are scored independently and a [windows, positions, k] array is accepted
     both = metrics.ndcg_at_k(np.stack([ref, ref])[None], np.stack([ref, only_top1])[None])
     assert both.shape == (2,) and both[0] == pytest.approx(1.0)
+
+
+def test_perplexity_ratio_interval_is_paired_over_windows():
+    """By hand: an edit that adds exactly 0.1 nats to every window of 63 tokens multiplies
+    perplexity by exp(0.1 / 63) whichever windows a resample draws, so the paired interval
+    collapses to that value; independent noise per window gives an interval around the ratio of
+    the two perplexities computed from their totals."""
+    import numpy as np
+
+    from memctl.metrics import perplexity, ppl_ratio_ci
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(100, 300, size=50)
+    ratio, lo, hi = ppl_ratio_ci(base + 0.1, base, 63)
+    assert ratio == pytest.approx(math.exp(0.1 / 63)) and lo == pytest.approx(ratio) and hi == pytest.approx(ratio)
+    edited = base + rng.normal(5, 3, size=50)
+    ratio, lo, hi = ppl_ratio_ci(edited, base, 63)
+    expected = perplexity(edited.sum(), 50 * 63) / perplexity(base.sum(), 50 * 63)
+    # paired sd of the mean log-ratio: 3 / sqrt(50) / 63 = 0.0067, so the 95% width is ~0.028
+    assert ratio == pytest.approx(expected) and lo < expected < hi and 0.015 < hi - lo < 0.045
+    with pytest.raises(ValueError, match="paired windows differ"):
+        ppl_ratio_ci(edited[:10], base, 63)

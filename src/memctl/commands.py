@@ -279,16 +279,17 @@ def cmd_evaluate(args) -> None:
         "evaluate",
         {"evaluate": settings, "model": parse_settings(args.model_settings), "edit": args.edit},
         {"model": args.model, "memorized": args.memorized, "heldout": args.heldout, "delta": args.delta,
-         "reference": args.reference, "er_test": args.er_test, "forget": args.forget},
+         "reference": args.reference, "er_test": args.er_test, "forget": args.forget, "validation": args.validation},
         outputs=[out_dir / "scores.parquet", out_dir / "metrics.parquet"],
     ) as prov:
         memorized = pd.read_parquet(args.memorized)
         er_test = pd.read_parquet(args.er_test) if args.er_test else None
         forget = pd.read_parquet(args.forget) if args.forget else None
+        validation = pd.read_parquet(args.validation) if args.validation else None
         heldout = load_file(args.heldout)["windows"].numpy()
         model, tokenizer = load(args, prov)
         _check_candidates(memorized, args.memorized, model, allow_empty=True)
-        for table, path in ((er_test, args.er_test), (forget, args.forget)):
+        for table, path in ((er_test, args.er_test), (forget, args.forget), (validation, args.validation)):
             if table is not None:
                 _check_candidates(table, path, model, allow_empty=True)
         _check_windows(heldout, args.heldout, model)
@@ -301,6 +302,7 @@ def cmd_evaluate(args) -> None:
         table, scores = evaluate_model(
             model, memorized, heldout, tokenizer.pad_token_id, settings,
             model_name=model_name(args), edit=args.edit, method=args.method, er_test=er_test, forget=forget,
+            validation=validation,
         )
         if args.reference:
             table["ndcg10"], table["ndcg10_text"] = _ndcg(model, args.reference, settings)
@@ -469,6 +471,8 @@ def register(subparsers) -> None:
     p.add_argument("--reference", default=None, help="the unedited model's top-10 (reference-topk) for nDCG@10")
     p.add_argument("--memorized", required=True, help="memorized_test.parquet (the memorized track)")
     p.add_argument("--er-test", default=None, help="er_test.parquet (the extraction-rate track)")
+    p.add_argument("--validation", default=None,
+                   help="memorized_val.parquet (the validation slice edit strengths are chosen on)")
     p.add_argument("--forget", default=None, help="the edit's own training set (e.g. BalancedSubnet's forget set)")
     p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
     p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from memctl import metrics
-from memctl.generation import greedy_generate, score_suffixes, window_losses
+from memctl.generation import greedy_generate, score_suffixes, window_nlls
 
 METRIC_COLUMNS = [
     "model",
@@ -46,13 +46,18 @@ METRIC_COLUMNS = [
     "er_exact_er",
     "er_fractional_er",
     "er_loose_accuracy",
+    "val_n_examples",
+    "val_exact_er",
+    "val_fractional_er",
+    "val_loose_accuracy",
     "forget_n_examples",
     "forget_exact_er",
     "forget_fractional_er",
     "converged",
 ]
 #: Generation-only tracks besides the memorized one: argument name -> (column prefix, track name).
-EXTRA_TRACKS = {"er_test": ("er_", "extraction_rate"), "forget": ("forget_", "forget")}
+EXTRA_TRACKS = {"er_test": ("er_", "extraction_rate"), "validation": ("val_", "validation"),
+                "forget": ("forget_", "forget")}
 #: Columns of the candidates that per-example scores keep (copy-count buckets, groups).
 ID_COLUMNS = ("candidate_id", "group", "copies")
 
@@ -83,10 +88,12 @@ def evaluate_model(
     progress: bool = True,
     er_test: pd.DataFrame | None = None,
     forget: pd.DataFrame | None = None,
+    validation: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (one-row metrics table, per-example scores); the scores' ``track`` column says
-    ``memorized``, ``extraction_rate`` (``er_test``, when given) or ``forget`` (an edit's own
-    training set, e.g. BalancedSubnet's: the paper's Table 1 contrast with held-out memories)."""
+    ``heldout`` (one row per held-out window: its summed NLL), ``memorized``, ``extraction_rate`` (``er_test``, when given) or ``forget`` (an edit's own
+    training set, e.g. BalancedSubnet's: the paper's Table 1 contrast with held-out memories) or
+    ``validation`` (the memorized track's validation slice: what strengths are chosen on)."""
     batch = int(settings.get("batch_size", 32))
     loose = float(settings.get("loose_threshold", metrics.LOOSE_THRESHOLD))
     prefixes = [list(map(int, p)) for p in memorized["prefix_ids"]]
@@ -104,9 +111,9 @@ def evaluate_model(
         "n_examples": 0, "exact_er": math.nan, "fractional_er": math.nan, "strict_accuracy": math.nan,
         "loose_accuracy": math.nan, "avg_levenshtein": math.nan,
     }
-    held_nll, held_tokens = window_losses(
-        model, heldout, batch_size=int(settings.get("heldout_batch_size", 4)), progress=progress
-    )
+    window_nll = window_nlls(model, heldout, batch_size=int(settings.get("heldout_batch_size", 4)), progress=progress)
+    held_nll = float(window_nll.sum())
+    held_tokens = int(len(window_nll) * max(np.asarray(heldout).shape[-1] - 1, 0)) if len(window_nll) else 0
     row = {
         "model": model_name,
         "edit": edit,
@@ -120,13 +127,14 @@ def evaluate_model(
         "heldout_tokens": held_tokens,
         "ndcg10": math.nan,  # filled in by the evaluate command when it has the reference top-10
         "ndcg10_text": math.nan,
-        **{c: math.nan for c in METRIC_COLUMNS if c.startswith(("er_", "forget_"))},
+        **{c: math.nan for c in METRIC_COLUMNS if c.startswith(("er_", "forget_", "val_"))},
         "er_n_examples": 0,
+        "val_n_examples": 0,
         "forget_n_examples": 0,
         "converged": True,  # the evaluate command sets it from the edit's delta
     }
     scores.insert(0, "track", "memorized")
-    for name, table in (("er_test", er_test), ("forget", forget)):
+    for name, table in (("er_test", er_test), ("validation", validation), ("forget", forget)):
         if table is None:
             continue
         prefix, track = EXTRA_TRACKS[name]
@@ -137,4 +145,9 @@ def evaluate_model(
             row.update({prefix + k: v for k, v in values.items() if prefix + k in METRIC_COLUMNS})
         extra.insert(0, "track", track)
         scores = pd.concat([scores, extra], ignore_index=True)
+    if len(window_nll):
+        # per-window held-out NLL: perplexity ratios get paired bootstrap intervals from these
+        held = pd.DataFrame({"track": "heldout", "window": np.arange(len(window_nll)), "nll_sum": window_nll,
+                             "n_tokens": np.full(len(window_nll), held_tokens // len(window_nll))})
+        scores = pd.concat([scores, held], ignore_index=True)
     return pd.DataFrame([row])[METRIC_COLUMNS], scores

@@ -4,8 +4,10 @@ Outputs (one directory per model + candidates + settings):
 - ``extraction.parquet``: one row per candidate with prefix, suffix and generated ids, exact match,
   matching positions, token Levenshtein distance;
 - ``memorized.parquet`` / ``nonmemorized.parquet``: the split by ``memorized_threshold``;
-- ``memorized_train.parquet`` / ``memorized_test.parquet``: a seeded split of the memorized set
-  (the memorized track, loss-curvature paper Sec. 4.2: what the unedited model extracts exactly);
+- ``memorized_train.parquet`` / ``memorized_val.parquet`` / ``memorized_test.parquet``: a seeded
+  split of the memorized set (the memorized track, loss-curvature paper Sec. 4.2: what the unedited
+  model extracts exactly); the validation slice comes off the train side and is what edit strengths
+  and the best K-FAC / SVD pair are chosen on, never the test split;
 - ``er_train.parquet`` / ``er_test.parquet``: the extraction-rate track (weight-pruning paper
   Sec. 4.1): a seeded split of ALL candidates, stratified by group and copy count, that does not
   depend on what the model extracts (the unedited model's Exact ER on it is a measurement, not 1
@@ -31,6 +33,7 @@ OUTPUT_FILES = (
     "memorized.parquet",
     "nonmemorized.parquet",
     "memorized_train.parquet",
+    "memorized_val.parquet",
     "memorized_test.parquet",
     "er_train.parquet",
     "er_test.parquet",
@@ -85,7 +88,11 @@ def split_memorized(
             f"{'empty' if n_test == 0 else 'everything'}; evaluation metrics will be NaN or trivial",
             stacklevel=2,
         )
-    test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    # the test split is the permutation's head whatever the validation share; validation comes next
+    n_val = int(round(len(memorized) * float(settings.get("validation_fraction", 0.1))))
+    n_val = max(0, min(n_val, len(memorized) - n_test - 1))
+    test_idx = np.sort(perm[:n_test])
+    val_idx, train_idx = np.sort(perm[n_test:n_test + n_val]), np.sort(perm[n_test + n_val:])
     usable = extraction[diverse].reset_index(drop=True)
     er_train, er_test = split_extraction_rate(
         usable.drop(columns=[c for c in OUTCOME_COLUMNS if c in usable.columns]),
@@ -95,6 +102,7 @@ def split_memorized(
         "memorized": memorized,
         "nonmemorized": nonmemorized,
         "memorized_train": memorized.iloc[train_idx].reset_index(drop=True),
+        "memorized_val": memorized.iloc[val_idx].reset_index(drop=True),
         "memorized_test": memorized.iloc[test_idx].reset_index(drop=True),
         "er_train": usable.iloc[er_train].reset_index(drop=True),
         "er_test": usable.iloc[er_test].reset_index(drop=True),
@@ -104,12 +112,13 @@ def split_memorized(
 
 def drop_test_overlap(splits: dict[str, pd.DataFrame], n: int) -> dict[str, pd.DataFrame]:
     """Drop from the training sides (``memorized_train``: BalancedSubnet's forget set;
-    ``er_train``: the masks' memorization data) every row sharing a run of ``n`` tokens with a
-    test sequence of either track (0 = off). ``splits['dropped']`` counts them per table."""
+    ``er_train``: the masks' memorization data) and from the validation slice every row sharing a
+    run of ``n`` tokens with a test sequence of either track (0 = off). ``splits['dropped']``
+    counts them per table."""
     dropped = {}
     if n > 0:
         index = overlap.ngram_index(overlap.sequences_of([splits["memorized_test"], splits["er_test"]]), n)
-        for name in ("memorized_train", "er_train"):
+        for name in ("memorized_train", "memorized_val", "er_train"):
             table = splits[name]
             hit = overlap.overlapping(overlap.sequences_of([table]), index, n)
             dropped[name] = int(hit.sum())

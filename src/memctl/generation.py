@@ -129,19 +129,26 @@ def window_losses(
     model, windows: np.ndarray, batch_size: int = 32, progress: bool = True
 ) -> tuple[float, int]:
     """Summed next-token NLL (nats) and token count over full, unpadded windows (rows of ids)."""
+    nll = window_nlls(model, windows, batch_size, progress)
+    return float(nll.sum()), int(len(nll) * max(np.asarray(windows).shape[-1] - 1, 0)) if len(nll) else 0
+
+
+@torch.inference_mode()
+def window_nlls(model, windows: np.ndarray, batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """Each full, unpadded window's summed next-token NLL in nats (float64 [n_windows]): what
+    perplexity intervals resample (every window predicts ``context - 1`` tokens)."""
     device = next(model.parameters()).device
-    total, tokens = 0.0, 0
+    out = []
     for start in tqdm(
         range(0, len(windows), batch_size), desc="held-out loss", unit="batch", disable=not progress
     ):
         ids = torch.as_tensor(np.asarray(windows[start : start + batch_size]), dtype=torch.long, device=device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
         )
-        total += loss.item()
-        tokens += ids[:, 1:].numel()
-    return total, tokens
+        out.append(loss.view(ids.shape[0], -1).sum(dim=1).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
 
 
 @torch.inference_mode()

@@ -138,3 +138,26 @@ def rate_ci(exact: np.ndarray, n_match: np.ndarray, n_suffix: np.ndarray, n_boot
     frac = np.asarray(n_match, dtype=np.float64)[idx].sum(axis=1) / np.maximum(
         np.asarray(n_suffix, dtype=np.float64)[idx].sum(axis=1), 1)
     return {"exact_er": tuple(map(float, np.quantile(ex, q))), "fractional_er": tuple(map(float, np.quantile(frac, q)))}
+
+
+def ppl_ratio_ci(edited_nll: np.ndarray, base_nll: np.ndarray, tokens_per_window: int, n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Held-out perplexity ratio (edited / unedited) with a paired percentile-bootstrap interval.
+
+    Both arrays hold the summed NLL of the same windows in the same order (every window predicts
+    ``tokens_per_window`` tokens); each resample draws windows once for both models, so the
+    interval reflects which text was sampled, not the two models' noise twice. Returns
+    ``(ratio, lo, hi)``; the ratio is ``exp((sum edited - sum base) / tokens)`` = PPL_e / PPL_b.
+    """
+    edited, base = np.asarray(edited_nll, dtype=np.float64), np.asarray(base_nll, dtype=np.float64)
+    if edited.shape != base.shape:
+        raise ValueError(f"paired windows differ: {edited.shape} vs {base.shape}")
+    n = len(base)
+    if n == 0 or tokens_per_window <= 0:
+        return math.nan, math.nan, math.nan
+    diff = edited - base
+    ratio = math.exp(diff.sum() / (n * tokens_per_window))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boot = np.exp(diff[idx].sum(axis=1) / (n * tokens_per_window))
+    lo, hi = np.quantile(boot, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return ratio, float(lo), float(hi)

@@ -40,7 +40,7 @@ from memctl.config import ConfigError, settings_hash
 #: A path-safe edit id / tag.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CORPUS_TABLES = ("train", "heldout", "canaries")
-EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_test", "er_train", "er_test",
+EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_val", "memorized_test", "er_train", "er_test",
                   "by_copies")
 EIGEN_METHOD = "eigh fp64, symmetrized, clamped, descending, sign-fixed"
 #: Settings that change how fast a stage runs, not what it writes (``Job.runtime``).
@@ -351,7 +351,8 @@ class _Builder:
             self.log("extract", self.extract_hash), None, ext, runtime=ext_runtime,
         )])
         n = int(ext["disjoint_ngram"])
-        tests = [tables["memorized_test"], tables["er_test"]]
+        # the validation slice stays out of the factors too, like the test sequences it stands in for
+        tests = [tables["memorized_test"], tables["memorized_val"], tables["er_test"]]
         for section in ("heldout", "calibration"):
             # calibration text sharing an n-gram with a test sequence of either track is dropped
             exclude = tests if section == "calibration" and n > 0 else []
@@ -475,12 +476,15 @@ class _Builder:
             report["spectrum"] = "curvature_spectrum.png"
         report = {k: f"{self.results}/{v}" for k, v in report.items()}
         metrics = [self.metrics(e) for e in ["none", *self.curvature_edits]]
+        scores = [m.replace("/metrics.parquet", "/scores.parquet") for m in metrics]
         deltas = [self.edits[e].delta for e in self.curvature_edits]
         spectra = [spectrum] if curv["spectrum"]["enabled"] else []
         name = f"{self.eval_hash}-{spectrum_hash}"
         self.add("curvature_report", [Job(
-            "curvature_report", "", {"metrics": metrics, "deltas": deltas, "spectrum": spectra}, report,
-            ("--metrics", *metrics, "--deltas", *deltas, *(("--spectrum", spectrum) if spectra else ()),
+            "curvature_report", "", {"metrics": metrics, "scores": scores, "deltas": deltas, "spectrum": spectra},
+            report,
+            ("--metrics", *metrics, "--scores", *scores, "--deltas", *deltas,
+             *(("--spectrum", spectrum) if spectra else ()),
              "--settings", as_json(curv["report"]), "--out-dir", self.results),
             self.log("curvature_report", name), self.bench("curvature_report", name), curv["report"],
         )], shown={k: ("Curvature", f"{PurePosixPath(v).stem}.rst") for k, v in report.items()
@@ -635,11 +639,13 @@ class _Builder:
             jobs.append(Job(
                 "evaluate", edit.id,
                 {**m.inputs, **delta, **forget, "memorized": self.tables["memorized_test"],
-                 "er_test": self.tables["er_test"], "heldout": self.heldout, "reference": self.reference},
+                 "er_test": self.tables["er_test"], "validation": self.tables["memorized_val"],
+                 "heldout": self.heldout, "reference": self.reference},
                 {"metrics": f"{out_dir}/metrics.parquet", "scores": f"{out_dir}/scores.parquet"},
                 (*self.model_args(), "--edit", edit.id, "--method", edit.label,
                  *(("--delta", edit.delta) if edit.delta else ()), "--memorized", self.tables["memorized_test"],
-                 "--er-test", self.tables["er_test"], *(("--forget", forget["forget"]) if forget else ()),
+                 "--er-test", self.tables["er_test"], "--validation", self.tables["memorized_val"],
+                 *(("--forget", forget["forget"]) if forget else ()),
                  "--heldout", self.heldout, "--reference", self.reference, "--settings", as_json(ev),
                  "--out-dir", out_dir),
                 self.log("evaluate", f"{self.eval_hash}-{edit.id}"), self.bench("evaluate", f"{self.eval_hash}-{edit.id}"),

@@ -82,6 +82,8 @@ ER_COLUMNS = [
     ("er_fractional_ci", "95% CI", "{}"),
     ("er_vs_origin", "vs Origin (Exact ER)", "{}"),
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
+    ("ppl_ratio", "PPL / Origin", "{:.3f}"),
+    ("ppl_ratio_ci", "95% CI (PPL ratio)", "{}"),
     ("er_n_examples", "N", "{}"),
 ]
 
@@ -123,6 +125,21 @@ def with_intervals(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame], n_boo
                                      for e in out["edit"]]
         for i, name in enumerate(("lo", "hi")):
             out[f"{prefix}exact_er_{name}"] = [bounds.get(e, nan)["exact_er"][i] for e in out["edit"]]
+    out["ppl_ratio"], out["ppl_ratio_ci"] = math.nan, "-"
+    held = {e: t[t["track"] == "heldout"].sort_values("window") for e, t in scores.items()
+            if "track" in t and "window" in t}
+    base = held.get("none")
+    if base is not None and len(base):
+        from memctl.metrics import ppl_ratio_ci
+
+        tokens = int(base["n_tokens"].iloc[0])
+        for i, edit in enumerate(out["edit"]):
+            part = held.get(edit)
+            if part is None or len(part) != len(base):
+                continue
+            ratio, lo, hi = ppl_ratio_ci(part["nll_sum"].to_numpy(), base["nll_sum"].to_numpy(), tokens, n_boot)
+            out.loc[out.index[i], "ppl_ratio"] = ratio
+            out.loc[out.index[i], "ppl_ratio_ci"] = "-" if edit == "none" else _ci_text(lo, hi)
     return out
 
 
@@ -132,6 +149,8 @@ MEMORIZED_COLUMNS = [
     ("converged", "Converged", "{}"),  # the marker: only where the metrics carry it
     ("heldout_loss", "Held-out loss", "{:.3f}"),
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
+    ("ppl_ratio", "PPL / Origin", "{:.3f}"),
+    ("ppl_ratio_ci", "95% CI (PPL ratio)", "{}"),
     ("fractional_er", "Fractional ER", "{:.3f}"),
     ("exact_er", "Exact ER", "{:.3f}"),
     ("exact_ci", "95% CI", "{}"),
@@ -156,7 +175,7 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
         "extracts. Memorized track (loss-curvature paper Sec. 4.2): held-out sequences the unedited model "
         "extracts exactly (so its Exact ER there is 1 by construction). Exact ER = strict accuracy; Fractional "
         "ER = matching suffix positions pooled; loose = token Levenshtein similarity >= 0.75. 95% CI: "
-        "percentile bootstrap over examples (1000 resamples); 'vs Origin' says whether the edit's Exact ER "
+        "percentile bootstrap over examples (1000 resamples); PPL / Origin: held-out perplexity over the unedited model's, with a paired bootstrap interval over the same windows; 'vs Origin' says whether the edit's Exact ER "
         "interval overlaps the unedited model's. Held-out PPL is corpus perplexity over non-overlapping "
         "context-length windows; Mem. loss/PPL is teacher-forced on the memorized suffixes. nDCG@10 compares "
         "each position's top-10 next tokens with the unedited model's (1 = unchanged): on non-memorized held-out "

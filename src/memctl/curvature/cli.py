@@ -82,8 +82,10 @@ def cmd_collect(args) -> None:
         factors = collect_factors(
             model, windows, targets, labels=data.get("labels", "sampled"), seed=int(data.get("seed", 0)),
             batch_size=int(data.get("batch_size", 8)), window_offset=offset, progress=True,
+            precision=data.get("precision", "auto"),
         )
         prov.extra.update({
+            "precision": factors.meta["precision"],
             "tokens": factors.tokens, "windows": int(windows.shape[0]), "window_offset": offset,
             "windows_requested": wanted, "windows_available": available, "modules": [t.name for t in targets],
         })
@@ -221,6 +223,7 @@ def cmd_report(args) -> None:
     settings = validate_section("curvature.report", parse_settings(args.settings))
     inputs = {
         **{f"metrics[{i}]": m for i, m in enumerate(args.metrics)},
+        **{f"scores[{i}]": m for i, m in enumerate(args.scores or [])},
         **{f"delta[{i}]": d for i, d in enumerate(args.deltas or [])}, "spectrum": args.spectrum,
     }
     out = Path(args.out_dir)
@@ -229,6 +232,15 @@ def cmd_report(args) -> None:
         specs = report.read_specs(args.deltas or [])
         spectrum = pd.read_parquet(args.spectrum) if args.spectrum else None
         table = report.edit_table(metrics, specs)
+        if args.scores:
+            from memctl.report import with_intervals
+
+            if len(args.scores) != len(args.metrics):
+                raise SystemExit(f"--scores: {len(args.scores)} files for {len(args.metrics)} --metrics files")
+            scores = {edit: pd.read_parquet(path) for edit, path in zip(metrics["edit"], args.scores)}
+            ci = with_intervals(metrics, scores).set_index("edit")
+            for col in ("exact_ci", "exact_er_lo", "exact_er_hi", "ppl_ratio_ci"):
+                table[col] = table["edit"].map(ci[col])
         text = report.curvature_markdown(table, settings, spectrum)
         write_text(out / "curvature.md", text, provenance=prov)
         write_text(out / "curvature.html", markdown_html(text, "Curvature edits (K-FAC vs SVD)"), provenance=prov)
@@ -282,6 +294,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("curvature-report", help="sweep plot and tables of the curvature edits")
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet of the unedited model and each edit")
+    p.add_argument("--scores", nargs="*", default=[],
+                   help="scores.parquet of each --metrics file, in its order (bootstrap intervals)")
     p.add_argument("--deltas", nargs="*", default=[], help="the edits' delta files (their specs)")
     p.add_argument("--spectrum", default=None)
     p.add_argument("--settings", default="{}", help="curvature.report (JSON)")

@@ -24,7 +24,10 @@ COLUMNS = [
     ("strength", "Strength", "{:.3g}"),
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
     ("ppl_ratio", "PPL / unedited", "{:.3f}"),
+    ("ppl_ratio_ci", "95% CI", "{}"),
     ("strict_accuracy", "Strict acc.", "{:.3f}"),
+    ("exact_ci", "95% CI", "{}"),
+    ("val_exact_er", "Val. strict acc.", "{:.3f}"),
     ("loose_accuracy", "Loose acc.", "{:.3f}"),
     ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
     ("ndcg10", "nDCG@10", "{:.3f}"),
@@ -75,10 +78,23 @@ def edit_table(metrics: pd.DataFrame, specs: Mapping[str, Mapping]) -> pd.DataFr
     return df.sort_values(["_o", "form", "layers", "strength", "edit"]).drop(columns="_o").reset_index(drop=True)
 
 
+def selection_track(table: pd.DataFrame) -> tuple[str, str, str]:
+    """(exact column, loose column, what they are measured on) that strengths are chosen by: the
+    memorized track's validation slice when every edit was scored on one, else (and the report
+    says so) the test split."""
+    if "val_n_examples" in table and len(table) and (table["val_n_examples"].fillna(0) > 0).all():
+        n = int(table["val_n_examples"].iloc[0])
+        return "val_exact_er", "val_loose_accuracy", f"the validation slice ({n} memorized sequences held out of the train side)"
+    return "strict_accuracy", "loose_accuracy", "the TEST split (no validation slice: extract.validation_fraction is 0)"
+
+
 def best_matched(table: pd.DataFrame, tolerance: float = 0.05, max_ppl_ratio: float | None = 1.5):
     """The (K-FAC row, SVD row) pair within ``tolerance`` relative held-out perplexity of each other
-    (and at most ``max_ppl_ratio`` x the unedited model's) with the lowest memorization: summed
-    strict accuracy, then summed loose accuracy, then mean perplexity. None when no pair matches."""
+    (and at most ``max_ppl_ratio`` x the unedited model's) with the lowest memorization on the
+    selection track (:func:`selection_track`: the validation slice, never the test split when
+    there is one): summed exact match, then summed loose accuracy, then mean perplexity. None when
+    no pair matches."""
+    exact, loose, _ = selection_track(table)
     ok = table if max_ppl_ratio is None else table[table["ppl_ratio"] <= max_ppl_ratio]
     kfac, svd = ok[ok["kind"] == "kfac"], ok[ok["kind"] == "svd"]
     best, best_key = None, None
@@ -86,8 +102,7 @@ def best_matched(table: pd.DataFrame, tolerance: float = 0.05, max_ppl_ratio: fl
         for s in svd.to_dict("records"):
             if abs(math.log(k["heldout_ppl"] / s["heldout_ppl"])) > math.log1p(tolerance):
                 continue
-            key = (k["strict_accuracy"] + s["strict_accuracy"], k["loose_accuracy"] + s["loose_accuracy"],
-                   k["heldout_ppl"] + s["heldout_ppl"], k["edit"], s["edit"])
+            key = (k[exact] + s[exact], k[loose] + s[loose], k["heldout_ppl"] + s["heldout_ppl"], k["edit"], s["edit"])
             if best_key is None or key < best_key:
                 best, best_key = (k, s), key
     return best
@@ -120,15 +135,29 @@ def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.Data
         verdict = ("K-FAC suppresses more" if (k["strict_accuracy"], k["loose_accuracy"]) < (s["strict_accuracy"], s["loose_accuracy"])
                    else "SVD suppresses more" if (k["strict_accuracy"], k["loose_accuracy"]) > (s["strict_accuracy"], s["loose_accuracy"])
                    else "they tie")
-        parts += ["", f"At matched perplexity ({k['heldout_ppl']:.2f} vs {s['heldout_ppl']:.2f}): {verdict} "
-                  f"(strict {k['strict_accuracy']:.3f} vs {s['strict_accuracy']:.3f}, loose "
+        parts += ["", f"The pair was chosen on {selection_track(table)[2]}; the rows show the test split.",
+                  "", f"At matched perplexity ({k['heldout_ppl']:.2f} vs {s['heldout_ppl']:.2f}): {verdict} "
+                  f"on the test split (strict {k['strict_accuracy']:.3f} vs {s['strict_accuracy']:.3f}, loose "
                   f"{k['loose_accuracy']:.3f} vs {s['loose_accuracy']:.3f})."]
+        if "exact_er_lo" in table:
+            parts[-1] += " " + interval_sentence(k, s)
     if spectrum is not None and len(spectrum):
         cols = [("short", "Matrix", "{}"), ("basis", "Basis", "{}"), ("band", "Band", "{}"),
                 ("mean_norm_memorized", "Memorized", "{:.4g}"), ("mean_norm_nonmemorized", "Non-memorized", "{:.4g}"),
                 ("ratio_memorized_over_nonmemorized", "Ratio", "{:.3f}")]
         parts += ["", "## Spectrum bands (paper Fig. 2): mean ||Zx|| per band", "", markdown_table(spectrum, cols)]
     return "\n".join(parts) + "\n"
+
+
+def interval_sentence(k: Mapping, s: Mapping) -> str:
+    """Whether the two edits' 95% bootstrap intervals of strict accuracy (Exact ER) overlap."""
+    lo_k, hi_k, lo_s, hi_s = (float(r[c]) for r in (k, s) for c in ("exact_er_lo", "exact_er_hi"))
+    if any(math.isnan(v) for v in (lo_k, hi_k, lo_s, hi_s)):
+        return ""
+    head = f"95% intervals: K-FAC [{lo_k:.3f}, {hi_k:.3f}], SVD [{lo_s:.3f}, {hi_s:.3f}]"
+    if hi_k < lo_s or hi_s < lo_k:
+        return head + ": they do not overlap, so the difference is larger than the sampling noise of this test split."
+    return head + ": they overlap, so this test split does not separate the two methods."
 
 
 def plot_sweep(table: pd.DataFrame, path) -> None:
