@@ -125,3 +125,24 @@ def test_the_validation_slice_comes_off_the_train_side_and_leaves_the_test_split
     # the same test split whatever the validation share: choosing strengths never moves the test set
     assert some["memorized_test"]["candidate_id"].tolist() == none["memorized_test"]["candidate_id"].tolist()
     assert set(none["memorized_train"]["candidate_id"]) == ids["memorized_train"] | ids["memorized_val"]
+
+
+def test_the_out_of_domain_group_is_held_out_of_every_table_and_cut_to_a_short_suffix():
+    ext = fake_extraction(60)
+    ext["group"] = ["quotes" if i % 6 == 0 else "g" for i in range(60)]
+    settings = {"memorized_threshold": 1.0, "test_fraction": 0.25, "split_seed": 42, "ood_group": "quotes",
+                "ood_suffix_len": 2, "disjoint_ngram": 0}
+    out = split_memorized(ext, settings)
+    quotes = set(ext.loc[ext["group"] == "quotes", "candidate_id"])
+    assert set(out["ood"]["candidate_id"]) == quotes and len(quotes) == 10
+    for name in ("memorized", "nonmemorized", "memorized_train", "memorized_val", "memorized_test", "er_train", "er_test"):
+        assert quotes.isdisjoint(out[name]["candidate_id"]), name
+    first = ext.loc[ext["candidate_id"] == "c6", "suffix_ids"].iloc[0]
+    row = out["ood"].set_index("candidate_id").loc["c6"]
+    assert list(row["suffix_ids"]) == list(first[:2]) and "exact_match" not in out["ood"]
+    # a group that is not there, or a suffix longer than the group's, fails naming the key
+    with pytest.raises(ValueError, match="extract.ood_group: .* no group 'poems'"):
+        split_memorized(ext, {**settings, "ood_group": "poems"})
+    with pytest.raises(ValueError, match="extract.ood_suffix_len: 9 exceeds the 4-token suffixes"):
+        split_memorized(ext, {**settings, "ood_suffix_len": 9})
+    assert len(split_memorized(ext, {**settings, "ood_group": None})["ood"]) == 0

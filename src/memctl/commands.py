@@ -123,7 +123,8 @@ def _check_windows(windows, path, model) -> None:
 
 def cmd_extract(args) -> None:
     from memctl.data import read_parquet_file
-    from memctl.extract import run_extraction, split_memorized, write_outputs
+    from memctl.data import DataError
+    from memctl.extract import check_ood_group, run_extraction, split_memorized, write_outputs
 
     settings = validate_section("extract", _with_batches(parse_settings(args.settings), args))
     with stage(
@@ -133,6 +134,10 @@ def cmd_extract(args) -> None:
         outputs=[args.out_dir],
     ) as prov:
         candidates = read_parquet_file(args.candidates, "candidate table")  # a bad file fails before the model loads
+        try:
+            check_ood_group(candidates, settings, args.candidates)
+        except ValueError as err:
+            raise DataError(str(err)) from None
         model, tokenizer = load(args, prov)
         _check_candidates(candidates, args.candidates, model)
         extraction = run_extraction(
@@ -279,17 +284,20 @@ def cmd_evaluate(args) -> None:
         "evaluate",
         {"evaluate": settings, "model": parse_settings(args.model_settings), "edit": args.edit},
         {"model": args.model, "memorized": args.memorized, "heldout": args.heldout, "delta": args.delta,
-         "reference": args.reference, "er_test": args.er_test, "forget": args.forget, "validation": args.validation},
+         "reference": args.reference, "er_test": args.er_test, "forget": args.forget, "validation": args.validation,
+         "ood": args.ood},
         outputs=[out_dir / "scores.parquet", out_dir / "metrics.parquet"],
     ) as prov:
         memorized = pd.read_parquet(args.memorized)
         er_test = pd.read_parquet(args.er_test) if args.er_test else None
         forget = pd.read_parquet(args.forget) if args.forget else None
         validation = pd.read_parquet(args.validation) if args.validation else None
+        ood = pd.read_parquet(args.ood) if args.ood else None
         heldout = load_file(args.heldout)["windows"].numpy()
         model, tokenizer = load(args, prov)
         _check_candidates(memorized, args.memorized, model, allow_empty=True)
-        for table, path in ((er_test, args.er_test), (forget, args.forget), (validation, args.validation)):
+        for table, path in ((er_test, args.er_test), (forget, args.forget), (validation, args.validation),
+                            (ood, args.ood)):
             if table is not None:
                 _check_candidates(table, path, model, allow_empty=True)
         _check_windows(heldout, args.heldout, model)
@@ -302,7 +310,7 @@ def cmd_evaluate(args) -> None:
         table, scores = evaluate_model(
             model, memorized, heldout, tokenizer.pad_token_id, settings,
             model_name=model_name(args), edit=args.edit, method=args.method, er_test=er_test, forget=forget,
-            validation=validation,
+            validation=validation, ood=ood,
         )
         if args.reference:
             table["ndcg10"], table["ndcg10_text"] = _ndcg(model, args.reference, settings)
@@ -473,6 +481,7 @@ def register(subparsers) -> None:
     p.add_argument("--er-test", default=None, help="er_test.parquet (the extraction-rate track)")
     p.add_argument("--validation", default=None,
                    help="memorized_val.parquet (the validation slice edit strengths are chosen on)")
+    p.add_argument("--ood", default=None, help="ood.parquet (the out-of-domain family, short suffixes)")
     p.add_argument("--forget", default=None, help="the edit's own training set (e.g. BalancedSubnet's forget set)")
     p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
     p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")

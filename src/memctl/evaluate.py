@@ -50,6 +50,10 @@ METRIC_COLUMNS = [
     "val_exact_er",
     "val_fractional_er",
     "val_loose_accuracy",
+    "ood_n_examples",
+    "ood_exact_er",
+    "ood_fractional_er",
+    "ood_loose_accuracy",
     "forget_n_examples",
     "forget_exact_er",
     "forget_fractional_er",
@@ -57,7 +61,7 @@ METRIC_COLUMNS = [
 ]
 #: Generation-only tracks besides the memorized one: argument name -> (column prefix, track name).
 EXTRA_TRACKS = {"er_test": ("er_", "extraction_rate"), "validation": ("val_", "validation"),
-                "forget": ("forget_", "forget")}
+                "ood": ("ood_", "ood"), "forget": ("forget_", "forget")}
 #: Columns of the candidates that per-example scores keep (copy-count buckets, groups).
 ID_COLUMNS = ("candidate_id", "group", "copies")
 
@@ -89,11 +93,13 @@ def evaluate_model(
     er_test: pd.DataFrame | None = None,
     forget: pd.DataFrame | None = None,
     validation: pd.DataFrame | None = None,
+    ood: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return (one-row metrics table, per-example scores); the scores' ``track`` column says
     ``heldout`` (one row per held-out window: its summed NLL), ``memorized``, ``extraction_rate`` (``er_test``, when given) or ``forget`` (an edit's own
     training set, e.g. BalancedSubnet's: the paper's Table 1 contrast with held-out memories) or
-    ``validation`` (the memorized track's validation slice: what strengths are chosen on)."""
+    ``validation`` (the memorized track's validation slice: what strengths are chosen on) or
+    ``ood`` (the out-of-domain family with its short suffixes)."""
     batch = int(settings.get("batch_size", 32))
     loose = float(settings.get("loose_threshold", metrics.LOOSE_THRESHOLD))
     prefixes = [list(map(int, p)) for p in memorized["prefix_ids"]]
@@ -127,14 +133,15 @@ def evaluate_model(
         "heldout_tokens": held_tokens,
         "ndcg10": math.nan,  # filled in by the evaluate command when it has the reference top-10
         "ndcg10_text": math.nan,
-        **{c: math.nan for c in METRIC_COLUMNS if c.startswith(("er_", "forget_", "val_"))},
+        **{c: math.nan for c in METRIC_COLUMNS if c.startswith(("er_", "forget_", "val_", "ood_"))},
         "er_n_examples": 0,
         "val_n_examples": 0,
+        "ood_n_examples": 0,
         "forget_n_examples": 0,
         "converged": True,  # the evaluate command sets it from the edit's delta
     }
     scores.insert(0, "track", "memorized")
-    for name, table in (("er_test", er_test), ("validation", validation), ("forget", forget)):
+    for name, table in (("er_test", er_test), ("validation", validation), ("ood", ood), ("forget", forget)):
         if table is None:
             continue
         prefix, track = EXTRA_TRACKS[name]

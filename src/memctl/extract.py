@@ -12,7 +12,11 @@ Outputs (one directory per model + candidates + settings):
   Sec. 4.1): a seeded split of ALL candidates, stratified by group and copy count, that does not
   depend on what the model extracts (the unedited model's Exact ER on it is a measurement, not 1
   by construction);
-- ``by_copies.parquet``: extraction rates by group and exposure count.
+- ``ood.parquet``: the out-of-domain family (``extract.ood_group``, the demo's quotes): its
+  candidates with the suffix cut to ``extract.ood_suffix_len`` tokens (the loss-curvature paper's
+  quotes: 8), held out of every other table, so nothing an edit trains on or is tuned on contains
+  them (calibration windows overlapping them are dropped too);
+- ``by_copies.parquet``: extraction rates by group and exposure count (all candidates).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ OUTPUT_FILES = (
     "memorized_test.parquet",
     "er_train.parquet",
     "er_test.parquet",
+    "ood.parquet",
     "by_copies.parquet",
 )
 #: Columns of the extraction table that the extraction-rate split must never read.
@@ -64,7 +69,11 @@ def run_extraction(
 def split_memorized(
     extraction: pd.DataFrame, settings: Mapping[str, Any]
 ) -> dict[str, pd.DataFrame]:
-    """Memorized / non-memorized sets and the seeded train/test split of the memorized set."""
+    """Memorized / non-memorized sets, the seeded train/validation/test split of the memorized set,
+    the extraction-rate split of all candidates and the out-of-domain table."""
+    ood = ood_table(extraction, settings)
+    if len(ood):
+        extraction = extraction[extraction["group"] != settings["ood_group"]].reset_index(drop=True)
     threshold = float(settings.get("memorized_threshold", 1.0))
     min_unique = int(settings.get("min_unique_tokens", 0))
     diverse = pd.Series(True, index=extraction.index)
@@ -106,8 +115,37 @@ def split_memorized(
         "memorized_test": memorized.iloc[test_idx].reset_index(drop=True),
         "er_train": usable.iloc[er_train].reset_index(drop=True),
         "er_test": usable.iloc[er_test].reset_index(drop=True),
+        "ood": ood,
     }
     return drop_test_overlap(splits, int(settings.get("disjoint_ngram", overlap.DEFAULT_N)))
+
+
+def check_ood_group(candidates: pd.DataFrame, settings: Mapping[str, Any], where: str = "candidates") -> None:
+    """``extract.ood_group`` must name a group of the candidates (checked before any model loads)."""
+    group = settings.get("ood_group")
+    if not group:
+        return
+    groups = sorted(map(str, candidates["group"].unique())) if "group" in candidates else []
+    if group not in groups:
+        raise ValueError(f"extract.ood_group: {where} have no group {group!r} (groups: {', '.join(groups) or 'none'})")
+    suffix = int(settings.get("ood_suffix_len", 8))
+    shortest = min(len(s) for s in candidates.loc[candidates["group"] == group, "suffix_ids"])
+    if suffix > shortest:
+        raise ValueError(f"extract.ood_suffix_len: {suffix} exceeds the {shortest}-token suffixes of group {group!r}")
+
+
+def ood_table(extraction: pd.DataFrame, settings: Mapping[str, Any]) -> pd.DataFrame:
+    """The ``extract.ood_group`` candidates as an evaluation table: identity columns, the prefix and
+    the first ``ood_suffix_len`` suffix tokens (no extraction outcome: the suffix is a new one)."""
+    group = settings.get("ood_group")
+    keep = [c for c in ("candidate_id", "group", "copies", "prefix_ids", "suffix_ids") if c in extraction.columns]
+    if not group:
+        return pd.DataFrame(columns=keep)
+    check_ood_group(extraction, settings, "the extraction table")
+    table = extraction.loc[extraction["group"] == group, keep].reset_index(drop=True)
+    k = int(settings.get("ood_suffix_len", 8))
+    table["suffix_ids"] = [np.asarray(s, dtype=np.int64)[:k] for s in table["suffix_ids"]]
+    return table
 
 
 def drop_test_overlap(splits: dict[str, pd.DataFrame], n: int) -> dict[str, pd.DataFrame]:
@@ -117,7 +155,8 @@ def drop_test_overlap(splits: dict[str, pd.DataFrame], n: int) -> dict[str, pd.D
     counts them per table."""
     dropped = {}
     if n > 0:
-        index = overlap.ngram_index(overlap.sequences_of([splits["memorized_test"], splits["er_test"]]), n)
+        tests = [splits["memorized_test"], splits["er_test"], splits.get("ood", splits["er_test"].iloc[0:0])]
+        index = overlap.ngram_index(overlap.sequences_of(tests), n)
         for name in ("memorized_train", "memorized_val", "er_train"):
             table = splits[name]
             hit = overlap.overlapping(overlap.sequences_of([table]), index, n)

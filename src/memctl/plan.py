@@ -40,7 +40,7 @@ from memctl.config import ConfigError, settings_hash
 #: A path-safe edit id / tag.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 CORPUS_TABLES = ("train", "heldout", "canaries")
-EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_val", "memorized_test", "er_train", "er_test",
+EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_val", "memorized_test", "er_train", "er_test", "ood",
                   "by_copies")
 EIGEN_METHOD = "eigh fp64, symmetrized, clamped, descending, sign-fixed"
 #: Settings that change how fast a stage runs, not what it writes (``Job.runtime``).
@@ -352,7 +352,7 @@ class _Builder:
         )])
         n = int(ext["disjoint_ngram"])
         # the validation slice stays out of the factors too, like the test sequences it stands in for
-        tests = [tables["memorized_test"], tables["memorized_val"], tables["er_test"]]
+        tests = [tables["memorized_test"], tables["memorized_val"], tables["er_test"], tables["ood"]]
         for section in ("heldout", "calibration"):
             # calibration text sharing an n-gram with a test sequence of either track is dropped
             exclude = tests if section == "calibration" and n > 0 else []
@@ -640,12 +640,12 @@ class _Builder:
                 "evaluate", edit.id,
                 {**m.inputs, **delta, **forget, "memorized": self.tables["memorized_test"],
                  "er_test": self.tables["er_test"], "validation": self.tables["memorized_val"],
-                 "heldout": self.heldout, "reference": self.reference},
+                 "ood": self.tables["ood"], "heldout": self.heldout, "reference": self.reference},
                 {"metrics": f"{out_dir}/metrics.parquet", "scores": f"{out_dir}/scores.parquet"},
                 (*self.model_args(), "--edit", edit.id, "--method", edit.label,
                  *(("--delta", edit.delta) if edit.delta else ()), "--memorized", self.tables["memorized_test"],
                  "--er-test", self.tables["er_test"], "--validation", self.tables["memorized_val"],
-                 *(("--forget", forget["forget"]) if forget else ()),
+                 "--ood", self.tables["ood"], *(("--forget", forget["forget"]) if forget else ()),
                  "--heldout", self.heldout, "--reference", self.reference, "--settings", as_json(ev),
                  "--out-dir", out_dir),
                 self.log("evaluate", f"{self.eval_hash}-{edit.id}"), self.bench("evaluate", f"{self.eval_hash}-{edit.id}"),

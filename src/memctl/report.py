@@ -110,7 +110,7 @@ def with_intervals(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame], n_boo
     from memctl.metrics import rate_ci
 
     out = metrics.copy()
-    for prefix, track in (("", "memorized"), ("er_", "extraction_rate")):
+    for prefix, track in (("", "memorized"), ("er_", "extraction_rate"), ("ood_", "ood")):
         bounds = {}
         for edit, table in scores.items():
             part = table[table["track"] == track] if "track" in table else table.iloc[0:0]
@@ -141,6 +141,19 @@ def with_intervals(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame], n_boo
             out.loc[out.index[i], "ppl_ratio"] = ratio
             out.loc[out.index[i], "ppl_ratio_ci"] = "-" if edit == "none" else _ci_text(lo, hi)
     return out
+
+
+OOD_COLUMNS = [
+    ("method", "Method", "{}"),
+    ("edit", "Edit", "{}"),
+    ("converged", "Converged", "{}"),
+    ("ood_exact_er", "Exact ER", "{:.3f}"),
+    ("ood_exact_ci", "95% CI", "{}"),
+    ("ood_fractional_er", "Fractional ER", "{:.3f}"),
+    ("ood_vs_origin", "vs Origin (Exact ER)", "{}"),
+    ("ood_loose_accuracy", "Loose acc.", "{:.3f}"),
+    ("ood_n_examples", "N", "{}"),
+]
 
 
 MEMORIZED_COLUMNS = [
@@ -186,6 +199,13 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
         if "er_n_examples" in part and (part["er_n_examples"].fillna(0) > 0).any():
             parts += ["", "### Extraction-rate track", "", markdown_table(part, ER_COLUMNS)]
         parts += ["", "### Memorized track", "", markdown_table(part, MEMORIZED_COLUMNS)]
+        if "ood_n_examples" in part and (part["ood_n_examples"].fillna(0) > 0).any():
+            parts += ["", "### Out-of-domain family", "",
+                      "A candidate group held out of everything the edits train or are tuned on "
+                      "(`extract.ood_group`; the demo's quotes), scored on a short suffix "
+                      "(`extract.ood_suffix_len`, the loss-curvature paper's 8 tokens), all of its "
+                      "candidates whatever the unedited model extracts.", "",
+                      markdown_table(part, OOD_COLUMNS)]
     return "\n".join(parts) + "\n" + data
 
 
