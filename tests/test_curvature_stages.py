@@ -326,3 +326,24 @@ def test_the_best_pair_is_chosen_on_the_validation_slice_not_the_test_split():
     k, s = report.best_matched(bare, tolerance=0.05, max_ppl_ratio=None)
     assert (k["edit"], s["edit"]) == ("k1", "s1")
     assert "chosen on the TEST split" in report.curvature_markdown(bare, {"match_tolerance": 0.05, "max_ppl_ratio": None})
+
+
+def test_examples_show_prefix_suffix_and_each_chosen_edits_generation():
+    """Appendix D table by hand: three memorized sequences; K-FAC changes c2's continuation, SVD
+    none; c2 comes first, then the unchanged ones in candidate order, all decoded."""
+    memorized = pd.DataFrame({"candidate_id": ["c1", "c2", "c3"], "prefix_ids": [[1, 2], [3, 4], [5, 6]],
+                              "suffix_ids": [[7, 8], [9, 10], [11, 12]]})
+
+    def gen(rows):
+        return pd.DataFrame({"track": "memorized", "candidate_id": ["c1", "c2", "c3"], "generated_ids": rows})
+
+    scores = {"none": gen([[7, 8], [9, 10], [11, 12]]), "k": gen([[7, 8], [0, 0], [11, 12]]),
+              "s": gen([[7, 8], [9, 10], [11, 12]])}
+    pair = [{"edit": "k", "kind": "kfac"}, {"edit": "s", "kind": "svd"}]
+    decode = lambda ids: " ".join(f"t{int(i)}" for i in ids)  # noqa: E731
+    table = report.examples(pair, scores, memorized, decode, n=2)
+    assert table["candidate_id"].tolist() == ["c2", "c1"]
+    first = table.iloc[0]
+    assert (first["prefix"], first["suffix"], first["none"], first["k"], first["s"]) == ("t3 t4", "t9 t10", "t9 t10", "t0 t0", "t9 t10")
+    md = report.examples_markdown(table, pair)
+    assert "| c2 | t3 t4 | t9 t10 | t9 t10 | t0 t0 | t9 t10 |" in md and "K-FAC (k)" in md

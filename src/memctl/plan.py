@@ -481,9 +481,11 @@ class _Builder:
         spectra = [spectrum] if curv["spectrum"]["enabled"] else []
         name = f"{self.eval_hash}-{spectrum_hash}"
         self.add("curvature_report", [Job(
-            "curvature_report", "", {"metrics": metrics, "scores": scores, "deltas": deltas, "spectrum": spectra},
+            "curvature_report", "", {**m.inputs, "metrics": metrics, "scores": scores, "deltas": deltas,
+                                     "spectrum": spectra, "memorized": self.tables["memorized_test"]},
             report,
-            ("--metrics", *metrics, "--scores", *scores, "--deltas", *deltas,
+            (*self.model_args(), "--memorized", self.tables["memorized_test"], "--metrics", *metrics,
+             "--scores", *scores, "--deltas", *deltas,
              *(("--spectrum", spectrum) if spectra else ()),
              "--settings", as_json(curv["report"]), "--out-dir", self.results),
             self.log("curvature_report", name), self.bench("curvature_report", name), curv["report"],

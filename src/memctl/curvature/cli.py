@@ -223,7 +223,8 @@ def cmd_report(args) -> None:
     settings = validate_section("curvature.report", parse_settings(args.settings))
     inputs = {
         **{f"metrics[{i}]": m for i, m in enumerate(args.metrics)},
-        **{f"scores[{i}]": m for i, m in enumerate(args.scores or [])},
+        **{f"scores[{i}]": m for i, m in enumerate(args.scores or [])}, "memorized": args.memorized,
+        "model": args.model,
         **{f"delta[{i}]": d for i, d in enumerate(args.deltas or [])}, "spectrum": args.spectrum,
     }
     out = Path(args.out_dir)
@@ -241,7 +242,17 @@ def cmd_report(args) -> None:
             ci = with_intervals(metrics, scores).set_index("edit")
             for col in ("exact_ci", "exact_er_lo", "exact_er_hi", "ppl_ratio_ci"):
                 table[col] = table["edit"].map(ci[col])
-        text = report.curvature_markdown(table, settings, spectrum)
+        examples_md = ""
+        pair = report.best_matched(table, float(settings.get("match_tolerance", 0.05)), settings.get("max_ppl_ratio", 1.5))
+        if args.scores and args.memorized and args.model and pair is not None:
+            from memctl.models import load_tokenizer
+
+            tokenizer = load_tokenizer(args.model, parse_settings(args.model_settings))
+            decode = lambda ids: tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)  # noqa: E731
+            shown = report.examples(pair, scores, pd.read_parquet(args.memorized), decode,
+                                    int(settings.get("examples", 5)))
+            examples_md = report.examples_markdown(shown, pair)
+        text = report.curvature_markdown(table, settings, spectrum, examples_md)
         write_text(out / "curvature.md", text, provenance=prov)
         write_text(out / "curvature.html", markdown_html(text, "Curvature edits (K-FAC vs SVD)"), provenance=prov)
         write_parquet(table, out / "curvature_edits.parquet", provenance=prov)
@@ -296,6 +307,9 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet of the unedited model and each edit")
     p.add_argument("--scores", nargs="*", default=[],
                    help="scores.parquet of each --metrics file, in its order (bootstrap intervals)")
+    p.add_argument("--memorized", default=None, help="memorized_test.parquet: the examples' prefixes and suffixes")
+    p.add_argument("--model", default=None, help="the model whose tokenizer decodes the examples")
+    p.add_argument("--model-settings", default="{}", help="the config's `model` subsection (JSON)")
     p.add_argument("--deltas", nargs="*", default=[], help="the edits' delta files (their specs)")
     p.add_argument("--spectrum", default=None)
     p.add_argument("--settings", default="{}", help="curvature.report (JSON)")

@@ -108,7 +108,8 @@ def best_matched(table: pd.DataFrame, tolerance: float = 0.05, max_ppl_ratio: fl
     return best
 
 
-def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.DataFrame | None = None) -> str:
+def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.DataFrame | None = None,
+                       examples_md: str = "") -> str:
     tol = float(settings.get("match_tolerance", 0.05))
     cap = settings.get("max_ppl_ratio", 1.5)
     parts = [
@@ -141,12 +142,56 @@ def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.Data
                   f"{k['loose_accuracy']:.3f} vs {s['loose_accuracy']:.3f})."]
         if "exact_er_lo" in table:
             parts[-1] += " " + interval_sentence(k, s)
+    if examples_md:
+        parts += ["", examples_md]
     if spectrum is not None and len(spectrum):
         cols = [("short", "Matrix", "{}"), ("basis", "Basis", "{}"), ("band", "Band", "{}"),
                 ("mean_norm_memorized", "Memorized", "{:.4g}"), ("mean_norm_nonmemorized", "Non-memorized", "{:.4g}"),
                 ("ratio_memorized_over_nonmemorized", "Ratio", "{:.3f}")]
         parts += ["", "## Spectrum bands (paper Fig. 2): mean ||Zx|| per band", "", markdown_table(spectrum, cols)]
     return "\n".join(parts) + "\n"
+
+
+def examples(pair: Sequence[Mapping], scores: Mapping[str, pd.DataFrame], memorized: pd.DataFrame,
+             decode, n: int = 5) -> pd.DataFrame:
+    """The loss-curvature paper's appendix D table: for ``n`` memorized test sequences, the decoded
+    prefix, the true suffix and the greedy generation of the unedited model and of each edit of
+    ``pair`` (the chosen K-FAC and SVD edits). Sequences that some edit changed come first (in
+    candidate order), so the table shows what the edits do; ``decode`` maps token ids to text."""
+    gens = {}
+    for edit in ["none", *(r["edit"] for r in pair)]:
+        table = scores.get(edit)
+        if table is None or "generated_ids" not in table:
+            return pd.DataFrame()
+        part = table[table["track"] == "memorized"] if "track" in table else table
+        gens[edit] = dict(zip(part["candidate_id"], part["generated_ids"]))
+    rows = []
+    for rec in memorized.sort_values("candidate_id").to_dict("records"):
+        cid = rec["candidate_id"]
+        if any(cid not in g for g in gens.values()):
+            continue
+        suffix = [int(t) for t in rec["suffix_ids"]]
+        changed = any([int(t) for t in gens[r["edit"]][cid]] != suffix for r in pair)
+        row = {"candidate_id": cid, "changed": changed, "prefix": decode(rec["prefix_ids"]), "suffix": decode(suffix),
+               "none": decode(gens["none"][cid])}
+        for r in pair:
+            row[r["edit"]] = decode(gens[r["edit"]][cid])
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.sort_values(["changed", "candidate_id"], ascending=[False, True]).head(n).reset_index(drop=True)
+
+
+def examples_markdown(table: pd.DataFrame, pair: Sequence[Mapping]) -> str:
+    if table.empty:
+        return ""
+    cols = [("candidate_id", "Sequence", "{}"), ("prefix", "Prefix", "{}"), ("suffix", "True suffix", "{}"),
+            ("none", "Unedited", "{}")]
+    cols += [(r["edit"], f"{'K-FAC' if r['kind'] == 'kfac' else 'SVD'} ({r['edit']})", "{}") for r in pair]
+    return "\n".join(["## Examples (paper appendix D): generations before and after the chosen edits", "",
+                      "Memorized test sequences, those an edit changed first; greedy continuations of the prefix.",
+                      "", markdown_table(table, cols)])
 
 
 def interval_sentence(k: Mapping, s: Mapping) -> str:
