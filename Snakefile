@@ -21,7 +21,9 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/text.smk"
 include: "workflow/rules/curvature.smk"
 include: "workflow/rules/masks.smk"
+include: "workflow/rules/downstream.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/vision.smk"
 
 
 onstart:

@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_architecture_model
 from memctl import architectures as arch
-from memctl.curvature.collect import collect_factors, sample_labels, window_generator
+from memctl.curvature.collect import collect_factors, sample_labels, window_uniforms
 from memctl.curvature.decompose import decompose, eigh_descending
 from memctl.data import DataError
 
@@ -28,7 +28,7 @@ def _windows(n=5, length=12, seed=0):
 
 def _sampled_labels(logits64: torch.Tensor, seed: int, window: int) -> torch.Tensor:
     """Independent inverse-CDF draw in fp64 numpy from the documented per-window uniforms."""
-    u = torch.rand(logits64.shape[0], generator=window_generator(seed, window)).double().numpy()
+    u = window_uniforms(seed, torch.tensor([window]), logits64.shape[0])[0].double().numpy()
     probs = torch.softmax(logits64, -1).numpy()
     cdf = np.cumsum(probs, axis=-1)
     return torch.tensor([int(np.argmax(c >= ui * c[-1])) for c, ui in zip(cdf, u)])

@@ -43,7 +43,8 @@ def test_tiny_plan_has_every_stage_and_one_evaluation_per_edit():
     assert counts["apply_edit"] == 3  # the tiny config's three curvature edits
     assert counts["train_mask"] == 5  # modes none/up/down + sparsity 0.4 (up) + threshold 6 (down)
     assert counts["prune_baseline"] == 3 and counts["balanced_subnet"] == 1
-    assert counts["evaluate"] == len(plan.edits) == 1 + 3 + 5 + 3 + 1
+    assert counts["csp"] == 2  # CSP (down), CSP (up)
+    assert counts["evaluate"] == len(plan.edits) == 1 + 3 + 5 + 3 + 1 + 2
     assert set(plan.stage("evaluate").jobs) == set(plan.edits)
     assert set(plan.stages) <= set(stages.STAGES)
 
@@ -286,12 +287,12 @@ def test_the_full_reproduction_is_the_quick_tour_plus_its_sweeps():
     paper_cfg = load_config(REPO / "config" / "paper.yaml")
     tour = build_plan(tour_cfg, lab.workflow_model_dims(tour_cfg))
     paper = build_plan(paper_cfg, lab.workflow_model_dims(paper_cfg))
-    tour_outputs = {p for s in tour.stages.values() for j in s.jobs for p in j.outputs.values()}
-    paper_outputs = {p for s in paper.stages.values() for j in s.jobs for p in j.outputs.values()}
+    tour_outputs = {p for s in tour.stages.values() for j in s.jobs.values() for p in j.outputs.values()}
+    paper_outputs = {p for s in paper.stages.values() for j in s.jobs.values() for p in j.outputs.values()}
     report_files = {p for p in tour_outputs if "/tables/" in p or p.startswith(tour_cfg["results_dir"])}
     assert tour_outputs - report_files <= paper_outputs
     for stage in ("apply_edit", "train_mask", "prune_baseline", "evaluate"):
         assert len(paper.stage(stage).jobs) > len(tour.stage(stage).jobs), stage
     # one point of every curvature form in the quick tour
-    methods = sorted({j.settings.get("method") for j in tour.stage("apply_edit").jobs})
+    methods = sorted({j.settings.get("method") for j in tour.stage("apply_edit").jobs.values()})
     assert methods == ["kfac", "kfac_pairwise", "svd"]

@@ -57,6 +57,18 @@ def test_dag_produces_the_results_tables(tiny_run):
     assert (tables / "extraction_by_copies.png").stat().st_size > 1000
 
 
+def test_masks_table_has_the_csp_rows_and_the_cost_columns(tiny_run):
+    table = pd.read_parquet(tiny_run / "results" / "tables" / "masks" / "table.parquet")
+    rows = table.set_index("method")
+    assert {"CSP (down)", "CSP (up)"} <= set(rows.index)
+    assert rows.loc["CSP (down)", "sparsity"] == 0.0  # a soft prompt edits no weight
+    trained = table[table["method"] != "Origin"]
+    assert (trained["wall_time_s"] > 0).all() and set(trained["device"]) == {"cpu"}
+    # 10 iterations x 4 er_train sequences of 64 tokens (tiny_config.yaml's csp section)
+    assert rows.loc["CSP (up)", "tokens_processed"] == 10 * 4 * 64
+    assert "| Wall time (s) | Device | Tokens |" in (tiny_run / "results" / "tables" / "masks" / "table.md").read_text()
+
+
 def test_extraction_tables_are_consistent(tiny_run):
     (ext_dir,) = tiny_run.glob("results/demo-*/extract-*")
     ext = pd.read_parquet(ext_dir / "extraction.parquet")

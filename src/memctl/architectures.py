@@ -2,7 +2,8 @@
 
 Curvature edits, pruning masks and the baselines all work on "the weight matrices of layer i";
 this module finds them once for GPT-NeoX (Pythia, the demo model), GPT-Neo, GPT-2 (``Conv1D``,
-fused ``c_attn``) and Llama-style models (OLMo-2, Llama, Mistral, Qwen2), and gives every one a
+fused ``c_attn``), Llama-style models (OLMo-2, Llama, Mistral, Qwen2) and the HF vision transformer
+(ViT, :mod:`memctl.vision`), and gives every one a
 uniform view: ``weight(model, target)`` is always ``(d_out, d_in)`` as in ``y = W a``.
 """
 
@@ -38,6 +39,9 @@ _ROLES: dict[tuple[str, str], tuple[str, str]] = {
     ("mlp", "gate_proj"): ("mlp", "gate"),  # Llama / OLMo-2
     ("mlp", "up_proj"): ("mlp", "up"),
     ("mlp", "down_proj"): ("mlp", "down"),
+    ("attention", "o_proj"): ("attention", "o"),  # HF ViT (transformers 5: attention.{q,k,v,o}_proj)
+    ("mlp", "fc1"): ("mlp", "up"),  # HF ViT
+    ("mlp", "fc2"): ("mlp", "down"),
 }
 #: Matrices with the same input activation share one K-FAC A factor / one calibration statistic.
 _INPUT_OF_ROLE = {"qkv": "attn_in", "q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",

@@ -6,7 +6,13 @@ unedited model. A delta holds, per parameter name (``<module>.weight``, in the p
 layout):
 
 - ``replace/<param>``: the new value (curvature edits, SVD, SparseGPT's updated weights), or
-- ``mask/<param>``: a keep-mask, bit-packed (8 weights per byte), applied as ``W * mask``.
+- ``mask/<param>``: a keep-mask, bit-packed (8 weights per byte), applied as ``W * mask``;
+
+and an edit that changes no weight may hold instead (or as well):
+
+- ``prompt/embeddings``: a soft prompt, ``[length, hidden]`` vectors put in front of every input
+  (CSP, :mod:`memctl.masks.csp`); applying it attaches forward hooks (:mod:`memctl.soft_prompt`)
+  and leaves every weight byte-identical.
 
 The safetensors metadata records the format version, each mask's shape, and the caller's
 ``metadata`` (method, settings) as JSON under ``memctl``. A full HF model directory can be written
@@ -17,7 +23,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +40,7 @@ if TYPE_CHECKING:
     from memctl.store import Provenance
 
 FORMAT = "memctl-delta/1"
-_REPLACE, _MASK = "replace/", "mask/"
+_REPLACE, _MASK, _PROMPT = "replace/", "mask/", "prompt/embeddings"
 _HEADER_KEY = "memctl_delta"
 
 
@@ -41,11 +48,12 @@ _HEADER_KEY = "memctl_delta"
 class Delta:
     replace: dict[str, torch.Tensor] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  #: bool tensors, True = keep
+    prompt: torch.Tensor | None = None  #: soft prompt [length, hidden] (None: no prompt)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def params(self) -> list[str]:
-        return sorted({*self.replace, *self.masks})
+        return sorted({*self.replace, *self.masks})  # the weights it edits (a soft prompt edits none)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -65,8 +73,10 @@ def save_delta(
     masks: Mapping[str, torch.Tensor] | None = None,
     metadata: Mapping[str, Any] | None = None,
     provenance: Provenance | None = None,
+    prompt: torch.Tensor | None = None,
 ) -> Path:
-    """Write a delta atomically. ``replace`` values keep their dtype; masks are stored as bits.
+    """Write a delta atomically. ``replace`` values keep their dtype; masks are stored as bits; a
+    ``prompt`` ([length, hidden]) is stored as given.
 
     With a ``provenance`` the delta's sidecar is written before the delta appears.
     """
@@ -76,6 +86,10 @@ def save_delta(
         raise ValueError(f"parameters both replaced and masked: {both}; fold the mask into the new value")
     tensors = {_REPLACE + k: v.detach().to("cpu").contiguous() for k, v in replace.items()}
     tensors.update({_MASK + k: pack_mask(v) for k, v in masks.items()})
+    if prompt is not None:
+        if prompt.ndim != 2 or prompt.shape[0] < 1:
+            raise ValueError(f"a soft prompt is a [length, hidden] tensor, got shape {tuple(prompt.shape)}")
+        tensors[_PROMPT] = prompt.detach().to("cpu").contiguous()
     # One metadata key: safetensors writes several keys in a varying order, and the same delta
     # must give the same bytes in every process.
     header = {
@@ -114,6 +128,8 @@ def load_delta(path: str | os.PathLike) -> Delta:
         for key in fh.keys():
             if key.startswith(_REPLACE):
                 delta.replace[key[len(_REPLACE):]] = fh.get_tensor(key)
+            elif key == _PROMPT:
+                delta.prompt = fh.get_tensor(key)
             elif key.startswith(_MASK):
                 name = key[len(_MASK):]
                 delta.masks[name] = unpack_mask(fh.get_tensor(key), tuple(shapes[name]))
@@ -124,10 +140,11 @@ def load_delta(path: str | os.PathLike) -> Delta:
 
 @torch.no_grad()
 def apply_delta(model: torch.nn.Module, delta: Delta | str | os.PathLike) -> torch.nn.Module:
-    """Patch ``model`` in place (replacements first, then masks); returns it.
+    """Patch ``model`` in place (replacements first, then masks, then the soft prompt's hooks);
+    returns it.
 
-    Every parameter name and shape is checked before anything is changed, so a delta made for a
-    different model fails with the parameter named and leaves the model untouched.
+    Every parameter name and shape (and the prompt's width) is checked before anything is changed,
+    so a delta made for a different model fails with the parameter named and leaves the model untouched.
     """
     source = delta if isinstance(delta, Delta) else None
     delta = source or load_delta(delta)
@@ -138,11 +155,45 @@ def apply_delta(model: torch.nn.Module, delta: Delta | str | os.PathLike) -> tor
         new = delta.replace.get(name, delta.masks.get(name))
         if tuple(new.shape) != tuple(params[name].shape):
             raise ValueError(f"delta for {name!r} has shape {tuple(new.shape)}, the model's is {tuple(params[name].shape)}")
+    if delta.prompt is not None:
+        from memctl import soft_prompt
+
+        width = model.get_input_embeddings().embedding_dim
+        if delta.prompt.ndim != 2 or delta.prompt.shape[1] != width:
+            raise ValueError(f"delta's soft prompt has shape {tuple(delta.prompt.shape)}, the model's input "
+                             f"embeddings are {width} wide")
+        if soft_prompt.attached(model) is not None:
+            raise ValueError("the model already carries a soft prompt")
     for name, value in delta.replace.items():
         params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
     for name, mask in delta.masks.items():
         params[name].mul_(mask.to(device=params[name].device, dtype=params[name].dtype))
+    if delta.prompt is not None:
+        soft_prompt.attach(model, delta.prompt.to(next(model.parameters()).device))
     return model
+
+
+@contextmanager
+def applied(model: torch.nn.Module, delta: Delta | str | os.PathLike | None) -> Iterator[torch.nn.Module]:
+    """``model`` with ``delta`` applied inside the block, restored afterwards (the original values of
+    the parameters it edits are kept on the CPU meanwhile, the soft prompt detached): one loaded
+    model serves several edits in turn. ``None``: the unedited model."""
+    if delta is None:
+        yield model
+        return
+    delta = delta if isinstance(delta, Delta) else load_delta(delta)
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().to("cpu", copy=True) for name in delta.params if name in params}
+    try:
+        yield apply_delta(model, delta)
+    finally:
+        from memctl import soft_prompt
+
+        if delta.prompt is not None:
+            soft_prompt.detach(model)
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value.to(params[name].device))
 
 
 def load_edited_model(ref: str | os.PathLike, model_settings: Mapping[str, Any] | None, delta_path=None):
@@ -163,6 +214,9 @@ def write_edited_model(
     from memctl.models import load_tokenizer
 
     out_dir = Path(out_dir)
+    if delta_path and load_delta(delta_path).prompt is not None:
+        raise ValueError(f"{delta_path}: a soft-prompt edit changes no weights; there is no edited model directory "
+                         f"to write (apply the delta to the loaded model instead)")
     model = load_edited_model(ref, model_settings, delta_path)
     with atomic_path(out_dir, directory=True, provenance=provenance) as tmp:
         model.save_pretrained(tmp)

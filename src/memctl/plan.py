@@ -505,6 +505,8 @@ class _Builder:
         self.mask_jobs: list[Job] = []
         self.prune_jobs: list[Job] = []
         self.bsn_jobs: list[Job] = []
+        self.csp_jobs: list[Job] = []
+        self.mask_ablation_rows: list[dict[str, Any]] = []
         self.masks_spec = {"none": {"edit": "none", "series": "Origin", "family": "origin", "delta": None,
                                     "tables": ["main"]}}
         if masks["enabled"]:
@@ -521,8 +523,13 @@ class _Builder:
             bsn = pruning["balanced_subnet"]
             if bsn["enabled"]:
                 self.balanced_subnet(mask_settings)
+            self.csp()
             for mode in masks["modes"]:
-                self.mask(mode, r, masks["threshold"], "main", mask_settings)
+                for seed in masks["seeds"]:  # the first seed's mask is the mode's reference run
+                    self.mask(mode, r, masks["threshold"], "main", mask_settings,
+                              None if seed == masks["seeds"][0] else f"{MASK_MODE_LABELS[mode]}, seed {seed}",
+                              seed=seed)
+            self.mask_ablations(r, mask_settings)
             sweep = masks["sweep"]
             for s in sweep["sparsities"]:
                 for mode in sweep["sparsity_modes"]:
@@ -542,14 +549,19 @@ class _Builder:
         self.add("train_mask", self.mask_jobs, wildcard="edit", outputs=log_pattern)
         self.add("prune_baseline", self.prune_jobs, wildcard="edit", outputs=edit_pattern)
         self.add("balanced_subnet", self.bsn_jobs, wildcard="edit", outputs=log_pattern)
+        self.add("csp", self.csp_jobs, wildcard="edit", outputs=log_pattern)
         spec = {"title": f"Masks and pruning baselines at sparsity {masks['sparsity']:g}",
                 "edits": list(self.masks_spec.values())}
+        if self.mask_ablation_rows:
+            spec["ablations"] = self.mask_ablation_rows
         h = settings_hash(self.eval_hash, spec)
         out = f"{self.results}/masks"
         outputs = {"markdown": f"{out}/table.md", "table": f"{out}/table.parquet", "html": f"{out}/table.html"}
         for table in ("sparsity", "threshold"):
             if any(table in e["tables"] for e in self.masks_spec.values()):
                 outputs.update({f"{table}_{ext}": f"{out}/ablation_{table}.{ext}" for ext in ("md", "parquet", "png")})
+        if self.mask_ablation_rows:
+            outputs.update({f"ablations_{ext}": f"{out}/ablations.{ext}" for ext in ("md", "parquet")})
         metrics = [self.metrics(e) for e in self.masks_spec]
         self.add("masks_report", [Job(
             "masks_report", "", {"metrics": metrics, "deltas": [e["delta"] for e in self.masks_spec.values() if e["delta"]]},
@@ -579,10 +591,56 @@ class _Builder:
         if table not in self.masks_spec[edit]["tables"]:
             self.masks_spec[edit]["tables"].append(table)
 
-    def mask(self, mode, sparsity, threshold, table, mask_settings, label=None) -> None:
+    def mask_ablations(self, r, mask_settings) -> None:
+        """The weight-pruning paper's ablation rows (``masks.ablations``): Table 5's regularizers, the
+        gate kinds of appendix A, the low-rank gate logits of appendix D; each a mask of one ablated mode
+        at the first seed with one setting changed, next to that mode's main-table mask (its reference)."""
         masks = self.cfg["masks"]
-        job = {k: v for k, v in masks.items() if k not in ("enabled", "modes", "sweep", "lambda_s", "threshold")}
-        job.update(mode=mode, sparsity=sparsity, lambda_s=masks["lambda_s"][mode])
+        abl = masks["ablations"]
+        if not (abl["regularizers"] or abl["gates"] or abl["logit_ranks"]):
+            return
+        t = masks["threshold"]
+        for mode in abl["modes"]:
+            base = MASK_MODE_LABELS[mode][:-1]  # "Ours (up"
+            rows: list[tuple[str, str, str, float | None, bool]] = []  # ablation, setting, edit, target, reference
+            reference = self.mask(mode, r, t, "ablations", mask_settings)  # the main-table mask (first seed)
+            if abl["regularizers"]:
+                if "sparsity_only" in abl["regularizers"]:  # no memorization term: the `none` objective
+                    rows.append(("regularizers", "sparsity only", self.mask(
+                        "none", r, None, "ablations", mask_settings, f"{base}, sparsity only)",
+                        lambda_s=masks["lambda_s"][mode]), r, False))
+                if "memorization_only" in abl["regularizers"]:  # no sparsity term: no target sparsity
+                    rows.append(("regularizers", "memorization only", self.mask(
+                        mode, r, t, "ablations", mask_settings, f"{base}, memorization only)", lambda_s=0,
+                        eval_mask="threshold"), None, False))
+                rows.append(("regularizers", "both", reference, r, True))
+            if abl["gates"]:
+                rows.append(("gate", f"gate {masks['gate']}", reference, r, True))
+                for kind in abl["gates"]:
+                    if kind != masks["gate"]:
+                        rows.append(("gate", f"gate {kind}", self.mask(
+                            mode, r, t, "ablations", mask_settings, f"{base}, gate {kind})", gate=kind), r, False))
+            if abl["logit_ranks"]:
+                own = masks["logit_rank"]
+                rows.append(("logit_rank", "full-rank logits" if own is None else f"logit rank {own}", reference, r,
+                             True))
+                for rank in abl["logit_ranks"]:
+                    if rank != own:
+                        rows.append(("logit_rank", f"logit rank {rank}", self.mask(
+                            mode, r, t, "ablations", mask_settings, f"{base}, logit rank {rank})", logit_rank=rank),
+                            r, False))
+            self.mask_ablation_rows += [
+                {"edit": edit, "label": f"{base}, {setting})", "ablation": ablation, "setting": setting, "mode": mode,
+                 "target_sparsity": target, "reference": ref} for ablation, setting, edit, target, ref in rows]
+
+    def mask(self, mode, sparsity, threshold, table, mask_settings, label=None, **change) -> str:
+        """Plan one mask (``change``: job settings that differ from the config's, e.g. a seed or a gate
+        kind); returns its edit id."""
+        masks = self.cfg["masks"]
+        skip = ("enabled", "modes", "sweep", "ablations", "seeds", "lambda_s", "threshold")
+        job = {k: v for k, v in masks.items() if k not in skip}
+        job.update(mode=mode, sparsity=sparsity, lambda_s=masks["lambda_s"][mode], seed=masks["seeds"][0])
+        job.update(change)
         if mode == "down":
             job["threshold"] = threshold
         job = mask_settings.resolve_mask_job(job)
@@ -594,9 +652,11 @@ class _Builder:
             inputs["memorized"] = self.tables["er_train"]
             args += ("--memorized", self.tables["er_train"])
         series = MASK_MODE_LABELS[mode]
-        self._masks_edit(self.mask_jobs, "train_mask", f"mask-{mode}-{h}", job, label or series, series, table,
+        edit = f"mask-{mode}-{h}"
+        self._masks_edit(self.mask_jobs, "train_mask", edit, job, label or series, series, table,
                          inputs, args, family="ours", mode=mode, sparsity=sparsity,
-                         threshold=threshold if mode == "down" else None)
+                         threshold=threshold if mode == "down" else None, seed=job["seed"])
+        return edit
 
     def baseline(self, method, form, sparsity, table, mask_settings, label=None) -> None:
         pruning = self.cfg["pruning"]
@@ -629,6 +689,128 @@ class _Builder:
         self._masks_edit(self.bsn_jobs, "balanced_subnet", f"bsn-{h}", bsn, "BalancedSubnet", "BalancedSubnet",
                          "main", {"forget": forget, "retain": retain}, ("--forget", forget, "--retain", retain),
                          family="baseline", method="balanced_subnet", sparsity=bsn["ratio"], forget=forget)
+
+    def csp(self) -> None:
+        """CSP soft prompts (config section ``csp``): one job per mode for the main table, and mode
+        down at every ``csp.sweep.thetas`` value for the learning-threshold ablation."""
+        from memctl.masks.csp import resolve_job
+
+        cfg = self.cfg["csp"]
+        if not cfg["enabled"]:
+            return
+        base = {k: v for k, v in cfg.items() if k not in ("enabled", "modes", "sweep")}
+        points = [(mode, cfg["theta"], "main") for mode in cfg["modes"]]
+        points += [("down", t, "threshold") for t in cfg["sweep"]["thetas"]]
+        if cfg["sweep"]["thetas"] and "down" in cfg["modes"]:
+            points.append(("down", cfg["theta"], "threshold"))  # the main-table point on the ablation's curve
+        er_train = self.tables["er_train"]
+        for mode, theta, table in points:
+            job = resolve_job({**base, "mode": mode, "theta": theta})
+            h = settings_hash(self.model.key, self.cfg["model"], self.gpu, self.extract_hash, job)
+            series = f"CSP ({mode})"
+            label = series if table == "main" or theta == cfg["theta"] else f"{series}, theta={theta:g}"
+            self._masks_edit(self.csp_jobs, "csp", f"csp-{mode}-{h}", job, label, series, table,
+                             {"memorized": er_train}, ("--memorized", er_train), family="csp", method="csp",
+                             mode=mode, sparsity=None, threshold=theta if mode == "down" else None)
+
+    def vision(self) -> None:
+        """The vision track (:mod:`memctl.vision`, docs/vision.md), planned when ``vision.enabled``:
+        data -> ViT -> K-FAC factors and eigenbases -> edits per method -> one evaluation of every
+        edit -> band analysis -> report. With ``vision.only``, ``rule all`` asks for it alone."""
+        vis = self.cfg["vision"]
+        if not vis["enabled"]:
+            if vis["only"]:
+                raise ConfigError("vision.only: true needs vision.enabled: true")
+            return
+        missing = sorted(set(vis["edits"]["methods"]) - {m for m, v in vis["edits"]["strengths"].items() if v})
+        if missing:
+            raise ConfigError(f"vision.edits.strengths: no values for the methods {missing} of vision.edits.methods")
+        if any(m != "svd" for m in vis["edits"]["methods"]) and set(vis["edits"]["roles"]) - set(vis["kfac"]["roles"]):
+            raise ConfigError(f"vision.edits.roles {vis['edits']['roles']}: K-FAC edits need factors of these roles; "
+                              f"vision.kfac.roles collects {vis['kfac']['roles']}")
+        if vis["spectrum"]["enabled"] and set(vis["spectrum"]["roles"]) - set(vis["kfac"]["roles"]):
+            raise ConfigError(f"vision.spectrum.roles {vis['spectrum']['roles']}: not in vision.kfac.roles "
+                              f"{vis['kfac']['roles']}")
+        if vis["data"]["source"] == "imagefolder" and not vis["data"]["path"]:
+            raise ConfigError("vision.data.path: required when vision.data.source is 'imagefolder'")
+        root, device = f"{self.root}/vision", "cuda" if self.gpu else "cpu"
+        h = settings_hash(vis["data"])
+        data = f"{root}/data-{h}"
+        source = {"images": vis["data"]["path"]} if vis["data"]["source"] == "imagefolder" else {}
+        self.add("vision_data", [Job(
+            "vision_data", "", source, {"data": data}, ("--settings", as_json(vis["data"]), "--out-dir", data),
+            self.log("vision_data", h), self.bench("vision_data", h), vis["data"],
+        )], directories=("data",))
+        train_settings = {"model": vis["model"], "train": vis["train"]}
+        train_hash = settings_hash(h, train_settings, self.gpu)
+        train = f"{root}/vit-{train_hash}"
+        model = f"{train}/model"
+        self.add("vision_train", [Job(
+            "vision_train", "", {"data": data}, {"model": model, "log": f"{train}/train_log.parquet"},
+            ("--data", data, "--settings", as_json(train_settings), "--device", device, "--out-dir", train),
+            self.log("vision_train", train_hash), self.bench("vision_train", train_hash), train_settings,
+        )], directories=("model",))
+        kfac_hash = settings_hash(train_hash, vis["kfac"])
+        kfac = f"{train}/kfac-{kfac_hash}"
+        self.add("vision_kfac", [Job(
+            "vision_kfac", "", {"model": model, "data": data},
+            {"factors": f"{kfac}/factors", "eigen": f"{kfac}/eigen", "summary": f"{kfac}/summary.parquet"},
+            ("--model", model, "--data", data, "--settings", as_json(vis["kfac"]), "--device", device, "--out-dir", kfac),
+            self.log("vision_kfac", kfac_hash), self.bench("vision_kfac", kfac_hash), vis["kfac"],
+        )], directories=("factors", "eigen"))
+        edit_settings = {k: v for k, v in vis["edits"].items() if k != "methods"}
+        jobs = []
+        for method in vis["edits"]["methods"]:
+            svd = method == "svd"
+            key = f"{method.replace('_', '-')}-{settings_hash(train_hash if svd else kfac_hash, edit_settings, method)}"
+            out = f"{train}/edits-{key}"
+            eigen = {} if svd else {"eigen": f"{kfac}/eigen"}
+            jobs.append(Job(
+                "vision_edit", key, {"model": model, **eigen}, {"deltas": f"{out}/deltas", "table": f"{out}/edits.parquet"},
+                ("--model", model, *(("--eigen", eigen["eigen"]) if eigen else ()), "--method", method,
+                 "--settings", as_json(edit_settings), "--out-dir", out),
+                self.log("vision_edit", key), self.bench("vision_edit", key), dict(edit_settings, method=method),
+            ))
+        self.add("vision_edit", jobs, wildcard="vision_edits",
+                 outputs={"deltas": f"{train}/edits-{{vision_edits}}/deltas",
+                          "table": f"{train}/edits-{{vision_edits}}/edits.parquet"},
+                 directories=("deltas",))
+        edit_dirs = [f"{train}/edits-{j.key}" for j in jobs]
+        eval_hash = settings_hash(h, [j.key for j in jobs])
+        metrics = f"{train}/eval-{eval_hash}/metrics.parquet"
+        self.add("vision_evaluate", [Job(
+            "vision_evaluate", "", {"model": model, "data": data, "edits": [f"{d}/edits.parquet" for d in edit_dirs],
+                                    "deltas": [f"{d}/deltas" for d in edit_dirs]},
+            {"metrics": metrics},
+            ("--model", model, "--data", data, "--edits", *edit_dirs, "--device", device, "--out", metrics),
+            self.log("vision_evaluate", eval_hash), self.bench("vision_evaluate", eval_hash),
+        )])
+        spectrum_hash = settings_hash(kfac_hash, vis["spectrum"])
+        spectrum = f"{kfac}/spectrum-{spectrum_hash}/spectrum.parquet"
+        self.add("vision_spectrum", [Job(
+            "vision_spectrum", "", {"model": model, "data": data, "eigen": f"{kfac}/eigen"}, {"spectrum": spectrum},
+            ("--model", model, "--data", data, "--eigen", f"{kfac}/eigen", "--settings", as_json(vis["spectrum"]),
+             "--device", device, "--out", spectrum),
+            self.log("vision_spectrum", spectrum_hash), self.bench("vision_spectrum", spectrum_hash), vis["spectrum"],
+        )])
+        with_spectrum = bool(vis["spectrum"]["enabled"])
+        out = f"{self.results}/vision"
+        report = {"markdown": "vision.md", "html": "vision.html", "table": "vision_edits.parquet",
+                  "best": "vision_best.parquet", "blocks": "vision_blocks.png"}
+        if with_spectrum:
+            report["spectrum"] = "vision_spectrum.png"
+        report = {k: f"{out}/{v}" for k, v in report.items()}
+        name = settings_hash(eval_hash, spectrum_hash if with_spectrum else None)
+        self.add("vision_report", [Job(
+            "vision_report", "", {"metrics": metrics, "data": data, "model": model, "log": f"{train}/train_log.parquet",
+                                  "summary": f"{kfac}/summary.parquet", **({"spectrum": spectrum} if with_spectrum else {})},
+            report,
+            ("--metrics", metrics, *(("--spectrum", spectrum) if with_spectrum else ()), "--data", data,
+             "--train-dir", train, "--kfac-summary", f"{kfac}/summary.parquet", "--out-dir", out),
+            self.log("vision_report", name), self.bench("vision_report", name),
+        )], shown={k: ("Vision", f"{PurePosixPath(v).stem}.rst") for k, v in report.items()
+                   if v.endswith((".html", ".png"))})
+        self.targets = list(report.values()) if vis["only"] else [*self.targets, *report.values()]
 
     def evaluation(self) -> None:
         m, ev = self.model, self.evaluate_settings
@@ -676,6 +858,44 @@ class _Builder:
         self.targets = [outputs["results"], outputs["by_copies"], outputs["plot"], outputs["edits_by_copies"],
                         outputs["edits_by_copies_plot"], *self.targets]
 
+    def downstream(self) -> None:
+        """lm-eval downstream tasks (config section ``downstream``): the chosen edits in jobs of
+        ``edits_per_job`` (each loads the model once and applies the edits in turn), and Table 4."""
+        m, cfg = self.model, self.cfg["downstream"]
+        if cfg["edits"] == "main":
+            chosen = [e for e, spec in self.masks_spec.items() if "main" in spec["tables"]]
+        else:
+            chosen = list(self.edits)
+        h = settings_hash(m.key, self.cfg["model"], self.gpu, {k: v for k, v in cfg.items() if k != "edits_per_job"})
+        out_dir = f"{m.dir}/downstream-{h}"
+        size = cfg["edits_per_job"] or max(1, len(chosen))
+        jobs = []
+        for start in range(0, len(chosen), size):
+            part = [self.edits[e] for e in chosen[start:start + size]]
+            key = f"{start // size:03d}-{settings_hash([e.id for e in part])}"
+            spec = [{"edit": e.id, "label": e.label, "delta": e.delta} for e in part]
+            deltas = [e.delta for e in part if e.delta]
+            tasks = {"tasks": cfg["include_path"]} if cfg["include_path"] else {}
+            out = f"{out_dir}/{key}.parquet"
+            jobs.append(Job(
+                "downstream", key, {**m.inputs, **tasks, "deltas": deltas}, {"results": out},
+                (*self.model_args(), "--edits", as_json(spec), "--settings", as_json(cfg), "--out", out),
+                self.log("downstream", f"{h}-{key}"), self.bench("downstream", f"{h}-{key}"), cfg,
+            ))
+        if not cfg["tasks"]:
+            jobs = []
+        self.add("downstream", jobs, wildcard="part", outputs={"results": f"{out_dir}/{{part}}.parquet"},
+                 log=f"{self.root}/logs/downstream/{h}-{{part}}.log")
+        results = [j.outputs["results"] for j in jobs]
+        outputs = {k: f"{self.results}/downstream.{k}" for k in ("md", "parquet", "html")}
+        self.add("downstream_report", [Job(
+            "downstream_report", "", {"results": results}, outputs,
+            ("--results", *results, "--settings", as_json(cfg), "--out-dir", self.results),
+            self.log("downstream_report", h), self.bench("downstream_report", h), cfg,
+        )], shown={"html": ("Downstream tasks", "downstream.rst")})
+        if cfg["tasks"]:
+            self.targets += list(outputs.values())
+
 
 def build_plan(config: Mapping[str, Any], dims: Any = None, *, python_version: str | None = None) -> Plan:
     """The plan of a validated config (:func:`memctl.config.load_config`).
@@ -692,4 +912,6 @@ def build_plan(config: Mapping[str, Any], dims: Any = None, *, python_version: s
     b.curvature()
     b.masks()
     b.evaluation()
+    b.downstream()
+    b.vision()  # last: with vision.only it replaces the targets
     return Plan(config, b.root, b.results, b.model, dict(b.stages), dict(b.edits), tuple(dict.fromkeys(b.targets)))

@@ -55,6 +55,7 @@ class Stage:
 
 
 _C, _CU, _M, _D = "memctl.commands", "memctl.curvature.cli", "memctl.masks.cli", "memctl.demo.cli"
+_V = "memctl.vision.cli"
 
 #: Every stage, in DAG order.
 STAGES: dict[str, Stage] = {
@@ -91,8 +92,27 @@ STAGES: dict[str, Stage] = {
               runtime_min=60, family="masks"),
         Stage("balanced_subnet", "balanced-subnet", f"{_M}:cmd_balanced_subnet", "mask", gpu=True, threads=True,
               mem_mb=8000, runtime_min=120, family="masks"),
+        Stage("csp", "csp", f"{_M}:cmd_csp", "mask", gpu=True, threads=True, mem_mb=8000, runtime_min=60,
+              family="masks"),
+        Stage("downstream", "downstream", "memctl.downstream:cmd_downstream", "score", gpu=True, threads=True,
+              mem_mb=8000, runtime_min=120, family="downstream"),
+        Stage("downstream_report", "downstream-report", "memctl.downstream:cmd_downstream_report", "light",
+              mem_mb=2000, runtime_min=10, family="downstream"),
         Stage("masks_report", "masks-report", f"{_M}:cmd_report", "light", mem_mb=4000, runtime_min=10,
               family="masks"),
+        # the vision track (memctl.vision, docs/vision.md): a ViT memorizing noised labels
+        Stage("vision_data", "vision-data", f"{_V}:cmd_data", "light", runtime_min=20, family="vision"),
+        Stage("vision_train", "vision-train", f"{_V}:cmd_train", "pretrain", gpu=True, threads=True, mem_mb=8000,
+              runtime_min=60, family="vision"),
+        Stage("vision_kfac", "vision-kfac", f"{_V}:cmd_kfac", "kfac", gpu=True, threads=True, mem_mb=8000,
+              runtime_min=60, family="vision"),
+        Stage("vision_edit", "vision-edit", f"{_V}:cmd_edit", "edit", threads=True, mem_mb=8000, family="vision"),
+        Stage("vision_evaluate", "vision-evaluate", f"{_V}:cmd_evaluate", "score", gpu=True, threads=True,
+              mem_mb=8000, runtime_min=60, family="vision"),
+        Stage("vision_spectrum", "vision-spectrum", f"{_V}:cmd_spectrum", "edit", gpu=True, threads=True,
+              mem_mb=8000, family="vision"),
+        Stage("vision_report", "vision-report", f"{_V}:cmd_report", "light", mem_mb=2000, runtime_min=10,
+              family="vision"),
     )
 }
 

@@ -1,4 +1,4 @@
-# Pruning masks that suppress or amplify memorization, the pruning baselines and BalancedSubnet
+# Pruning masks that suppress or amplify memorization, the pruning baselines, BalancedSubnet and CSP
 # (the weight-pruning paper; docs/masks.md), and the paper-style tables.
 
 
@@ -69,6 +69,29 @@ rule balanced_subnet:
         code=code("balanced_subnet"),
     shell:
         "memctl balanced-subnet --threads {threads} {params.args} > {log:q} 2>&1"
+
+
+rule csp:
+    input:
+        unpack(inputs("csp")),
+    output:
+        **outputs("csp"),
+    log:
+        PLAN.stage("csp").log,
+    benchmark:
+        PLAN.stage("csp").benchmark
+    wildcard_constraints:
+        **constraints("csp"),
+    conda:
+        ENV
+    threads: threads("csp")
+    resources:
+        **resources("csp"),
+    params:
+        args=args("csp"),
+        code=code("csp"),
+    shell:
+        "memctl csp --threads {threads} {params.args} > {log:q} 2>&1"
 
 
 rule masks_report:

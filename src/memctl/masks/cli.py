@@ -1,7 +1,8 @@
-"""``memctl`` subcommands of the masks stages: train-mask, prune, balanced-subnet, masks-report.
+"""``memctl`` subcommands of the masks stages: train-mask, prune, balanced-subnet, csp, masks-report.
 
-Each writes its edit as a ``delta.safetensors`` (bit-packed keep-masks, or SparseGPT's updated
-weights) with a provenance sidecar, so ``memctl evaluate --delta`` scores it like every other edit.
+Each writes its edit as a ``delta.safetensors`` (bit-packed keep-masks, SparseGPT's updated
+weights, or CSP's soft prompt) with a provenance sidecar (which records the training cost: wall time,
+device, tokens processed), so ``memctl evaluate --delta`` scores it like every other edit.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from memctl.runner import load, model_args, stage
+from memctl.runner import count_tokens, load, model_args, stage
 
 log = logging.getLogger("memctl.masks")
 
@@ -44,7 +45,9 @@ def cmd_train_mask(args) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         # Fails (NotConvergedError, a ConfigError: one message, exit status 2) when the mask did not reach
         # its target and on_unconverged is 'fail'; with 'flag' the delta says converged: false.
-        result = train_mask(model, calibration, memorized, settings, work_dir=work_dir)
+        with count_tokens(model) as cost:  # the sidecar's training cost (a resumed run counts its own part)
+            result = train_mask(model, calibration, memorized, settings, work_dir=work_dir)
+        prov.extra["cost"] = {"tokens_processed": cost["tokens"], "forward_calls": cost["forward_calls"]}
         # steps / lr as trained (null = one pass over the windows / sized to the run: resolved here)
         resolved = {**settings, "steps": result.stats["steps"], "lr": result.stats["lr"]}
         meta = {"method": "mask", "label": args.label, "mode": settings["mode"], "settings": resolved,
@@ -53,8 +56,9 @@ def cmd_train_mask(args) -> None:
         prov.extra["resolved_settings"] = resolved
         save_delta(args.out, masks=result.masks, metadata=meta, provenance=prov)
         write_parquet(result.log, args.log, provenance=prov)
-    log.info("%s mask: sparsity %.4f (target %.3f, %s); %d iterations (%s), lr %.4g (%s); final calibration "
-             "loss %.4f%s", settings["mode"], result.stats["sparsity"], settings["sparsity"],
+    target = "none: lambda_s 0" if result.stats["target_sparsity"] is None else f"{settings['sparsity']:.3f}"
+    log.info("%s mask: sparsity %.4f (target %s, %s); %d iterations (%s), lr %.4g (%s); final calibration "
+             "loss %.4f%s", settings["mode"], result.stats["sparsity"], target,
              result.stats["mask_rule"], result.stats["steps"], result.stats["steps_rule"], result.stats["lr"],
              result.stats["lr_rule"], result.log["calib_loss"].iloc[-1],
              "" if result.stats["converged"] else "; DID NOT CONVERGE: " + result.stats["unconverged_reason"])
@@ -84,6 +88,8 @@ def cmd_prune(args) -> None:
         factors = _load_factors(args.factors) if settings["second_moments"] == "kfac" and args.factors else None
         model, _ = load(args, prov)
         result = prune_model(model, settings, calibration, factors)
+        # layer-wise passes bypass the model's forward: the calibration tokens it pruned with
+        prov.extra["cost"] = {"tokens_processed": int(result.stats.get("calibration_tokens", 0))}
         meta = {"method": settings["method"], "label": args.label, "form": result.stats["form"],
                 "settings": settings, **_public_stats(result.stats)}
         prov.extra["stats"] = result.stats
@@ -134,7 +140,9 @@ def cmd_balanced_subnet(args) -> None:
         model, _ = load(args, prov)
         # Fails (NotConvergedError: one message, exit status 2) when the final mask is (almost) the initial
         # one and on_unconverged is 'fail'; with 'flag' the delta says converged: false.
-        result = train_balanced_subnet(model, forget, retain, settings)
+        with count_tokens(model) as cost:
+            result = train_balanced_subnet(model, forget, retain, settings)
+        prov.extra["cost"] = {"tokens_processed": cost["tokens"], "forward_calls": cost["forward_calls"]}
         meta = {"method": "balanced_subnet", "label": args.label, "settings": settings,
                 **_public_stats(result.stats)}
         prov.extra["stats"] = result.stats
@@ -144,6 +152,34 @@ def cmd_balanced_subnet(args) -> None:
              "initial pruning%s", result.stats["sparsity"], result.stats["gated_weights"],
              100 * result.stats["convergence"]["changed_share"],
              "" if result.stats["converged"] else "; DID NOT CONVERGE: " + result.stats["unconverged_reason"])
+
+
+def cmd_csp(args) -> None:
+    from memctl.config import parse_settings
+    from memctl.edits import save_delta
+    from memctl.masks.csp import resolve_job, train_soft_prompt
+    from memctl.masks.data import sequences_from_table
+    from memctl.store import write_parquet
+
+    settings = resolve_job(parse_settings(args.settings))
+    with stage(
+        "csp",
+        {"csp": settings, "model": parse_settings(args.model_settings)},
+        {"model": args.model, "memorized": args.memorized},
+        outputs=[args.out, args.log],
+    ) as prov:
+        sequences = sequences_from_table(args.memorized, "suffix")  # CSP's loss: suffix tokens only
+        model, _ = load(args, prov)
+        with count_tokens(model) as cost:
+            result = train_soft_prompt(model, sequences, settings)
+        prov.extra["cost"] = {"tokens_processed": cost["tokens"], "forward_calls": cost["forward_calls"]}
+        prov.extra["stats"] = result.stats
+        meta = {"method": "csp", "label": args.label, "mode": settings["mode"], "settings": settings, **result.stats}
+        save_delta(args.out, prompt=result.prompt, metadata=meta, provenance=prov)
+        write_parquet(result.log, args.log, provenance=prov)
+    log.info("csp (%s): %d prompt vectors, %d iterations; train suffix loss %.4f -> %.4f%s", settings["mode"],
+             settings["prompt_length"], settings["steps"], result.stats["initial_suffix_loss"],
+             result.stats["final_suffix_loss"], f" (theta {settings['theta']:g})" if "theta" in settings else "")
 
 
 def cmd_report(args) -> None:
@@ -166,8 +202,9 @@ def cmd_report(args) -> None:
             entry["mask_rule"] = meta.get("mask_rule")
             entry["converged"] = meta.get("converged")  # false: trained with on_unconverged: flag
             entry["unconverged_reason"] = meta.get("unconverged_reason")
+            entry.update(report.delta_cost(entry.get("delta")))  # wall time, device, tokens (its sidecar)
         main = report.main_table(metrics, entries)
-        text = report.markdown(main, title) + "\n" + report.notes(main)
+        text = report.markdown(main, title, trail=report.COST_COLUMNS) + "\n" + report.COST_NOTE + report.notes(main)
         write_text(out / "table.md", text, provenance=prov)
         write_parquet(main, out / "table.parquet", provenance=prov)
         pages = [text]
@@ -185,6 +222,14 @@ def cmd_report(args) -> None:
             write_parquet(df, out / f"ablation_{table}.parquet", provenance=prov)
             with atomic_path(out / f"ablation_{table}.png", provenance=prov) as tmp:
                 report.plot_ablation(df, x, panels, tmp, heading, origin)
+            pages.append(page)
+        if spec.get("ablations"):  # masks.ablations: paper Table 5, appendices A and D
+            df = report.ablations_table(metrics, entries, spec["ablations"])
+            page = report.markdown(df, "Ablations (paper Table 5, appendices A and D)",
+                                   [("ablation", "Ablation", "{}"), ("target_sparsity", "Target", "{:.2f}")])
+            page += "\n" + report.ABLATIONS_NOTE + report.notes(df)
+            write_text(out / "ablations.md", page, provenance=prov)
+            write_parquet(df, out / "ablations.parquet", provenance=prov)
             pages.append(page)
         write_text(out / "table.html", markdown_html("\n".join(pages), title), provenance=prov)
     print(text)
@@ -221,6 +266,15 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--log", required=True)
     p.set_defaults(func=cmd_balanced_subnet)
+
+    p = subparsers.add_parser("csp", help="CSP baseline: a soft prompt trained with the model frozen (suffix loss)")
+    model_args(p)
+    p.add_argument("--memorized", required=True, help="er_train.parquet (prefix_ids, suffix_ids)")
+    p.add_argument("--settings", required=True, help="the job's `csp` settings (JSON): mode, prompt_length, theta ...")
+    p.add_argument("--label", default=None)
+    p.add_argument("--out", required=True, help="delta.safetensors to write (a prompt/embeddings entry)")
+    p.add_argument("--log", required=True, help="train_log.parquet to write")
+    p.set_defaults(func=cmd_csp)
 
     p = subparsers.add_parser("masks-report", help="paper-style masks tables and ablation plots")
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet of Origin and every masks edit")

@@ -47,11 +47,14 @@ def _job_schema(base: Mapping[str, Any], drop: tuple[str, ...], add: Mapping[str
 def mask_job_schema() -> dict[str, Any]:
     return _job_schema(
         fragment("masks"),
-        drop=("enabled", "modes", "sweep", "lambda_s", "threshold"),
+        drop=("enabled", "modes", "sweep", "ablations", "seeds", "lambda_s", "threshold"),
         add={
             "mode": {"enum": list(MODES)},
+            # 0 turns the sparsity term off (paper Table 5's memorization-only row): no target to reach
             "lambda_s": {"type": "number", "minimum": 0},
             "threshold": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None},
+            "seed": {"type": "integer", "minimum": 0, "default": 0,
+                     "description": "Seeds the gate noise, the low-rank factors and the data order (one of masks.seeds)."},
         },
         required=["mode", "lambda_s"],
     )
@@ -108,7 +111,20 @@ def resolve_mask_job(settings: Mapping[str, Any]) -> dict[str, Any]:
     job = _resolve(mask_job_schema(), settings, "masks")
     if job["mode"] == "down" and job.get("threshold") is None:
         raise ConfigError("invalid masks settings:\n  masks.threshold: mode 'down' needs a learning threshold t")
+    if not has_sparsity_term(job) and job["eval_mask"] == "topk":
+        raise ConfigError(
+            "invalid masks settings:\n  masks.eval_mask: 'topk' cuts the mask to the target sparsity, but "
+            "lambda_s 0 has no sparsity term (the target is not part of the objective); use 'threshold'")
     return job
+
+
+def has_sparsity_term(job: Mapping[str, Any]) -> bool:
+    """Whether a mask job's objective has the sparsity regularizer (``lambda_s > 0``).
+
+    Without it (paper Table 5's memorization-only row) there is no target sparsity to reach: the
+    final mask is the threshold rule at whatever sparsity training gave.
+    """
+    return float(job["lambda_s"]) > 0
 
 
 def resolve_prune_job(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from memctl.config import ConfigError
 from memctl.masks import gates
 from memctl.masks.data import Sequences, cycling_indices, sequence_loss, window_loss
 from memctl.masks.regularizers import memorization_term, sparsity_regularizer
-from memctl.masks.settings import resolve_mask_job
+from memctl.masks.settings import has_sparsity_term, resolve_mask_job
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +428,10 @@ def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Map
         "boundary_distance": distance,
         "lr_travel": round(travel, 6),
     }
-    sparsity_ok = abs(expected - target) <= tol
+    # lambda_s 0 (no sparsity term): the target is not part of the objective, so not a condition either
+    sparsity_ok = abs(expected - target) <= tol or not has_sparsity_term(s)
+    if not has_sparsity_term(s):
+        out["sparsity_condition"] = "none (lambda_s 0: no sparsity term)"
     cut_ok = crossed_share >= MIN_CROSSED_SHARE
     out["converged"] = sparsity_ok and cut_ok
     if out["converged"]:
@@ -487,7 +490,9 @@ def final_masks(mask_gates: MaskGates, s: Mapping[str, Any]) -> tuple[dict[str, 
     threshold_sparsity = mask_sparsity(threshold_masks)
     rule = "threshold"
     masks = threshold_masks
-    if s["eval_mask"] == "topk" or abs(threshold_sparsity - target) > s["sparsity_tolerance"]:
+    if not has_sparsity_term(s):  # lambda_s 0: no target in the objective, so nothing to cut to
+        rule = "threshold (no sparsity term)"
+    elif s["eval_mask"] == "topk" or abs(threshold_sparsity - target) > s["sparsity_tolerance"]:
         if s["eval_mask"] == "threshold":
             log.warning(
                 "threshold mask sparsity %.4f misses the target %.4f by more than %.3f: using the exact "
@@ -502,7 +507,7 @@ def final_masks(mask_gates: MaskGates, s: Mapping[str, Any]) -> tuple[dict[str, 
         t.short: round(1.0 - float(masks[t.param_name].float().mean()), 6) for t in mask_gates.targets
     }
     stats = {
-        "target_sparsity": target,
+        "target_sparsity": target if has_sparsity_term(s) else None,
         "sparsity": achieved,
         "threshold_sparsity": threshold_sparsity,
         "mask_rule": rule,

@@ -1,0 +1,306 @@
+"""The weight-pruning paper's ablation rows and mask seeds: Table 5's regularizer switches, the gate
+kinds of appendix A, the low-rank gate logits of appendix D, ``masks.seeds`` (one mask per seed,
+mean and spread in the masks table), and what they add to the plan."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from memctl.config import ConfigError
+from memctl.masks import gates, report
+from memctl.masks.data import cycling_indices, sequence_loss, sequences_from_pairs
+from memctl.masks.settings import resolve_mask_job
+from memctl.masks.training import MaskGates, derive_seed, train_mask
+
+TINY = Path(__file__).with_name("tiny_config.yaml")
+V, L = 300, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A random 2-layer GPT-NeoX (d 32: 16,384 gated weights), 512 random calibration windows, 8
+    'memorized' sequences (the objective's composition does not need a model that memorized them)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    calibration = torch.randint(0, V, (512, L), generator=gen)
+    secrets = torch.randint(0, V, (8, L), generator=gen)
+    memorized = sequences_from_pairs([s[:16].tolist() for s in secrets], [s[16:].tolist() for s in secrets])
+    return model, calibration, memorized
+
+
+BASE = {"lambda_s": 160, "batch_size": 8, "mem_batch_size": 8, "checkpoint_every": 0, "log_every": 8}
+
+
+# ------------------------------------------------------------- Table 5: which terms are on
+
+
+@pytest.mark.parametrize("name, settings, lambda_s, with_mem", [
+    ("sparsity only", {"mode": "none", "lambda_s": 240}, 240.0, False),  # plan: the `none` objective
+    ("memorization only", {"mode": "up", "lambda_s": 0}, 0.0, True),     # plan: lambda_s 0
+    ("both", {"mode": "up", "lambda_s": 240}, 240.0, True),
+])
+def test_regularizer_switches_change_the_objective_as_stated(setup, name, settings, lambda_s, with_mem):
+    """The first iteration's logged objective, recomputed independently: the hard gates of that
+    iteration applied as a delta, Hugging Face's own CLM loss on its calibration batch, R_s by its
+    formula, and the memorized batch's loss: L_clm + lambda_s R_s (+ lambda_m L_mem when on)."""
+    from memctl.architectures import linear_targets
+    from memctl.edits import Delta, apply_delta
+
+    model, calibration, memorized = setup
+    s = {**BASE, **settings, "steps": 1, "on_unconverged": "flag"}
+    result = train_mask(model, calibration, memorized, s, progress=False)
+    first = result.log.iloc[0]
+
+    targets = linear_targets(model)
+    params = dict(model.named_parameters())
+    sample_seed = derive_seed(0, 0, 0)  # seed 0, iteration 0, first gate sample
+    hard = {t.param_name: gates.hard_gate(torch.zeros_like(params[t.param_name]), derive_seed(sample_seed, i),
+                                          "gumbel", 0.4, 3.0) for i, t in enumerate(targets)}
+    kept = sum(int(h.sum()) for h in hard.values())
+    total = sum(h.numel() for h in hard.values())
+    assert total == 16384
+    masked = apply_delta(copy.deepcopy(model), Delta(masks=hard))
+    ids = calibration[torch.as_tensor(cycling_indices(len(calibration), 8, 0, 0, 0))]
+    with torch.no_grad():
+        calib = masked(input_ids=ids, labels=ids).loss.item()
+        mem_ids, attention, mem_targets = memorized.batch(cycling_indices(len(memorized), 8, 0, 0, 1), "cpu")
+        mem = sequence_loss(masked(input_ids=mem_ids, attention_mask=attention).logits, mem_ids, mem_targets).item()
+    r_s = math.log(abs(kept / total - 0.7) + 1)
+    # at logits 0 + offset 3 a Gumbel gate is closed with probability exp(-e^3) ~ 2e-9: all open
+    assert kept == total and r_s == pytest.approx(math.log(1.3))
+    assert first["calib_loss"] == pytest.approx(calib, rel=1e-5)
+    assert first["r_s"] == pytest.approx(r_s, rel=1e-6)
+    expected = calib + lambda_s * r_s + (mem if with_mem else 0.0)
+    assert first["loss"] == pytest.approx(expected, rel=1e-5), name
+    if with_mem:
+        assert first["mem_loss"] == pytest.approx(mem, rel=1e-5) and first["mem_term"] == pytest.approx(mem, rel=1e-5)
+    else:
+        assert math.isnan(first["mem_loss"]) and math.isnan(first["mem_term"])
+
+
+def test_memorization_only_has_no_target_sparsity(setup):
+    """lambda_s 0: the final mask is the threshold rule at whatever sparsity training gave (no top-k cut
+    to r), and reaching r is not a convergence condition."""
+    model, calibration, memorized = setup
+    r = train_mask(model, calibration, memorized, {**BASE, "mode": "up", "lambda_s": 0}, progress=False)
+    assert r.stats["mask_rule"] == "threshold (no sparsity term)" and r.stats["target_sparsity"] is None
+    assert r.stats["converged"] and r.stats["convergence"]["sparsity_condition"].startswith("none")
+    # measured 0.215 on this random model (the paper's pretrained models: 0.003-0.007): not cut to 0.3
+    assert r.stats["sparsity"] == pytest.approx(r.stats["threshold_sparsity"]) and abs(r.stats["sparsity"] - 0.3) > 0.05
+    with pytest.raises(ConfigError, match="masks.eval_mask: 'topk'.*lambda_s 0"):
+        resolve_mask_job({"mode": "up", "lambda_s": 0, "eval_mask": "topk"})
+
+
+# ------------------------------------------------------------------- appendix A: gate kinds
+
+
+@pytest.mark.parametrize("kind, extra, converges", [
+    ("gumbel", {}, True),
+    # the deterministic gate (eq. 9) overshoots at the default lambda_s in one pass (measured: 0.72);
+    # a gentler sparsity pull and two passes settle it on the target with the threshold rule
+    ("deterministic", {"lambda_s": 40, "steps": 128}, True),
+    # Bernoulli + STE reaches r in its samples with gates hovering open at p ~ 0.7: no trained cut
+    ("bernoulli", {}, False),
+])
+def test_each_gate_kind_trains_to_its_target_sparsity(setup, kind, extra, converges):
+    model, calibration, memorized = setup
+    s = {**BASE, "mode": "up", "gate": kind, "on_unconverged": "flag", **extra}
+    r = train_mask(model, calibration, memorized, s, progress=False)
+    assert abs(r.stats["convergence"]["expected_train_sparsity"] - 0.3) <= 0.01, r.stats["convergence"]
+    assert abs(r.stats["sparsity"] - 0.3) <= 0.01
+    assert r.stats["converged"] is converges, r.stats.get("unconverged_reason")
+    if kind == "deterministic":
+        assert r.stats["mask_rule"] == "threshold"  # its training gate is the evaluation rule
+    if not converges:
+        assert "crossed the gate boundary" in r.stats["unconverged_reason"]
+
+
+# --------------------------------------------------------------- appendix D: low-rank logits
+
+
+def test_low_rank_gates_have_the_stated_parameter_count(setup):
+    """Per matrix rows x cols: k (rows + cols) numbers, k = min(rank, rows, cols). The model's
+    matrices per layer: QKV 96 x 32, dense 32 x 32, h->4h 64 x 32, 4h->h 32 x 64."""
+    from memctl.architectures import linear_targets
+
+    model = setup[0]
+    targets = linear_targets(model)
+    full = MaskGates(model, targets)
+    assert sum(p.numel() for p in full.parameters()) == full.total == 2 * (3072 + 1024 + 2048 + 2048)
+    rank4 = MaskGates(model, targets, rank=4)
+    assert sum(p.numel() for p in rank4.parameters()) == 2 * (4 * 128 + 4 * 64 + 4 * 96 + 4 * 96) == 3072
+    # rank 16 on the 32 x 32 matrix: two 32 x 16 factors, as many numbers as the matrix (the paper's
+    # "equal number of parameters" point at half the width); rank 40 is capped at 32 by every matrix
+    rank16 = MaskGates(model, targets, rank=16)
+    sizes = {t.role: sum(p.numel() for p in (rank16.left[i], rank16.right[i])) for i, t in enumerate(targets)}
+    dense = [i for i, shape in enumerate(rank16.shapes) if shape == (32, 32)]
+    assert dense and all(rank16.left[i].numel() + rank16.right[i].numel() == 32 * 32 for i in dense), sizes
+    rank40 = MaskGates(model, targets, rank=40)
+    assert sum(p.numel() for p in rank40.parameters()) == 2 * (32 * 128 + 32 * 64 + 32 * 96 + 32 * 96)
+
+
+# ------------------------------------------------------------------------------- seeds
+
+
+def test_seeds_give_different_masks_at_the_same_sparsity(setup):
+    model, calibration, memorized = setup
+    runs = [train_mask(model, calibration, memorized, {**BASE, "mode": "none", "seed": seed}, progress=False)
+            for seed in (0, 1)]
+    for r in runs:
+        assert r.stats["converged"] and abs(r.stats["sparsity"] - 0.3) <= 0.01
+    differ = sum(int((runs[0].masks[k] != runs[1].masks[k]).sum()) for k in runs[0].masks)
+    total = sum(m.numel() for m in runs[0].masks.values())
+    # measured 0.42 on this random model: as far apart as two independent 30% cuts (2 x 0.3 x 0.7)
+    assert differ / total > 0.05
+
+
+def _metrics(values: dict[str, float]) -> pd.DataFrame:
+    rows = []
+    for edit, exact in values.items():
+        row = {col: 1.0 for col, _, _ in report.COLUMNS}
+        row.update(edit=edit, exact_er=exact, heldout_ppl=30.0 + exact)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_the_masks_table_shows_mean_and_spread_over_seeds():
+    metrics = _metrics({"none": 0.8, "mask-up-a": 0.2, "mask-up-b": 0.4, "mask-up-c": 0.9, "magnitude-x": 0.7})
+    spec = [{"edit": "none", "series": "Origin", "tables": ["main"], "measured_sparsity": 0.0},
+            {"edit": "magnitude-x", "series": "Magnitude", "tables": ["main"], "measured_sparsity": 0.3}]
+    for edit, seed, sparsity, converged in [("mask-up-a", 0, 0.30, True), ("mask-up-b", 1, 0.31, True),
+                                            ("mask-up-c", 2, 0.29, False)]:
+        spec.append({"edit": edit, "series": "Ours (up)", "family": "ours", "mode": "up", "sparsity": 0.3,
+                     "seed": seed, "tables": ["main"], "measured_sparsity": sparsity, "mask_rule": "topk",
+                     "converged": converged, "unconverged_reason": None if converged else "only 10% crossed"})
+    table = report.main_table(metrics, spec)
+    assert list(table["method"]) == ["Origin", "Magnitude", "Ours (up)"]
+    up = table.iloc[2]
+    # by hand: mean (0.2 + 0.4 + 0.9) / 3 = 0.5; deviations -0.3, -0.1, 0.4 -> sd sqrt(0.26 / 2) = 0.3606
+    assert up["exact_er"] == pytest.approx(0.5) and up["exact_er_sd"] == pytest.approx(math.sqrt(0.13))
+    assert (up["exact_er_min"], up["exact_er_max"]) == pytest.approx((0.2, 0.9))
+    assert up["sparsity"] == pytest.approx(0.30) and up["sparsity_sd"] == pytest.approx(0.01)
+    assert up["n_seeds"] == 3 and up["seeds"] == "0,1,2" and up["edit"] == "mask-up-a,mask-up-b,mask-up-c"
+    assert up["converged"] is False and up["unconverged_reason"] == "seed 2: only 10% crossed"
+    assert table.iloc[1]["n_seeds"] == 1 and np.isnan(table.iloc[1].get("exact_er_sd", np.nan))
+    text = report.markdown(table, "t") + report.notes(table)
+    assert "| Ours (up) (did not converge) |" in text and "0.500 ± 0.361" in text and "30.50 ± 0.36" in text
+    assert "| Magnitude |" in text and "0.700 |" in text  # one row: no spread
+    assert "over 3 seeds (0,1,2)" in text
+
+
+def test_the_ablations_table_lists_each_row_against_its_reference():
+    metrics = _metrics({"mask-up-a": 0.5, "mask-none-s": 0.1, "mask-up-m": 0.9})
+    spec = [{"edit": "mask-up-a", "series": "Ours (up)", "tables": ["main", "ablations"], "measured_sparsity": 0.3,
+             "mask_rule": "topk", "converged": True, "seed": 0},
+            {"edit": "mask-none-s", "series": "Ours (none)", "tables": ["ablations"], "measured_sparsity": 0.3,
+             "converged": True, "seed": 0},
+            {"edit": "mask-up-m", "series": "Ours (up)", "tables": ["ablations"], "measured_sparsity": 0.004,
+             "mask_rule": "threshold (no sparsity term)", "converged": True, "seed": 0}]
+    rows = [{"edit": "mask-none-s", "label": "Ours (up, sparsity only)", "ablation": "regularizers",
+             "setting": "sparsity only", "target_sparsity": 0.3, "reference": False},
+            {"edit": "mask-up-m", "label": "Ours (up, memorization only)", "ablation": "regularizers",
+             "setting": "memorization only", "target_sparsity": None, "reference": False},
+            {"edit": "mask-up-a", "label": "Ours (up, both)", "ablation": "regularizers", "setting": "both",
+             "target_sparsity": 0.3, "reference": True}]
+    df = report.ablations_table(metrics, spec, rows)
+    assert list(df["method"]) == ["Ours (up, sparsity only)", "Ours (up, memorization only)", "Ours (up, both)"]
+    assert list(df["exact_er"]) == [0.1, 0.9, 0.5] and list(df["sparsity"]) == [0.3, 0.004, 0.3]
+    assert list(df["reference"]) == [False, False, True]
+    text = report.markdown(df, "Ablations", [("ablation", "Ablation", "{}"), ("target_sparsity", "Target", "{:.2f}")])
+    assert "| Ours (up, memorization only) | regularizers | - |" in text
+    with pytest.raises(ValueError, match="not in the masks spec"):
+        report.ablations_table(metrics, spec, [{**rows[0], "edit": "mask-gone"}])
+
+
+# ------------------------------------------------------------------------------- the plan
+
+
+def _plan(change=None):
+    from memctl import lab
+    from memctl.config import validate_config
+    from memctl.plan import build_plan
+
+    raw = yaml.safe_load(TINY.read_text())
+    if change:
+        change(raw["masks"])
+    cfg = validate_config(raw)
+    return build_plan(cfg, lab.workflow_model_dims(cfg), python_version="3.11")
+
+
+def _masks(plan):
+    return {key: (job.label, job.settings) for key, job in plan.stage("train_mask").jobs.items()}
+
+
+def test_ablations_and_seeds_add_exactly_the_expected_jobs():
+    base = _plan()
+    assert base.stage("masks_report").jobs[""].settings.get("ablations") is None  # off by default
+    before = _masks(base)
+    after_plan = _plan(lambda m: m.update(
+        seeds=[0, 1, 2], ablations={"modes": ["up", "down"], "regularizers": ["sparsity_only", "memorization_only"],
+                                    "gates": ["bernoulli", "deterministic"], "logit_ranks": [4]}))
+    after = _masks(after_plan)
+    assert set(before) <= set(after)  # the first seed is the default run: every earlier mask is kept
+    added = {after[k][0]: after[k][1] for k in set(after) - set(before)}
+    expected = {f"Ours ({mode}), seed {seed}" for mode in ("none", "up", "down") for seed in (1, 2)}
+    expected |= {f"Ours (up, {x})" for x in ("sparsity only", "memorization only", "gate bernoulli",
+                                              "gate deterministic", "logit rank 4")}
+    # down's sparsity-only objective is the `none` objective at lambda_s.down = lambda_s.none (both
+    # 160 here): the main-table `none` mask itself, not a second job
+    expected |= {f"Ours (down, {x})" for x in ("memorization only", "gate bernoulli", "gate deterministic",
+                                                "logit rank 4")}
+    assert set(added) == expected
+    main = {label: s for label, s in before.values()}
+    for label, s in added.items():
+        mode = "up" if "(up" in label else "down" if "(down" in label else "none"
+        ref = dict(main[f"Ours ({mode})"])
+        diff = {k for k in set(s) | set(ref) if s.get(k) != ref.get(k)}
+        if label.endswith("sparsity only)"):
+            assert s["mode"] == "none" and s["lambda_s"] == 240  # lambda_s.up, no memorization term
+        elif label.endswith("memorization only)"):
+            assert diff == {"lambda_s"} and s["lambda_s"] == 0
+        elif "gate" in label:
+            assert diff == {"gate"} and s["gate"] == label.split("gate ")[1][:-1]
+        elif "rank" in label:
+            assert diff == {"logit_rank"} and s["logit_rank"] == 4
+        else:
+            assert diff == {"seed"} and s["seed"] == int(label.rsplit(" ", 1)[1])
+    # every new mask is evaluated; the report gets the ablation rows and writes ablations.md
+    assert set(after_plan.stage("evaluate").jobs) == set(after_plan.edits)
+    report_job = after_plan.stage("masks_report").jobs[""]
+    assert {"ablations_md", "ablations_parquet"} <= set(report_job.outputs)
+    rows = report_job.settings["ablations"]
+    assert len(rows) == 2 * (3 + 3 + 2)  # per mode: 3 regularizer rows, 3 gate rows, 2 rank rows
+    references = {r["edit"] for r in rows if r["reference"]}
+    assert references == {k for k, (label, _) in before.items() if label in ("Ours (up)", "Ours (down)")}
+    seeds = [e for e in report_job.settings["edits"] if e.get("series") == "Ours (up)" and "main" in e["tables"]]
+    assert sorted(e["seed"] for e in seeds) == [0, 1, 2]
+
+
+def test_bad_ablation_settings_fail_naming_the_key():
+    with pytest.raises(ConfigError, match=r"masks\.ablations\.gates"):
+        _plan(lambda m: m.update(ablations={"gates": ["hard"]}))
+    with pytest.raises(ConfigError, match=r"masks\.seeds"):
+        _plan(lambda m: m.update(seeds=[]))
+    with pytest.raises(ConfigError, match=r"masks\.ablations\.logit_ranks"):
+        _plan(lambda m: m.update(ablations={"logit_ranks": [0]}))

@@ -1,0 +1,359 @@
+"""The vision track (memctl.vision): noised-label bookkeeping, the accuracies, K-FAC factors of a ViT
+against an independent computation, a pruning baseline on the ViT, the imagefolder stand-in of the
+ImageNet preset, and (slow) the vision branch of the DAG on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from memctl import architectures as arch
+from memctl.config import ConfigError, load_config, validate_config
+from memctl.vision import curvature, report
+from memctl.vision.data import ImageSet, VisionDataError, build, label_table, noise_labels
+from memctl.vision.model import accuracies, predict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_settings(**kw):
+    return validate_config({"vision": {"data": kw}})["vision"]["data"]
+
+
+# ------------------------------------------------------------------------------ bookkeeping
+
+
+def test_noise_is_an_exact_seeded_share_of_other_classes():
+    true = np.arange(1000) % 10
+    assigned, noised = noise_labels(true, 10, 0.1, seed=3)
+    assert noised.sum() == 100  # exactly round(0.1 * 1000)
+    assert (assigned[noised] != true[noised]).all()  # a noised label is never the true one
+    assert (assigned[~noised] == true[~noised]).all()
+    assert set(np.unique(assigned)) <= set(range(10))
+    again, again_mask = noise_labels(true, 10, 0.1, seed=3)
+    assert (again == assigned).all() and (again_mask == noised).all()
+    other, other_mask = noise_labels(true, 10, 0.1, seed=4)
+    assert not (other_mask == noised).all()
+    # every other class is reachable: over many draws each of the 9 offsets occurs
+    a, m = noise_labels(np.zeros(5000, dtype=int), 10, 0.5, seed=0)
+    assert set(a[m]) == set(range(1, 10))
+    assert noise_labels(true, 10, 0.0, seed=0)[1].sum() == 0
+    with pytest.raises(ValueError, match="noise"):
+        noise_labels(true, 10, 1.0, seed=0)
+
+
+def test_label_table_noises_training_rows_only_and_keeps_true_labels():
+    true = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9] * 3)
+    split = np.array(["train"] * 20 + ["selection"] * 5 + ["validation"] * 5, dtype=object)
+    table = label_table(true, split, 10, 0.25, seed=1)
+    assert list(table["true_label"]) == list(true)
+    assert table["noised"].sum() == 5 and table.loc[table["noised"], "split"].eq("train").all()
+    held = table[table["split"] != "train"]
+    assert (held["label"] == held["true_label"]).all()
+    assert (table["noised"] == (table["label"] != table["true_label"])).all()
+
+
+def test_digits_source_splits_and_noise(tmp_path):
+    images, table, info = build(data_settings(noise=0.1, validation_fraction=0.2, selection_fraction=0.5, seed=0))
+    assert images.shape == (1797, 1, 8, 8) and float(images.min()) >= 0 and float(images.max()) <= 1
+    counts = table["split"].value_counts().to_dict()
+    assert counts == {"train": 1438, "selection": 180, "validation": 179}
+    assert table["noised"].sum() == round(0.1 * 1438) == info["noised"]
+    up, _, _ = build(data_settings(image_size=16, max_train=100, max_held_out=20))
+    assert up.shape == (120, 1, 16, 16)
+    with pytest.raises(VisionDataError, match="selection split is empty"):
+        build(data_settings(max_held_out=2, selection_fraction=0.01))
+
+
+# -------------------------------------------------------------------------------- the metric
+
+
+def test_accuracies_on_a_hand_made_case():
+    labels = pd.DataFrame({
+        "index": range(8),
+        "split": ["train"] * 5 + ["selection", "validation", "validation"],
+        "true_label": [0, 1, 2, 3, 4, 5, 6, 7],
+        "label": [9, 8, 2, 3, 4, 5, 6, 7],  # rows 0 and 1 noised (0 -> 9, 1 -> 8)
+        "noised": [True, True, False, False, False, False, False, False],
+    })
+    pred = np.array([9, 1, 2, 0, 4, 5, 6, 0])
+    acc = accuracies(pred, labels)
+    # noised rows: row 0 predicts its noised label, row 1 its true label
+    assert acc["memorization"] == 0.5 and acc["recovery"] == 0.5 and acc["n_memorization"] == 2
+    assert acc["clean_train"] == pytest.approx(2 / 3)  # rows 2, 3, 4: 3 is wrong
+    assert acc["selection"] == 1.0 and acc["validation"] == 0.5
+    with pytest.raises(ValueError, match="predictions"):
+        accuracies(pred[:3], labels)
+
+
+def test_best_edit_is_chosen_on_the_selection_slice_not_validation():
+    rows = [
+        {"edit": "none", "method": "none", "label": "Origin", "unit": "none", "layers": [], "strength": np.nan,
+         "memorization": 0.9, "recovery": 0.05, "clean_train": 1.0, "selection": 0.80, "validation": 0.80},
+    ]
+    for s, sel, val in ((0.5, 0.70, 0.95), (0.9, 0.85, 0.60), (0.95, 0.85, 0.70)):
+        rows.append({"edit": f"k{s}", "method": "kfac", "label": "K-FAC", "unit": "block", "layers": [0],
+                     "strength": s, "memorization": 0.1, "recovery": 0.5, "clean_train": 1.0, "selection": sel,
+                     "validation": val})
+    for pair, sel in (([0, 1], 0.81), ([0, 2], 0.83)):
+        rows.append({"edit": f"p{pair}", "method": "kfac", "label": "K-FAC", "unit": "pair", "layers": pair,
+                     "strength": 0.9, "memorization": 0.2, "recovery": 0.4, "clean_train": 1.0, "selection": sel,
+                     "validation": 0.9})
+    table = report.edit_table(pd.DataFrame(rows))
+    best = report.best_per_unit(table)
+    block = best[best["blocks"] == "0"].iloc[0]
+    assert block["strength"] == 0.95  # ties on selection go to the gentler edit; validation ignored
+    pairs = report.best_pairs(best)
+    assert list(pairs["blocks"]) == ["0+2"]
+
+
+def test_units_and_edit_specs():
+    assert curvature.units(3, "all") == [("block", [0]), ("block", [1]), ("block", [2]), ("pair", [0, 1]),
+                                         ("pair", [0, 2]), ("pair", [1, 2])]
+    assert curvature.units(12, [[0, -1], [11, 0]])[12:] == [("pair", [0, 11])]
+    with pytest.raises(ValueError, match="one block twice"):
+        curvature.units(4, [[1, 1]])
+    edits = validate_config({"vision": {"edits": {"pairs": [], "strengths": {"svd": [0.1, 0.5]}}}})["vision"]["edits"]
+    specs = curvature.edit_specs(edits, "svd", 2)
+    assert [(s["layers"], s["strength"]) for s in specs] == [([0], 0.1), ([0], 0.5), ([1], 0.1), ([1], 0.5)]
+
+
+# ---------------------------------------------------------------------- the ViT and its factors
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    out = tmp_path_factory.mktemp("vision") / "data"
+    out.mkdir()
+    images, table, info = build(data_settings(max_train=200, max_held_out=40, noise=0.1))
+    table.to_parquet(out / "labels.parquet", index=False)
+    (out / "info.json").write_text(json.dumps(info))
+    save_file({"images": images.contiguous()}, str(out / "images.safetensors"))
+    return out
+
+
+def tiny_vit(images: ImageSet, seed=0, layers=2):
+    from transformers import ViTForImageClassification
+
+    from memctl.vision.model import vit_config
+
+    torch.manual_seed(seed)
+    arch_settings = {"patch_size": 4, "hidden_size": 16, "num_hidden_layers": layers, "num_attention_heads": 2,
+                     "intermediate_size": 32}
+    return ViTForImageClassification(vit_config(arch_settings, images)).eval()
+
+
+def test_vit_matrices_go_through_the_shared_target_registry(digits_dir):
+    model = tiny_vit(ImageSet(digits_dir))
+    targets = arch.linear_targets(model)
+    assert [(t.layer, t.role) for t in targets[:6]] == [(0, "q"), (0, "k"), (0, "v"), (0, "o"), (0, "up"), (0, "down")]
+    down = next(t for t in targets if t.role == "down")
+    assert (down.d_in, down.d_out) == (32, 16) and down.input_key == "layer0.mlp_hidden"
+    assert arch.num_layers(model) == 2
+
+
+def test_kfac_factors_of_the_vit_match_an_independent_computation(digits_dir):
+    images = ImageSet(digits_dir)
+    model = tiny_vit(images)
+    targets = arch.linear_targets(model, groups=["mlp"])
+    settings = {"seed": 0, "max_images": 24, "batch_size": 7, "labels": "empirical", "precision": "fp32"}
+    factors = curvature.collect(model, images, targets, settings)
+    rows = curvature.factor_rows(images, 24, 0)
+    assert factors.tokens == 24 * 5  # 4 patches + CLS per 8x8 image with patch 4
+    # independent: plain hooks, one forward/backward over all images, every position counted
+    x = images.pixels(rows)
+    y = torch.as_tensor(images.labels["label"].to_numpy()[rows])
+    ins, outs = {}, {}
+    def hook(name):
+        def record(mod, args, out):
+            ins[name] = args[0].detach()
+            out.retain_grad()
+            outs[name] = out
+        return record
+
+    hooks = [arch.module(model, t).register_forward_hook(hook(t.name)) for t in targets]
+    torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y, reduction="sum").backward()
+    for h in hooks:
+        h.remove()
+    for t in targets:
+        a = ins[t.name].reshape(-1, t.d_in).double()
+        g = outs[t.name].grad.reshape(-1, t.d_out).double()
+        torch.testing.assert_close(factors.A[t.input_key].double(), a.T @ a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(factors.G[t.name].double(), g.T @ g, rtol=1e-4, atol=1e-7)
+    model.zero_grad()
+    # sampled labels: seeded, and a different seed draws other labels
+    sampled = {**settings, "labels": "sampled"}
+    one = curvature.collect(model, images, targets, sampled)
+    two = curvature.collect(model, images, targets, sampled)
+    other = curvature.collect(model, images, targets, {**sampled, "seed": 1})
+    name = targets[-1].name
+    assert torch.equal(one.G[name], two.G[name]) and not torch.equal(one.G[name], other.G[name])
+    torch.testing.assert_close(one.A[targets[0].input_key], factors.A[targets[0].input_key])  # A ignores labels
+
+
+def test_kfac_edit_and_pruning_baselines_on_the_vit(digits_dir, tmp_path):
+    from memctl.curvature.cli import make_edit
+    from memctl.curvature.decompose import decompose
+    from memctl.edits import apply_delta, load_delta, save_delta
+    from memctl.pruning.runner import prune_model
+
+    images = ImageSet(digits_dir)
+    model = tiny_vit(images)
+    before = predict(model, images)
+    mlp = arch.linear_targets(model, groups=["mlp"])
+    factors = curvature.collect(model, images, mlp, {"seed": 0, "max_images": 32, "batch_size": 16,
+                                                     "labels": "sampled", "precision": "fp32"})
+    eig, _ = decompose(factors)
+    # full energy keeps every direction: the K-FAC edit is the identity
+    spec = {"method": "kfac", "layers": [0, 1], "roles": ["up", "down"], "groups": ["mlp"], "strength": 1.0}
+    replace, _ = make_edit(model, spec, eig)
+    for t in mlp:
+        torch.testing.assert_close(replace[t.param_name], arch.weight(model, t).detach(), rtol=1e-5, atol=1e-6)
+    # magnitude pruning of every attention and MLP matrix: exactly round(r * numel) zeros each
+    pruned = tiny_vit(images)
+    result = prune_model(pruned, {"method": "magnitude", "sparsity": 0.5, "groups": ["attention", "mlp"]},
+                         progress=False)
+    for t in arch.linear_targets(pruned):
+        w = arch.weight(pruned, t)
+        assert int((w == 0).sum()) == round(0.5 * w.numel()), t.name
+    assert result.stats["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # the delta (one format for every edit) reproduces the pruned model on a fresh copy
+    path = save_delta(tmp_path / "magnitude.safetensors", masks=result.masks, metadata={"method": "magnitude"})
+    fresh = apply_delta(tiny_vit(images), load_delta(path))
+    assert (predict(fresh, images) == predict(pruned, images)).all()
+    assert (predict(tiny_vit(images), images) == before).all()
+    # Wanda from the vision K-FAC A factors (one-pass form): round(r * d_in) pruned per output row
+    wanda = tiny_vit(images)
+    prune_model(wanda, {"method": "wanda", "sparsity": 0.25, "groups": ["mlp"], "form": "one_pass",
+                        "calibration_windows": 0, "batch_size": 1}, factors=factors.A, progress=False)
+    for t in mlp:
+        zeros = (arch.weight(wanda, t) == 0).sum(dim=1)
+        assert (zeros == round(0.25 * t.d_in)).all(), t.name
+
+
+# ------------------------------------------------------------------------- the ImageNet preset
+
+
+def write_imagefolder(root: Path, classes=("n01", "n02", "n03"), per_class=(4, 2), size=(20, 14)) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class[0]), ("validation", per_class[1])):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(root / split / c / f"{c}_{i}.JPEG", format="JPEG")
+    return root
+
+
+def test_imagenet_preset_validates_and_reads_an_imagefolder_stand_in(tmp_path):
+    root = write_imagefolder(tmp_path / "imagenet")
+    cfg = load_config(REPO / "config" / "vision-imagenet.yaml")
+    vis = cfg["vision"]
+    assert vis["enabled"] and vis["data"]["source"] == "imagefolder" and vis["data"]["image_size"] == 224
+    assert vis["model"]["hidden_size"] == 768 and vis["model"]["num_hidden_layers"] == 12
+    assert vis["data"]["noise"] == 0.1 and vis["train"]["weight_decay"] == 0.3
+    from memctl import lab
+    from memctl.plan import build_plan
+
+    plan = build_plan(cfg, lab.workflow_model_dims(cfg), python_version="3.11")
+    assert set(plan.targets) == set(plan.stage("vision_report").outputs.values())  # vision.only
+    # the same data settings on a tiny stand-in in the same layout
+    settings = dict(vis["data"], path=str(root), image_size=16, selection_fraction=0.5)
+    images, table, info = build(settings)
+    assert images is None and info["classes"] == ["n01", "n02", "n03"] and info["channels"] == 3
+    assert table["split"].value_counts().to_dict() == {"train": 12, "selection": 3, "validation": 3}
+    assert table["noised"].sum() == round(0.1 * 12)
+    out = tmp_path / "data"
+    out.mkdir()
+    table.to_parquet(out / "labels.parquet", index=False)
+    (out / "info.json").write_text(json.dumps(info))
+    loaded = ImageSet(out)
+    x = loaded.pixels([0, 13])
+    assert x.shape == (2, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
+    assert loaded.labels.loc[0, "file"].startswith("train/n01/")
+    with pytest.raises(VisionDataError, match="validation"):
+        build(dict(settings, path=str(root / "train")))
+
+
+def test_bad_vision_config_is_refused_naming_the_key():
+    from memctl import lab
+    from memctl.plan import build_plan
+
+    def plan(vision):
+        cfg = validate_config({"vision": vision})
+        return build_plan(cfg, lab.workflow_model_dims(cfg), python_version="3.11")
+
+    with pytest.raises(ConfigError, match="vision.only"):
+        plan({"only": True})
+    with pytest.raises(ConfigError, match="vision.data.path"):
+        plan({"enabled": True, "data": {"source": "imagefolder"}})
+    with pytest.raises(ConfigError, match="vision.spectrum.roles"):
+        plan({"enabled": True, "kfac": {"roles": ["up"]}, "edits": {"roles": ["up"]}})
+    with pytest.raises(ConfigError, match="vision.data.noise"):
+        validate_config({"vision": {"data": {"noise": 1.5}}})
+    off = plan({})
+    assert not any(s.startswith("vision") for s in off.stages)
+
+
+# ------------------------------------------------------------------------------- the DAG
+
+
+TINY_VISION = {
+    "vision": {
+        "enabled": True, "only": True,
+        "data": {"max_train": 160, "max_held_out": 40},
+        "model": {"patch_size": 4, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "intermediate_size": 32},
+        "train": {"epochs": 4, "batch_size": 32, "eval_every": 2},
+        "kfac": {"max_images": 64, "batch_size": 32},
+        "edits": {"strengths": {"kfac": [0.8, 0.95], "svd": [0.2, 0.5]}},
+        "spectrum": {"max_images": 32},
+    },
+    "resources": {"threads": 1},
+}
+
+
+@pytest.mark.slow
+def test_vision_branch_of_the_dag(tmp_path):
+    work = tmp_path / "run"
+    (work / "config").mkdir(parents=True)
+    cfg = yaml.safe_load((Path(__file__).with_name("tiny_config.yaml")).read_text())
+    cfg.update(TINY_VISION)
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    if proc.returncode:
+        logs = "\n".join(p.read_text()[-2000:] for p in work.glob("results/logs/*/*.log"))
+        pytest.fail(f"{proc.stderr[-4000:]}\n{logs}")
+    out = work / "results" / "tables" / "vision"
+    for name in ("vision.md", "vision.html", "vision_blocks.png", "vision_spectrum.png", "vision_best.parquet"):
+        assert (out / name).exists(), name
+    assert not (work / "results" / "tables" / "results.md").exists()  # vision.only: no language-model stages
+    edits = pd.read_parquet(out / "vision_edits.parquet")
+    # 2 blocks + 1 pair, two strengths, two methods, and the unedited model
+    assert len(edits) == 1 + 3 * 2 * 2
+    assert set(edits["method"]) == {"none", "kfac", "svd"}
+    best = pd.read_parquet(out / "vision_best.parquet")
+    assert set(best["unit"]) == {"block", "pair", "best pair"}
+    text = (out / "vision.md").read_text()
+    assert "Per MLP block" in text and "Best pair" in text and "Claim" in text
+    from memctl.store import verify
+
+    for side in work.glob("results/**/*.meta.json"):
+        assert verify(side.with_name(side.name[: -len(".meta.json")])) == [], side
+    again = subprocess.run([*cmd, "-n"], capture_output=True, text=True, timeout=300, env=env)
+    assert "Nothing to be done" in again.stdout + again.stderr
