@@ -105,3 +105,22 @@ def test_the_data_section_counts_what_was_dropped():
     assert rows["candidates"][1:3] == ["46 of 50 rows", "4"] and "prefix too short 3" in rows["candidates"][3]
     assert rows["extract (er_train)"][2] == "3" and rows["calibration"][1:3] == ["119 of 124 windows", "5"]
     assert data_markdown({}) == ""
+
+
+def test_each_trained_mask_is_compared_with_the_none_mask_in_words():
+    import pandas as pd
+
+    from memctl.report import results_markdown, versus_none_mask
+
+    part = pd.DataFrame({
+        "model": "m", "method": ["Origin", "Ours (none)", "Ours (up)", "Ours (down)"],
+        "edit": ["none", "a", "b", "c"], "er_n_examples": 40,
+        "er_exact_er": [0.4, 0.35, 0.6, 0.05], "er_exact_er_lo": [0.25, 0.2, 0.45, 0.0],
+        "er_exact_er_hi": [0.55, 0.5, 0.75, 0.12],
+    })
+    text = versus_none_mask(part)
+    assert "Ours (up) Exact ER 0.600 [0.450, 0.750] overlaps Ours (none) 0.350 [0.200, 0.500]." in text
+    assert "Ours (down) Exact ER 0.050 [0.000, 0.120] is lower than (no overlap with) Ours (none)" in text
+    assert "reciprocal" not in text
+    assert "Masks against the mask trained without a memorization term" in results_markdown(part)
+    assert versus_none_mask(part[part["method"] != "Ours (none)"]) == ""

@@ -178,6 +178,30 @@ MEMORIZED_COLUMNS = [
 ]
 
 
+def versus_none_mask(part: pd.DataFrame, prefix: str = "er_") -> str:
+    """In words, for the pruning paper's comparison: does each trained mask's Exact ER interval
+    (``Ours (up)`` / ``(down)`` / ``(reciprocal)``) overlap the ``Ours (none)`` mask's, the same
+    sparsity without a memorization term? Empty where there is no ``none`` mask or no intervals."""
+    lo, hi = f"{prefix}exact_er_lo", f"{prefix}exact_er_hi"
+    if lo not in part or "method" not in part:
+        return ""
+    rows = {m: r for m, r in zip(part["method"], part.to_dict("records"))}
+    ref = rows.get("Ours (none)")
+    if ref is None or math.isnan(ref[lo]):
+        return ""
+    sentences = []
+    for mode in ("up", "down", "reciprocal"):
+        row = rows.get(f"Ours ({mode})")
+        if row is None or math.isnan(row[lo]):
+            continue
+        verdict = _versus(row[lo], row[hi], ref[lo], ref[hi])
+        word = {"overlap": "overlaps", "lower (no overlap)": "is lower than (no overlap with)",
+                "higher (no overlap)": "is higher than (no overlap with)"}[verdict]
+        sentences.append(f"Ours ({mode}) Exact ER {row[prefix + 'exact_er']:.3f} [{row[lo]:.3f}, {row[hi]:.3f}] "
+                         f"{word} Ours (none) {ref[prefix + 'exact_er']:.3f} [{ref[lo]:.3f}, {ref[hi]:.3f}].")
+    return " ".join(sentences)
+
+
 def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
     """Both evaluation tracks per model (intervals where :func:`with_intervals` added them), then
     ``data`` (:func:`data_markdown`)."""
@@ -198,6 +222,9 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
         parts += ["", f"## {model}"]
         if "er_n_examples" in part and (part["er_n_examples"].fillna(0) > 0).any():
             parts += ["", "### Extraction-rate track", "", markdown_table(part, ER_COLUMNS)]
+            versus = versus_none_mask(part)
+            if versus:
+                parts += ["", "Masks against the mask trained without a memorization term (95% intervals): " + versus]
         parts += ["", "### Memorized track", "", markdown_table(part, MEMORIZED_COLUMNS)]
         if "ood_n_examples" in part and (part["ood_n_examples"].fillna(0) > 0).any():
             parts += ["", "### Out-of-domain family", "",

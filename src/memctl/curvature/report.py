@@ -85,7 +85,8 @@ def selection_track(table: pd.DataFrame) -> tuple[str, str, str]:
     if "val_n_examples" in table and len(table) and (table["val_n_examples"].fillna(0) > 0).all():
         n = int(table["val_n_examples"].iloc[0])
         return "val_exact_er", "val_loose_accuracy", f"the validation slice ({n} memorized sequences held out of the train side)"
-    return "strict_accuracy", "loose_accuracy", "the TEST split (no validation slice: extract.validation_fraction is 0)"
+    return "strict_accuracy", "loose_accuracy", ("the TEST split (the validation slice is empty: extract.validation_fraction is 0 or the "
+                                                  "memorized set too small)")
 
 
 def best_matched(table: pd.DataFrame, tolerance: float = 0.05, max_ppl_ratio: float | None = 1.5):
