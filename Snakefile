@@ -35,6 +35,13 @@ onstart:
     claim_workflow(workflow, PLAN.root)
 
 
+onsuccess:
+    # the first thing a newcomer wants after the run: where to look
+    from memctl.plan import results_summary
+
+    print(results_summary(PLAN))
+
+
 rule all:
     default_target: True
     input:

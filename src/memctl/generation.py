@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from memctl.progress import tqdm
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device):

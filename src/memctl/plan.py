@@ -197,6 +197,26 @@ class Plan:
         return list(dict.fromkeys(found))
 
 
+def results_summary(plan: Plan) -> str:
+    """What ``snakemake`` prints when a run succeeds: where the tables, plots and reports are."""
+    from pathlib import Path
+
+    names = [("results.md", "both evaluation tracks, every edit, with intervals"),
+             ("results.html", "the same, for a browser"),
+             ("extraction_by_copies.png", "extraction rate vs copy count"),
+             ("edits_by_copies.png", "every edit per copy-count bucket"),
+             ("curvature.md", "K-FAC vs SVD at matched perplexity"),
+             ("masks/table.md", "masks and pruning baselines, the paper's table"),
+             ("vision.md", "the vision track")]
+    lines = [f"memctl: results in {plan.results}/"]
+    for name, what in names:
+        path = Path(plan.results) / name
+        if path.exists():
+            lines.append(f"  {path}  ({what})")
+    lines.append("  snakemake --report report.html  gathers them with the plots into one page")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------ builder
 
 
@@ -489,7 +509,7 @@ class _Builder:
              *(("--spectrum", spectrum) if spectra else ()),
              "--settings", as_json(curv["report"]), "--out-dir", self.results),
             self.log("curvature_report", name), self.bench("curvature_report", name), curv["report"],
-        )], shown={k: ("Curvature", f"{PurePosixPath(v).stem}.rst") for k, v in report.items()
+        )], shown={k: ("3. Curvature", f"{PurePosixPath(v).stem}.rst") for k, v in report.items()
                    if v.endswith((".html", ".png"))})
         if self.curvature_edits or curv["spectrum"]["enabled"]:
             self.targets += list(report.values())
@@ -567,7 +587,7 @@ class _Builder:
             "masks_report", "", {"metrics": metrics, "deltas": [e["delta"] for e in self.masks_spec.values() if e["delta"]]},
             outputs, ("--metrics", *metrics, "--spec", as_json(spec), "--out-dir", out),
             self.log("masks_report", h), self.bench("masks_report", h), spec,
-        )], shown={k: ("Masks and pruning", f"masks_{PurePosixPath(v).stem}.rst") for k, v in outputs.items()
+        )], shown={k: ("4. Masks and pruning", f"masks_{PurePosixPath(v).stem}.rst") for k, v in outputs.items()
                    if v.endswith((".html", ".png"))})
         if masks["enabled"]:
             self.targets += list(outputs.values())
@@ -808,7 +828,7 @@ class _Builder:
             ("--metrics", metrics, *(("--spectrum", spectrum) if with_spectrum else ()), "--data", data,
              "--train-dir", train, "--kfac-summary", f"{kfac}/summary.parquet", "--out-dir", out),
             self.log("vision_report", name), self.bench("vision_report", name),
-        )], shown={k: ("Vision", f"{PurePosixPath(v).stem}.rst") for k, v in report.items()
+        )], shown={k: ("6. Vision", f"{PurePosixPath(v).stem}.rst") for k, v in report.items()
                    if v.endswith((".html", ".png"))})
         self.targets = list(report.values()) if vis["only"] else [*self.targets, *report.values()]
 
@@ -853,8 +873,8 @@ class _Builder:
             ("--metrics", *metrics, "--scores", *scores, "--by-copies", self.tables["by_copies"],
              "--data-provenance", *data, "--out-dir", r),
             self.log("report", self.eval_hash), self.bench("report", self.eval_hash),
-        )], shown={"html": ("Results", "results.rst"), "plot": ("Extraction", "extraction_by_copies.rst"),
-                   "edits_by_copies_plot": ("Results", "edits_by_copies.rst")})
+        )], shown={"html": ("1. Results", "results.rst"), "plot": ("2. Extraction by copies", "extraction_by_copies.rst"),
+                   "edits_by_copies_plot": ("2. Extraction by copies", "edits_by_copies.rst")})
         self.targets = [outputs["results"], outputs["by_copies"], outputs["plot"], outputs["edits_by_copies"],
                         outputs["edits_by_copies_plot"], *self.targets]
 
@@ -892,7 +912,7 @@ class _Builder:
             "downstream_report", "", {"results": results}, outputs,
             ("--results", *results, "--settings", as_json(cfg), "--out-dir", self.results),
             self.log("downstream_report", h), self.bench("downstream_report", h), cfg,
-        )], shown={"html": ("Downstream tasks", "downstream.rst")})
+        )], shown={"html": ("5. Downstream tasks", "downstream.rst")})
         if cfg["tasks"]:
             self.targets += list(outputs.values())
 

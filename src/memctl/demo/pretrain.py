@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from memctl.progress import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from memctl.corpus_stream import as_tokenizer, tokenize_segments, train_token_stream

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from memctl.progress import tqdm
 
 from memctl.architectures import linear_targets
 from memctl.masks.data import Sequences, cycling_indices, sequence_loss

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from memctl.progress import tqdm
 
 from memctl.architectures import LinearTarget, linear_targets
 from memctl.config import ConfigError

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from memctl.progress import tqdm
 
 from memctl import architectures as arch
 from memctl.architectures import LinearTarget
