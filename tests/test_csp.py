@@ -242,7 +242,7 @@ def test_masks_report_has_the_csp_rows_and_the_cost_columns(tmp_path):
         save_delta(tmp_path / f"{edit}.safetensors", prompt=torch.zeros(2, 4), provenance=prov)
         edits.append({"edit": edit, "series": series, "family": "csp", "mode": series[5:-1], "sparsity": None,
                       "threshold": 4.0 if "down" in edit else None, "delta": str(tmp_path / f"{edit}.safetensors"),
-                      "tables": ["main"]})
+                      "tables": ["main", "threshold"] if "down" in edit else ["main"]})
     for i, edit in enumerate(["none", "csp-up", "csp-down"]):
         rows.append({"model": "m", "edit": edit, "method": edit, "n_examples": 10, "exact_er": 0.5 - 0.1 * i,
                      "fractional_er": 0.6, "mem_loss": 1.0 + i, "mem_ppl": 2.0, "heldout_loss": 3.0, "heldout_ppl": 20.0})
@@ -260,3 +260,40 @@ def test_masks_report_has_the_csp_rows_and_the_cost_columns(tmp_path):
     assert "| 0.000 | - | - | - |" in md  # Origin: nothing trained
     assert "| cpu | 2,560 |" in md and "| cpu | 1,280 |" in md
     assert "- CSP (down): soft prompt, no weight edited (sparsity 0); threshold theta 4" in md
+    ablation = (out / "ablation_threshold.md").read_text()  # csp.sweep.thetas: the masks' threshold ablation
+    assert "| CSP (down) | 4.00 | 3.000 |" in ablation and "t is CSP's theta" in ablation
+
+
+def test_a_prompt_that_does_not_fit_a_learned_position_table_fails_at_plan_time():
+    import yaml
+
+    from memctl.config import validate_config
+    from memctl.lab import ModelDims
+    from memctl.plan import build_plan
+
+    raw = yaml.safe_load(Path(__file__).with_name("tiny_config.yaml").read_text(encoding="utf-8"))
+    dims = ModelDims(vocab_size=400, hidden_size=64, num_layers=2, intermediate_size=128, num_heads=2,
+                     context_length=96, model_type="gpt2", learned_positions=True)
+    with pytest.raises(ConfigError, match=r"csp.prompt_length: 4 prompt vectors \+ 96-token inputs exceed the "
+                                          r"model's 96 learned positions.*heldout.context_length: 92 or less"):
+        build_plan(validate_config(raw), dims, python_version="3.11")
+    raw["heldout"]["context_length"] = 92  # room for the prompt: planned
+    assert len(build_plan(validate_config(raw), dims, python_version="3.11").stage("csp").jobs) == 2
+
+
+def test_count_tokens_counts_non_padding_inputs_of_every_forward_functional_calls_included():
+    from memctl.runner import count_tokens
+
+    model = tiny_architecture_model("gpt_neox")
+    params = dict(model.named_parameters())
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    with count_tokens(model) as cost:
+        model(torch.ones((2, 4), dtype=torch.long), attention_mask=mask)  # 5 real tokens
+        model(input_ids=torch.ones((3, 2), dtype=torch.long))  # no mask: 6 positions
+        torch.func.functional_call(model, params, args=(), kwargs={"input_ids": torch.ones((1, 7), dtype=torch.long)})
+        soft_prompt.attach(model, torch.zeros(5, 32))  # the prompt's vectors are not data
+        model(torch.ones((1, 3), dtype=torch.long))
+        soft_prompt.detach(model)
+    assert cost == {"tokens": 5 + 6 + 7 + 3, "forward_calls": 4}
+    model(torch.ones((1, 3), dtype=torch.long))  # the hook is gone after the block
+    assert cost["tokens"] == 21

@@ -182,3 +182,104 @@ def test_label_uniforms_are_uniform_and_independent_of_batching():
     # any split of the windows draws the same numbers; another seed draws others
     assert torch.equal(window_uniforms(3, torch.arange(700, 900), 63), u[700:900])
     assert not torch.equal(window_uniforms(4, torch.arange(10), 63), u[:10])
+
+
+# ------------------------------------------------------------------ decomposition on the GPU
+
+
+def test_bf16_products_add_in_fp32_on_every_backend():
+    """bf16 inputs give an fp32 product (mm(out_dtype=float32) on CUDA; on a backend without it,
+    the fp32 product of the rounded inputs): the accumulator is never rounded to bf16."""
+    from memctl.curvature.collect import _add_product_
+
+    x = torch.randn(40, 24, generator=torch.Generator().manual_seed(0)).bfloat16()
+    acc = torch.full((24, 24), 1.0e4)
+    _add_product_(acc, x.T, x)
+    want = 1.0e4 + x.double().T @ x.double()
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), want, rtol=1e-6, atol=1e-3)
+
+
+def test_decomposition_device_choice(monkeypatch):
+    from memctl.config import ConfigError
+    from memctl.curvature.decompose import decompose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert decompose_device("auto") == torch.device("cpu") == decompose_device("cpu")
+    with pytest.raises(ConfigError, match="--device: 'cuda', but this job sees no CUDA GPU"):
+        decompose_device("cuda")
+    with pytest.raises(ConfigError, match="--device: 'mps'"):
+        decompose_device("mps")
+    with pytest.raises(ConfigError, match="--device: 'gpu0' is not a device"):
+        decompose_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert decompose_device("auto") == torch.device("cuda")
+
+
+def _psd(n: int, seed: int = 0) -> torch.Tensor:
+    """A PSD matrix with a power-law spectrum (1 / i), as K-FAC factors have."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * (1.0 / torch.arange(1, n + 1, dtype=torch.float64))) @ Q.T
+
+
+def test_fp32_eigh_is_kept_when_it_reconstructs_the_factor():
+    from memctl.curvature.decompose import reconstruction_error
+
+    m = _psd(96) * 500  # a sum over 500 tokens
+    e64, _ = eigh_descending(m, "m", 500)
+    e32, _ = eigh_descending(m, "m", 500, device="cpu", precision="fp32")
+    assert e32.values.dtype == torch.float64 and e32.vectors.dtype == torch.float32
+    assert reconstruction_error(m / 500, e32.values, e32.vectors) <= 1e-5
+    torch.testing.assert_close(e32.values, e64.values, rtol=0, atol=1e-6)
+    # well-separated leading directions agree (signs are fixed the same way)
+    torch.testing.assert_close(e32.vectors[:, :10], e64.vectors[:, :10], rtol=0, atol=1e-3)
+
+
+def test_fp32_eigh_that_misses_the_tolerance_falls_back_to_fp64(monkeypatch, caplog):
+    from memctl.curvature import decompose as dec
+
+    m = _psd(64, seed=1)
+    e64, _ = eigh_descending(m, "m", 1)
+    monkeypatch.setattr(dec, "FP32_RECONSTRUCTION_TOL", 0.0)
+    with caplog.at_level("WARNING"):
+        e, _ = eigh_descending(m, "G of layer 3", 1, precision="fp32")
+    assert "fp32 eigh of G of layer 3 reconstructs it to" in caplog.text and "decomposing in fp64" in caplog.text
+    assert torch.equal(e.values, e64.values) and torch.equal(e.vectors, e64.vectors)
+
+
+def test_decomposition_works_one_layer_at_a_time(tmp_path, collections):
+    from memctl.curvature.decompose import decompose, decompose_directory, eigen_summary
+    from memctl.curvature.store import load_eigen, save_factors
+
+    fac = collections[3]["fp32"]
+    save_factors(fac, tmp_path / "factors")
+    seen = []
+    summary, jitter = decompose_directory(tmp_path / "factors", tmp_path / "eigen", "cpu",
+                                          on_layer=lambda layer, f: seen.append((layer, {t.layer for t in f.targets})))
+    assert seen == [(0, {0}), (1, {1})]  # each layer loaded alone
+    whole, whole_jitter = decompose(fac)
+    stored = load_eigen(tmp_path / "eigen")
+    for key, e in whole.A.items():
+        assert torch.equal(stored.A[key].values, e.values) and torch.equal(stored.A[key].vectors, e.vectors)
+    for key, e in whole.G.items():
+        assert torch.equal(stored.G[key].values, e.values) and torch.equal(stored.G[key].vectors, e.vectors)
+    assert jitter == whole_jitter
+    want = eigen_summary(fac, whole, whole_jitter)
+    assert list(summary["module"]) == list(want["module"])
+    np.testing.assert_allclose(summary["trace_G"], want["trace_G"], rtol=1e-12)
+
+
+def test_decompose_command_records_device_and_precision(tmp_path, collections):
+    import json
+
+    from memctl.cli import main
+    from memctl.curvature.store import load_eigen, save_factors
+
+    save_factors(collections[3]["fp32"], tmp_path / "factors")
+    main(["kfac-decompose", "--factors", str(tmp_path / "factors"), "--device", "cpu", "--precision", "fp32",
+          "--out-dir", str(tmp_path / "out")])
+    eig = load_eigen(tmp_path / "out" / "eigen")
+    assert len(eig.targets) == 4
+    sidecar = json.loads((tmp_path / "out" / "eigen.meta.json").read_text())
+    assert "fp32" in json.dumps(sidecar) and '"device": "cpu"' in json.dumps(sidecar)

@@ -122,6 +122,11 @@ def test_unknown_task_and_missing_metric_fail_naming_them(tiny_model_dir, task_d
               "--settings", json.dumps({"tasks": ["no_such_task"], "include_path": str(root)}),
               "--out", str(tmp_path / "x.parquet")])
     assert "unknown lm-eval task(s) ['no_such_task']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the settings are checked against the schema before anything runs
+        main(["downstream", "--model", str(tiny_model_dir), "--edits", json.dumps([{"edit": "none"}]),
+              "--settings", json.dumps({"tasks": ["tiny_mc"], "limit": 0}), "--out", str(tmp_path / "x.parquet")])
+    assert "downstream.limit: 0 is less than the minimum of 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists()
     from memctl.downstream import table4
 
     results = pd.DataFrame([{"edit": "none", "method": "Origin", "task": "t", "metric": "acc", "value": 0.5}])
@@ -159,3 +164,40 @@ def test_plan_batches_the_chosen_edits_and_is_off_without_tasks():
     assert len(split.stage("downstream").jobs) == len(split.edits)
     report = split.stage("downstream_report").jobs[""]
     assert sorted(report.inputs["results"]) == sorted(j.outputs["results"] for j in split.stage("downstream").jobs.values())
+
+
+@pytest.mark.slow
+def test_dag_writes_the_downstream_table_with_the_csp_edits(tmp_path):
+    """Snakemake on the tiny demo with a local task: Origin and both CSP prompts scored (the masks'
+    other edits left out to keep the run short), the table of every edit in the report's order."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    words = ["the", "of", "and", "to", "in", "is", "that", "for"]
+    docs = [{"question": " ".join(words[i % 8:] + words[:i % 8]), "choices": words[:3], "label": i % 3}
+            for i in range(9)]
+    (tasks / "cloze.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    (tasks / "cloze.yaml").write_text(
+        f"task: cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'cloze.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n")
+    cfg = yaml.safe_load((repo / "tests" / "tiny_config.yaml").read_text())
+    cfg["masks"]["modes"] = []
+    cfg["masks"]["sweep"] = {"sparsities": [], "thresholds": []}
+    cfg["pruning"].update(methods=[], balanced_subnet={"enabled": False})
+    cfg["downstream"] = {"tasks": ["cloze"], "include_path": str(tasks), "batch_size": 4}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+                           "--cores", "2", "results/tables/downstream.md"], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = pd.read_parquet(tmp_path / "results" / "tables" / "downstream.parquet")
+    assert list(table["method"]) == ["Origin", "CSP (down)", "CSP (up)"]
+    assert table["cloze"].between(0, 1).all() and list(table["Avg"]) == list(table["cloze"])
+    assert verify(tmp_path / "results" / "tables" / "downstream.md") == []

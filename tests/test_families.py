@@ -25,9 +25,17 @@ from memctl import architectures as arch
 from memctl import stages as registry
 
 FAMILIES = ["gpt_neox", "gpt_neo", "gpt2", "llama", "olmo2", "qwen2", "mistral"]
+#: One more run of a family with the model placed by accelerate (``model.device_map``, budgeted by
+#: ``max_memory``): every stage must work on a dispatched model (on the CPU here, the only device).
+PLACED = "llama+device_map"
+PLACEMENT = {"device_map": "auto", "max_memory": {"cpu": "2GiB"}}
 #: Stages that read tables and write reports only: the DAG tests run them.
 REPORTS = {"report", "curvature_report", "masks_report"}
 EDIT_FORMS = ("kfac", "kfac_factor", "kfac_pairwise", "svd")
+#: The language-model stages that load the model or its data (merge_kfac needs shards; kfac_spectrum,
+#: the downstream tasks and the vision track are opt-in; reports read tables only).
+MODEL_STAGES = {"candidates", "extract", "heldout", "calibration", "reference_topk", "collect_kfac", "decompose_kfac",
+                "apply_edit", "train_mask", "prune_baseline", "balanced_subnet", "csp", "evaluate"}
 WIDTH, LAYERS, HEADS, MLP, CONTEXT = 32, 2, 4, 64, 64
 
 
@@ -70,7 +78,8 @@ def family_run(request, tmp_path_factory, tiny_tokenizer_dir):
     from memctl.generation import greedy_generate
     from memctl.plan import build_plan
 
-    kind = request.param
+    kind = request.param.partition("+")[0]
+    placement = PLACEMENT if request.param == PLACED else {}
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp(f"family-{kind}")
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
@@ -93,10 +102,13 @@ def family_run(request, tmp_path_factory, tiny_tokenizer_dir):
 
     cfg_path.write_text(yaml.safe_dump({
         "root": str(tmp / "store"), "results_dir": str(tmp / "tables"),
-        "model": {"source": "local", "name_or_path": str(model_dir)},
+        "model": {"source": "local", "name_or_path": str(model_dir), **placement},
         "candidates": {"source": "parquet", "path": str(tmp / "cands.parquet")},
         "extract": {"preset": None, "prefix_len": 16, "suffix_len": 16, "test_fraction": 0.5, "batch_size": 8},
-        "heldout": {"source": "text", "path": str(tmp / "text.txt")},
+        # held-out windows shorter than the context: the CSP soft prompt is prepended to them, and
+        # GPT-Neo / GPT-2 have only CONTEXT learned positions (the plan refuses a prompt that does not fit)
+        "heldout": {"source": "text", "path": str(tmp / "text.txt"), "context_length": CONTEXT - 8},
+        "csp": {"prompt_length": 4, "steps": 2, "batch_size": 4},
         "calibration": {"source": "text", "path": str(tmp / "text.txt")},
         "resources": {"threads": 1},
         "curvature": {
@@ -126,15 +138,24 @@ def family_run(request, tmp_path_factory, tiny_tokenizer_dir):
         main(shlex.split(job.command(threads=1))[1:])
         done.add((job.stage, job.key))
 
-    for job in plan.jobs():
-        if job.stage not in REPORTS:
-            run(job)
+    needed = {}  # what the results tables need (demo stages are planned but not needed), reports left out
+    for target in plan.targets:
+        job = producer.get(target)
+        if job is not None and job.stage not in REPORTS:
+            needed[(job.stage, job.key)] = job
+        elif job is not None:
+            for value in job.inputs.values():
+                for path in value if isinstance(value, (list, tuple)) else [value]:
+                    if path in producer and producer[path].stage not in REPORTS:
+                        needed[(producer[path].stage, producer[path].key)] = producer[path]
+    for job in needed.values():
+        run(job)
     return kind, plan, model_dir, model, done
 
 
 def pytest_generate_tests(metafunc):
     if "family_run" in metafunc.fixturenames:
-        metafunc.parametrize("family_run", FAMILIES, indirect=True, scope="module")
+        metafunc.parametrize("family_run", [*FAMILIES, PLACED], indirect=True, scope="module")
 
 
 def test_every_model_stage_ran_and_wrote_sound_artifacts(family_run):
@@ -142,9 +163,8 @@ def test_every_model_stage_ran_and_wrote_sound_artifacts(family_run):
 
     kind, plan, _, _, done = family_run
     ran = {stage for stage, _ in done}
-    expected = {s.name for s in registry.STAGES.values() if s.family != "demo"} - REPORTS
-    expected -= {"merge_kfac", "kfac_spectrum", "csp"}  # one shard, no spectrum, CSP not asked for
-    assert expected <= ran, sorted(expected - ran)
+    assert MODEL_STAGES <= ran, sorted(MODEL_STAGES - ran)
+    assert all(registry.get(s) for s in ran)
     for stage, key in done:
         for path in plan.stage(stage).jobs[key].outputs.values():
             if not path.endswith(".meta.json"):
@@ -183,3 +203,46 @@ def test_extraction_and_metrics_of_every_edit(family_run):
     origin = rows[rows["edit"] == "none"].iloc[0]
     assert origin["exact_er"] == 1.0 and np.isfinite(origin["heldout_ppl"]), kind
     assert np.isfinite(rows["heldout_ppl"]).all(), rows[["edit", "heldout_ppl"]]
+
+
+def test_placement_runs_every_stage_on_a_dispatched_model(family_run):
+    """The device_map run: each model-loading stage recorded accelerate's placement."""
+    import json
+
+    kind, plan, _, _, done = family_run
+    if plan.model.settings.get("device_map") != "auto":
+        pytest.skip("only the device_map run")
+    assert plan.model.settings["max_memory"] == {"cpu": "2GiB"}
+    (collect,) = plan.stage("collect_kfac").jobs.values()
+    loaded = json.loads(open(collect.outputs["factors"] + ".meta.json").read())["model_loaded"]
+    assert loaded["device_map"] == "auto" and loaded["devices"] == ["cpu"]
+
+
+def test_memory_limited_placement_plan(tmp_path):
+    """accelerate's plan for a budget that holds the embeddings and about one block on GPU 0: the
+    first modules go there, the rest to the CPU, in layer order; nothing is loaded or needs a GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from memctl.config import ConfigError
+    from memctl.models import check_placement, placement_plan
+
+    torch.manual_seed(0)
+    cfg = family_config("llama", 300, 0)
+    cfg.num_hidden_layers = 4
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    sizes = {name: sum(p.numel() * 4 for p in mod.parameters()) for name, mod in model.model.layers.named_children()}
+    embed = model.model.embed_tokens.weight.numel() * 4
+    # accelerate keeps room for the largest module (here the 300 x 32 output head, as big as the
+    # embeddings) on a device that spills over: this budget holds the embeddings and block 0
+    budget = 2 * embed + int(1.5 * sizes["0"])
+    plan = placement_plan(tmp_path, {"device_map": "auto", "max_memory": {"0": budget, "cpu": 2**30}})
+    assert {k for k, d in plan.items() if d == 0} == {"model.embed_tokens", "model.layers.0"}
+    assert all(plan[f"model.layers.{i}"] == "cpu" for i in (1, 2, 3)) and plan["lm_head"] == "cpu"
+    assert embed + sizes["0"] <= budget < embed + sizes["0"] + sizes["1"] + embed  # block 1 did not fit
+    with pytest.raises(ConfigError, match="model.max_memory needs model.device_map"):
+        check_placement({"max_memory": {"cpu": "1GiB"}})
+    with pytest.raises(ConfigError, match="model.max_memory: keys \\['gpu0'\\]"):
+        check_placement({"device_map": "auto", "max_memory": {"gpu0": "1GiB"}})
+    with pytest.raises(ConfigError, match="model.device_map: 'everywhere'"):
+        check_placement({"device_map": "everywhere"})

@@ -100,9 +100,9 @@ def test_best_edit_is_chosen_on_the_selection_slice_not_validation():
         {"edit": "none", "method": "none", "label": "Origin", "unit": "none", "layers": [], "strength": np.nan,
          "memorization": 0.9, "recovery": 0.05, "clean_train": 1.0, "selection": 0.80, "validation": 0.80},
     ]
-    for s, sel, val in ((0.5, 0.70, 0.95), (0.9, 0.85, 0.60), (0.95, 0.85, 0.70)):
+    for s, sel, val, mem in ((0.5, 0.70, 0.95, 0.0), (0.9, 0.85, 0.60, 0.05), (0.95, 0.85, 0.70, 0.1)):
         rows.append({"edit": f"k{s}", "method": "kfac", "label": "K-FAC", "unit": "block", "layers": [0],
-                     "strength": s, "memorization": 0.1, "recovery": 0.5, "clean_train": 1.0, "selection": sel,
+                     "strength": s, "memorization": mem, "recovery": 0.5, "clean_train": 1.0, "selection": sel,
                      "validation": val})
     for pair, sel in (([0, 1], 0.81), ([0, 2], 0.83)):
         rows.append({"edit": f"p{pair}", "method": "kfac", "label": "K-FAC", "unit": "pair", "layers": pair,
@@ -114,6 +114,11 @@ def test_best_edit_is_chosen_on_the_selection_slice_not_validation():
     assert block["strength"] == 0.95  # ties on selection go to the gentler edit; validation ignored
     pairs = report.best_pairs(best)
     assert list(pairs["blocks"]) == ["0+2"]
+    # trade-off: lowest memorization among edits within 0.01 of the unedited selection accuracy (0.80);
+    # strength 0.5 removes the most but falls to 0.70 on the selection slice
+    trade = report.tradeoff(table, 0.01)
+    assert trade[trade["blocks"] == "0"]["strength"].tolist() == [0.9]
+    assert report.tradeoff(table, 0.2)[lambda d: d["blocks"] == "0"]["strength"].tolist() == [0.5]
 
 
 def test_units_and_edit_specs():
@@ -348,7 +353,7 @@ def test_vision_branch_of_the_dag(tmp_path):
     assert len(edits) == 1 + 3 * 2 * 2
     assert set(edits["method"]) == {"none", "kfac", "svd"}
     best = pd.read_parquet(out / "vision_best.parquet")
-    assert set(best["unit"]) == {"block", "pair", "best pair"}
+    assert set(best["unit"]) == {"block", "pair", "best pair", "trade-off"}
     text = (out / "vision.md").read_text()
     assert "Per MLP block" in text and "Best pair" in text and "Claim" in text
     from memctl.store import verify
@@ -357,3 +362,8 @@ def test_vision_branch_of_the_dag(tmp_path):
         assert verify(side.with_name(side.name[: -len(".meta.json")])) == [], side
     again = subprocess.run([*cmd, "-n"], capture_output=True, text=True, timeout=300, env=env)
     assert "Nothing to be done" in again.stdout + again.stderr
+    page = tmp_path / "report.html"
+    subprocess.run([*cmd, "--report", str(page)], capture_output=True, text=True, timeout=300, env=env, check=True)
+    html = page.read_text()
+    assert "Vision" in html and "vision_blocks.png" in html and "vision.html" in html
+    assert "best pair of blocks" in html  # a caption from workflow/report/vision_blocks.rst

@@ -297,11 +297,15 @@ def estimate_memory(model: Any, stage: str, settings: Mapping | None = None, *, 
         device["kfac factors"] = kfac_factor_bytes(dims, **curv_sel)
         host["saved factors"] = kfac_factor_bytes(dims, **curv_sel)
     elif profile == "eigh":
-        factors = kfac_factor_bytes(dims, **curv_sel)
+        # one layer file at a time (memctl.curvature.decompose.decompose_directory): that layer's
+        # factors in, its eigenvectors out (same size), fp64 workspace of the largest eigh (on the
+        # GPU when there is one)
+        chosen = curv_sel["layers"] if curv_sel["layers"] is not None else range(dims.num_layers)
+        per_layer = max((kfac_factor_bytes(dims, curv_sel["groups"], [int(i) % dims.num_layers], curv_sel["roles"])
+                         for i in chosen), default=0)
         largest = max((max(d_in, d_out) for *_, d_in, d_out in dims.matrices(**curv_sel)), default=0)
-        # factors in, eigenvectors out (same size), fp64 workspace of the largest eigh
-        host["factors+eigenbases"] = 2 * factors
-        host["eigh workspace"] = 3 * largest**2 * 8
+        host["one layer's factors+eigenbases"] = 2 * per_layer
+        device["eigh workspace"] = 3 * largest**2 * 8
     elif profile == "edit":
         device["weights"] = weights
         device["eigenbases"] = kfac_factor_bytes(dims, **curv_sel)

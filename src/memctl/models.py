@@ -91,8 +91,55 @@ def load_tokenizer(ref: str | os.PathLike, settings: Mapping[str, Any] | None = 
     return tok
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_placement(settings: Mapping[str, Any]) -> None:
+    """``model.device_map`` / ``model.max_memory``: known values, and no budget without a map."""
+    device_map, max_memory = settings.get("device_map"), settings.get("max_memory")
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ConfigError(f"model.device_map: {device_map!r} is not one of {DEVICE_MAPS}")
+    if max_memory is not None:
+        if device_map is None:
+            raise ConfigError("model.max_memory needs model.device_map (e.g. auto): it budgets the placement")
+        if not isinstance(max_memory, Mapping) or not max_memory:
+            raise ConfigError(f"model.max_memory: {max_memory!r} is not a mapping of device -> memory")
+        bad = [k for k in max_memory if not re.fullmatch(r"[0-9]+|cpu|disk", str(k))]
+        if bad:
+            raise ConfigError(f"model.max_memory: keys {bad} are not devices (GPU indices 0, 1, ..., cpu, disk)")
+
+
+def _max_memory(settings: Mapping[str, Any]) -> dict | None:
+    """``max_memory`` with GPU indices as ints, as accelerate expects (YAML / JSON keys are strings)."""
+    budget = settings.get("max_memory")
+    if budget is None:
+        return None
+    return {int(k) if str(k).isdigit() else str(k): v for k, v in budget.items()}
+
+
+def placement_plan(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Where ``device_map`` + ``max_memory`` put each module, without loading a weight (an empty
+    model from the config, :func:`accelerate.infer_auto_device_map`). Devices in ``max_memory`` need
+    not be present: a GPU cluster's placement can be planned on a laptop."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    settings = settings or {}
+    check_placement(settings)
+    cfg = load_config(ref, settings)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(settings.get("dtype", "float32")))
+    return dict(infer_auto_device_map(model, max_memory=_max_memory(settings),
+                                      no_split_module_classes=model._no_split_modules or [],
+                                      dtype=torch_dtype(settings.get("dtype", "float32"))))
+
+
 def load_model(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None):
-    """Causal LM in eval mode on the configured device and dtype."""
+    """Causal LM in eval mode on the configured device and dtype.
+
+    With ``device_map`` (``auto`` ...; optionally budgeted per device by ``max_memory``) accelerate
+    spreads the layers over the visible GPUs (then the CPU) instead: for models larger than one GPU.
+    """
     from transformers import AutoModelForCausalLM
 
     settings = settings or {}
@@ -113,7 +160,14 @@ def load_model(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None
     if attn:
         kwargs["attn_implementation"] = attn
     # Load straight onto the target device: a 7B model never needs a full copy in host memory.
-    kwargs["device_map"] = str(resolve_device(settings.get("device", "auto")))
+    device = resolve_device(settings.get("device", "auto"))
+    check_placement(settings)
+    if settings.get("device_map"):
+        kwargs["device_map"] = settings["device_map"]
+        if settings.get("max_memory") is not None:
+            kwargs["max_memory"] = _max_memory(settings)
+    else:
+        kwargs["device_map"] = str(device)
     model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     model.eval()
     return model

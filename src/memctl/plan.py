@@ -39,6 +39,8 @@ from memctl.config import ConfigError, settings_hash
 
 #: A path-safe edit id / tag.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: A model tag: a safe name, then optionally ``@<revision>`` (memctl.models.model_tag of a pinned hub model).
+SAFE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._-]+)?")
 CORPUS_TABLES = ("train", "heldout", "canaries")
 EXTRACT_TABLES = ("extraction", "memorized", "nonmemorized", "memorized_train", "memorized_val", "memorized_test", "er_train", "er_test", "ood",
                   "by_copies")
@@ -317,12 +319,15 @@ class _Builder:
             ref = str(model["name_or_path"])
             key = settings_hash(ref, model["revision"])
             inputs = {"model": ref} if model["source"] == "local" else {}
-        if not SAFE_NAME.fullmatch(tag) or set(tag) == {"."}:
+        if not SAFE_TAG.fullmatch(tag) or set(tag) == {"."}:
             raise ConfigError(f"model.tag: {tag!r} is not a path-safe name (letters, digits, '.', '_', '-'; "
-                              f"starting with a letter or digit)")
+                              f"starting with a letter or digit; '@' only before a revision)")
         from memctl.config import check_model_fit
 
         check_model_fit(self.cfg, self.dims)  # extraction window vs context, npy ids vs vocabulary
+        from memctl.models import check_placement
+
+        check_placement(model)  # device_map / max_memory
         settings = dict(model, tag=tag)
         if self.gpu and settings.get("device", "auto") == "auto" and not self.cfg["resources"].get("allow_cpu_fallback"):
             settings["device"] = "cuda"  # asked for a GPU: a job that gets none fails instead of running on the CPU
@@ -718,6 +723,15 @@ class _Builder:
         cfg = self.cfg["csp"]
         if not cfg["enabled"]:
             return
+        if getattr(self.dims, "learned_positions", False):  # a position table: the prompt must fit in it
+            ext, held = self.cfg["extract"], self.cfg["heldout"].get("context_length") or self.dims.context_length
+            longest = max(int(ext["prefix_len"]) + int(ext["suffix_len"]), int(held))
+            if cfg["prompt_length"] + longest > self.dims.context_length:
+                raise ConfigError(
+                    f"csp.prompt_length: {cfg['prompt_length']} prompt vectors + {longest}-token inputs exceed the "
+                    f"model's {self.dims.context_length} learned positions; shorten the prompt, or the held-out "
+                    f"windows (heldout.context_length: {self.dims.context_length - cfg['prompt_length']} or less), "
+                    f"or set csp.enabled: false")
         base = {k: v for k, v in cfg.items() if k not in ("enabled", "modes", "sweep")}
         points = [(mode, cfg["theta"], "main") for mode in cfg["modes"]]
         points += [("down", t, "threshold") for t in cfg["sweep"]["thetas"]]
@@ -820,14 +834,15 @@ class _Builder:
         if with_spectrum:
             report["spectrum"] = "vision_spectrum.png"
         report = {k: f"{out}/{v}" for k, v in report.items()}
-        name = settings_hash(eval_hash, spectrum_hash if with_spectrum else None)
+        name = settings_hash(eval_hash, spectrum_hash if with_spectrum else None, vis["report"])
         self.add("vision_report", [Job(
             "vision_report", "", {"metrics": metrics, "data": data, "model": model, "log": f"{train}/train_log.parquet",
                                   "summary": f"{kfac}/summary.parquet", **({"spectrum": spectrum} if with_spectrum else {})},
             report,
             ("--metrics", metrics, *(("--spectrum", spectrum) if with_spectrum else ()), "--data", data,
-             "--train-dir", train, "--kfac-summary", f"{kfac}/summary.parquet", "--out-dir", out),
-            self.log("vision_report", name), self.bench("vision_report", name),
+             "--train-dir", train, "--kfac-summary", f"{kfac}/summary.parquet", "--settings", as_json(vis["report"]),
+             "--out-dir", out),
+            self.log("vision_report", name), self.bench("vision_report", name), vis["report"],
         )], shown={k: ("6. Vision", f"{PurePosixPath(v).stem}.rst") for k, v in report.items()
                    if v.endswith((".html", ".png"))})
         self.targets = list(report.values()) if vis["only"] else [*self.targets, *report.values()]

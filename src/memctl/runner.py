@@ -57,8 +57,8 @@ def load(args: argparse.Namespace, prov: Provenance, device: str | None = None):
     from memctl.models import load_model, load_tokenizer
 
     settings = parse_settings(args.model_settings)
-    if device is not None:
-        settings = {**settings, "device": device}
+    if device is not None:  # one device overrides a placement over several (device_map)
+        settings = {k: v for k, v in {**settings, "device": device}.items() if k not in ("device_map", "max_memory")}
         args.model_settings = json.dumps(settings)
     set_threads(args.threads)
     model = load_model(args.model, settings)
@@ -67,6 +67,8 @@ def load(args: argparse.Namespace, prov: Provenance, device: str | None = None):
         "ref": str(args.model),
         "hub_commit": getattr(model.config, "_commit_hash", None),
         "device": str(param.device),
+        "device_map": settings.get("device_map"),  # accelerate's placement (None: all on `device`)
+        "devices": sorted({str(p.device) for p in model.parameters()}),
         "dtype": str(param.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
     }

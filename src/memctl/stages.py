@@ -79,7 +79,7 @@ STAGES: dict[str, Stage] = {
         Stage("collect_kfac", "kfac-collect", f"{_CU}:cmd_collect", "kfac", gpu=True, threads=True, cache=True,
               mem_mb=8000, runtime_min=240, family="curvature"),
         Stage("merge_kfac", "kfac-merge", f"{_CU}:cmd_merge", "eigh", mem_mb=8000, family="curvature"),
-        Stage("decompose_kfac", "kfac-decompose", f"{_CU}:cmd_decompose", "eigh", threads=True, cache=True,
+        Stage("decompose_kfac", "kfac-decompose", f"{_CU}:cmd_decompose", "eigh", gpu=True, threads=True, cache=True,
               mem_mb=8000, runtime_min=60, family="curvature"),
         Stage("apply_edit", "curvature-edit", f"{_CU}:cmd_edit", "edit", threads=True, mem_mb=8000,
               family="curvature"),

@@ -95,37 +95,60 @@ def cmd_collect(args) -> None:
 
 
 def cmd_merge(args) -> None:
+    import pandas as pd
+
     from memctl.curvature.store import factor_summary, load_factors, save_factors
     from memctl.store import write_parquet
+
+    from memctl.curvature.decompose import factor_layers
 
     out = Path(args.out_dir)
     with stage("merge_kfac", {}, {f"shard[{i}]": p for i, p in enumerate(args.inputs)},
                outputs=[out / "factors", out / "summary.parquet"]) as prov:
-        merged = None
-        for path in args.inputs:
-            f = load_factors(Path(path) / "factors")
-            merged = f if merged is None else merged.merged(f)
-        prov.extra["tokens"] = merged.tokens
-        write_dir(out / "factors", lambda tmp: save_factors(merged, tmp), provenance=prov)
-        write_parquet(factor_summary(merged), out / "summary.parquet", provenance=prov)
-    log.info("merged %d collections: %d tokens -> %s", len(args.inputs), merged.tokens, out)
+        tables, tokens = [], None
+
+        def write(tmp):  # one layer at a time: every shard's file of the layer, summed, written, freed
+            nonlocal tokens
+            for layer in factor_layers(Path(args.inputs[0]) / "factors"):
+                merged = None
+                for path in args.inputs:
+                    f = load_factors(Path(path) / "factors", layers=[layer])
+                    merged = f if merged is None else merged.merged(f)
+                save_factors(merged, tmp)
+                tables.append(factor_summary(merged))
+                tokens = merged.tokens
+
+        write_dir(out / "factors", write, provenance=prov)
+        prov.extra["tokens"] = tokens
+        write_parquet(pd.concat(tables, ignore_index=True), out / "summary.parquet", provenance=prov)
+    log.info("merged %d collections: %d tokens -> %s", len(args.inputs), tokens, out)
 
 
 def cmd_decompose(args) -> None:
-    from memctl.curvature.decompose import decompose, eigen_summary
-    from memctl.curvature.store import load_factors, save_eigen
+    from memctl.curvature.decompose import decompose_device, decompose_directory
     from memctl.store import write_parquet
 
     set_threads(args.threads)
     out = Path(args.out_dir)
-    with stage("decompose_kfac", {"eigh": "fp64, symmetrized, clamped at 0, descending"}, {"factors": args.factors},
+    device = decompose_device(args.device)
+    settings = {"eigh": f"{args.precision}, symmetrized, clamped at 0, descending", "device": device.type}
+    with stage("decompose_kfac", settings, {"factors": args.factors},
                outputs=[out / "eigen", out / "summary.parquet"]) as prov:
-        factors = load_factors(args.factors)
-        eig, jitter = decompose(factors)
-        prov.extra["jitter"] = {k: v for k, v in jitter.items() if v}
-        write_dir(out / "eigen", lambda tmp: save_eigen(eig, tmp), provenance=prov)
-        write_parquet(eigen_summary(factors, eig, jitter), out / "summary.parquet", provenance=prov)
-    log.info("eigenbases of %d modules -> %s", len(factors.targets), out)
+        result = {}
+
+        def write(tmp):  # one layer file at a time: load, decompose, write, free
+            result["summary"], result["jitter"] = decompose_directory(args.factors, tmp, device, args.precision)
+
+        created = not out.exists()
+        try:
+            write_dir(out / "eigen", write, provenance=prov)
+        except BaseException:  # e.g. a non-finite factor: leave no empty output directory behind
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+            raise
+        prov.extra["jitter"] = {k: v for k, v in result["jitter"].items() if v}
+        write_parquet(result["summary"], out / "summary.parquet", provenance=prov)
+    log.info("eigenbases of %d modules (%s, %s) -> %s", len(result["summary"]), args.precision, device, out)
 
 
 def edit_targets(model, spec, eig=None):
@@ -279,9 +302,12 @@ def register(subparsers) -> None:
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_merge)
 
-    p = subparsers.add_parser("kfac-decompose", help="fp64 eigenbases of the K-FAC factors")
+    p = subparsers.add_parser("kfac-decompose", help="eigenbases of the K-FAC factors, one layer at a time")
     p.add_argument("--factors", required=True, help="the factors/ directory of kfac-collect")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (the GPU when one is visible), cpu or cuda[:N]")
+    p.add_argument("--precision", choices=("fp64", "fp32"), default="fp64",
+                   help="fp64, or fp32 accepted when it reconstructs each factor to 1e-5 (else fp64)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_decompose)
 

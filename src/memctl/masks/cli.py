@@ -218,6 +218,8 @@ def cmd_report(args) -> None:
                 continue
             lead = [("target_sparsity", "Target", "{:.2f}")] if table == "sparsity" else [("threshold", "t", "{:.2f}")]
             page = report.markdown(df, heading, lead)
+            if table == "threshold" and (df["family"] == "csp").any():
+                page += "\n" + report.CSP_THRESHOLD_NOTE
             write_text(out / f"ablation_{table}.md", page, provenance=prov)
             write_parquet(df, out / f"ablation_{table}.parquet", provenance=prov)
             with atomic_path(out / f"ablation_{table}.png", provenance=prov) as tmp:

@@ -86,7 +86,7 @@ def train_soft_prompt(model, sequences: Sequences, settings: Mapping[str, Any], 
     """
     import pandas as pd
     import torch
-    from tqdm.auto import tqdm
+    from memctl.progress import tqdm
 
     from memctl import soft_prompt
     from memctl.masks.data import cycling_indices, sequence_loss

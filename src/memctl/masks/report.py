@@ -45,6 +45,11 @@ COST_COLUMNS = [
 ]
 
 
+#: Said under the threshold ablation when it has CSP rows (csp.sweep.thetas).
+CSP_THRESHOLD_NOTE = ("CSP (down) rows: t is CSP's theta, a threshold on the mean loss of the suffix tokens; "
+                      "the masks' t is on their memorization loss (masks.mem_loss_tokens: the whole sequence by "
+                      "default). A soft prompt edits no weight (sparsity 0).\n")
+
 #: Said under the main table: what the cost columns measure.
 COST_NOTE = ("Cost (paper Sec. 4.2): wall time of the job that wrote the edit (model loading included), its device, "
              "and the tokens it processed (non-padding input tokens of every forward pass of a trained edit; the "

@@ -227,22 +227,25 @@ def cmd_report(args) -> None:
     from memctl.store import atomic_path, write_parquet, write_text
     from memctl.vision import report
 
+    settings = _settings(args, "report")
     inputs = {"metrics": args.metrics, "spectrum": args.spectrum, "data": args.data,
               "model": args.train_dir and str(Path(args.train_dir) / "model"), "kfac_summary": args.kfac_summary}
     out = Path(args.out_dir)
-    with stage("vision_report", {}, inputs, outputs=[out]) as prov:
+    with stage("vision_report", settings, inputs, outputs=[out]) as prov:
         table = report.edit_table(pd.read_parquet(args.metrics))
         best = report.best_per_unit(table)
         pairs = report.best_pairs(best)
         spectrum = pd.read_parquet(args.spectrum) if args.spectrum else None
         info = _run_info(args)
-        text = report.vision_markdown(table, best, pairs, spectrum, info)
+        text = report.vision_markdown(table, best, pairs, spectrum, info, settings["tolerance"])
         base = table[table["edit"] == "none"].iloc[0].to_dict()
         write_text(out / "vision.md", text, provenance=prov)
         write_text(out / "vision.html", markdown_html(text, "Vision track: ViT label-noise memorization"),
                    provenance=prov)
         write_parquet(table, out / "vision_edits.parquet", provenance=prov)
-        write_parquet(pd.concat([best, pairs.assign(unit="best pair")], ignore_index=True),
+        write_parquet(pd.concat([best, pairs.assign(unit="best pair"),
+                                 report.tradeoff(table, settings["tolerance"]).assign(unit="trade-off")],
+                                ignore_index=True),
                       out / "vision_best.parquet", provenance=prov)
         with atomic_path(out / "vision_blocks.png", provenance=prov) as tmp:
             report.plot_blocks(best, pairs, base, tmp)
@@ -336,5 +339,6 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--train-dir", default=None, help="the vision-train output directory (model config, train log)")
     p.add_argument("--kfac-summary", default=None)
+    p.add_argument("--settings", default="{}", help="vision.report (JSON)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_report)

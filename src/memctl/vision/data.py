@@ -46,7 +46,7 @@ HELD_OUT_DIRS = ("validation", "val")
 
 
 class VisionDataError(DataError):
-    """The image data or its label table is missing or malformed (the message names the path)."""
+    """The image data or its label table is missing or malformed (the message names the key or path)."""
 
 
 def noise_labels(true_labels: np.ndarray, n_classes: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
