@@ -42,6 +42,8 @@ def one_job_per_rule(cfg: dict) -> dict:
         cfg["masks"]["sweep"] = {"sparsities": [], "sparsity_modes": [], "thresholds": [], "baselines": False}
     if cfg.get("pruning"):
         cfg["pruning"]["methods"] = cfg["pruning"].get("methods", ["magnitude"])[:1]
+    if cfg.get("csp"):
+        cfg["csp"]["modes"] = cfg["csp"].get("modes", ["down"])[:1]
     return cfg
 
 
