@@ -95,6 +95,20 @@ def test_accuracies_on_a_hand_made_case():
         accuracies(pred[:3], labels)
 
 
+def test_evaluation_can_score_a_seeded_sample_of_each_group():
+    from memctl.vision.model import score_rows
+
+    true = np.arange(400) % 10
+    split = np.array(["train"] * 300 + ["selection"] * 40 + ["validation"] * 60, dtype=object)
+    labels = label_table(true, split, 10, 0.1, seed=0)
+    assert list(score_rows(labels, None, 0)) == list(range(400))
+    rows = score_rows(labels, 25, 0)
+    chosen = labels.iloc[rows]
+    groups = chosen.groupby([chosen["split"], chosen["noised"]]).size().to_dict()
+    assert groups == {("train", True): 25, ("train", False): 25, ("selection", False): 25, ("validation", False): 25}
+    assert list(rows) == sorted(rows) and list(score_rows(labels, 25, 0)) == list(rows)
+
+
 def test_best_edit_is_chosen_on_the_selection_slice_not_validation():
     rows = [
         {"edit": "none", "method": "none", "label": "Origin", "unit": "none", "layers": [], "strength": np.nan,
@@ -247,6 +261,47 @@ def test_kfac_edit_and_pruning_baselines_on_the_vit(digits_dir, tmp_path):
         assert (zeros == round(0.25 * t.d_in)).all(), t.name
 
 
+def test_band_analysis_of_the_vit_matches_brute_force(digits_dir):
+    """Fig. 2 on the ViT: memorized = noised rows predicted as their noised label, clean = the other
+    training rows predicted correctly; the K-FAC band means equal a brute-force average of ||Z x||
+    over every Fisher eigenpair ranked by lambda * mu."""
+    from memctl.curvature.decompose import decompose
+
+    images = ImageSet(digits_dir)
+    model = tiny_vit(images)
+    down = arch.linear_targets(model, groups=["mlp"], roles=["down"], layers=[1])
+    factors = curvature.collect(model, images, down, {"seed": 0, "max_images": 48, "batch_size": 16,
+                                                      "labels": "sampled", "precision": "fp32"})
+    eig, _ = decompose(factors)
+    # a "prediction" that makes 3 noised rows memorized and every clean row fitted
+    lab = images.labels
+    pred = lab["true_label"].to_numpy().copy()
+    noised_rows = np.flatnonzero(lab["noised"].to_numpy())[:3]
+    pred[noised_rows] = lab["label"].to_numpy()[noised_rows]
+    mem, clean = curvature.memorized_and_clean(images, pred, 1000, 0)
+    assert list(mem) == list(noised_rows)
+    assert len(clean) == int(((lab["split"] == "train") & ~lab["noised"]).sum())
+    settings = {"bands": [0.1, 0.25, 0.5], "positions": "all", "max_images": 8, "seed": 0}
+    table = curvature.spectrum_table(model, eig, down, images, pred, settings)
+    assert len(table) == 2 * 4 and set(table["basis"]) == {"K-FAC", "SVD"}
+    t = down[0]
+    lam, vecs = eig.A[t.input_key].values.double(), eig.A[t.input_key].vectors.double()
+    mu = eig.G[t.name].values.double()
+    products = (mu[:, None] * lam[None, :]).flatten()
+    order = torch.sort(products, descending=True, stable=True).indices
+    n = products.numel()
+    states = curvature.capture_states(model, images, mem, down, "all")[t.name].double()
+    assert states.shape == (3 * 5, t.d_in)
+    proj = (states @ vecs).abs()  # |v_j . x| = ||u_i v_j^T x|| for every i
+    for b, (lo, hi) in enumerate(((0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.0))):
+        pairs = order[round(lo * n): round(hi * n)]
+        brute = proj[:, pairs % t.d_in].mean(1).mean(0)
+        got = table[(table["basis"] == "K-FAC") & (table["band_index"] == b)]["mean_norm_memorized"].iloc[0]
+        assert got == pytest.approx(float(brute), rel=1e-5)
+    cls = curvature.capture_states(model, images, mem, down, "cls")[t.name]
+    torch.testing.assert_close(cls, states.float().reshape(3, 5, -1)[:, 0])
+
+
 # ------------------------------------------------------------------------- the ImageNet preset
 
 
@@ -289,8 +344,34 @@ def test_imagenet_preset_validates_and_reads_an_imagefolder_stand_in(tmp_path):
     x = loaded.pixels([0, 13])
     assert x.shape == (2, 3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
     assert loaded.labels.loc[0, "file"].startswith("train/n01/")
+    # training decodes on demand, in worker processes or not, to the same numbers
+    from memctl.vision.model import train_vit
+
+    arch_settings = {"patch_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "intermediate_size": 16}
+    train = validate_config({"vision": {"train": {"epochs": 2, "batch_size": 5, "eval_every": 1}}})["vision"]["train"]
+    _, log0 = train_vit(loaded, arch_settings, {**train, "device": "cpu", "workers": 0})
+    _, log2 = train_vit(loaded, arch_settings, {**train, "device": "cpu", "workers": 2})
+    pd.testing.assert_frame_equal(log0, log2)
     with pytest.raises(VisionDataError, match="validation"):
         build(dict(settings, path=str(root / "train")))
+
+
+def test_vision_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
+    from memctl.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["vision-data", "--settings", '{"source": "imagefolder"}', "--out-dir", str(tmp_path / "d")])
+    assert err.value.code == 2
+    assert "vision.data.path: required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["vision-data", "--settings", '{"noise": 2}', "--out-dir", str(tmp_path / "d")])
+    assert err.value.code == 2 and "vision.data.noise" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["vision-train", "--data", str(tmp_path / "missing"), "--settings", '{"model": {}, "train": {}}',
+              "--out-dir", str(tmp_path / "t")])
+    assert err.value.code == 2 and "labels.parquet: not found" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
 
 
 def test_bad_vision_config_is_refused_naming_the_key():

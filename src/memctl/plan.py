@@ -810,14 +810,15 @@ class _Builder:
                           "table": f"{train}/edits-{{vision_edits}}/edits.parquet"},
                  directories=("deltas",))
         edit_dirs = [f"{train}/edits-{j.key}" for j in jobs]
-        eval_hash = settings_hash(h, [j.key for j in jobs])
+        eval_hash = settings_hash(h, [j.key for j in jobs], vis["evaluate"])
         metrics = f"{train}/eval-{eval_hash}/metrics.parquet"
         self.add("vision_evaluate", [Job(
             "vision_evaluate", "", {"model": model, "data": data, "edits": [f"{d}/edits.parquet" for d in edit_dirs],
                                     "deltas": [f"{d}/deltas" for d in edit_dirs]},
             {"metrics": metrics},
-            ("--model", model, "--data", data, "--edits", *edit_dirs, "--device", device, "--out", metrics),
-            self.log("vision_evaluate", eval_hash), self.bench("vision_evaluate", eval_hash),
+            ("--model", model, "--data", data, "--edits", *edit_dirs, "--settings", as_json(vis["evaluate"]),
+             "--device", device, "--out", metrics),
+            self.log("vision_evaluate", eval_hash), self.bench("vision_evaluate", eval_hash), vis["evaluate"],
         )])
         spectrum_hash = settings_hash(kfac_hash, vis["spectrum"])
         spectrum = f"{kfac}/spectrum-{spectrum_hash}/spectrum.parquet"

@@ -165,27 +165,36 @@ def cmd_edit(args) -> None:
 def cmd_evaluate(args) -> None:
     import pandas as pd
 
-    from memctl.edits import load_delta
+    from memctl.edits import apply_delta, load_delta
     from memctl.store import write_parquet
     from memctl.vision import curvature
     from memctl.vision.data import ImageSet
-    from memctl.vision.model import accuracies, predict
+    from memctl.vision.model import accuracies, predict, score_rows
 
+    settings = _settings(args, "evaluate")
     set_threads(args.threads)
     inputs = {"model": args.model, "data": args.data, **{f"edits[{i}]": e for i, e in enumerate(args.edits)}}
-    with stage("vision_evaluate", {"batch_size": args.batch_size}, inputs, outputs=[args.out]) as prov:
+    with stage("vision_evaluate", {**settings, "batch_size": args.batch_size}, inputs, outputs=[args.out]) as prov:
         images = ImageSet(args.data)
         model = _load(args, prov)
+        scored = score_rows(images.labels, settings["max_per_group"], settings["seed"])
+        labels = images.labels.iloc[scored]
+        prov.extra["images_scored"] = int(len(scored))
+
+        def score() -> dict:
+            return accuracies(predict(model, images, scored, args.batch_size), labels)
+
         rows = [{"edit": "none", "method": "none", "label": "Origin", "unit": "none", "layers": [], "roles": [],
-                 "strength": float("nan"), "relative_change": 0.0,
-                 **accuracies(predict(model, images, batch_size=args.batch_size), images.labels)}]
+                 "strength": float("nan"), "relative_change": 0.0, **score()}]
         for edit_dir in args.edits:
             table = pd.read_parquet(Path(edit_dir) / "edits.parquet")
             for rec in table.to_dict("records"):
                 delta = load_delta(Path(edit_dir) / rec["delta"])
-                saved = curvature.apply_replace(model, delta.replace)
+                params = dict(model.named_parameters())
+                saved = {name: params[name].detach().clone() for name in delta.params if name in params}
+                apply_delta(model, delta)  # any memctl delta: replaced matrices or keep-masks
                 try:
-                    acc = accuracies(predict(model, images, batch_size=args.batch_size), images.labels)
+                    acc = score()
                 finally:
                     curvature.apply_replace(model, saved)
                 rows.append({**{k: rec[k] for k in ("edit", "method", "label", "unit", "strength", "relative_change")},
@@ -319,7 +328,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--edits", nargs="*", default=[], help="vision-edit output directories")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--settings", default="{}", help="vision.evaluate (JSON)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (speed only)")
     p.add_argument("--out", required=True, help="metrics.parquet")
     device(p)
     p.set_defaults(func=cmd_evaluate)

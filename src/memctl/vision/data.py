@@ -260,8 +260,32 @@ class ImageSet:
                 0, self.channels, self.image_size, self.image_size)
         return (x - 0.5) / 0.5
 
-    def batches(self, rows: np.ndarray, batch_size: int):
+    def batches(self, rows: np.ndarray, batch_size: int, workers: int = 0):
         """``(row indices, pixels)`` in order, ``batch_size`` at a time."""
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            yield chunk, self.pixels(chunk)
+        rows = np.asarray(rows)
+        chunks = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+        yield from zip(chunks, self.stream(chunks, workers))
+
+    def stream(self, chunks: list[np.ndarray], workers: int = 0):
+        """The pixels of each chunk of rows, in order. Images decoded on demand (imagefolder) are
+        decoded by ``workers`` processes (a torch DataLoader) when ``workers > 0``."""
+        if workers <= 0 or self._pixels is not None:
+            for chunk in chunks:
+                yield self.pixels(chunk)
+            return
+        loader = torch.utils.data.DataLoader(_Decoded(self), batch_sampler=[list(map(int, c)) for c in chunks],
+                                             num_workers=int(workers))
+        yield from loader
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """One normalised image per row index (for DataLoader workers)."""
+
+    def __init__(self, images: ImageSet):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images.labels)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        return self.images.pixels([row])[0]

@@ -95,13 +95,15 @@ def train_vit(images: ImageSet, arch: Mapping[str, Any], settings: Mapping[str, 
     gen = torch.Generator().manual_seed(seed)
     log_every = int(settings["eval_every"])
     history = []
+    workers = int(settings.get("workers", 0))
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(rows), generator=gen).numpy()
         total_loss, seen = 0.0, 0
-        for start in range(0, len(rows), bs):
-            pos = order[start : start + bs]
-            x = cached[torch.as_tensor(pos, device=device)] if in_memory else images.pixels(rows[pos]).to(device)
+        chunks = [order[start : start + bs] for start in range(0, len(rows), bs)]
+        decoded = None if in_memory else images.stream([rows[c] for c in chunks], workers)
+        for pos in chunks:
+            x = cached[torch.as_tensor(pos, device=device)] if in_memory else next(decoded).to(device)
             y = labels[rows[pos]].to(device)
             loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
             opt.zero_grad(set_to_none=True)
@@ -138,6 +140,24 @@ def predict(model, images: ImageSet, rows: np.ndarray | None = None, batch_size:
         out.append(model(pixel_values=x.to(device)).logits.argmax(-1).cpu())
     model.train(was)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def score_rows(labels: pd.DataFrame, max_per_group: int | None, seed: int) -> np.ndarray:
+    """The rows an evaluation scores (sorted): every row, or at most ``max_per_group`` of each group
+    (noised train, clean train, selection, validation), a seeded sample of each larger one."""
+    if max_per_group is None:
+        return np.arange(len(labels))
+    split = labels["split"].to_numpy()
+    noised = labels["noised"].to_numpy().astype(bool)
+    rng = np.random.default_rng([seed, 4])
+    chosen = []
+    for mask in ((split == "train") & noised, (split == "train") & ~noised, split == "selection",
+                 split == "validation"):
+        rows = np.flatnonzero(mask)
+        if len(rows) > max_per_group:
+            rows = rng.choice(rows, size=int(max_per_group), replace=False)
+        chosen.append(rows)
+    return np.sort(np.concatenate(chosen))
 
 
 def accuracies(pred: np.ndarray, labels: pd.DataFrame) -> dict[str, float]:
