@@ -283,3 +283,31 @@ def test_decompose_command_records_device_and_precision(tmp_path, collections):
     assert len(eig.targets) == 4
     sidecar = json.loads((tmp_path / "out" / "eigen.meta.json").read_text())
     assert "fp32" in json.dumps(sidecar) and '"device": "cpu"' in json.dumps(sidecar)
+
+
+def test_tf32_and_fp32_set_the_cuda_matmul_precision_only_inside_the_collection():
+    from memctl.curvature.collect import matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    with matmul_precision("cuda", "tf32"):
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 tensor cores for fp32 matmuls
+    with matmul_precision(torch.device("cuda:0"), "fp32"):
+        assert torch.get_float32_matmul_precision() == "highest"
+    with matmul_precision("cpu", "tf32"), matmul_precision("cuda", "bf16"):
+        assert torch.get_float32_matmul_precision() == before  # nothing to set on the CPU / for bf16
+    assert torch.get_float32_matmul_precision() == before
+
+
+def test_a_bad_precision_is_refused_naming_the_key_before_loading(tmp_path, capsys):
+    import json
+
+    from memctl.cli import main
+
+    settings = {"data": {"precision": "fp16"}, "modules": {}}
+    with pytest.raises(SystemExit) as exc:
+        main(["kfac-collect", "--model", str(tmp_path / "absent"), "--windows", str(tmp_path / "absent.safetensors"),
+              "--settings", json.dumps(settings), "--out-dir", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "curvature.data" in err and "precision" in err and "fp16" in err
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ Snakemake runs on a local GPT-NeoX in tests/test_workflow.py.
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import numpy as np
@@ -150,7 +151,7 @@ def family_run(request, tmp_path_factory, tiny_tokenizer_dir):
                         needed[(producer[path].stage, producer[path].key)] = producer[path]
     for job in needed.values():
         run(job)
-    return kind, plan, model_dir, model, done
+    return request.param, plan, model_dir, model, done
 
 
 def pytest_generate_tests(metafunc):
@@ -165,6 +166,11 @@ def test_every_model_stage_ran_and_wrote_sound_artifacts(family_run):
     ran = {stage for stage, _ in done}
     assert MODEL_STAGES <= ran, sorted(MODEL_STAGES - ran)
     assert all(registry.get(s) for s in ran)
+    (collect,) = plan.stage("collect_kfac").jobs.values()
+    loaded = json.loads(open(collect.outputs["factors"] + ".meta.json").read())["model_loaded"]
+    assert loaded["devices"] == ["cpu"]
+    # the device_map run: stages loaded the model through accelerate's placement
+    assert loaded["device_map"] == plan.model.settings.get("device_map") == ("auto" if "+" in kind else None)
     for stage, key in done:
         for path in plan.stage(stage).jobs[key].outputs.values():
             if not path.endswith(".meta.json"):
@@ -203,19 +209,6 @@ def test_extraction_and_metrics_of_every_edit(family_run):
     origin = rows[rows["edit"] == "none"].iloc[0]
     assert origin["exact_er"] == 1.0 and np.isfinite(origin["heldout_ppl"]), kind
     assert np.isfinite(rows["heldout_ppl"]).all(), rows[["edit", "heldout_ppl"]]
-
-
-def test_placement_runs_every_stage_on_a_dispatched_model(family_run):
-    """The device_map run: each model-loading stage recorded accelerate's placement."""
-    import json
-
-    kind, plan, _, _, done = family_run
-    if plan.model.settings.get("device_map") != "auto":
-        pytest.skip("only the device_map run")
-    assert plan.model.settings["max_memory"] == {"cpu": "2GiB"}
-    (collect,) = plan.stage("collect_kfac").jobs.values()
-    loaded = json.loads(open(collect.outputs["factors"] + ".meta.json").read())["model_loaded"]
-    assert loaded["device_map"] == "auto" and loaded["devices"] == ["cpu"]
 
 
 def test_memory_limited_placement_plan(tmp_path):
