@@ -87,3 +87,14 @@ def constraints(stage):
     """The stage's wildcard matches its own job keys only (edit rules share one output pattern)."""
     plan = PLAN.stage(stage)
     return {plan.wildcard: plan.constraint} if plan.wildcard else {}
+
+
+def vision_resources(stage):
+    """The registry's request, growing with each retry (memctl.lab sizes language models only)."""
+    spec = stages.get(stage)
+    extra = {"gpu": int(GPU)} if spec.gpu else {}
+    return {
+        "mem_mb": lambda wildcards, attempt: spec.mem_mb * attempt,
+        "runtime": lambda wildcards, attempt: spec.runtime_min * attempt,
+        **extra,
+    }

@@ -3,17 +3,6 @@
 # when vision.enabled (config/vision.yaml, config/paper.yaml).
 
 
-def vision_resources(stage):
-    """The registry's request, growing with each retry (memctl.lab sizes language models only)."""
-    spec = stages.get(stage)
-    extra = {"gpu": int(GPU)} if spec.gpu else {}
-    return {
-        "mem_mb": lambda wildcards, attempt: spec.mem_mb * attempt,
-        "runtime": lambda wildcards, attempt: spec.runtime_min * attempt,
-        **extra,
-    }
-
-
 if "vision_data" in PLAN.stages:
 
     rule vision_data:
