@@ -35,10 +35,11 @@ def test_training_rows_that_overlap_a_test_sequence_are_dropped_and_counted():
     clean = [rng.integers(0, 50, 16) for _ in range(5)]
     shifted = np.concatenate([test[0][4:], rng.integers(0, 50, 4)])  # shares 12 tokens with test[0]
     splits = {"memorized_test": _table([test[0]]), "er_test": _table([test[1]]),
-              "memorized_train": _table([*clean[:2], test[0]]), "er_train": _table([*clean, test[1], shifted])}
+              "memorized_train": _table([*clean[:2], test[0]]), "memorized_val": _table([clean[2], test[1]]),
+              "er_train": _table([*clean, test[1], shifted])}
     out = drop_test_overlap(dict(splits), n=12)
-    assert out["dropped"] == {"memorized_train": 1, "er_train": 2}
-    assert len(out["memorized_train"]) == 2 and len(out["er_train"]) == 5
+    assert out["dropped"] == {"memorized_train": 1, "memorized_val": 1, "er_train": 2}
+    assert len(out["memorized_train"]) == 2 and len(out["memorized_val"]) == 1 and len(out["er_train"]) == 5
     kept = drop_test_overlap(dict(splits), n=13)  # the shifted row shares only 12
-    assert kept["dropped"] == {"memorized_train": 1, "er_train": 1}
+    assert kept["dropped"] == {"memorized_train": 1, "memorized_val": 1, "er_train": 1}
     assert drop_test_overlap(dict(splits), n=0)["dropped"] == {}
