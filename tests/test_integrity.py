@@ -518,7 +518,8 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
     assert not tmp.exists() and final.exists()
     ext = pd.read_parquet(extract_dir / "extraction.parquet")
     mem, non = pd.read_parquet(final), pd.read_parquet(extract_dir / "nonmemorized.parquet")
-    assert len(mem) + len(non) == len(ext) and mem["exact_match"].all()
+    ood = pd.read_parquet(extract_dir / "ood.parquet")  # the out-of-domain quotes: in no other table
+    assert len(mem) + len(non) + len(ood) == len(ext) and mem["exact_match"].all()
 
 
 # ------------------------------------------- damaged inputs are refused, repaired and rebuilt
