@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -149,10 +149,8 @@ def sequences_and_positions(df: pd.DataFrame, mode: str, max_sequences: int) -> 
 def spectrum_table(model, eig, targets: Sequence[LinearTarget], memorized: pd.DataFrame,
                    nonmemorized: pd.DataFrame, settings) -> pd.DataFrame:
     """One row per (module, basis, band): mean band score of memorized and non-memorized states."""
-    from memctl.architectures import weight
 
     edges = tuple(settings.get("bands", DEFAULT_BANDS))
-    labels = band_labels(edges)
     mode, n_max, batch = settings.get("positions", "suffix"), int(settings.get("max_sequences", 256)), int(settings.get("batch_size", 16))
     states = {}
     for name, df in (("memorized", memorized), ("nonmemorized", nonmemorized)):
@@ -163,6 +161,17 @@ def spectrum_table(model, eig, targets: Sequence[LinearTarget], memorized: pd.Da
             log.warning("spectrum analysis: the %s set is empty; writing an empty table", name)
             return pd.DataFrame(columns=SPECTRUM_COLUMNS)
         states[name] = capture_inputs(model, targets, seqs, pos, batch)
+    return band_table(model, eig, targets, states["memorized"], states["nonmemorized"], edges)
+
+
+def band_table(model, eig, targets, memorized: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+               edges: Sequence[float]) -> pd.DataFrame:
+    """One row per (matrix, basis, band) from captured input states per matrix name: the mean
+    ``||Z x||`` of the memorized states and of the other (non-memorized / clean) states, in the
+    K-FAC eigenbasis and in the weight's SVD basis (:data:`SPECTRUM_COLUMNS`)."""
+    from memctl.architectures import weight
+
+    labels = band_labels(tuple(edges))
     rows = []
     for t in targets:
         W = weight(model, t).detach().double().cpu()
@@ -172,16 +181,16 @@ def spectrum_table(model, eig, targets: Sequence[LinearTarget], memorized: pd.Da
             "SVD": (Vh.T, svd_band_weights(S.numel(), edges)),
         }
         for basis, (dirs, w) in bases.items():
-            mem = band_scores(states["memorized"][t.name], dirs, w).mean(0)
-            non = band_scores(states["nonmemorized"][t.name], dirs, w).mean(0)
+            mem = band_scores(memorized[t.name], dirs, w).mean(0)
+            non = band_scores(other[t.name], dirs, w).mean(0)
             for b, label in enumerate(labels):
                 rows.append({
                     "module": t.name, "short": t.short, "layer": t.layer, "role": t.role, "basis": basis,
                     "band": label, "band_index": b, "mean_norm_memorized": float(mem[b]),
                     "mean_norm_nonmemorized": float(non[b]),
                     "ratio_memorized_over_nonmemorized": float(mem[b] / non[b]) if float(non[b]) > 0 else math.nan,
-                    "n_states_memorized": int(states["memorized"][t.name].shape[0]),
-                    "n_states_nonmemorized": int(states["nonmemorized"][t.name].shape[0]),
+                    "n_states_memorized": int(memorized[t.name].shape[0]),
+                    "n_states_nonmemorized": int(other[t.name].shape[0]),
                 })
     return pd.DataFrame(rows, columns=SPECTRUM_COLUMNS)
 

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -161,35 +160,12 @@ def spectrum_table(model, eig, targets: Sequence[LinearTarget], images: ImageSet
                    settings: Mapping[str, Any]) -> pd.DataFrame:
     """One row per (matrix, basis, band): mean ``||Z x||`` of memorized and of clean images' states
     (columns of :data:`memctl.curvature.spectrum.SPECTRUM_COLUMNS`; 'nonmemorized' = clean)."""
-    from memctl.architectures import weight
-    from memctl.curvature.spectrum import (SPECTRUM_COLUMNS, band_labels, band_scores, kfac_band_weights,
-                                           svd_band_weights)
+    from memctl.curvature.spectrum import SPECTRUM_COLUMNS, band_table
 
     edges = tuple(settings["bands"])
-    labels = band_labels(edges)
     mem_rows, clean_rows = memorized_and_clean(images, pred, int(settings["max_images"]), int(settings["seed"]))
     if not len(mem_rows) or not len(clean_rows):
         return pd.DataFrame(columns=SPECTRUM_COLUMNS)
     states = {name: capture_states(model, images, rows, targets, settings["positions"])
               for name, rows in (("memorized", mem_rows), ("clean", clean_rows))}
-    rows = []
-    for t in targets:
-        W = weight(model, t).detach().double().cpu()
-        _, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        bases = {
-            "K-FAC": (eig.A[t.input_key].vectors, kfac_band_weights(eig.G[t.name].values, eig.A[t.input_key].values, edges)),
-            "SVD": (Vh.T, svd_band_weights(S.numel(), edges)),
-        }
-        for basis, (dirs, w) in bases.items():
-            mem = band_scores(states["memorized"][t.name], dirs, w).mean(0)
-            cln = band_scores(states["clean"][t.name], dirs, w).mean(0)
-            for b, label in enumerate(labels):
-                rows.append({
-                    "module": t.name, "short": t.short, "layer": t.layer, "role": t.role, "basis": basis,
-                    "band": label, "band_index": b, "mean_norm_memorized": float(mem[b]),
-                    "mean_norm_nonmemorized": float(cln[b]),
-                    "ratio_memorized_over_nonmemorized": float(mem[b] / cln[b]) if float(cln[b]) > 0 else math.nan,
-                    "n_states_memorized": int(states["memorized"][t.name].shape[0]),
-                    "n_states_nonmemorized": int(states["clean"][t.name].shape[0]),
-                })
-    return pd.DataFrame(rows, columns=SPECTRUM_COLUMNS)
+    return band_table(model, eig, targets, states["memorized"], states["clean"], edges)
