@@ -222,17 +222,15 @@ def test_stage_code_hash_changes_with_a_used_helper_only(tmp_path, monkeypatch):
     (pkg / "fake.py").write_text(src)
     stage = stages.Stage("fake", "fake", "memctl.fake:cmd_a", "light")
     monkeypatch.setitem(stages.STAGES, "fake", stage)
-    stages.code_files.cache_clear()
-    stages._parsed.cache_clear()
+    stages.clear_caches()
     first = stages.code_hash("fake")
     (pkg / "fake.py").write_text(src.replace("return 2", "return 3"))
-    stages._parsed.cache_clear()
+    stages.clear_caches()
     assert stages.code_hash("fake") == first
     (pkg / "fake.py").write_text(src.replace("return 1", "return 4"))
-    stages._parsed.cache_clear()
+    stages.clear_caches()
     assert stages.code_hash("fake") != first
-    stages.code_files.cache_clear()
-    stages._parsed.cache_clear()
+    stages.clear_caches()
 
 
 # ---------------------------------------------------------------------- config composition

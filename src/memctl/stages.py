@@ -128,6 +128,7 @@ def get(name: str) -> Stage:
 # ------------------------------------------------------------------------- code dependencies
 
 
+@cache
 def _module_file(module: str) -> Path | None:
     """The source file of a ``memctl`` module (a package's ``__init__.py``), or None."""
     parts = module.split(".")
@@ -171,8 +172,31 @@ def _imports(tree: ast.AST, module: str) -> set[str]:
 
 
 @cache
+def _source(path: Path) -> tuple[str, tuple[str, ...]]:
+    """A module's text and its lines with their endings (``read_text`` leaves only ``\\n``)."""
+    text = path.read_text(encoding="utf-8")
+    return text, tuple(line + "\n" for line in text.split("\n"))
+
+
+@cache
 def _parsed(path: Path) -> ast.Module:
-    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return ast.parse(_source(path)[0], filename=str(path))
+
+
+@cache
+def _module_imports(module: str) -> frozenset[str]:
+    """:func:`_imports` of a whole module (parsed and walked once per process)."""
+    return frozenset(_imports(_parsed(_module_file(module)), module))
+
+
+def _segment(lines: tuple[str, ...], node: ast.AST) -> str:
+    """``ast.get_source_segment`` on lines split once (it splits the whole file on every call)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset : node.end_col_offset].decode()
+    head = lines[first].encode()[node.col_offset :].decode()
+    tail = lines[last].encode()[: node.end_col_offset].decode()
+    return head + "".join(lines[first + 1 : last]) + tail
 
 
 def _entry_closure(module: str, function: str) -> tuple[list[ast.AST], set[str]]:
@@ -215,10 +239,16 @@ def code_files(name: str) -> tuple[Path, ...]:
         if module in seen:
             continue
         seen.add(module)
-        todo |= _imports(_parsed(_module_file(module)), module) - seen
+        todo |= _module_imports(module) - seen
     # Infrastructure is followed (the runner loads the model through memctl.models) but not hashed.
     kept = {m for m in seen if not _infrastructure(m)} - {stage.module}
     return tuple(sorted({_module_file(m) for m in kept}))
+
+
+def clear_caches() -> None:
+    """Forget parsed sources (after editing them in the same process, as the tests do)."""
+    for cached in (_module_file, _source, _parsed, _module_imports, code_files):
+        cached.cache_clear()
 
 
 def code_hash(name: str) -> str:
@@ -226,12 +256,11 @@ def code_hash(name: str) -> str:
     definitions and imports of its module that it uses, and every module of :func:`code_files`."""
     stage = get(name)
     digest = hashlib.sha256()
-    path = _module_file(stage.module)
-    source = path.read_text(encoding="utf-8")
+    _, lines = _source(_module_file(stage.module))
     nodes, _ = _entry_closure(stage.module, stage.function)
     digest.update(stage.entry.encode())
     for node in nodes:
-        digest.update((ast.get_source_segment(source, node) or "").encode())
+        digest.update(_segment(lines, node).encode())
     for file in code_files(name):
         digest.update(file.relative_to(SRC).as_posix().encode())
         digest.update(file.read_bytes())

@@ -30,12 +30,8 @@ import math
 
 import torch
 
-METHODS = ("kfac", "kfac_factor", "kfac_pairwise", "svd")
-#: Defaults where an edit leaves ``strength`` unset: paper energy (also per factor), public-code rho,
-#: paper SVD keep.
-DEFAULT_STRENGTH = {"kfac": 0.9, "kfac_factor": 0.9, "kfac_pairwise": 0.6, "svd": 0.2}
-FORMS = {"kfac": "projector", "kfac_factor": "per-factor", "kfac_pairwise": "pairwise", "svd": "svd"}
-LABELS = {"kfac": "K-FAC", "kfac_factor": "K-FAC (per factor)", "kfac_pairwise": "K-FAC (pairwise)", "svd": "SVD"}
+# the edit families' names, defaults and labels live with the settings (torch-free: the planner reads them)
+from memctl.curvature.settings import METHODS
 
 
 def energy_rank(values: torch.Tensor, energy: float) -> int:

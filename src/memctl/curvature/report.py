@@ -49,7 +49,7 @@ def read_specs(deltas: Sequence[str]) -> dict[str, dict]:
 
 def edit_table(metrics: pd.DataFrame, specs: Mapping[str, Mapping]) -> pd.DataFrame:
     """Metrics of the unedited model and each curvature edit, with their specs and PPL ratios."""
-    from memctl.curvature.edit import FORMS
+    from memctl.curvature.settings import FORMS
 
     base = metrics[metrics["edit"] == "none"]
     base_ppl = float(base["heldout_ppl"].iloc[0]) if len(base) else math.nan

@@ -13,7 +13,14 @@ from typing import Any
 
 from memctl.architectures import GROUPS, ROLES
 from memctl.config import ConfigError
-from memctl.curvature.edit import DEFAULT_STRENGTH, LABELS, METHODS
+
+#: The edit families (memctl.curvature.edit implements them).
+METHODS = ("kfac", "kfac_factor", "kfac_pairwise", "svd")
+#: Defaults where an edit leaves ``strength`` unset: paper energy (also per factor), public-code rho,
+#: paper SVD keep.
+DEFAULT_STRENGTH = {"kfac": 0.9, "kfac_factor": 0.9, "kfac_pairwise": 0.6, "svd": 0.2}
+FORMS = {"kfac": "projector", "kfac_factor": "per-factor", "kfac_pairwise": "pairwise", "svd": "svd"}
+LABELS = {"kfac": "K-FAC", "kfac_factor": "K-FAC (per factor)", "kfac_pairwise": "K-FAC (pairwise)", "svd": "SVD"}
 
 #: Which roles belong to which group (architecture-independent vocabulary); every K-FAC method
 #: (``kfac``, ``kfac_factor``, ``kfac_pairwise``) edits only collected roles, ``svd`` any of the groups'.

@@ -97,7 +97,7 @@ def units(n_layers: int, pairs) -> list[tuple[str, list[int]]]:
 
 def edit_specs(edits: Mapping[str, Any], method: str, n_layers: int) -> list[dict[str, Any]]:
     """Resolved edit specs (memctl.curvature.settings form) of one method, every unit x strength."""
-    from memctl.curvature.edit import LABELS
+    from memctl.curvature.settings import LABELS
 
     specs = []
     for kind, layers in units(n_layers, edits["pairs"]):
