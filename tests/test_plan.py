@@ -127,6 +127,23 @@ def test_batch_sizes_are_runtime_flags():
     assert shlex.split(job.command(1))[2:6] == ["--threads", "1", "--batch-size", "3"]
 
 
+def test_stage_threads_override_per_rule_and_rerun_nothing():
+    """resources.stage_threads sets one rule's threads (others keep resources.threads, one-thread
+    rules stay at 1); threads are not a setting, so no job changes; bad names are refused."""
+    res = {"threads": 2, "stage_threads": {"evaluate": 1, "train_mask": 3}}
+    assert [stages.job_threads(s, res) for s in ("evaluate", "train_mask", "extract", "report")] == [1, 3, 2, 1]
+    assert stages.job_threads("evaluate", {"threads": 4}) == 4
+    before = tiny()
+    after = tiny(lambda c: c.setdefault("resources", {}).update(stage_threads={"evaluate": 1}))
+    assert changed(before, after) == []
+    with pytest.raises(ConfigError, match=r"stage_threads\.evaluat: no such rule"):
+        tiny(lambda c: c.setdefault("resources", {}).update(stage_threads={"evaluat": 1}))
+    with pytest.raises(ConfigError, match=r"stage_threads\.report: this rule runs on one thread"):
+        tiny(lambda c: c.setdefault("resources", {}).update(stage_threads={"report": 2}))
+    with pytest.raises(ConfigError, match="stage_threads"):
+        tiny(lambda c: c.setdefault("resources", {}).update(stage_threads={"evaluate": 0}))
+
+
 def test_candidates_get_the_lengths_only():
     """Extraction settings that do not shape the candidate table do not reach it."""
     assert "candidates" not in changed(tiny(), tiny(lambda c: c["extract"].update(split_seed=7, batch_size=8)))

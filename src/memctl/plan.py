@@ -941,6 +941,9 @@ def build_plan(config: Mapping[str, Any], dims: Any = None, *, python_version: s
     Raises :class:`memctl.config.ConfigError` naming the key when the config asks for something the
     model cannot do.
     """
+    problems = registry.stage_threads_problems(config["resources"])
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     b = _Builder(config, dims, python_version or "{}.{}".format(*sys.version_info[:2]))
     b.demo()
     b.model_under_study()

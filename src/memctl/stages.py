@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 PACKAGE = "memctl"
 SRC = Path(__file__).resolve().parent
@@ -265,6 +267,25 @@ def code_hash(name: str) -> str:
         digest.update(file.relative_to(SRC).as_posix().encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def job_threads(name: str, resources: Mapping[str, Any]) -> int:
+    """Threads of stage ``name``'s jobs: ``resources.stage_threads[name]`` where set, else
+    ``resources.threads`` for the stages that run torch, else 1."""
+    if not get(name).threads:
+        return 1
+    return int((resources.get("stage_threads") or {}).get(name, resources["threads"]))
+
+
+def stage_threads_problems(resources: Mapping[str, Any]) -> list[str]:
+    """Config errors of ``resources.stage_threads``: unknown rules and rules that run on one thread."""
+    problems = []
+    for name in resources.get("stage_threads") or {}:
+        if name not in STAGES:
+            problems.append(f"resources.stage_threads.{name}: no such rule (rules: {', '.join(STAGES)})")
+        elif not STAGES[name].threads:
+            problems.append(f"resources.stage_threads.{name}: this rule runs on one thread")
+    return problems
 
 
 def commands() -> dict[str, Stage]:

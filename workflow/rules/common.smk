@@ -23,7 +23,6 @@ config.clear()
 config.update(_resolved)
 
 ENV = "../../envs/memctl.yaml"
-THREADS = config["resources"]["threads"]
 GPU = bool(config["resources"]["gpu"])
 
 
@@ -56,7 +55,7 @@ def code(stage):
 
 
 def threads(stage):
-    return THREADS if stages.get(stage).threads else 1
+    return stages.job_threads(stage, config["resources"])
 
 
 def resources(stage):
