@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from memctl import lab, stages
-from memctl.config import ConfigError, load_config, validate_config, workflow_config
+from memctl.config import ConfigError, load_config, merge, validate_config, workflow_config
 from memctl.plan import build_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,10 +296,23 @@ def test_a_user_config_does_not_inherit_the_demo(tmp_path):
 
 
 def test_the_full_reproduction_is_the_quick_tour_plus_its_sweeps():
-    """config/paper.yaml extends the quick tour: every quick-tour job is planned by it unchanged
-    (same paths, so one store serves both), and it adds the sweeps, forms and ablations."""
-    tour_cfg = load_config(REPO / "config" / "config.yaml")
+    """config/paper.yaml extends the quick tour on the full testbed: it changes only the testbed's
+    size (demo corpus, canaries, pretraining steps, candidate windows, calibration windows and the
+    K-FAC token budget that follows them); every quick-tour job on that testbed is planned by it
+    unchanged (same paths, so one store serves both), and it adds the sweeps, forms and ablations."""
+    paper_raw = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    testbed = {
+        "demo": paper_raw["demo"],
+        "candidates": paper_raw["candidates"],
+        "calibration": paper_raw["calibration"],
+        "curvature": {"data": paper_raw["curvature"]["data"]},
+    }
+    assert set(paper_raw["demo"]) == {"corpus", "canaries", "train"}
+    assert set(paper_raw["curvature"]["data"]) == {"max_tokens"}
+    tour_raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    tour_cfg = validate_config(merge(tour_raw, testbed))
     paper_cfg = load_config(REPO / "config" / "paper.yaml")
+    assert tour_cfg["demo"] == paper_cfg["demo"]
     tour = build_plan(tour_cfg, lab.workflow_model_dims(tour_cfg))
     paper = build_plan(paper_cfg, lab.workflow_model_dims(paper_cfg))
     tour_outputs = {p for s in tour.stages.values() for j in s.jobs.values() for p in j.outputs.values()}
