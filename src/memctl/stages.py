@@ -201,7 +201,8 @@ def _segment(lines: tuple[str, ...], node: ast.AST) -> str:
     return head + "".join(lines[first + 1 : last]) + tail
 
 
-def _entry_closure(module: str, function: str) -> tuple[list[ast.AST], set[str]]:
+@cache
+def _entry_closure(module: str, function: str) -> tuple[tuple[ast.AST, ...], frozenset[str]]:
     """The entry function and the module's top-level definitions it uses (transitively), and the
     modules all of them (and the module's top-level imports) import."""
     path = _module_file(module)
@@ -224,7 +225,7 @@ def _entry_closure(module: str, function: str) -> tuple[list[ast.AST], set[str]]
     for node in nodes:
         modules |= _imports(node, module)
     modules.add(PACKAGE)
-    return nodes, modules
+    return tuple(nodes), frozenset(modules)
 
 
 @cache
@@ -249,7 +250,7 @@ def code_files(name: str) -> tuple[Path, ...]:
 
 def clear_caches() -> None:
     """Forget parsed sources (after editing them in the same process, as the tests do)."""
-    for cached in (_module_file, _source, _parsed, _module_imports, code_files):
+    for cached in (_module_file, _source, _parsed, _module_imports, _entry_closure, code_files):
         cached.cache_clear()
 
 
