@@ -1,4 +1,6 @@
-"""Results tables: exposure buckets pooled by hand-checked weights; tables without counts."""
+"""Results tables: exposure buckets pooled by hand-checked weights; tables without counts; paired tests."""
+
+import math
 
 import pandas as pd
 import pytest
@@ -62,35 +64,102 @@ def test_a_pipe_in_a_label_keeps_the_columns():
     assert "<td>K-FAC | rho=0.5 new</td>" in page
 
 
-def test_bootstrap_intervals_cover_the_rate_and_say_whether_edits_differ():
-    """Intervals from 1000 resamples: by hand, a rate of k/n has a percentile interval around k/n
-    whose width shrinks like 1/sqrt(n); an edit at 0/40 vs Origin at 30/40 does not overlap."""
-    import numpy as np
-    import pandas as pd
+def _scores(track: str, exact: list[int], n_match: list[int] | None = None, n_suffix: int = 4,
+            ids: list[str] | None = None) -> pd.DataFrame:
+    """Per-example scores of one track as evaluate writes them (Levenshtein from the matches)."""
+    n_match = n_match if n_match is not None else [n_suffix * e for e in exact]
+    lev = [(n_suffix - m) / n_suffix for m in n_match]
+    return pd.DataFrame({"track": track, "candidate_id": ids or [f"c{i}" for i in range(len(exact))],
+                         "exact_match": [bool(e) for e in exact], "n_match": n_match, "n_suffix": n_suffix,
+                         "levenshtein_norm": lev, "levenshtein_sim": [1 - v for v in lev]})
 
-    from memctl.metrics import rate_ci
-    from memctl.report import with_intervals
 
-    exact = np.array([1] * 30 + [0] * 10)
-    ci = rate_ci(exact, exact * 4, np.full(40, 4))
-    lo, hi = ci["exact_er"]
-    assert lo < 0.75 < hi and 0.1 < hi - lo < 0.35  # binomial sd sqrt(.75*.25/40) = 0.068: width ~0.27
-    assert ci["fractional_er"] == ci["exact_er"]  # every suffix all-or-nothing here
-    assert rate_ci(exact, exact * 4, np.full(40, 4)) == ci  # seeded: the same table, the same interval
+def _heldout(nll: list[float], tokens: int = 63) -> pd.DataFrame:
+    return pd.DataFrame({"track": "heldout", "window": range(len(nll)), "nll_sum": nll, "n_tokens": tokens})
 
-    def scores(k, n, track):
-        return pd.DataFrame({"track": track, "exact_match": [True] * k + [False] * (n - k), "n_match": [4] * k + [0] * (n - k),
-                             "n_suffix": 4})
 
-    metrics = pd.DataFrame({"model": "m", "edit": ["none", "down", "up"], "method": ["Origin", "Ours (down)", "Ours (up)"]})
-    s = {"none": pd.concat([scores(30, 40, "extraction_rate"), scores(10, 10, "memorized")]),
-         "down": pd.concat([scores(0, 40, "extraction_rate"), scores(0, 10, "memorized")]),
-         "up": pd.concat([scores(31, 40, "extraction_rate"), scores(10, 10, "memorized")])}
-    out = with_intervals(metrics, s).set_index("edit")
-    assert out.loc["down", "er_vs_origin"] == "lower (no overlap)"
-    assert out.loc["up", "er_vs_origin"] == "overlap"
-    assert out.loc["none", "er_exact_ci"].startswith("[0.6")
-    assert out.loc["down", "exact_ci"] == "[0.000, 0.000]"
+def test_each_edit_is_tested_against_origin_on_the_same_examples():
+    """A constructed scores table: 81 extraction-rate examples, Origin extracts 36.
+    - down extracts none: 0/81 with the exact interval [0.000, 0.045] (not [0.000, 0.000]); 36
+      discordant examples all Origin's: McNemar p = 2 / 2^36 -> lower (p<0.001).
+    - up extracts 2 more than Origin on 9 + 1 discordant examples (9 only up, 1 only Origin):
+      p = 2 * 11 / 1024 = 0.021 -> higher (p=0.021), although its Clopper-Pearson interval
+      [0.34, 0.56] overlaps Origin's [0.33, 0.56]: the overlap rule said nothing here.
+    - tie: the same 36 examples as Origin: no evidence of a difference (p=1)."""
+    origin = [1] * 36 + [0] * 45
+    up = [1] * 35 + [0] + [1] * 9 + [0] * 36  # loses example 35, gains examples 36..44
+    frames = {"none": origin, "down": [0] * 81, "up": up, "tie": origin}
+    metrics = pd.DataFrame({"model": "m", "edit": list(frames), "method": ["Origin", "Ours (down)", "Ours (up)", "Tie"],
+                            "er_n_examples": 81, "n_examples": 4, "er_exact_er": [sum(v) / 81 for v in frames.values()]})
+    worse = [200.0 + i for i in range(30)]
+    scores = {e: pd.concat([_scores("extraction_rate", v), _scores("memorized", [1, 1, 1, 1]),
+                            _heldout([w + (6.3 if e == "down" else 0.0) for w in worse])])
+              for e, v in frames.items()}
+    out = report.with_intervals(metrics, scores).set_index("edit")
+    assert out.loc["down", "er_exact_ci"] == "[0.000, 0.045]" and out.loc["down", "er_exact_count"] == "0/81"
+    assert out.loc["down", "er_vs_origin"] == "lower (p<0.001)"
+    assert out.loc["down", "er_vs_origin_p"] == pytest.approx(2 / 2**36)
+    assert out.loc["up", "er_vs_origin"] == "higher (p=0.021)"
+    assert out.loc["up", "er_vs_origin_p"] == pytest.approx(22 / 1024)
+    lo_up, hi_up = out.loc["up", ["er_exact_er_lo", "er_exact_er_hi"]]
+    lo_o, hi_o = out.loc["none", ["er_exact_er_lo", "er_exact_er_hi"]]
+    assert lo_up < hi_o and lo_o < hi_up  # the intervals overlap
+    assert out.loc["tie", "er_vs_origin"] == "no evidence of a difference (p=1)"
+    assert out.loc["none", "er_vs_origin"] == "-" and out.loc["none", "exact_ci"] == "[0.398, 1.000]"  # 4/4
+    # fractional ER: the same data all-or-nothing per example, so the paired bootstrap agrees in direction
+    assert out.loc["down", "er_frac_vs_origin"].startswith("lower (p")
+    # held-out perplexity: every window 0.1 nats per token worse -> ratio exp(0.1), a point interval
+    assert out.loc["down", "ppl_ratio"] == pytest.approx(math.exp(0.1))
+    assert out.loc["down", "ppl_vs_origin"] == "higher (p<0.001)"
+    assert out.loc["tie", "ppl_vs_origin"] == "no evidence of a difference (p=1)"
+    text = report.results_markdown(out.reset_index())
+    row = next(line for line in text.splitlines() if line.startswith("| Ours (down) | down | 0.000 | 0/81 |"))
+    assert "| [0.000, 0.045] | lower (p<0.001) |" in row
+    assert "exact McNemar test" in text and "no evidence of a difference" in text
+    assert "intervals overlap" not in text and "(no overlap)" not in text
+
+
+def test_examples_pair_on_candidate_ids_not_row_order():
+    """The reference's rows in another order: the test pairs example c0 with c0."""
+    metrics = pd.DataFrame({"model": "m", "edit": ["none", "e"], "method": ["Origin", "Edit"], "er_n_examples": 10})
+    base = _scores("extraction_rate", [1] * 5 + [0] * 5)
+    scores = {"none": base.iloc[::-1], "e": base.copy()}
+    out = report.with_intervals(metrics, scores).set_index("edit")
+    assert out.loc["e", "er_vs_origin"] == "no evidence of a difference (p=1)"
+
+
+def test_the_papers_comparisons_are_paired_tests():
+    """Ours (up) against Ours (none) on both tracks (and against the sparsity-only ablation at its
+    lambda_s); K-FAC vs SVD vs BalancedSubnet on the memorized track where each is a single row."""
+    labels = {"none": "Origin", "a": "Ours (none)", "b": "Ours (up)", "c": "Ours (down)", "d": "Ours (up, sparsity only)",
+              "s1": "Ours (up), seed 1", "n1": "Ours (none), seed 1", "k": "K-FAC", "s": "SVD", "bsn": "BalancedSubnet"}
+    metrics = pd.DataFrame({"model": "m", "edit": list(labels), "method": list(labels.values()), "er_n_examples": 20,
+                            "n_examples": 20})
+    er = {"none": [1] * 10 + [0] * 10, "a": [1] * 10 + [0] * 10, "b": [1] * 20, "c": [0] * 20,
+          "d": [1] * 10 + [0] * 10, "s1": [1] * 20, "n1": [1] * 10 + [0] * 10,
+          "k": [0] * 20, "s": [1] * 20, "bsn": [1] * 20}
+    mem = {"k": [0] * 20}
+    scores = {e: pd.concat([_scores("extraction_rate", v), _scores("memorized", mem.get(e, [1] * 20))])
+              for e, v in er.items()}
+    pairs = {(r, f, tracks) for r, f, tracks, _ in report.paper_pairs(metrics)}
+    both = ("extraction_rate", "memorized")
+    assert pairs == {("b", "a", both), ("c", "a", both), ("b", "d", both), ("s1", "n1", both),
+                     ("k", "s", ("memorized",)), ("k", "bsn", ("memorized",)), ("s", "bsn", ("memorized",))}
+    out = report.with_intervals(metrics, scores)
+    text = report.results_markdown(out)
+    section = text[text.index("### The papers' comparisons, paired"):]
+    rows = {tuple(report.split_row(line)[:3]): report.split_row(line) for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| Row")}
+    # up extracts 10 more than none, all discordant one way: p = 2 / 2^10
+    assert rows[("Ours (up)", "Ours (none)", "extraction-rate")][3:5] == ["1.000 vs 0.500", "higher (p=0.002)"]
+    assert rows[("Ours (up)", "Ours (none)", "memorized")][4] == "no evidence of a difference (p=1)"
+    assert rows[("Ours (down)", "Ours (none)", "extraction-rate")][4] == "lower (p=0.002)"
+    assert ("Ours (up), seed 1", "Ours (none), seed 1", "extraction-rate") in rows
+    assert rows[("K-FAC", "SVD", "memorized")][4] == "lower (p<0.001)"  # 20 discordant: 2 / 2^20
+    assert rows[("SVD", "BalancedSubnet", "memorized")][4] == "no evidence of a difference (p=1)"
+    # two K-FAC rows (a sweep): not compared here; the curvature report compares its chosen pair
+    more = pd.concat([metrics, pd.DataFrame({"model": "m", "edit": ["k2"], "method": ["K-FAC (pairwise)"]})])
+    assert not any("K-FAC" in why for *_, why in report.paper_pairs(more))
 
 
 def test_the_data_section_counts_what_was_dropped():
@@ -105,22 +174,3 @@ def test_the_data_section_counts_what_was_dropped():
     assert rows["candidates"][1:3] == ["46 of 50 rows", "4"] and "prefix too short 3" in rows["candidates"][3]
     assert rows["extract (er_train)"][2] == "3" and rows["calibration"][1:3] == ["119 of 124 windows", "5"]
     assert data_markdown({}) == ""
-
-
-def test_each_trained_mask_is_compared_with_the_none_mask_in_words():
-    import pandas as pd
-
-    from memctl.report import results_markdown, versus_none_mask
-
-    part = pd.DataFrame({
-        "model": "m", "method": ["Origin", "Ours (none)", "Ours (up)", "Ours (down)"],
-        "edit": ["none", "a", "b", "c"], "er_n_examples": 40,
-        "er_exact_er": [0.4, 0.35, 0.6, 0.05], "er_exact_er_lo": [0.25, 0.2, 0.45, 0.0],
-        "er_exact_er_hi": [0.55, 0.5, 0.75, 0.12],
-    })
-    text = versus_none_mask(part)
-    assert "Ours (up) Exact ER 0.600 [0.450, 0.750] overlaps Ours (none) 0.350 [0.200, 0.500]." in text
-    assert "Ours (down) Exact ER 0.050 [0.000, 0.120] is lower than (no overlap with) Ours (none)" in text
-    assert "reciprocal" not in text
-    assert "Masks against the mask trained without a memorization term" in results_markdown(part)
-    assert versus_none_mask(part[part["method"] != "Ours (none)"]) == ""

@@ -7,12 +7,17 @@ The extraction curve (exact extraction by exposure count) is a table and a plot.
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+
+from memctl import stats
 
 # (column, header, format) in the order the papers print them.
 RESULT_COLUMNS = [
@@ -77,70 +82,265 @@ ER_COLUMNS = [
     ("edit", "Edit", "{}"),
     ("converged", "Converged", "{}"),  # the marker: only where the metrics carry it
     ("er_exact_er", "Exact ER", "{:.3f}"),
+    ("er_exact_count", "k/N", "{}"),
     ("er_exact_ci", "95% CI", "{}"),
+    ("er_vs_origin", "vs Origin (Exact ER)", "{}"),
     ("er_fractional_er", "Fractional ER", "{:.3f}"),
     ("er_fractional_ci", "95% CI", "{}"),
-    ("er_vs_origin", "vs Origin (Exact ER)", "{}"),
+    ("er_frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
     ("ppl_ratio", "PPL / Origin", "{:.3f}"),
     ("ppl_ratio_ci", "95% CI (PPL ratio)", "{}"),
+    ("ppl_vs_origin", "vs Origin (PPL)", "{}"),
     ("er_n_examples", "N", "{}"),
 ]
 
+#: (column prefix, track) of the generation tracks that :func:`with_intervals` tests.
+TRACKS = (("", "memorized"), ("er_", "extraction_rate"), ("ood_", "ood"))
+#: Per-example score columns the paired tests read.
+UNIT_COLUMNS = ("exact_match", "n_match", "n_suffix", "levenshtein_norm", "levenshtein_sim")
+
 
 def _ci_text(lo: float, hi: float) -> str:
-    return "-" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]"
+    return "-" if lo is None or hi is None or math.isnan(lo) or math.isnan(hi) else f"[{lo:.3f}, {hi:.3f}]"
 
 
-def _versus(lo: float, hi: float, ref_lo: float, ref_hi: float) -> str:
-    """Do two 95% intervals overlap? In words, for the reader of the table."""
-    if any(math.isnan(v) for v in (lo, hi, ref_lo, ref_hi)):
+def _count_text(k: float, n: int) -> str:
+    """``k/N`` of a rate (a seed-averaged count keeps two decimals)."""
+    if not n:
         return "-"
-    if hi < ref_lo:
-        return "lower (no overlap)"
-    if lo > ref_hi:
-        return "higher (no overlap)"
-    return "overlap"
+    return f"{int(k)}/{n}" if float(k).is_integer() else f"{k:.2f}/{n}"
 
 
-def with_intervals(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame], n_boot: int = 1000) -> pd.DataFrame:
-    """``metrics`` with bootstrap 95% intervals of Exact ER and Fractional ER on both tracks (from
-    each edit's per-example ``scores``) and, per edit, whether its Exact ER interval overlaps the
-    unedited model's."""
-    from memctl.metrics import rate_ci
+def track_part(table: pd.DataFrame | None, track: str) -> pd.DataFrame | None:
+    """The rows of one track of a per-example scores table (None where the table has none)."""
+    if table is None or "track" not in table:
+        return None
+    part = table[table["track"] == track]
+    return part if len(part) else None
 
-    out = metrics.copy()
-    for prefix, track in (("", "memorized"), ("er_", "extraction_rate"), ("ood_", "ood")):
-        bounds = {}
-        for edit, table in scores.items():
-            part = table[table["track"] == track] if "track" in table else table.iloc[0:0]
-            ci = rate_ci(part["exact_match"].to_numpy(), part["n_match"].to_numpy(), part["n_suffix"].to_numpy(),
-                         n_boot=n_boot)
-            bounds[edit] = ci
-        ref = bounds.get("none", {"exact_er": (math.nan, math.nan)})["exact_er"]
-        nan = {"exact_er": (math.nan, math.nan), "fractional_er": (math.nan, math.nan)}
-        out[f"{prefix}exact_ci"] = [_ci_text(*bounds.get(e, nan)["exact_er"]) for e in out["edit"]]
-        out[f"{prefix}fractional_ci"] = [_ci_text(*bounds.get(e, nan)["fractional_er"]) for e in out["edit"]]
-        out[f"{prefix}vs_origin"] = ["-" if e == "none" else _versus(*bounds.get(e, nan)["exact_er"], *ref)
-                                     for e in out["edit"]]
-        for i, name in enumerate(("lo", "hi")):
-            out[f"{prefix}exact_er_{name}"] = [bounds.get(e, nan)["exact_er"][i] for e in out["edit"]]
-    out["ppl_ratio"], out["ppl_ratio_ci"] = math.nan, "-"
-    held = {e: t[t["track"] == "heldout"].sort_values("window") for e, t in scores.items()
-            if "track" in t and "window" in t}
-    base = held.get("none")
-    if base is not None and len(base):
-        from memctl.metrics import ppl_ratio_ci
 
-        tokens = int(base["n_tokens"].iloc[0])
-        for i, edit in enumerate(out["edit"]):
-            part = held.get(edit)
-            if part is None or len(part) != len(base):
-                continue
-            ratio, lo, hi = ppl_ratio_ci(part["nll_sum"].to_numpy(), base["nll_sum"].to_numpy(), tokens, n_boot)
-            out.loc[out.index[i], "ppl_ratio"] = ratio
-            out.loc[out.index[i], "ppl_ratio_ci"] = "-" if edit == "none" else _ci_text(lo, hi)
+def aligned_units(groups: Sequence[Sequence[pd.DataFrame]], key: str = "candidate_id") -> list[pd.DataFrame] | None:
+    """The per-example (or per-window) rows that every table of ``groups`` shares, each table
+    reduced to them in one order: joined on ``key`` where every table has it, else by position
+    when all have the same length. None when they cannot be paired."""
+    tables = [t for group in groups for t in group]
+    if not tables or any(t is None for t in tables):
+        return None
+    if all(key in t for t in tables):
+        common = set(tables[0][key])
+        for t in tables[1:]:
+            common &= set(t[key])
+        if not common:
+            return None
+        out = []
+        for t in tables:
+            part = t[t[key].isin(common)].drop_duplicates(key)
+            out.append(part.sort_values(key, kind="stable").reset_index(drop=True))
+        return out
+    if len({len(t) for t in tables}) != 1:
+        return None
+    return [t.reset_index(drop=True) for t in tables]
+
+
+def _stack(tables: Sequence[pd.DataFrame], column: str, threshold: float | None = None) -> np.ndarray:
+    """seeds x units array of one column (``>= threshold`` as 0/1 when given)."""
+    rows = [t[column].to_numpy(dtype=np.float64) for t in tables]
+    arr = np.vstack(rows)
+    return (arr >= threshold).astype(np.float64) if threshold is not None else arr
+
+
+def unit_summary(tables: Sequence[pd.DataFrame], loose_threshold: float = 0.75) -> dict[str, Any]:
+    """Rates with exact intervals and bootstrap intervals of one row of a table: one scores table per
+    seed (one for a single run), pooled per example (:mod:`memctl.stats`)."""
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return {}
+    if len(tables) > 1:
+        tables = aligned_units([tables]) or tables[:1]
+    out: dict[str, Any] = {}
+    exact = _stack(tables, "exact_match")
+    value, lo, hi, k, n = stats.rate(exact)
+    out.update(exact_er=value, exact_er_lo=lo, exact_er_hi=hi, exact_k=k, n=n)
+    if "levenshtein_sim" in tables[0]:
+        value, lo, hi, k, _ = stats.rate(_stack(tables, "levenshtein_sim", loose_threshold))
+        out.update(loose_accuracy=value, loose_lo=lo, loose_hi=hi, loose_k=k)
+    if "n_match" in tables[0] and "n_suffix" in tables[0]:
+        value, lo, hi = stats.fraction_interval(_stack(tables, "n_match"), tables[0]["n_suffix"].to_numpy())
+        out.update(fractional_er=value, fractional_lo=lo, fractional_hi=hi)
+    if "levenshtein_norm" in tables[0]:
+        value, lo, hi = stats.mean_interval(_stack(tables, "levenshtein_norm"))
+        out.update(avg_levenshtein=value, levenshtein_lo=lo, levenshtein_hi=hi)
     return out
+
+
+def paired_tests(row: Sequence[pd.DataFrame], ref: Sequence[pd.DataFrame]) -> dict[str, stats.Comparison]:
+    """A row against its reference on the examples they share (each a list of per-seed scores of
+    one track): ``exact`` (exact McNemar, or the seed-pooled sign-flip test), ``fractional`` and
+    ``levenshtein`` (paired bootstrap). Empty where they share no example."""
+    row, ref = [t for t in row if t is not None], [t for t in ref if t is not None]
+    if not row or not ref:
+        return {}
+    parts = aligned_units([row, ref])
+    if parts is None or not len(parts[0]):
+        return {}
+    r, f = parts[: len(row)], parts[len(row):]
+    out = {"exact": stats.compare_rates(_stack(r, "exact_match"), _stack(f, "exact_match"))}
+    if all("n_match" in t and "n_suffix" in t for t in parts):
+        out["fractional"] = stats.compare_fractions(_stack(r, "n_match"), _stack(f, "n_match"),
+                                                    f[0]["n_suffix"].to_numpy())
+    if all("levenshtein_norm" in t for t in parts):
+        out["levenshtein"] = stats.compare_means(_stack(r, "levenshtein_norm"), _stack(f, "levenshtein_norm"))
+    return out
+
+
+def perplexity_test(row: pd.DataFrame | None, ref: pd.DataFrame | None) -> stats.Comparison | None:
+    """Held-out perplexity of a row over its reference's: paired bootstrap over the windows both
+    scored (the ``heldout`` track of the scores)."""
+    row, ref = track_part(row, "heldout"), track_part(ref, "heldout")
+    if row is None or ref is None or "window" not in row or "window" not in ref:
+        return None
+    parts = aligned_units([[row], [ref]], key="window")
+    if parts is None:
+        return None
+    tokens = int(parts[1]["n_tokens"].iloc[0])
+    return stats.compare_perplexity(parts[0]["nll_sum"].to_numpy(), parts[1]["nll_sum"].to_numpy(), tokens)
+
+
+def with_intervals(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame], n_boot: int | None = None) -> pd.DataFrame:
+    """``metrics`` with, per generation track (memorized, extraction-rate, out-of-domain), each
+    edit's exact Clopper-Pearson interval and count of Exact ER (``exact_ci``, ``exact_count``) and
+    loose accuracy, bootstrap intervals of Fractional ER and average Levenshtein, and its paired
+    tests against the unedited model (edit ``none``) on the same examples: ``vs_origin`` (exact
+    McNemar on Exact ER), ``frac_vs_origin``, ``lev_vs_origin`` (paired bootstrap), with their
+    p-values (``*_p``); the held-out perplexity ratio with its paired bootstrap interval over the
+    same windows and ``ppl_vs_origin``; and ``paper_tests`` (JSON), the comparisons the papers draw
+    (:func:`paper_pairs`). Columns carry the track's prefix (``er_``, ``ood_``; none for the
+    memorized track). Methods: :mod:`memctl.stats`."""
+    del n_boot  # kept for callers; every bootstrap uses memctl.stats.N_BOOT and its seed
+    out = metrics.copy()
+    edits = list(out["edit"])
+    for prefix, track in TRACKS:
+        parts = {e: track_part(scores.get(e), track) for e in edits}
+        ref = parts.get("none")
+        cols: dict[str, list] = {c: [] for c in (
+            "exact_count", "exact_ci", "exact_er_lo", "exact_er_hi", "fractional_ci", "loose_ci", "levenshtein_ci",
+            "vs_origin", "vs_origin_p", "frac_vs_origin", "frac_vs_origin_p", "lev_vs_origin", "lev_vs_origin_p")}
+        for edit in edits:
+            own = unit_summary([parts[edit]]) if parts[edit] is not None else {}
+            cols["exact_count"].append(_count_text(own.get("exact_k", 0), own.get("n", 0)))
+            cols["exact_ci"].append(_ci_text(own.get("exact_er_lo", math.nan), own.get("exact_er_hi", math.nan)))
+            cols["exact_er_lo"].append(own.get("exact_er_lo", math.nan))
+            cols["exact_er_hi"].append(own.get("exact_er_hi", math.nan))
+            cols["fractional_ci"].append(_ci_text(own.get("fractional_lo", math.nan), own.get("fractional_hi", math.nan)))
+            cols["loose_ci"].append(_ci_text(own.get("loose_lo", math.nan), own.get("loose_hi", math.nan)))
+            cols["levenshtein_ci"].append(_ci_text(own.get("levenshtein_lo", math.nan),
+                                                   own.get("levenshtein_hi", math.nan)))
+            tests = {} if edit == "none" or ref is None or parts[edit] is None else paired_tests([parts[edit]], [ref])
+            for col, name in (("vs_origin", "exact"), ("frac_vs_origin", "fractional"), ("lev_vs_origin", "levenshtein")):
+                cols[col].append(stats.verdict(tests.get(name)))
+                cols[f"{col}_p"].append(tests[name].pvalue if name in tests else math.nan)
+        for col, values in cols.items():
+            out[f"{prefix}{col}"] = values
+    out["ppl_ratio"], out["ppl_ratio_ci"], out["ppl_vs_origin"], out["ppl_vs_origin_p"] = math.nan, "-", "-", math.nan
+    base = scores.get("none")
+    for i, edit in enumerate(edits):
+        test = perplexity_test(scores.get(edit), base)
+        if test is None:
+            continue
+        out.loc[out.index[i], "ppl_ratio"] = test.estimate
+        if edit != "none":
+            out.loc[out.index[i], "ppl_ratio_ci"] = _ci_text(test.lo, test.hi)
+            out.loc[out.index[i], "ppl_vs_origin"] = stats.verdict(test)
+            out.loc[out.index[i], "ppl_vs_origin_p"] = test.pvalue
+    out["paper_tests"] = [json.dumps(t) for t in paper_tests(out, scores)]
+    return out
+
+
+#: Labels of the curvature and BalancedSubnet rows that the loss-curvature paper compares.
+PAPER_KINDS = (("K-FAC", lambda m: m.startswith("K-FAC")), ("SVD", lambda m: m.startswith("SVD")),
+               ("BalancedSubnet", lambda m: m == "BalancedSubnet"))
+_MASK_LABEL = re.compile(r"^Ours \((?P<mode>up|down|reciprocal)\)(?P<rest>.*)$")
+
+
+def paper_pairs(metrics: pd.DataFrame) -> list[tuple[str, str, tuple[str, ...], str]]:
+    """(row edit, reference edit, tracks, why) of the comparisons the papers draw, among the rows
+    that exist: each trained mask ``Ours (up|down|reciprocal)[, suffix]`` against ``Ours (none)``
+    with the same suffix (the same seed or swept sparsity: the same sparsity), and the main-table
+    mask also against ``Ours (<mode>, sparsity only)`` (the ``none`` objective at that mode's
+    lambda_s, paper Table 5), on both tracks; K-FAC, SVD and BalancedSubnet against each other on
+    the memorized track, where each is one row (with several K-FAC or SVD rows, a sweep, the
+    curvature report compares its chosen pair)."""
+    if "method" not in metrics:
+        return []
+    by_label: dict[str, list[str]] = {}
+    for edit, label in zip(metrics["edit"], metrics["method"]):
+        by_label.setdefault(str(label), []).append(edit)
+    unique = {label: edits[0] for label, edits in by_label.items() if len(edits) == 1}
+    pairs = []
+    both = ("extraction_rate", "memorized")
+    for label, edit in unique.items():
+        m = _MASK_LABEL.match(label)
+        if not m:
+            continue
+        refs = [f"Ours (none){m['rest']}"] + ([f"Ours ({m['mode']}, sparsity only)"] if not m["rest"] else [])
+        for ref in refs:
+            if ref in unique:
+                pairs.append((edit, unique[ref], both, f"{label} vs {ref}"))
+    kinds = []
+    for name, match in PAPER_KINDS:
+        rows = [(label, edits) for label, edits in by_label.items() if match(label)]
+        if len(rows) == 1 and len(rows[0][1]) == 1:
+            kinds.append((name, rows[0][0], rows[0][1][0]))
+    for i, (_, label_a, edit_a) in enumerate(kinds):
+        for _, label_b, edit_b in kinds[i + 1:]:
+            pairs.append((edit_a, edit_b, ("memorized",), f"{label_a} vs {label_b}"))
+    return pairs
+
+
+def paper_tests(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame]) -> list[list[dict[str, Any]]]:
+    """Per row of ``metrics``: its :func:`paper_pairs` comparisons as the paired tests' verdicts."""
+    labels = dict(zip(metrics["edit"], metrics["method"])) if "method" in metrics else {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for edit, ref, tracks, _ in paper_pairs(metrics):
+        for track in tracks:
+            row_part, ref_part = track_part(scores.get(edit), track), track_part(scores.get(ref), track)
+            if row_part is None or ref_part is None:
+                continue
+            tests = paired_tests([row_part], [ref_part])
+            if not tests:
+                continue
+            row_sum, ref_sum = unit_summary([row_part]), unit_summary([ref_part])
+            found.setdefault(edit, []).append({
+                "reference": str(labels.get(ref, ref)), "reference_edit": ref, "track": track,
+                "exact": f"{row_sum['exact_er']:.3f} vs {ref_sum['exact_er']:.3f}",
+                "exact_test": stats.verdict(tests.get("exact")),
+                "fractional": (f"{row_sum['fractional_er']:.3f} vs {ref_sum['fractional_er']:.3f}"
+                               if "fractional_er" in row_sum and "fractional_er" in ref_sum else "-"),
+                "fractional_test": stats.verdict(tests.get("fractional")),
+                "levenshtein_test": stats.verdict(tests.get("levenshtein")),
+            })
+    return [found.get(e, []) for e in metrics["edit"]]
+
+
+TRACK_NAMES = {"extraction_rate": "extraction-rate", "memorized": "memorized", "ood": "out-of-domain"}
+
+
+def paper_tests_markdown(part: pd.DataFrame) -> str:
+    """The comparisons the papers draw (``paper_tests`` of :func:`with_intervals`) as one table."""
+    if "paper_tests" not in part:
+        return ""
+    rows = []
+    for rec in part.to_dict("records"):
+        for t in json.loads(rec["paper_tests"] or "[]"):
+            rows.append({"method": rec["method"], **t, "track": TRACK_NAMES.get(t["track"], t["track"])})
+    if not rows:
+        return ""
+    cols = [("method", "Row", "{}"), ("reference", "Against", "{}"), ("track", "Track", "{}"),
+            ("exact", "Exact ER (row vs against)", "{}"), ("exact_test", "Exact McNemar", "{}"),
+            ("fractional", "Fractional ER", "{}"), ("fractional_test", "Paired bootstrap (Frac. ER)", "{}"),
+            ("levenshtein_test", "Paired bootstrap (Avg. Levenshtein)", "{}")]
+    return markdown_table(pd.DataFrame(rows), cols)
 
 
 OOD_COLUMNS = [
@@ -148,10 +348,14 @@ OOD_COLUMNS = [
     ("edit", "Edit", "{}"),
     ("converged", "Converged", "{}"),
     ("ood_exact_er", "Exact ER", "{:.3f}"),
+    ("ood_exact_count", "k/N", "{}"),
     ("ood_exact_ci", "95% CI", "{}"),
-    ("ood_fractional_er", "Fractional ER", "{:.3f}"),
     ("ood_vs_origin", "vs Origin (Exact ER)", "{}"),
+    ("ood_fractional_er", "Fractional ER", "{:.3f}"),
+    ("ood_fractional_ci", "95% CI", "{}"),
+    ("ood_frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
     ("ood_loose_accuracy", "Loose acc.", "{:.3f}"),
+    ("ood_loose_ci", "95% CI", "{}"),
     ("ood_n_examples", "N", "{}"),
 ]
 
@@ -164,12 +368,19 @@ MEMORIZED_COLUMNS = [
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
     ("ppl_ratio", "PPL / Origin", "{:.3f}"),
     ("ppl_ratio_ci", "95% CI (PPL ratio)", "{}"),
+    ("ppl_vs_origin", "vs Origin (PPL)", "{}"),
     ("fractional_er", "Fractional ER", "{:.3f}"),
+    ("fractional_ci", "95% CI", "{}"),
+    ("frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
     ("exact_er", "Exact ER", "{:.3f}"),
+    ("exact_count", "k/N", "{}"),
     ("exact_ci", "95% CI", "{}"),
     ("vs_origin", "vs Origin (Exact ER)", "{}"),
     ("loose_accuracy", "Loose acc.", "{:.3f}"),
+    ("loose_ci", "95% CI", "{}"),
     ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
+    ("levenshtein_ci", "95% CI", "{}"),
+    ("lev_vs_origin", "vs Origin (Levenshtein)", "{}"),
     ("mem_loss", "Mem. loss", "{:.3f}"),
     ("mem_ppl", "Mem. PPL", "{:.2f}"),
     ("ndcg10", "nDCG@10", "{:.3f}"),
@@ -177,54 +388,40 @@ MEMORIZED_COLUMNS = [
     ("n_examples", "N", "{}"),
 ]
 
-
-def versus_none_mask(part: pd.DataFrame, prefix: str = "er_") -> str:
-    """In words, for the pruning paper's comparison: does each trained mask's Exact ER interval
-    (``Ours (up)`` / ``(down)`` / ``(reciprocal)``) overlap the ``Ours (none)`` mask's, the same
-    sparsity without a memorization term? Empty where there is no ``none`` mask or no intervals."""
-    lo, hi = f"{prefix}exact_er_lo", f"{prefix}exact_er_hi"
-    if lo not in part or "method" not in part:
-        return ""
-    rows = {m: r for m, r in zip(part["method"], part.to_dict("records"))}
-    ref = rows.get("Ours (none)")
-    if ref is None or math.isnan(ref[lo]):
-        return ""
-    sentences = []
-    for mode in ("up", "down", "reciprocal"):
-        row = rows.get(f"Ours ({mode})")
-        if row is None or math.isnan(row[lo]):
-            continue
-        verdict = _versus(row[lo], row[hi], ref[lo], ref[hi])
-        word = {"overlap": "overlaps", "lower (no overlap)": "is lower than (no overlap with)",
-                "higher (no overlap)": "is higher than (no overlap with)"}[verdict]
-        sentences.append(f"Ours ({mode}) Exact ER {row[prefix + 'exact_er']:.3f} [{row[lo]:.3f}, {row[hi]:.3f}] "
-                         f"{word} Ours (none) {ref[prefix + 'exact_er']:.3f} [{ref[lo]:.3f}, {ref[hi]:.3f}].")
-    return " ".join(sentences)
+#: Said under the results' title: how every interval and verdict is computed.
+STATS_NOTE = (
+    "Every row is scored on the same examples and held-out windows, so rows are compared with paired "
+    "tests (`memctl.stats`): Exact ER and loose accuracy carry exact Clopper-Pearson 95% intervals with "
+    "their count k/N; Fractional ER and Avg. Levenshtein percentile-bootstrap 95% intervals over examples; "
+    "'vs Origin' tests each edit against the unedited model on the same examples: the exact McNemar test "
+    "(two-sided binomial test on the discordant examples) for Exact ER, a paired bootstrap (2000 seeded "
+    "resamples of the shared examples) for Fractional ER and Avg. Levenshtein; PPL / Origin: held-out "
+    "perplexity over the unedited model's with a paired bootstrap interval and test over the same windows. "
+    f"A verdict reads lower / higher / no evidence of a difference at significance level {stats.ALPHA:g}, "
+    "with its p-value."
+)
 
 
 def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
-    """Both evaluation tracks per model (intervals where :func:`with_intervals` added them), then
-    ``data`` (:func:`data_markdown`)."""
+    """Both evaluation tracks per model (intervals and paired tests where :func:`with_intervals`
+    added them), the comparisons the papers draw, then ``data`` (:func:`data_markdown`)."""
     parts = ["# memctl results", ""]
     parts.append(
         "Two evaluation tracks. Extraction-rate track (weight-pruning paper Sec. 4.1): greedy generation on a "
         "held-out split of all candidates, stratified by group and copy count, whatever the unedited model "
         "extracts. Memorized track (loss-curvature paper Sec. 4.2): held-out sequences the unedited model "
         "extracts exactly (so its Exact ER there is 1 by construction). Exact ER = strict accuracy; Fractional "
-        "ER = matching suffix positions pooled; loose = token Levenshtein similarity >= 0.75. 95% CI: "
-        "percentile bootstrap over examples (1000 resamples); PPL / Origin: held-out perplexity over the unedited model's, with a paired bootstrap interval over the same windows; 'vs Origin' says whether the edit's Exact ER "
-        "interval overlaps the unedited model's. Held-out PPL is corpus perplexity over non-overlapping "
-        "context-length windows; Mem. loss/PPL is teacher-forced on the memorized suffixes. nDCG@10 compares "
-        "each position's top-10 next tokens with the unedited model's (1 = unchanged): on non-memorized held-out "
-        "sequences (the loss-curvature paper's column) and on held-out text windows (text)."
+        "ER = matching suffix positions pooled; loose = token Levenshtein similarity >= 0.75. Held-out PPL is "
+        "corpus perplexity over non-overlapping context-length windows; Mem. loss/PPL is teacher-forced on the "
+        "memorized suffixes. nDCG@10 compares each position's top-10 next tokens with the unedited model's "
+        "(1 = unchanged): on non-memorized held-out sequences (the loss-curvature paper's column) and on held-out "
+        "text windows (text)."
     )
+    parts += ["", STATS_NOTE]
     for model, part in metrics.groupby("model", sort=True):
         parts += ["", f"## {model}"]
         if "er_n_examples" in part and (part["er_n_examples"].fillna(0) > 0).any():
             parts += ["", "### Extraction-rate track", "", markdown_table(part, ER_COLUMNS)]
-            versus = versus_none_mask(part)
-            if versus:
-                parts += ["", "Masks against the mask trained without a memorization term (95% intervals): " + versus]
         parts += ["", "### Memorized track", "", markdown_table(part, MEMORIZED_COLUMNS)]
         if "ood_n_examples" in part and (part["ood_n_examples"].fillna(0) > 0).any():
             parts += ["", "### Out-of-domain family", "",
@@ -233,6 +430,15 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
                       "(`extract.ood_suffix_len`, the loss-curvature paper's 8 tokens), all of its "
                       "candidates whatever the unedited model extracts.", "",
                       markdown_table(part, OOD_COLUMNS)]
+        paper = paper_tests_markdown(part)
+        if paper:
+            parts += ["", "### The papers' comparisons, paired", "",
+                      "Each trained mask against the `none` mask of the same seed or swept sparsity (and the "
+                      "main-table mask against the `none` objective at its mode's lambda_s: the sparsity-only "
+                      "ablation, paper Table 5), on both tracks; K-FAC, SVD and BalancedSubnet against each "
+                      "other on the memorized track where each is a single row (a sweep of K-FAC or SVD edits "
+                      "is compared at the curvature report's chosen pair). Verdicts are the row's against the "
+                      "reference's on the examples both scored.", "", paper]
     return "\n".join(parts) + "\n" + data
 
 
