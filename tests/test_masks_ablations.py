@@ -209,6 +209,46 @@ def test_the_masks_table_shows_mean_and_spread_over_seeds():
     assert "over 3 seeds (0,1,2)" in text
 
 
+def _track_scores(track: str, exact: list[int]) -> pd.DataFrame:
+    return pd.DataFrame({"track": track, "candidate_id": [f"c{i}" for i in range(len(exact))],
+                         "exact_match": [bool(e) for e in exact], "n_match": [4 * e for e in exact], "n_suffix": 4,
+                         "levenshtein_norm": [1.0 - e for e in exact], "levenshtein_sim": [float(e) for e in exact]})
+
+
+def test_the_masks_table_tests_each_row_against_origin_and_the_none_mask():
+    """20 examples per track. Origin extracts 10 on the extraction-rate track. Ours (none), seeds
+    a/b: the same 10. Ours (up), seeds a/b: 19 and 20 (per example 9 shares of 1, one of 1/2):
+    pooled 19.5/20; against none per example: 9.5 examples gained, none lost: the sign-flip test
+    enumerates 2^10 sign patterns -> p = 2 / 1024. Ours (down), one seed: 0 extracted."""
+    er = {"none": [1] * 10 + [0] * 10, "n-a": [1] * 10 + [0] * 10, "n-b": [1] * 10 + [0] * 10,
+          "u-a": [1] * 19 + [0], "u-b": [1] * 20, "d": [0] * 20}
+    scores = {e: pd.concat([_track_scores("extraction_rate", v), _track_scores("memorized", [1] * 20)])
+              for e, v in er.items()}
+    metrics = _metrics({e: 1.0 for e in er})
+    spec = [{"edit": "none", "series": "Origin", "tables": ["main"], "measured_sparsity": 0.0}]
+    for edit, mode, seed in (("n-a", "none", 0), ("n-b", "none", 1), ("u-a", "up", 0), ("u-b", "up", 1), ("d", "down", 0)):
+        spec.append({"edit": edit, "series": f"Ours ({mode})", "family": "ours", "mode": mode, "sparsity": 0.3,
+                     "seed": seed, "tables": ["main"], "measured_sparsity": 0.3, "converged": True})
+    table = report.main_table(metrics, spec)
+    refs = report.none_reference(table, spec)
+    assert refs == [[], [], ["n-a", "n-b"], ["n-a", "n-b"]]  # Origin, none, up, down (the paper's row order)
+    table = report.with_tests(table, scores, refs).set_index("method")
+    assert table.loc["Ours (up)", "er_exact_count"] == "19.50/20"
+    assert table.loc["Ours (up)", "er_vs_ref"] == "higher (p=0.002)"
+    assert table.loc["Ours (up)", "er_vs_ref_p"] == pytest.approx(2 / 1024)
+    assert table.loc["Ours (down)", "er_vs_ref"] == "lower (p=0.002)"  # McNemar would say 2 / 2^10 too
+    assert table.loc["Ours (down)", "er_exact_ci"] == "[0.000, 0.168]"  # 0/20: 1 - 0.025^(1/20)
+    assert table.loc["Ours (down)", "er_vs_origin"] == "lower (p=0.002)"
+    assert table.loc["Ours (none)", "er_vs_ref"] == "-" and table.loc["Origin", "er_vs_origin"] == "-"
+    assert table.loc["Ours (none)", "er_vs_origin"] == "no evidence of a difference (p=1)"
+    assert table.loc["Ours (up)", "vs_ref"] == "no evidence of a difference (p=1)"  # memorized track: all 1
+    text = report.markdown(table.reset_index(), "t")
+    header = next(line for line in text.splitlines() if line.startswith("| Method"))
+    assert "| Exact ER | k/N | 95% CI | vs Origin (Exact ER) | vs `none` mask (Exact ER) |" in header
+    assert "| Fractional ER | 95% CI | vs Origin (Fractional ER) | vs `none` mask (Fractional ER) |" in header
+    assert report.with_tests(table, {}, refs) is table  # no scores: the table as it was
+
+
 def test_the_ablations_table_lists_each_row_against_its_reference():
     metrics = _metrics({"mask-up-a": 0.5, "mask-none-s": 0.1, "mask-up-m": 0.9})
     spec = [{"edit": "mask-up-a", "series": "Ours (up)", "tables": ["main", "ablations"], "measured_sparsity": 0.3,

@@ -228,3 +228,38 @@ def test_masks_report_tables_and_plots(tmp_path):
     assert verify(out / "table.md") == [] and verify(out / "ablation_sparsity.png") == []
     page = (out / "table.html").read_text()  # what `snakemake --report` shows: main and ablation tables
     assert "<td>Ours (up)</td><td>3.091</td><td>22.00</td>" in page and "Sparsity ablation" in page
+
+
+def test_masks_report_reads_the_scores_beside_each_metrics_file(tmp_path):
+    """As the pipeline lays them out (evaluate/<edit>/metrics.parquet and scores.parquet): the
+    report pairs the rows on their examples and writes the verdicts. 12 examples; Origin extracts
+    all, the down mask none: McNemar p = 2 / 2^12; its held-out windows are 0.1 nats/token worse."""
+    def scores(exact, shift):
+        gen = pd.DataFrame({"track": "extraction_rate", "candidate_id": [f"c{i}" for i in range(12)],
+                            "exact_match": [bool(exact)] * 12, "n_match": 4 * exact, "n_suffix": 4,
+                            "levenshtein_norm": 1.0 - exact, "levenshtein_sim": float(exact)})
+        held = pd.DataFrame({"track": "heldout", "window": range(8), "nll_sum": [100.0 + i + shift for i in range(8)],
+                             "n_tokens": 63})
+        return pd.concat([gen, gen.assign(track="memorized"), held], ignore_index=True)
+
+    paths = []
+    for edit, exact, shift in (("none", 1, 0.0), ("down", 0, 6.3)):
+        d = tmp_path / "evaluate" / edit
+        d.mkdir(parents=True)
+        pd.DataFrame([_metrics(edit, float(exact), 20.0)]).to_parquet(d / "metrics.parquet")
+        scores(exact, shift).to_parquet(d / "scores.parquet")
+        paths.append(str(d / "metrics.parquet"))
+    spec = {"title": "T", "edits": [
+        {"edit": "none", "series": "Origin", "family": "origin", "delta": None, "tables": ["main"]},
+        {"edit": "down", "series": "Ours (down)", "family": "ours", "mode": "down", "sparsity": 0.3, "delta": None,
+         "tables": ["main"]}]}
+    out = tmp_path / "out"
+    _run("masks-report", "--metrics", *paths, "--spec", json.dumps(spec), "--out-dir", str(out))
+    table = pd.read_parquet(out / "table.parquet").set_index("method")
+    assert table.loc["Ours (down)", "vs_origin"] == "lower (p<0.001)"
+    assert table.loc["Ours (down)", "vs_origin_p"] == pytest.approx(2 / 2**12)
+    assert table.loc["Ours (down)", "exact_ci"] == "[0.000, 0.265]"  # 1 - 0.025^(1/12)
+    assert table.loc["Ours (down)", "ppl_vs_origin"] == "higher (p<0.001)"
+    md = (out / "table.md").read_text()
+    assert "| 0/12 | [0.000, 0.265] | lower (p<0.001) |" in md and "exact McNemar test" in md
+    assert read_sidecar(out / "table.md")["inputs"].keys() >= {"scores[0]", "scores[1]"}

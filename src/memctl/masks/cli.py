@@ -195,8 +195,13 @@ def cmd_report(args) -> None:
     out = Path(args.out_dir)
     title = spec.get("title", "Masks and pruning baselines")
     inputs = {f"metrics[{i}]": m for i, m in enumerate(args.metrics)}
+    # per-example scores for the paired tests: the evaluate stage writes them beside each metrics file
+    for i, m in enumerate(args.metrics):
+        if Path(m).name == "metrics.parquet" and Path(m).with_name("scores.parquet").exists():
+            inputs[f"scores[{i}]"] = str(Path(m).with_name("scores.parquet"))
     with stage("masks_report", spec, inputs, outputs=[out]) as prov:
         metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
+        scores = report.scores_beside(args.metrics)
         for entry in entries:
             entry["measured_sparsity"], meta = report.delta_info(entry.get("delta"))
             entry["mask_rule"] = meta.get("mask_rule")
@@ -204,7 +209,10 @@ def cmd_report(args) -> None:
             entry["unconverged_reason"] = meta.get("unconverged_reason")
             entry.update(report.delta_cost(entry.get("delta")))  # wall time, device, tokens (its sidecar)
         main = report.main_table(metrics, entries)
+        main = report.with_tests(main, scores, report.none_reference(main, entries))
         text = report.markdown(main, title, trail=report.COST_COLUMNS) + "\n" + report.COST_NOTE + report.notes(main)
+        if scores:
+            text += "\n" + report.TESTS_NOTE
         write_text(out / "table.md", text, provenance=prov)
         write_parquet(main, out / "table.parquet", provenance=prov)
         pages = [text]
@@ -216,8 +224,9 @@ def cmd_report(args) -> None:
             df = report.ablation_table(metrics, entries, table)
             if df.empty:
                 continue
+            df = report.with_tests(df, scores, report.none_reference(df, entries))
             lead = [("target_sparsity", "Target", "{:.2f}")] if table == "sparsity" else [("threshold", "t", "{:.2f}")]
-            page = report.markdown(df, heading, lead)
+            page = report.markdown(df, heading, lead) + ("\n" + report.TESTS_NOTE if scores else "")
             if table == "threshold" and (df["family"] == "csp").any():
                 page += "\n" + report.CSP_THRESHOLD_NOTE
             write_text(out / f"ablation_{table}.md", page, provenance=prov)
@@ -227,9 +236,10 @@ def cmd_report(args) -> None:
             pages.append(page)
         if spec.get("ablations"):  # masks.ablations: paper Table 5, appendices A and D
             df = report.ablations_table(metrics, entries, spec["ablations"])
+            df = report.with_tests(df, scores, report.ablation_reference(df))
             page = report.markdown(df, "Ablations (paper Table 5, appendices A and D)",
                                    [("ablation", "Ablation", "{}"), ("target_sparsity", "Target", "{:.2f}")])
-            page += "\n" + report.ABLATIONS_NOTE + report.notes(df)
+            page += "\n" + report.ABLATIONS_NOTE + report.notes(df) + ("\n" + report.TESTS_NOTE if scores else "")
             write_text(out / "ablations.md", page, provenance=prov)
             write_parquet(df, out / "ablations.parquet", provenance=prov)
             pages.append(page)

@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memctl import stats
+from memctl.stats import ALPHA
+
 #: Row order of the main table (labels not listed here follow, in spec order).
 ROW_ORDER = [
     "Origin", "Magnitude", "SparseGPT", "SparseGPT (one-pass)", "Wanda", "Wanda (one-pass)", "BalancedSubnet",
@@ -216,6 +219,162 @@ def ablation_table(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]], tab
     return df.sort_values(["method", key], kind="stable").reset_index(drop=True)
 
 
+#: (column prefix, track) of the per-example scores the tests read: the columns above show the
+#: memorized track (``exact_er``, ``fractional_er``); the extraction-rate track's (``er_``) are in the parquet.
+TEST_TRACKS = (("", "memorized"), ("er_", "extraction_rate"))
+#: Said under each table that carries the paired tests.
+TESTS_NOTE = (
+    "k/N, 95% CI: exact Clopper-Pearson interval of Exact ER with its count; Fractional ER: percentile bootstrap "
+    "over examples. vs Origin: the row against the unedited model on the same examples (exact McNemar test for "
+    "Exact ER, paired bootstrap for Fractional ER and held-out perplexity over the same windows); vs `none` mask: "
+    "each trained mask (`up`, `down`, `reciprocal`) against the mask of the `none` objective at the same sparsity "
+    "(the main table's, or the sweep's at the same target); vs reference: each ablation row against its mode's "
+    "main-table mask. A row of several seeds pools them per example (each example's outcome averaged over the "
+    "seeds; k is then the averaged count) and is compared with the exact sign-flip permutation test "
+    f"(memctl.stats). Verdicts at significance level {ALPHA:g}.\n"
+)
+
+
+def scores_beside(metrics_paths: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
+    """edit -> per-example scores, read from the ``scores.parquet`` that the evaluate stage writes
+    beside each ``metrics.parquet`` (the same job's output); edits without one are left out."""
+    out = {}
+    for path in metrics_paths:
+        path = Path(path)
+        side = path.with_name("scores.parquet")
+        if path.name != "metrics.parquet" or not side.exists():
+            continue
+        edits = pd.read_parquet(path, columns=["edit"])["edit"]
+        if len(edits) == 1:
+            out[str(edits.iloc[0])] = pd.read_parquet(side)
+    return out
+
+
+def _edit_ids(cell) -> list[str]:
+    """The edits behind a table row (several, comma-joined, where it aggregates seeds)."""
+    return [e for e in str(cell).split(",") if e] if _given(cell) else []
+
+
+def none_reference(df: pd.DataFrame, spec: Sequence[Mapping[str, Any]] = ()) -> list[list[str]]:
+    """Per row: the edits of the ``none`` mask a trained mask (``up``, ``down``, ``reciprocal``) is
+    compared with, at the same sparsity: the ``Ours (none)`` row of the same table at the row's
+    target sparsity, else the main table's ``none`` masks (every seed) when the target is theirs.
+    Empty for every other row."""
+    main_none = [e for e in spec if e.get("mode") == "none" and "main" in e.get("tables", [])]
+    out = []
+    for row in df.to_dict("records"):
+        if row.get("family") != "ours" or row.get("mode") not in ("up", "down", "reciprocal"):
+            out.append([])
+            continue
+        target = row.get("target_sparsity")
+        same = [r for r in df.to_dict("records") if r.get("mode") == "none" and r.get("family") == "ours"
+                and _close(r.get("target_sparsity"), target) and r.get("method", "").startswith("Ours (none)")]
+        if same:
+            out.append([e for r in same for e in _edit_ids(r["edit"])])
+        else:
+            out.append([e["edit"] for e in main_none if _close(e.get("sparsity"), target)])
+    return out
+
+
+def ablation_reference(df: pd.DataFrame) -> list[list[str]]:
+    """Per ablations row: the edits of its mode's reference row in the same ablation (the main-table
+    mask); empty for the reference rows themselves."""
+    out = []
+    rows = df.to_dict("records")
+    for row in rows:
+        if row.get("reference"):
+            out.append([])
+            continue
+        refs = [r for r in rows if r.get("reference") and r.get("ablation") == row.get("ablation")
+                and str(r.get("method", "")).split(",")[0] == str(row.get("method", "")).split(",")[0]]
+        out.append([e for r in refs for e in _edit_ids(r["edit"])])
+    return out
+
+
+def _close(a, b) -> bool:
+    return _given(a) and _given(b) and abs(float(a) - float(b)) < 1e-9
+
+
+def with_tests(df: pd.DataFrame, scores: Mapping[str, pd.DataFrame] | None,
+               references: Sequence[Sequence[str]] | None = None) -> pd.DataFrame:
+    """``df`` (a masks table) with, per track of :data:`TEST_TRACKS`, each row's Exact ER count and
+    exact interval, Fractional ER bootstrap interval, and paired tests against Origin (edit
+    ``none``) and against ``references[i]`` (edits; several seeds pooled per example); the held-out
+    perplexity ratio's paired test against Origin. Without ``scores`` the table is unchanged."""
+    if not scores or df.empty:
+        return df
+    from memctl import report as shared
+
+    df = df.copy()
+    references = references if references is not None else [[] for _ in range(len(df))]
+    origin = scores.get("none")
+    for prefix, track in TEST_TRACKS:
+        cols: dict[str, list] = {c: [] for c in (
+            "exact_count", "exact_ci", "fractional_ci", "vs_origin", "vs_origin_p", "frac_vs_origin",
+            "frac_vs_origin_p", "vs_ref", "vs_ref_p", "frac_vs_ref", "frac_vs_ref_p")}
+        ref_origin = shared.track_part(origin, track)
+        for row, ref_edits in zip(df.to_dict("records"), references):
+            edits = _edit_ids(row["edit"])
+            parts = [shared.track_part(scores.get(e), track) for e in edits]
+            parts = [] if any(p is None for p in parts) else parts
+            own = shared.unit_summary(parts) if parts else {}
+            cols["exact_count"].append(shared._count_text(own.get("exact_k", 0), own.get("n", 0)))
+            cols["exact_ci"].append(shared._ci_text(own.get("exact_er_lo", math.nan), own.get("exact_er_hi", math.nan)))
+            cols["fractional_ci"].append(shared._ci_text(own.get("fractional_lo", math.nan),
+                                                         own.get("fractional_hi", math.nan)))
+            vs_origin = {} if not parts or edits == ["none"] or ref_origin is None else shared.paired_tests(
+                parts, [ref_origin])
+            ref_parts = [shared.track_part(scores.get(e), track) for e in ref_edits]
+            vs_ref = {} if not parts or not ref_parts or any(p is None for p in ref_parts) else shared.paired_tests(
+                parts, ref_parts)
+            for col, tests in (("vs_origin", vs_origin), ("vs_ref", vs_ref)):
+                for name, key in (("exact", col), ("fractional", f"frac_{col}")):
+                    cols[key].append(stats.verdict(tests.get(name)) if ref_edits or col == "vs_origin" else "-")
+                    cols[f"{key}_p"].append(tests[name].pvalue if name in tests else math.nan)
+        for col, values in cols.items():
+            df[f"{prefix}{col}"] = values
+    verdicts, pvalues = [], []
+    for row in df.to_dict("records"):
+        edits = _edit_ids(row["edit"])
+        test = None
+        if edits and edits != ["none"] and origin is not None:
+            held = [shared.track_part(scores.get(e), "heldout") for e in edits]
+            base = shared.track_part(origin, "heldout")
+            if base is not None and all(h is not None and len(h) == len(base) for h in held):
+                base = base.sort_values("window")
+                nll = np.vstack([h.sort_values("window")["nll_sum"].to_numpy() for h in held])
+                test = stats.compare_perplexity(nll, base["nll_sum"].to_numpy(), int(base["n_tokens"].iloc[0]))
+        verdicts.append(stats.verdict(test))
+        pvalues.append(test.pvalue if test is not None else math.nan)
+    df["ppl_vs_origin"], df["ppl_vs_origin_p"] = verdicts, pvalues
+    return df
+
+
+def with_test_columns(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """``columns`` with the tests' columns (where :func:`with_tests` added them) after the value each
+    belongs to: count, interval and verdicts after Exact ER, interval and verdicts after Fractional ER,
+    the perplexity verdict after held-out PPL."""
+    against = "vs reference" if "reference" in df else "vs `none` mask"
+    out = []
+    for col, head, fmt in columns:
+        out.append((col, head, fmt))
+        base = col[3:] if col.startswith("er_") else col
+        prefix = col[: len(col) - len(base)]
+        extra: list[tuple[str, str, str]] = []
+        if base == "exact_er":
+            extra = [(f"{prefix}exact_count", "k/N", "{}"), (f"{prefix}exact_ci", "95% CI", "{}"),
+                     (f"{prefix}vs_origin", "vs Origin (Exact ER)", "{}"),
+                     (f"{prefix}vs_ref", f"{against} (Exact ER)", "{}")]
+        elif base == "fractional_er":
+            extra = [(f"{prefix}fractional_ci", "95% CI", "{}"),
+                     (f"{prefix}frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
+                     (f"{prefix}frac_vs_ref", f"{against} (Fractional ER)", "{}")]
+        elif col == "heldout_ppl":
+            extra = [("ppl_vs_origin", "vs Origin (PPL)", "{}")]
+        out += [c for c in extra if c[0] in df]
+    return out
+
+
 def _fmt(value, fmt: str) -> str:
     from memctl.report import md_cell
 
@@ -227,7 +386,7 @@ def _fmt(value, fmt: str) -> str:
 def markdown(df: pd.DataFrame, title: str, lead: Sequence[tuple[str, str, str]] = (),
              trail: Sequence[tuple[str, str, str]] = ()) -> str:
     """A markdown table: ``lead`` columns, then the paper's columns, then ``trail`` (the cost columns)."""
-    cols = [("method", "Method", "{}"), *lead, *COLUMNS, *trail]
+    cols = [("method", "Method", "{}"), *lead, *with_test_columns(df, COLUMNS), *trail]
     lines = [f"## {title}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
              "|---|" + "---:|" * (len(cols) - 1)]
     for _, row in df.iterrows():
