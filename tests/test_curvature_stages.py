@@ -224,7 +224,10 @@ def test_best_pair_is_matched_in_perplexity_and_lowest_in_memorization():
     assert "| K-FAC | pairwise | k2 | 0 | all | 0.5 | 12.00 | 1.200 | 0.000 | 0.100 |" in md
     assert "| SVD | svd | s2 | 0 | all | 0.3 | 12.40 |" in md
     assert "| K-FAC | per-factor | k3 |" in md and "| K-FAC | projector | k1 |" in md
-    assert "K-FAC suppresses more on the test split (strict 0.000 vs 0.400" in md
+    # no per-example scores: the numbers, and no verdict drawn from them
+    assert ("K-FAC vs SVD on the test split: strict 0.000 vs 0.400, loose 0.100 vs 0.600 (no per-example scores: "
+            "no paired test).") in md
+    assert "suppresses more" not in md
     assert math.isnan(table["ndcg10"].iloc[0])  # column shown as '-' until evaluate provides it
 
 
@@ -297,7 +300,9 @@ def test_spectrum_with_an_empty_memorized_set_writes_an_empty_table(tiny_model, 
 
 def test_the_best_pair_is_chosen_on_the_validation_slice_not_the_test_split():
     """Two matched pairs: (k1, s1) looks best on the test split, (k2, s2) on the validation slice.
-    The report picks (k2, s2), says so, and shows their test numbers with intervals."""
+    The report picks (k2, s2), says so, and tests them against each other and the unedited model on
+    the same 20 test sequences: SVD reproduces k2's 6 and 6 more, so McNemar has 0 vs 6 discordant,
+    p = 2 / 2^6 = 0.031; against the unedited model (20 of 20) k2 has 14 discordant, p = 2 / 2^14."""
     metrics = _metrics([
         {"edit": "none", "method": "Origin", "heldout_ppl": 10.0, "strict_accuracy": 1.0, "loose_accuracy": 1.0,
          "val_n_examples": 20, "val_exact_er": 1.0, "val_loose_accuracy": 1.0},
@@ -315,12 +320,25 @@ def test_the_best_pair_is_chosen_on_the_validation_slice_not_the_test_split():
     table = report.edit_table(metrics, specs)
     k, s = report.best_matched(table, tolerance=0.05, max_ppl_ratio=None)
     assert (k["edit"], s["edit"]) == ("k2", "s2")
-    bounds = {"none": (0.9, 1.0), "k1": (0.0, 0.05), "s1": (0.0, 0.2), "k2": (0.1, 0.5), "s2": (0.45, 0.75)}
-    table["exact_er_lo"] = table["edit"].map(lambda e: bounds[e][0])
-    table["exact_er_hi"] = table["edit"].map(lambda e: bounds[e][1])
-    md = report.curvature_markdown(table, {"match_tolerance": 0.05, "max_ppl_ratio": None})
+    strict = {"none": 20, "k1": 0, "s1": 2, "k2": 6, "s2": 12}
+
+    def scored(k):
+        return pd.DataFrame({"track": "memorized", "candidate_id": [f"c{i}" for i in range(20)],
+                             "exact_match": [i < k for i in range(20)], "n_match": [8 if i < k else 0 for i in range(20)],
+                             "n_suffix": 8, "levenshtein_norm": [0.0 if i < k else 1.0 for i in range(20)],
+                             "levenshtein_sim": [1.0 if i < k else 0.0 for i in range(20)]})
+
+    scores = {e: scored(k) for e, k in strict.items()}
+    table = report.add_tests(table, metrics, scores)
+    by_edit = table.set_index("edit")
+    assert by_edit.loc["k2", "exact_count"] == "6/20" and by_edit.loc["k2", "vs_origin"] == "lower (p<0.001)"
+    assert by_edit.loc["k2", "vs_origin_p"] == pytest.approx(2 / 2**14)
+    assert by_edit.loc["k1", "exact_ci"] == "[0.000, 0.168]"  # 0/20: 1 - 0.025^(1/20)
+    md = report.curvature_markdown(table, {"match_tolerance": 0.05, "max_ppl_ratio": None}, scores=scores)
     assert "chosen on the validation slice (20 memorized sequences" in md
-    assert "K-FAC [0.100, 0.500], SVD [0.450, 0.750]: they overlap" in md
+    assert ("strict: K-FAC lower (p=0.031) (exact McNemar, 0 sequences only K-FAC reproduces vs 6 only SVD)"
+            in md)
+    assert "| 6/20 | [0.119, 0.543] | lower (p<0.001) |" in md and "exact McNemar test for strict accuracy" in md
     # without a validation slice the choice falls back to the test split, and the report says so
     bare = table.drop(columns=["val_n_examples", "val_exact_er", "val_loose_accuracy"])
     k, s = report.best_matched(bare, tolerance=0.05, max_ppl_ratio=None)

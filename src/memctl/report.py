@@ -150,7 +150,11 @@ def _stack(tables: Sequence[pd.DataFrame], column: str, threshold: float | None 
     return (arr >= threshold).astype(np.float64) if threshold is not None else arr
 
 
-def unit_summary(tables: Sequence[pd.DataFrame], loose_threshold: float = 0.75) -> dict[str, Any]:
+#: Loose accuracy's Levenshtein-similarity threshold (memctl.metrics.LOOSE_THRESHOLD).
+LOOSE_THRESHOLD = 0.75
+
+
+def unit_summary(tables: Sequence[pd.DataFrame], loose_threshold: float = LOOSE_THRESHOLD) -> dict[str, Any]:
     """Rates with exact intervals and bootstrap intervals of one row of a table: one scores table per
     seed (one for a single run), pooled per example (:mod:`memctl.stats`)."""
     tables = [t for t in tables if t is not None]
@@ -176,8 +180,8 @@ def unit_summary(tables: Sequence[pd.DataFrame], loose_threshold: float = 0.75) 
 
 def paired_tests(row: Sequence[pd.DataFrame], ref: Sequence[pd.DataFrame]) -> dict[str, stats.Comparison]:
     """A row against its reference on the examples they share (each a list of per-seed scores of
-    one track): ``exact`` (exact McNemar, or the seed-pooled sign-flip test), ``fractional`` and
-    ``levenshtein`` (paired bootstrap). Empty where they share no example."""
+    one track): ``exact`` and ``loose`` (loose accuracy; exact McNemar, or the seed-pooled sign-flip
+    test), ``fractional`` and ``levenshtein`` (paired bootstrap). Empty where they share no example."""
     row, ref = [t for t in row if t is not None], [t for t in ref if t is not None]
     if not row or not ref:
         return {}
@@ -186,6 +190,9 @@ def paired_tests(row: Sequence[pd.DataFrame], ref: Sequence[pd.DataFrame]) -> di
         return {}
     r, f = parts[: len(row)], parts[len(row):]
     out = {"exact": stats.compare_rates(_stack(r, "exact_match"), _stack(f, "exact_match"))}
+    if all("levenshtein_sim" in t for t in parts):
+        out["loose"] = stats.compare_rates(_stack(r, "levenshtein_sim", LOOSE_THRESHOLD),
+                                           _stack(f, "levenshtein_sim", LOOSE_THRESHOLD))
     if all("n_match" in t and "n_suffix" in t for t in parts):
         out["fractional"] = stats.compare_fractions(_stack(r, "n_match"), _stack(f, "n_match"),
                                                     f[0]["n_suffix"].to_numpy())

@@ -256,15 +256,12 @@ def cmd_report(args) -> None:
         specs = report.read_specs(args.deltas or [])
         spectrum = pd.read_parquet(args.spectrum) if args.spectrum else None
         table = report.edit_table(metrics, specs)
+        scores = None
         if args.scores:
-            from memctl.report import with_intervals
-
             if len(args.scores) != len(args.metrics):
                 raise SystemExit(f"--scores: {len(args.scores)} files for {len(args.metrics)} --metrics files")
             scores = {edit: pd.read_parquet(path) for edit, path in zip(metrics["edit"], args.scores)}
-            ci = with_intervals(metrics, scores).set_index("edit")
-            for col in ("exact_ci", "exact_er_lo", "exact_er_hi", "ppl_ratio_ci"):
-                table[col] = table["edit"].map(ci[col])
+            table = report.add_tests(table, metrics, scores)  # exact intervals, paired tests vs unedited
         examples_md = ""
         pair = report.best_matched(table, float(settings.get("match_tolerance", 0.05)), settings.get("max_ppl_ratio", 1.5))
         if args.scores and args.memorized and args.model and pair is not None:
@@ -275,7 +272,7 @@ def cmd_report(args) -> None:
             shown = report.examples(pair, scores, pd.read_parquet(args.memorized), decode,
                                     int(settings.get("examples", 5)))
             examples_md = report.examples_markdown(shown, pair)
-        text = report.curvature_markdown(table, settings, spectrum, examples_md)
+        text = report.curvature_markdown(table, settings, spectrum, examples_md, scores)
         write_text(out / "curvature.md", text, provenance=prov)
         write_text(out / "curvature.html", markdown_html(text, "Curvature edits (K-FAC vs SVD)"), provenance=prov)
         write_parquet(table, out / "curvature_edits.parquet", provenance=prov)

@@ -25,14 +25,77 @@ COLUMNS = [
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
     ("ppl_ratio", "PPL / unedited", "{:.3f}"),
     ("ppl_ratio_ci", "95% CI", "{}"),
+    ("ppl_vs_origin", "vs unedited (PPL)", "{}"),
     ("strict_accuracy", "Strict acc.", "{:.3f}"),
+    ("exact_count", "k/N", "{}"),
     ("exact_ci", "95% CI", "{}"),
+    ("vs_origin", "vs unedited (strict)", "{}"),
     ("val_exact_er", "Val. strict acc.", "{:.3f}"),
     ("loose_accuracy", "Loose acc.", "{:.3f}"),
+    ("loose_ci", "95% CI", "{}"),
     ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
+    ("levenshtein_ci", "95% CI", "{}"),
+    ("lev_vs_origin", "vs unedited (Levenshtein)", "{}"),
     ("ndcg10", "nDCG@10", "{:.3f}"),
     ("mem_loss", "Mem. loss", "{:.3f}"),
 ]
+
+
+#: Columns of :func:`memctl.report.with_intervals` (memorized track, held-out windows) that the
+#: curvature table shows: exact intervals with counts, bootstrap intervals, paired tests vs unedited.
+TEST_COLUMNS = ("exact_count", "exact_ci", "exact_er_lo", "exact_er_hi", "vs_origin", "vs_origin_p", "loose_ci",
+                "levenshtein_ci", "lev_vs_origin", "lev_vs_origin_p", "ppl_ratio_ci", "ppl_vs_origin", "ppl_vs_origin_p")
+
+#: Said under the table when it carries the tests.
+TESTS_NOTE = (
+    "k/N, 95% CI of strict and loose accuracy: exact Clopper-Pearson intervals; Avg. Levenshtein: percentile "
+    "bootstrap over examples. 'vs unedited': each edit against the unedited model on the same memorized test "
+    "sequences (exact McNemar test for strict accuracy, paired bootstrap for Avg. Levenshtein) and the same "
+    "held-out windows (paired bootstrap of the perplexity ratio), memctl.stats; verdicts at significance level "
+    "0.05."
+)
+
+
+def add_tests(table: pd.DataFrame, metrics: pd.DataFrame, scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """``table`` (:func:`edit_table`) with :data:`TEST_COLUMNS` computed from the per-example
+    ``scores`` of each edit (edit -> scores table, the unedited model's under ``none``)."""
+    from memctl.report import with_intervals
+
+    ci = with_intervals(metrics, dict(scores)).drop_duplicates("edit").set_index("edit")
+    table = table.copy()
+    for col in TEST_COLUMNS:
+        if col in ci:
+            table[col] = table["edit"].map(ci[col])
+    return table
+
+
+def pair_tests(k: Mapping, s: Mapping, scores: Mapping[str, pd.DataFrame] | None) -> str:
+    """The chosen K-FAC edit against the chosen SVD edit on the memorized test sequences both
+    scored, in words: exact McNemar tests of strict and loose accuracy, paired bootstrap of average
+    Levenshtein and of the held-out perplexity ratio (``lower`` = K-FAC's is lower). Without
+    per-example scores, the numbers only: no test."""
+    head = (f"K-FAC vs SVD on the test split: strict {k['strict_accuracy']:.3f} vs {s['strict_accuracy']:.3f}, loose "
+            f"{k['loose_accuracy']:.3f} vs {s['loose_accuracy']:.3f}")
+    if not scores or k["edit"] not in scores or s["edit"] not in scores:
+        return head + " (no per-example scores: no paired test)."
+    from memctl import stats
+    from memctl.report import paired_tests, perplexity_test, track_part
+
+    tests = paired_tests([track_part(scores[k["edit"]], "memorized")], [track_part(scores[s["edit"]], "memorized")])
+    if not tests:
+        return head + " (they share no scored sequence: no paired test)."
+    exact = tests["exact"]
+    bits = [f"strict: K-FAC {stats.verdict(exact)} (exact McNemar, {exact.row_only} sequences only K-FAC "
+            f"reproduces vs {exact.ref_only} only SVD)"]
+    if "loose" in tests:
+        bits.append(f"loose: K-FAC {stats.verdict(tests['loose'])} (exact McNemar)")
+    if "levenshtein" in tests:
+        bits.append(f"Avg. Levenshtein: K-FAC {stats.verdict(tests['levenshtein'])} (paired bootstrap)")
+    ppl = perplexity_test(scores[k["edit"]], scores[s["edit"]])
+    if ppl is not None:
+        bits.append(f"held-out PPL: K-FAC {stats.verdict(ppl)} (ratio {ppl.estimate:.3f} "
+                    f"[{ppl.lo:.3f}, {ppl.hi:.3f}], paired bootstrap over windows)")
+    return head + "; " + "; ".join(bits) + "."
 
 
 def read_specs(deltas: Sequence[str]) -> dict[str, dict]:
@@ -110,7 +173,7 @@ def best_matched(table: pd.DataFrame, tolerance: float = 0.05, max_ppl_ratio: fl
 
 
 def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.DataFrame | None = None,
-                       examples_md: str = "") -> str:
+                       examples_md: str = "", scores: Mapping[str, pd.DataFrame] | None = None) -> str:
     tol = float(settings.get("match_tolerance", 0.05))
     cap = settings.get("max_ppl_ratio", 1.5)
     parts = [
@@ -123,6 +186,7 @@ def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.Data
         "factor's energy kept, `pairwise` = public-code form (Fisher pairs kept up to rho = strength "
         "of tr(G) tr(A)), `svd` = top strength share of singular values.", "",
         markdown_table(table, COLUMNS), "",
+        *([TESTS_NOTE, ""] if "vs_origin" in table else []),
         f"## Best K-FAC vs best SVD at matched held-out perplexity (within {tol:.0%}"
         + (f", PPL at most {cap}x the unedited model's" if cap is not None else "") + ")", "",
     ]
@@ -134,15 +198,9 @@ def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.Data
         rows = pd.concat([base, pd.DataFrame(list(pair))], ignore_index=True)
         parts.append(markdown_table(rows, COLUMNS))
         k, s = pair
-        verdict = ("K-FAC suppresses more" if (k["strict_accuracy"], k["loose_accuracy"]) < (s["strict_accuracy"], s["loose_accuracy"])
-                   else "SVD suppresses more" if (k["strict_accuracy"], k["loose_accuracy"]) > (s["strict_accuracy"], s["loose_accuracy"])
-                   else "they tie")
         parts += ["", f"The pair was chosen on {selection_track(table)[2]}; the rows show the test split.",
-                  "", f"At matched perplexity ({k['heldout_ppl']:.2f} vs {s['heldout_ppl']:.2f}): {verdict} "
-                  f"on the test split (strict {k['strict_accuracy']:.3f} vs {s['strict_accuracy']:.3f}, loose "
-                  f"{k['loose_accuracy']:.3f} vs {s['loose_accuracy']:.3f})."]
-        if "exact_er_lo" in table:
-            parts[-1] += " " + interval_sentence(k, s)
+                  "", f"At matched perplexity ({k['heldout_ppl']:.2f} vs {s['heldout_ppl']:.2f}): "
+                  + pair_tests(k, s, scores)]
     if examples_md:
         parts += ["", examples_md]
     if spectrum is not None and len(spectrum):
@@ -193,17 +251,6 @@ def examples_markdown(table: pd.DataFrame, pair: Sequence[Mapping]) -> str:
     return "\n".join(["## Examples (paper appendix D): generations before and after the chosen edits", "",
                       "Memorized test sequences, those an edit changed first; greedy continuations of the prefix.",
                       "", markdown_table(table, cols)])
-
-
-def interval_sentence(k: Mapping, s: Mapping) -> str:
-    """Whether the two edits' 95% bootstrap intervals of strict accuracy (Exact ER) overlap."""
-    lo_k, hi_k, lo_s, hi_s = (float(r[c]) for r in (k, s) for c in ("exact_er_lo", "exact_er_hi"))
-    if any(math.isnan(v) for v in (lo_k, hi_k, lo_s, hi_s)):
-        return ""
-    head = f"95% intervals: K-FAC [{lo_k:.3f}, {hi_k:.3f}], SVD [{lo_s:.3f}, {hi_s:.3f}]"
-    if hi_k < lo_s or hi_s < lo_k:
-        return head + ": they do not overlap, so the difference is larger than the sampling noise of this test split."
-    return head + ": they overlap, so this test split does not separate the two methods."
 
 
 def plot_sweep(table: pd.DataFrame, path) -> None:
