@@ -394,19 +394,43 @@ def cmd_report(args) -> None:
 
 def cmd_verify(args) -> None:
     """One line per problem (corrupt, incomplete, leftover of a killed write), naming the path;
-    exit status 1 when there is any. Writes in progress on this host are noted on stderr.
+    exit status 1 when there is any. Writes in progress on this host are noted on stderr; entries
+    the store does not know (no sidecar, not the plan's) are listed as left alone, not problems.
 
-    ``--repair``: then remove what is damaged or incomplete (each artifact with its sidecar) and
-    the leftovers of dead writers, one ``removed PATH`` line each, so that the next workflow run
-    rebuilds exactly those; exit status 1 only when a problem is left (its line says why)."""
+    ``--configfile CONFIG``: the plan of that config tells which entries without a sidecar are its
+    artifacts (incomplete: removed by ``--repair``) and which are unknown (never removed); without
+    paths, the plan's ``root`` and ``results_dir`` are checked.
+
+    ``--repair``: then remove what the store wrote and is damaged or incomplete (each artifact
+    with its sidecar; without a sidecar, only the plan's artifacts) and the leftovers of dead
+    writers, one ``removed PATH`` line each, so that the next workflow run rebuilds exactly
+    those; exit status 1 only when a problem is left (its line says why)."""
     from memctl.store import repair, verify_paths
 
-    report = verify_paths(args.paths)
+    if any(not path for path in args.paths):
+        raise ConfigError("an empty path ('') names no file; give an artifact or a directory (e.g. . for this one)")
+    paths, planned = list(args.paths), None
+    if args.configfile:
+        plan = _verify_plan(args.configfile)
+        planned = _plan_artifacts(plan)
+        if not paths:
+            paths = _outermost([plan.root, plan.results])
+            if not paths:
+                print(f"checked 0 artifacts: 0 problems ({plan.root} and {plan.results} do not exist yet)")
+                return
+            print(f"checking the store of {args.configfile}: {', '.join(paths)}", file=sys.stderr)
+    elif not paths:
+        raise ConfigError("give the artifacts or directories to check, or --configfile CONFIG to check its"
+                          " root and results_dir")
+    report = verify_paths(paths, planned)
     for note in report.notes:
         print(note, file=sys.stderr)
     for problem in report.problems:
         print(problem)
-    print(f"checked {report.checked} artifacts: {len(report.problems)} problems")
+    for line in report.unknown:
+        print(line)
+    unknown = f"; {len(report.unknown)} unknown entries left alone" if report.unknown else ""
+    print(f"checked {report.checked} artifacts: {len(report.problems)} problems{unknown}")
     if not args.repair:
         if report.problems:
             raise SystemExit(1)
@@ -419,6 +443,45 @@ def cmd_verify(args) -> None:
     print(f"repair: removed {len(removed)} paths, {len(kept)} problems left; the next run rebuilds what was removed")
     if kept:
         raise SystemExit(1)
+
+
+def _verify_plan(configfile: str):
+    """The plan of ``configfile`` as the workflow builds it (workflow/rules/common.smk), relative
+    paths taken from the current directory (Snakemake's working directory)."""
+    from memctl import lab
+    from memctl.config import read_yaml, workflow_config
+    from memctl.plan import build_plan
+
+    checkout = Path(__file__).resolve().parents[2]  # the workflow's directory, in a source checkout
+    basedir = checkout if (checkout / "Snakefile").is_file() else Path.cwd()
+    config = workflow_config(read_yaml(configfile), [configfile], {}, Path.cwd(), basedir)
+    return build_plan(config, lab.workflow_model_dims(config))
+
+
+def _plan_artifacts(plan) -> list[str]:
+    """Every output of every job of ``plan``; never the store's root, its results directory, the
+    current directory or one above them (a plan that named one would own everything in it)."""
+    import os
+
+    guarded = {os.path.realpath(p) for p in (plan.root, plan.results, ".")}
+    outputs = dict.fromkeys([*plan.artifacts(), *(out for job in plan.jobs() for out in job.outputs.values())])
+    return [out for out in outputs
+            if not any(g == os.path.realpath(out) or g.startswith(os.path.realpath(out) + os.sep) for g in guarded)]
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """The existing ``paths`` without those inside another (``results_dir`` inside ``root`` is
+    walked once)."""
+    import os
+
+    real = [os.path.realpath(p) for p in paths]
+    keep = []
+    for i, (path, here) in enumerate(zip(paths, real)):
+        inside = any(j != i and (here == there and j < i or here.startswith(there.rstrip(os.sep) + os.sep))
+                     for j, there in enumerate(real))
+        if not inside and os.path.exists(path):
+            keep.append(path)
+    return keep
 
 
 def register(subparsers) -> None:
@@ -502,12 +565,19 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("verify", help="check artifacts against their provenance checksums")
     p.add_argument(
-        "paths", nargs="+",
-        help="artifacts, or directories to check whole (missing or stray sidecars, leftovers of killed writes)",
+        "paths", nargs="*",
+        help="artifacts, or directories to check whole (missing or stray sidecars, leftovers of killed writes);"
+        " default with --configfile: the config's root and results_dir",
+    )
+    p.add_argument(
+        "--configfile", default=None, metavar="CONFIG",
+        help="the workflow's config: its plan tells which files without a sidecar are its artifacts"
+        " (incomplete: --repair removes them) and which are not memctl's (never removed)",
     )
     p.add_argument(
         "--repair", action="store_true",
-        help="remove damaged or incomplete artifacts (with their sidecars) and leftovers of dead writers,"
-        " so that the next run rebuilds them; run it when no workflow writes to these paths",
+        help="remove damaged or incomplete artifacts that the store wrote (with their sidecars; without a sidecar"
+        " only those the plan of --configfile names) and leftovers of dead writers, so that the next run rebuilds"
+        " them; files memctl did not write are never removed; run it when no workflow writes to these paths",
     )
     p.set_defaults(func=cmd_verify)

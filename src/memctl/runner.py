@@ -117,7 +117,9 @@ def stage(
 def _refusal(problems: list[str]) -> str:
     """One line: the first problem, how to repair it, and how many more inputs have one."""
     more = f" (and {len(problems) - 1} more damaged inputs)" if len(problems) > 1 else ""
-    return f"{problems[0]}{more}; refusing to use it: `memctl verify --repair` removes it, the next run rebuilds it"
+    # Without its sidecar, only the plan can tell that it is the store's (memctl.store.repair).
+    repair = "memctl verify --repair --configfile CONFIG" if "provenance sidecar" in problems[0] else "memctl verify --repair"
+    return f"{problems[0]}{more}; refusing to use it: `{repair}` removes it, the next run rebuilds it"
 
 
 def write_dir(

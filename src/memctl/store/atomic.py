@@ -16,6 +16,9 @@ the final name does not exist or still holds the old content), or a sidecar whos
 not match; ``memctl verify`` reports all of them. Leftovers of dead writers are removed the next
 time the same artifact is written. Two processes writing the same artifact at once each write
 their own temporary; the last rename wins and the sidecar always describes what is in place.
+Each process remembers what it renamed in (:func:`~memctl.store.hashing.publish`), so that
+:meth:`Provenance.write` stamps only its own version: whichever writer wins, its data and its
+sidecar win together.
 
 Test hook: with ``MEMCTL_TEST_PAUSE_BEFORE_RENAME=SECONDS`` (or ``SECONDS:NAME`` to pause only for
 artifacts whose file name contains ``NAME``) every atomic write prints a line to stderr and sleeps
@@ -37,7 +40,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memctl.store.hashing import hash_path, identity, remember, stat_record
+from memctl.store.hashing import hash_path, identity, publish, remember, stat_record
 from memctl.store.leftovers import remove, remove_stale_leftovers, tmp_prefix
 from memctl.store.locks import directory_lock, fsync, fsync_tree
 from memctl.store.permissions import has_setgid, make_dirs, share
@@ -140,9 +143,12 @@ def atomic_path(
         with directory_lock(final.parent):
             if meta is not None:
                 write_sidecar(final, meta)
-            ident = identity(tmp)
             garbage = _rename_into_place(tmp, final, directory)
             fsync(final.parent)
+            # What this process put in place: Provenance.write stamps only that (or what was put
+            # there by other means), never a version another writer renamed in meanwhile.
+            ident = identity(final)
+            publish(final, ident)
         if sha is not None:
             remember(final, ident, sha, stat)
         if garbage is not None:

@@ -179,18 +179,22 @@ def differing_file(record: Any, digests: dict[str, str]) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------- the checksum memo
+# ------------------------------------------------------- the checksum memo, what this process published
 
 
 def identity(path: Path) -> tuple[int, ...]:
-    """What changes when ``path`` is replaced or rewritten: device, inode, size, mtime."""
+    """What changes when ``path`` is replaced or rewritten: device, inode, size, mtime, ctime (a
+    rename sets the ctime of what it moves: an entry renamed in is told from an older one that
+    happens to get the same inode number back)."""
     st = path.stat()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 # Checksums (and stat records) computed at rename time, so Provenance.write need not read the
 # artifact again.
 _HASHES: dict[str, tuple[tuple[int, ...], str, dict[str, Any]]] = {}
+# What this process last renamed onto each final name (its identity just after the rename).
+_PUBLISHED: dict[str, tuple[int, ...]] = {}
 
 
 def remember(final: Path, ident: tuple[int, ...], sha: str, stat: dict[str, Any]) -> None:
@@ -202,3 +206,17 @@ def recall(final: Path, ident: tuple[int, ...]) -> tuple[str, dict[str, Any]] | 
     identity ``ident``."""
     known = _HASHES.get(os.path.abspath(final))
     return (known[1], known[2]) if known and known[0] == ident else None
+
+
+def publish(final: Path, ident: tuple[int, ...]) -> None:
+    """Record that this process renamed the entry with identity ``ident`` onto ``final``
+    (:func:`memctl.store.atomic_path`, under the directory's lock)."""
+    _PUBLISHED[os.path.abspath(final)] = ident
+
+
+def published_elsewhere(final: Path, ident: tuple[int, ...]) -> bool:
+    """Whether this process renamed an entry onto ``final`` and the entry now there (identity
+    ``ident``) is another one: another writer renamed its own version in since (same device
+    and inode: still ours, perhaps modified in place; never published here: False)."""
+    mine = _PUBLISHED.get(os.path.abspath(final))
+    return mine is not None and mine[:2] != ident[:2]

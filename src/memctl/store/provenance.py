@@ -29,10 +29,11 @@ from memctl.store.hashing import (
     fingerprint_path,
     hash_path,
     identity,
+    published_elsewhere,
     recall,
     stat_record,
 )
-from memctl.store.layout import SIDECAR_SUFFIX, UNTRACKED_DIRS, UNTRACKED_NAMES, sidecar_path
+from memctl.store.layout import LOCK_NAME, SIDECAR_SUFFIX, UNTRACKED_DIRS, UNTRACKED_NAMES, sidecar_path
 from memctl.store.leftovers import remove, remove_stale_leftovers, tmp_prefix
 from memctl.store.locks import directory_lock, fsync
 from memctl.store.permissions import share
@@ -152,31 +153,100 @@ def check_input(path: str | os.PathLike, cache: dict[str, str] | None = None) ->
     """Problems of an input that is an artifact of the store, one line each naming the path:
     its content against the checksum its sidecar records (:func:`~memctl.store.hashing.
     checked_hash`: small files are read whole, unchanged large ones trusted by size, mtime and
-    inode), a missing artifact whose sidecar exists, an unreadable sidecar. An input without a
-    sidecar (a user's file, a hub id) is not an artifact: nothing to check, except that a
-    directory without one is searched for artifacts inside it (e.g. the demo corpus). Empty
-    list: sound (or not an artifact)."""
+    inode), a missing artifact whose sidecar exists, an unreadable sidecar, and an artifact
+    without its sidecar (:func:`incomplete_without_sidecar`). Empty list: sound, or not an
+    artifact (a user's file or model directory, a hub id).
+
+    An input without a sidecar is an artifact of the store without its provenance (incomplete:
+    a job killed before its sidecar, a sidecar deleted) when it lies in a directory the store
+    renamed artifacts into (it holds ``.memctl.lock``), except a directory that holds the lock
+    or sidecars itself: that is a container of artifacts (the demo corpus, a results tree),
+    searched for artifacts inside it, each checked, and each file without sidecar in a locked
+    directory in it flagged. Anything else without a sidecar is the user's: nothing to check."""
     path = Path(path)
-    side = sidecar_path(path)
-    if side.exists():
+    if not path.name:  # "", ".", "/": no artifact has such a name
+        path = Path(os.path.abspath(path))
+    side = sidecar_path(path) if path.name else None
+    if side is not None and side.exists():
         return _check_against_sidecar(path, side, cache)
-    if not path.is_dir():
-        return []
+    if not path.exists():
+        return []  # e.g. a hub id
+    if path.is_dir() and is_container(path):
+        return _check_container(path, cache)
+    if incomplete_without_sidecar(path):
+        return [no_sidecar_line(path)]
+    return []
+
+
+def incomplete_without_sidecar(path: Path) -> bool:
+    """Whether ``path`` (without a sidecar) is an artifact of the store that lost it or never got
+    it: it lies in a directory that memctl renamed artifacts into (``.memctl.lock``), and is not
+    hidden, not Snakemake's (``logs/``, ``.snakemake_timestamp``...) and not a container."""
+    name = path.name
+    if not name or name.startswith(".") or name in UNTRACKED_NAMES or name in UNTRACKED_DIRS:
+        return False
+    if not store_wrote_into(path.parent):
+        return False
+    return not (path.is_dir() and (is_container(path) or not has_files(path)))
+
+
+def no_sidecar_line(path: Path) -> str:
+    """The line for an input without its sidecar in a directory the store writes into."""
+    what = "directory without provenance sidecar" if path.is_dir() else "no provenance sidecar"
+    return (f"{path}: incomplete: {what} {sidecar_path(path).name}, in a directory memctl writes artifacts into"
+            " (job killed before writing it, or the sidecar deleted)")
+
+
+def store_wrote_into(directory: Path) -> bool:
+    """Whether memctl renamed an artifact into ``directory`` (it then holds ``.memctl.lock``)."""
+    return (directory / LOCK_NAME).exists()
+
+
+def is_container(directory: Path) -> bool:
+    """A directory without a sidecar that holds artifacts rather than being one: memctl renamed
+    entries into it or into a directory below it (``.memctl.lock``), or there are sidecars in
+    it. Hidden directories (leftovers, ``.git``, ``.snakemake``) are not searched."""
+    for _root, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if LOCK_NAME in files or any(f.endswith(SIDECAR_SUFFIX) and not f.startswith(".") for f in files):
+            return True
+    return False
+
+
+def has_files(directory: Path) -> bool:
+    """Any file that is not hidden nor inside a hidden directory (leftovers are hidden)."""
+    for _root, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not f.startswith(".") for f in files):
+            return True
+    return False
+
+
+def _check_container(path: Path, cache: dict[str, str] | None) -> list[str]:
     problems = []
     for root, dirs, files in os.walk(path):
         here, names = Path(root), set(files) | set(dirs)
         for name in sorted(d for d in dirs if d + SIDECAR_SUFFIX in names):  # directory artifacts: whole
             problems += _check_against_sidecar(here / name, here / (name + SIDECAR_SUFFIX), cache)
-        dirs[:] = sorted(
-            d for d in dirs if d + SIDECAR_SUFFIX not in names and not d.startswith(".") and d not in UNTRACKED_DIRS
-        )
+        walk = []
+        for name in sorted(dirs):
+            if name + SIDECAR_SUFFIX in names or name.startswith(".") or name in UNTRACKED_DIRS:
+                continue
+            if incomplete_without_sidecar(here / name):
+                problems.append(no_sidecar_line(here / name))
+            else:
+                walk.append(name)
+        dirs[:] = walk
         for name in sorted(files):
             if name.startswith(".") or name in UNTRACKED_NAMES:
                 continue
-            if name.endswith(SIDECAR_SUFFIX) and name[: -len(SIDECAR_SUFFIX)] not in names:
-                problems += _check_against_sidecar(here / name[: -len(SIDECAR_SUFFIX)], here / name, cache)
+            if name.endswith(SIDECAR_SUFFIX):
+                if name[: -len(SIDECAR_SUFFIX)] not in names:
+                    problems += _check_against_sidecar(here / name[: -len(SIDECAR_SUFFIX)], here / name, cache)
             elif name + SIDECAR_SUFFIX in names:
                 problems += _check_against_sidecar(here / name, here / (name + SIDECAR_SUFFIX), cache)
+            elif incomplete_without_sidecar(here / name):
+                problems.append(no_sidecar_line(here / name))
     return problems
 
 
@@ -285,13 +355,18 @@ class Provenance:
         """Stamp the sidecar of each output already in place (checksum of what is there).
 
         Stages do not use it: they pass ``provenance=`` to the writers. It is for artifacts put in
-        place by other means; it checks under the directory lock that no other writer renamed a
-        new version in while it was hashing.
+        place by other means, or by :func:`~memctl.store.atomic_path` without a provenance. It
+        checks under the directory lock that no other writer renamed a new version in while it
+        was hashing. An output that this process renamed in (``atomic_path``) and that another
+        writer has replaced since is left alone: that writer stamps its own version, so whichever
+        writer wins, its data and its sidecar win together.
         """
         base = self.record(extra)
         for out in map(Path, outputs):
             for _attempt in range(5):
                 ident = identity(out)
+                if published_elsewhere(out, ident):
+                    break  # another writer's version: not ours to describe
                 known = recall(out, ident)
                 if known:
                     sha, stat = known
@@ -300,7 +375,8 @@ class Provenance:
                     sha = hash_path(out, digests=digests)
                     stat = stat_record(out, digests)
                 with directory_lock(out.parent):
-                    # Another writer may have renamed a new version in while we hashed.
+                    # Another writer may have renamed a new version in while we hashed (renames
+                    # happen under this lock: what is checked here is what gets the sidecar).
                     if identity(out) != ident:
                         continue
                     write_sidecar(out, dict(base, artifact=out.name, sha256=sha, stat=stat))

@@ -2,9 +2,14 @@
 :func:`repair` (``memctl verify --repair``).
 
 An artifact is sound when its sidecar exists, has every provenance field, and records the
-checksum of what is in place; leftovers of interrupted writes are reported too. Repair removes
-what is damaged or incomplete (with its sidecar) and the leftovers of dead writers, so that the
-next run of the workflow rebuilds exactly those artifacts.
+checksum of what is in place; leftovers of interrupted writes are reported too.
+
+Repair removes only what the store wrote, so that the next run of the workflow rebuilds exactly
+that: a damaged artifact that has a sidecar (with it), a sidecar whose artifact is missing, the
+leftovers of dead writers (``.<name>.tmp-<pid>@<host>-...`` / ``.old-``), and an entry without
+a sidecar only when the plan names it as an artifact (``memctl verify --configfile``). An entry
+the store does not know (no sidecar, not in the plan) is reported and never deleted, and so is a
+directory the store did not create.
 """
 
 from __future__ import annotations
@@ -14,11 +19,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memctl.store.hashing import differing_file, hash_path
-from memctl.store.layout import LOCK_NAME, SIDECAR_SUFFIX, UNTRACKED_DIRS, UNTRACKED_NAMES, sidecar_path
+from memctl.store.hashing import _dir_files, differing_file, hash_path
+from memctl.store.layout import SIDECAR_SUFFIX, UNTRACKED_DIRS, UNTRACKED_NAMES, sidecar_path
 from memctl.store.leftovers import STALE_ENV, Leftover, leftover, leftovers_of, remove
 from memctl.store.locks import directory_lock
-from memctl.store.provenance import REQUIRED_FIELDS, mismatch, read_sidecar
+from memctl.store.provenance import (
+    REQUIRED_FIELDS,
+    has_files,
+    incomplete_without_sidecar,
+    is_container,
+    mismatch,
+    read_sidecar,
+)
+
+#: How ``--repair`` learns which entries without a sidecar are the plan's artifacts.
+WITH_PLAN = "memctl verify --repair --configfile CONFIG"
 
 
 def verify(path: str | os.PathLike) -> list[str]:
@@ -57,16 +72,29 @@ def _check_artifact(path: Path) -> list[str]:
     return []
 
 
+def _key(path: str | os.PathLike) -> str:
+    return os.path.realpath(path)
+
+
 @dataclass
 class VerifyReport:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
     #: Writes in progress by live processes on this host (not problems).
     notes: list[str] = field(default_factory=list)
-    #: Artifacts with a problem (corrupt, incomplete, bad sidecar): what :func:`repair` removes.
+    #: Entries the store does not know (no sidecar; not an artifact of the plan, or in a directory
+    #: memctl never wrote into): reported, never removed, not problems.
+    unknown: list[str] = field(default_factory=list)
+    #: What :func:`repair` removes: artifacts with a sidecar that are corrupt, incomplete or have a
+    #: bad sidecar; entries without a sidecar that the plan names as artifacts.
     damaged: list[Path] = field(default_factory=list)
+    #: Entries without a sidecar in a directory memctl writes into, when no plan is known: an
+    #: artifact without its provenance or a file memctl did not write (problems; never removed).
+    unowned: list[Path] = field(default_factory=list)
     #: Leftovers of interrupted writes whose writer is not known to be alive.
     leftovers: list[Leftover] = field(default_factory=list)
+    #: The plan's artifacts (real paths), or None when no plan is known.
+    planned: frozenset[str] | None = None
 
     def add_leftover(self, lo: Leftover) -> None:
         (self.notes if lo.alive else self.problems).append(lo.describe())
@@ -74,36 +102,83 @@ class VerifyReport:
             self.leftovers.append(lo)
 
     def add_artifact(self, path: Path) -> None:
+        """An artifact named by a sidecar, or a path given to check."""
+        if not sidecar_path(path).exists() and (path.exists() or path.is_symlink()):
+            self.add_without_sidecar(path)
+            return
         self.checked += 1
         problems = _check_artifact(path)
         self.problems += problems
         if problems and problems != [f"{path}: missing"]:
             self.damaged.append(path)
 
+    def add_without_sidecar(self, path: Path) -> None:
+        """An entry without a sidecar: the plan's artifact (removable), possibly one (no plan,
+        in a directory memctl writes into: left alone), or unknown (reported, left alone)."""
+        is_dir = path.is_dir() and not path.is_symlink()
+        side = sidecar_path(path).name
+        what = f"directory without provenance sidecar {side}" if is_dir else f"no provenance sidecar {side}"
+        if self.planned is not None and _key(path) in self.planned:
+            self.checked += 1
+            self.problems.append(
+                f"{path}: incomplete: {what} (an artifact of the plan: job killed before writing it, or the"
+                " sidecar deleted; --repair removes it, the next run rebuilds it)"
+            )
+            self.damaged.append(path)
+        elif self.planned is None and incomplete_without_sidecar(path):
+            self.checked += 1
+            self.problems.append(
+                f"{path}: incomplete: {what}, in a directory memctl writes artifacts into (job killed before"
+                " writing it, the sidecar deleted, or a file memctl did not write; `--configfile CONFIG` tells"
+                " which: only the plan's artifacts are removed)"
+            )
+            self.unowned.append(path)
+        else:
+            where = "" if self.planned is None else " (no sidecar, not an artifact of the plan)"
+            kind = "directory" if is_dir else "file"
+            self.unknown.append(f"{path}: unknown {kind}, not written by memctl{where}: left alone")
 
-def verify_paths(paths: Iterable[str | os.PathLike]) -> VerifyReport:
+    def add_directory(self, path: Path) -> None:
+        """A directory without a sidecar: a container of artifacts is walked; any other is one
+        entry (a directory artifact without its sidecar, or not the store's)."""
+        if is_container(path) or not has_files(path):
+            _walk(path, self)
+        else:
+            self.add_without_sidecar(path)
+
+
+def verify_paths(paths: Iterable[str | os.PathLike], planned: Iterable[str | os.PathLike] | None = None) -> VerifyReport:
     """Check artifacts and trees of artifacts (what ``memctl verify`` prints).
 
-    A directory with a sidecar is one artifact. Any other directory is walked: every file in it
-    must have a sidecar, except hidden files, ``logs/``, ``benchmarks/`` and ``.snakemake/``
-    directories; a directory with files but without a sidecar, a lock file or any sidecar inside
-    is a directory artifact without its sidecar, reported once; a sidecar without its artifact and
-    leftovers of interrupted writes are reported too.
+    A directory with a sidecar is one artifact. A directory without one that memctl wrote into
+    (it or a directory below holds ``.memctl.lock``, or sidecars are inside) is walked: each
+    artifact in it is checked, a sidecar without its artifact and leftovers of interrupted writes
+    are reported; hidden files, ``logs/``, ``benchmarks/`` and ``.snakemake/`` are skipped. An
+    entry without a sidecar is, with ``planned`` (the plan's artifacts, :meth:`memctl.plan.Plan.
+    artifacts`), incomplete when the plan names it and unknown otherwise; without a plan,
+    possibly incomplete when it lies in a directory memctl wrote into, unknown otherwise. A
+    directory that is neither an artifact nor a container is one entry, never walked.
     """
-    report = VerifyReport()
+    report = VerifyReport(planned=None if planned is None else frozenset(map(_key, planned)))
     for target in map(Path, paths):
+        if not target.name or target.name == "..":  # ".", "/", "..": a directory, never an artifact
+            if target.is_dir():
+                report.add_directory(target)
+            else:
+                report.problems.append(f"{target}: missing")
+            continue
         lo = leftover(target)
         if lo is not None:
             report.add_leftover(lo)
             continue
-        if target.name.endswith(SIDECAR_SUFFIX):
+        if target.name.endswith(SIDECAR_SUFFIX) and target.name != SIDECAR_SUFFIX:
             target = target.with_name(target.name[: -len(SIDECAR_SUFFIX)])
-        if sidecar_path(target).exists() or not target.is_dir():
-            report.add_artifact(target)
-            for lo in leftovers_of(target):
-                report.add_leftover(lo)
-        else:
-            _walk(target, report)
+        if target.is_dir() and not target.is_symlink() and not sidecar_path(target).exists():
+            report.add_directory(target)
+            continue
+        report.add_artifact(target)
+        for lo in leftovers_of(target):
+            report.add_leftover(lo)
     return report
 
 
@@ -122,7 +197,7 @@ def _walk(directory: Path, report: VerifyReport) -> None:
             continue
         if name in UNTRACKED_NAMES:
             continue
-        if name.endswith(SIDECAR_SUFFIX):
+        if name.endswith(SIDECAR_SUFFIX) and name != SIDECAR_SUFFIX:
             artifact = name[: -len(SIDECAR_SUFFIX)]
             if artifact not in names:
                 report.add_artifact(path.with_name(artifact))
@@ -130,69 +205,73 @@ def _walk(directory: Path, report: VerifyReport) -> None:
         if name + SIDECAR_SUFFIX in names:
             report.add_artifact(path)
             continue
-        if name.startswith("."):  # e.g. NFS .nfsXXXX files, editors' files
+        if name.startswith("."):  # e.g. NFS .nfsXXXX files, editors' files, .git
             continue
-        if entry.is_dir():
-            if name in UNTRACKED_DIRS:
-                continue
-            # A directory that memctl renamed something into holds its lock file: walk it. One
-            # without, with files but no sidecar anywhere, is a directory artifact without its
-            # sidecar (killed between its rename and its sidecar): report it once.
-            if (path / LOCK_NAME).exists() or _has_sidecar(path) or not _has_files(path):
-                _walk(path, report)
-            else:
-                report.checked += 1
-                report.problems.append(
-                    f"{path}: incomplete: directory without provenance sidecar {name}{SIDECAR_SUFFIX}"
-                    " (job killed before writing it?)"
-                )
-                report.damaged.append(path)
+        if entry.is_dir(follow_symlinks=False):
+            if name not in UNTRACKED_DIRS:
+                report.add_directory(path)
             continue
-        report.add_artifact(path)
+        report.add_without_sidecar(path)
 
 
-def _has_sidecar(directory: Path) -> bool:
-    return any(True for _ in directory.rglob("*" + SIDECAR_SUFFIX))
-
-
-def _has_files(directory: Path) -> bool:
-    """Any file that is not hidden nor inside a hidden directory (leftovers are hidden)."""
-    for _root, dirs, files in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(not f.startswith(".") for f in files):
-            return True
-    return False
+def _foreign_files(path: Path) -> list[str]:
+    """Files inside a directory artifact that its sidecar's record does not list (added after
+    it was written: not the store's); empty when there is no record to tell."""
+    if not path.is_dir() or path.is_symlink():
+        return []
+    try:
+        record = read_sidecar(path).get("stat")
+    except (OSError, ValueError):
+        return []
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict):
+        return []
+    return [rel for rel in (str(p.relative_to(path)) for p in _dir_files(path)) if rel not in files]
 
 
 def repair(report: VerifyReport) -> tuple[list[str], list[str]]:
-    """Remove what ``report`` found damaged, so that the next run rebuilds it: each damaged or
-    incomplete artifact with its sidecar (a sidecar whose artifact is missing alone), and the
-    leftovers of interrupted writes whose writers are gone (:attr:`Leftover.stale`). Returns
-    (removed paths, one line per problem left alone and why).
+    """Remove what ``report`` found damaged that the store wrote, so that the next run rebuilds
+    it: each damaged or incomplete artifact with its sidecar (a sidecar whose artifact is missing
+    alone), each entry without a sidecar that the plan names as an artifact, and the leftovers of
+    interrupted writes whose writers are gone (:attr:`Leftover.stale`). Returns (removed paths,
+    one line per problem left alone and why).
 
     Left alone: an artifact that is sound again when re-checked under its directory's lock (a
-    writer replaced it meanwhile); a file or directory without sidecar in a directory that memctl
-    never wrote to (no ``.memctl.lock``: not an artifact, e.g. a config file in a directory given
-    by mistake); a leftover that a live process, or one on another host younger than
-    ``MEMCTL_STALE_TMP_S`` seconds, may still be writing.
+    writer replaced it meanwhile); a directory artifact holding files its sidecar does not list
+    (someone else's, added after it was written); an entry without a sidecar that no plan names
+    (:attr:`VerifyReport.unowned`; unknown entries are not even problems); a leftover that a live
+    process, or one on another host younger than ``MEMCTL_STALE_TMP_S`` seconds, may still be
+    writing, or whose name does not say which memctl process wrote it.
     """
     removed: list[str] = []
     kept: list[str] = []
     for path in dict.fromkeys(report.damaged):
         side = sidecar_path(path)
-        if not side.exists() and not (path.parent / LOCK_NAME).exists():
-            kept.append(f"{path}: not removed: no sidecar, and memctl never wrote into {path.parent} (no {LOCK_NAME})")
+        foreign = _foreign_files(path)
+        if foreign:
+            kept.append(
+                f"{path}: not removed: {path / foreign[0]} is not the store's (added after the artifact was"
+                " written); move it out, then repair again"
+            )
             continue
         with directory_lock(path.parent):
-            if not _check_artifact(path):
+            problems = _check_artifact(path)
+            if not problems:
                 kept.append(f"{path}: not removed: sound when checked again (rewritten meanwhile)")
                 continue
             for entry in (path, side):
                 if entry.exists() or entry.is_symlink():
                     remove(entry)
                     removed.append(str(entry))
+    for path in dict.fromkeys(report.unowned):
+        kept.append(
+            f"{path}: not removed: no sidecar, and no plan names it as an artifact (`{WITH_PLAN}` removes"
+            " it if the plan does)"
+        )
     for lo in report.leftovers:
-        if lo.stale:
+        if lo.pid is None or not lo.host:
+            kept.append(f"{lo.path}: not removed: its name does not say which memctl process wrote it (pid@host)")
+        elif lo.stale:
             remove(lo.path)
             removed.append(str(lo.path))
         else:
