@@ -135,6 +135,45 @@ def test_best_edit_is_chosen_on_the_selection_slice_not_validation():
     assert report.tradeoff(table, 0.2)[lambda d: d["blocks"] == "0"]["strength"].tolist() == [0.5]
 
 
+def test_vision_verdicts_are_paired_tests_with_counts_not_a_strict_comparison():
+    """40 noised images, 100 validation images. The unedited model memorizes 36 noised labels. K-FAC's
+    best pair keeps 9 of them (27 lost, none gained: McNemar p = 2 / 2^27); SVD's keeps 10, so K-FAC
+    removes one image more than SVD: the old strict '>' called that "more"; on the same images the
+    discordant pair count is 1 vs 0, p = 1. Validation: 80 -> 82 of 100, 2 vs 0 discordant, p = 0.5."""
+    from memctl.vision.model import hits
+
+    def row(edit, method, unit, mem, val):
+        return {"edit": edit, "method": method, "label": method, "unit": unit, "layers": [] if edit == "none" else [0, 1],
+                "strength": np.nan if edit == "none" else 0.5, "memorization": mem / 40, "recovery": 0.0,
+                "clean_train": 1.0, "selection": 0.8, "validation": val / 100, "n_memorization": 40, "n_validation": 100,
+                "hits_memorization": [1] * mem + [0] * (40 - mem), "hits_validation": [1] * val + [0] * (100 - val),
+                "hits_recovery": [0] * 40}
+
+    table = report.edit_table(pd.DataFrame([row("none", "none", "none", 36, 80), row("k", "kfac", "pair", 9, 82),
+                                            row("s", "svd", "pair", 10, 80)]))
+    by = table.set_index("edit")
+    assert by.loc["k", "memorization_count"] == "9/40" and by.loc["k", "memorization_vs_origin"] == "lower (p<0.001)"
+    assert by.loc["k", "memorization_vs_origin_p"] == pytest.approx(2 / 2**27)
+    assert by.loc["k", "validation_vs_origin"] == "no evidence of a difference (p=0.5)"
+    assert by.loc["none", "validation_ci"] == "[0.708, 0.873]" and by.loc["none", "memorization_vs_origin"] == "-"
+    assert by.loc["k", "clean_train_count"] == "-"  # neither outcomes nor n_clean_train: no count invented
+    pairs = report.best_pairs(report.best_per_unit(table))
+    lines = report.claim_lines(by.loc["none"].to_dict() | {"edit": "none"}, pairs)
+    claim = lines[-1]
+    assert "K-FAC's memorization against the unedited model's: lower (p<0.001)" in claim
+    assert "K-FAC's validation accuracy against the unedited model's: no evidence of a difference (p=0.5)" in claim
+    assert "K-FAC's memorization against SVD's (same noised images): no evidence of a difference (p=1)" in claim
+    assert "memorization 0.900 (36/40) -> 0.225 (9/40), lower (p<0.001)" in lines[0]
+    md = report.vision_markdown(table, report.best_per_unit(table), pairs, None, {})
+    assert "| 9/40 | [0.108, 0.385] | lower (p<0.001) |" in md and "exact McNemar" in md
+    # the evaluate stage's outcomes: one per image of each group, in row order
+    labels = pd.DataFrame({"split": ["train", "train", "validation"], "noised": [True, False, False],
+                           "label": [5, 1, 2], "true_label": [0, 1, 2]})
+    out = hits(np.array([5, 1, 0]), labels)
+    assert out["memorization"].tolist() == [1] and out["recovery"].tolist() == [0]
+    assert out["clean_train"].tolist() == [1] and out["validation"].tolist() == [0] and out["selection"].tolist() == []
+
+
 def test_units_and_edit_specs():
     assert curvature.units(3, "all") == [("block", [0]), ("block", [1]), ("block", [2]), ("pair", [0, 1]),
                                          ("pair", [0, 2]), ("pair", [1, 2])]

@@ -169,7 +169,7 @@ def cmd_evaluate(args) -> None:
     from memctl.store import write_parquet
     from memctl.vision import curvature
     from memctl.vision.data import ImageSet
-    from memctl.vision.model import accuracies, predict, score_rows
+    from memctl.vision.model import accuracies, hits, predict, score_rows
 
     settings = _settings(args, "evaluate")
     set_threads(args.threads)
@@ -181,8 +181,9 @@ def cmd_evaluate(args) -> None:
         labels = images.labels.iloc[scored]
         prov.extra["images_scored"] = int(len(scored))
 
-        def score() -> dict:
-            return accuracies(predict(model, images, scored, args.batch_size), labels)
+        def score() -> dict:  # the accuracies and, for the report's paired tests, each image's outcome
+            pred = predict(model, images, scored, args.batch_size)
+            return {**accuracies(pred, labels), **{f"hits_{k}": v for k, v in hits(pred, labels).items()}}
 
         rows = [{"edit": "none", "method": "none", "label": "Origin", "unit": "none", "layers": [], "roles": [],
                  "strength": float("nan"), "relative_change": 0.0, **score()}]

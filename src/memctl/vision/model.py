@@ -160,21 +160,34 @@ def score_rows(labels: pd.DataFrame, max_per_group: int | None, seed: int) -> np
     return np.sort(np.concatenate(chosen))
 
 
+def hits(pred: np.ndarray, labels: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per metric of :func:`accuracies`: 1/0 per image of its group (in the labels' row order),
+    whether the prediction is that group's target; the paired tests compare edits on these."""
+    pred = np.asarray(pred)
+    if len(pred) != len(labels):
+        raise ValueError(f"{len(pred)} predictions for {len(labels)} images")
+    return {name: (pred[mask] == target[mask]).astype(np.int8) for name, (mask, target) in _groups(labels).items()}
+
+
+def _groups(labels: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    split = labels["split"].to_numpy()
+    noised = labels["noised"].to_numpy().astype(bool)
+    assigned, true = labels["label"].to_numpy(), labels["true_label"].to_numpy()
+    train = split == "train"
+    return {
+        "memorization": (train & noised, assigned), "recovery": (train & noised, true),
+        "clean_train": (train & ~noised, assigned), "selection": (split == "selection", true),
+        "validation": (split == "validation", true),
+    }
+
+
 def accuracies(pred: np.ndarray, labels: pd.DataFrame) -> dict[str, float]:
     """The five accuracies of predictions over every row of the labels table (module docstring);
     ``nan`` for an empty group; ``n_<metric>`` counts the images behind each."""
     pred = np.asarray(pred)
     if len(pred) != len(labels):
         raise ValueError(f"{len(pred)} predictions for {len(labels)} images")
-    split = labels["split"].to_numpy()
-    noised = labels["noised"].to_numpy().astype(bool)
-    assigned, true = labels["label"].to_numpy(), labels["true_label"].to_numpy()
-    train = split == "train"
-    groups = {
-        "memorization": (train & noised, assigned), "recovery": (train & noised, true),
-        "clean_train": (train & ~noised, assigned), "selection": (split == "selection", true),
-        "validation": (split == "validation", true),
-    }
+    groups = _groups(labels)
     out: dict[str, float] = {}
     for name, (mask, target) in groups.items():
         n = int(mask.sum())

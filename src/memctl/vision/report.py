@@ -11,11 +11,14 @@ memorization, recovery, clean-train and validation accuracies next to the unedit
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
+from memctl import stats
 from memctl.report import markdown_table
+from memctl.stats import ALPHA
 
 COLUMNS = [
     ("unit", "Unit", "{}"),
@@ -23,12 +26,80 @@ COLUMNS = [
     ("label", "Method", "{}"),
     ("strength", "Strength", "{:g}"),
     ("memorization", "Memorization (noised labels)", "{:.3f}"),
+    ("memorization_count", "k/N", "{}"),
+    ("memorization_ci", "95% CI", "{}"),
+    ("memorization_vs_origin", "vs Origin (memorization)", "{}"),
     ("recovery", "Recovered true labels", "{:.3f}"),
+    ("recovery_count", "k/N", "{}"),
+    ("recovery_vs_origin", "vs Origin (recovery)", "{}"),
     ("clean_train", "Clean train", "{:.3f}"),
+    ("clean_train_count", "k/N", "{}"),
     ("selection", "Selection slice", "{:.3f}"),
+    ("selection_count", "k/N", "{}"),
     ("validation", "Validation", "{:.3f}"),
+    ("validation_count", "k/N", "{}"),
+    ("validation_ci", "95% CI", "{}"),
+    ("validation_vs_origin", "vs Origin (validation)", "{}"),
 ]
+#: Said under the tables: what the counts, intervals and verdicts are.
+TESTS_NOTE = (
+    "k/N: images of the group the edit gets right (memorization: predicted as the noised label); 95% CI: exact "
+    "Clopper-Pearson. 'vs Origin': the edit against the unedited model on the same images, exact McNemar test "
+    "(two-sided binomial test on the images only one of them gets right; memctl.stats), verdicts at significance "
+    f"level {ALPHA:g}; '-' where the metrics carry no per-image outcomes."
+)
+
+
+def _outcomes(row: Mapping, metric: str) -> np.ndarray | None:
+    """The per-image 0/1 outcomes of one accuracy (``hits_<metric>``, written by the evaluate stage)."""
+    value = row.get(f"hits_{metric}")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return np.asarray(value, dtype=np.float64)
+
+
+def _count(row: Mapping, metric: str) -> tuple[float, int] | None:
+    """(k, N) of one accuracy: from its per-image outcomes, else from the rate and ``n_<metric>``."""
+    hits = _outcomes(row, metric)
+    if hits is not None:
+        return float(hits.sum()), len(hits)
+    n, value = row.get(f"n_{metric}"), row.get(metric)
+    if n is None or value is None or (isinstance(n, float) and math.isnan(n)) or math.isnan(float(value)):
+        return None
+    return float(round(float(value) * int(n))), int(n)
+
+
+def compare(row: Mapping, ref: Mapping, metric: str) -> stats.Comparison | None:
+    """Exact McNemar test of one accuracy of ``row`` against ``ref`` on the same images (None where
+    either lacks per-image outcomes or they differ in number)."""
+    a, b = _outcomes(row, metric), _outcomes(ref, metric)
+    if a is None or b is None or len(a) != len(b) or not len(a):
+        return None
+    return stats.compare_rates(a, b)
+
+
+def add_tests(df: pd.DataFrame) -> pd.DataFrame:
+    """Counts ``k/N`` of every accuracy, exact intervals and the paired test against the unedited
+    model (``edit == "none"``) of each."""
+    df = df.copy()
+    base = df[df["edit"] == "none"]
+    base = base.iloc[0].to_dict() if len(base) else None
+    for metric in METRIC_NAMES:
+        counts, cis, verdicts, pvalues = [], [], [], []
+        for row in df.to_dict("records"):
+            kn = _count(row, metric)
+            counts.append("-" if kn is None else f"{int(kn[0])}/{kn[1]}")
+            lo, hi = stats.rate_interval(*kn) if kn is not None else (math.nan, math.nan)
+            cis.append("-" if math.isnan(lo) else f"[{lo:.3f}, {hi:.3f}]")
+            test = None if base is None or row["edit"] == "none" else compare(row, base, metric)
+            verdicts.append(stats.verdict(test))
+            pvalues.append(test.pvalue if test is not None else math.nan)
+        df[f"{metric}_count"], df[f"{metric}_ci"] = counts, cis
+        df[f"{metric}_vs_origin"], df[f"{metric}_vs_origin_p"] = verdicts, pvalues
+    return df
 PLOT_METRICS = (("memorization", "memorization"), ("recovery", "recovered GT"), ("validation", "validation"))
+#: The five accuracies (memctl.vision.model.METRICS).
+METRIC_NAMES = ("memorization", "recovery", "clean_train", "selection", "validation")
 
 
 def _blocks(layers) -> str:
@@ -36,11 +107,13 @@ def _blocks(layers) -> str:
 
 
 def edit_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """All scored edits with a ``blocks`` column (the unedited model first)."""
+    """All scored edits with a ``blocks`` column (the unedited model first), their counts, exact
+    intervals and paired tests against the unedited model (:func:`add_tests`)."""
     df = metrics.copy()
     df["blocks"] = [_blocks(x) if isinstance(x, (list, tuple, np.ndarray)) and len(x) else "-" for x in df["layers"]]
     df["order"] = (df["edit"] != "none").astype(int)
-    return df.sort_values(["order", "method", "unit", "blocks", "strength"], kind="stable").drop(columns="order")
+    df = df.sort_values(["order", "method", "unit", "blocks", "strength"], kind="stable").drop(columns="order")
+    return add_tests(df)
 
 
 def best_per_unit(table: pd.DataFrame) -> pd.DataFrame:
@@ -81,28 +154,38 @@ def _row(df: pd.DataFrame, method: str) -> dict | None:
     return part.iloc[0].to_dict() if len(part) else None
 
 
+def _with_count(row: Mapping, metric: str) -> str:
+    kn = _count(row, metric)
+    return f"{row[metric]:.3f}" + ("" if kn is None else f" ({int(kn[0])}/{kn[1]})")
+
+
+def _tested(row: Mapping, ref: Mapping, metric: str) -> str:
+    test = compare(row, ref, metric)
+    return "no per-image outcomes: no paired test" if test is None else stats.verdict(test)
+
+
 def claim_lines(base: dict, pairs: pd.DataFrame) -> list[str]:
-    """The paper's claim, checked on the best pairs: numbers first, then the verdict."""
+    """The paper's claim, checked on the best pairs with counts and paired tests (exact McNemar on
+    the same images): against the unedited model, and K-FAC's memorization against SVD's."""
     lines = []
     k, s = _row(pairs, "kfac"), _row(pairs, "svd")
     for name, row in (("K-FAC", k), ("SVD", s)):
         if row is None:
             continue
         lines.append(
-            f"- {name} best pair (blocks {row['blocks']}, strength {row['strength']:g}): memorization "
-            f"{base['memorization']:.3f} -> {row['memorization']:.3f}, recovered true labels "
-            f"{base['recovery']:.3f} -> {row['recovery']:.3f}, validation {base['validation']:.3f} -> "
-            f"{row['validation']:.3f}."
+            f"- {name} best pair (blocks {row['blocks']}, strength {row['strength']:g}) against the unedited "
+            f"model: memorization {_with_count(base, 'memorization')} -> {_with_count(row, 'memorization')}, "
+            f"{_tested(row, base, 'memorization')}; recovered true labels {_with_count(base, 'recovery')} -> "
+            f"{_with_count(row, 'recovery')}, {_tested(row, base, 'recovery')}; validation "
+            f"{_with_count(base, 'validation')} -> {_with_count(row, 'validation')}, {_tested(row, base, 'validation')}."
         )
     if k is not None and s is not None:
-        removes = k["memorization"] < base["memorization"]
-        rises = k["validation"] > base["validation"]
-        more = (base["memorization"] - k["memorization"]) > (base["memorization"] - s["memorization"])
         lines.append(
-            f"- Claim (paper §4.2.2: K-FAC removes memorization while validation accuracy rises, more than SVD): "
-            f"K-FAC {'lowers' if removes else 'does not lower'} memorization, validation "
-            f"{'rises' if rises else 'does not rise'}, and K-FAC removes "
-            f"{'more' if more else 'no more'} memorization than SVD in this run."
+            "- Claim (paper §4.2.2: K-FAC removes memorization while validation accuracy rises, more than SVD), "
+            f"each part a paired test: K-FAC's memorization against the unedited model's: "
+            f"{_tested(k, base, 'memorization')}; K-FAC's validation accuracy against the unedited model's: "
+            f"{_tested(k, base, 'validation')}; K-FAC's memorization against SVD's (same noised images): "
+            f"{_tested(k, s, 'memorization')}."
         )
     return lines
 
@@ -118,6 +201,7 @@ def vision_markdown(table: pd.DataFrame, best: pd.DataFrame, pairs: pd.DataFrame
         "Strengths are chosen per method and unit on the selection slice of the held-out images "
         "(highest accuracy); the validation slice is reported only. K-FAC strength = share of the "
         "Fisher eigenvalue products kept (paper form); SVD strength = share of singular values kept.", "",
+        TESTS_NOTE, "",
         "## Unedited model", "", markdown_table(base_view, COLUMNS), "",
         "## Per MLP block (paper Fig. 4, top)", "", markdown_table(best[best["unit"] == "block"], COLUMNS), "",
         "## Best pair of blocks (paper Fig. 4, bottom)", "", markdown_table(pairs, COLUMNS), "",
