@@ -140,9 +140,65 @@ def test_the_out_of_domain_group_is_held_out_of_every_table_and_cut_to_a_short_s
     first = ext.loc[ext["candidate_id"] == "c6", "suffix_ids"].iloc[0]
     row = out["ood"].set_index("candidate_id").loc["c6"]
     assert list(row["suffix_ids"]) == list(first[:2]) and "exact_match" not in out["ood"]
+    # without generations nothing is known to be memorized
+    assert not out["ood"]["memorized"].any()
     # a group that is not there, or a suffix longer than the group's, fails naming the key
     with pytest.raises(ValueError, match="extract.ood_group: .* no group 'poems'"):
         split_memorized(ext, {**settings, "ood_group": "poems"})
     with pytest.raises(ValueError, match="extract.ood_suffix_len: 9 exceeds the 4-token suffixes"):
         split_memorized(ext, {**settings, "ood_suffix_len": 9})
     assert len(split_memorized(ext, {**settings, "ood_group": None})["ood"]) == 0
+
+
+def test_out_of_domain_rows_say_whether_the_unedited_model_extracts_their_short_suffix():
+    """The paper's out-of-domain set is memorized quotes (8-token suffixes): a quote is memorized
+    when the first ``ood_suffix_len`` generated tokens match, whatever the rest of its long suffix
+    does. Cases worked by hand on 4-token suffixes cut to 2."""
+    suffix = [7, 8, 9, 10]
+    generated = {  # candidate -> the unedited model's greedy 4 tokens
+        "q0": [7, 8, 9, 10],   # all match: memorized
+        "q1": [7, 8, 0, 0],    # the first 2 match, the rest not: memorized on the short suffix
+        "q2": [7, 0, 9, 10],   # second token wrong: not
+        "q3": [0, 8, 9, 10],   # first token wrong: not
+    }
+    ext = pd.DataFrame({
+        "candidate_id": list(generated) + ["g0", "g1"],
+        "prefix_ids": [[1, 2, 3, 4]] * 6,
+        "suffix_ids": [suffix] * 6,
+        "generated_ids": [np.asarray(g) for g in generated.values()] + [np.asarray(suffix)] * 2,
+        "frac_match": [1.0, 0.5, 0.75, 0.75, 1.0, 1.0], "exact_match": [True, False, False, False, True, True],
+        "n_match": [4, 2, 3, 3, 4, 4], "n_suffix": 4, "levenshtein_sim": 1.0,
+        "group": ["quotes"] * 4 + ["g"] * 2, "copies": 1,
+    })
+    settings = {"memorized_threshold": 1.0, "ood_group": "quotes", "ood_suffix_len": 2, "disjoint_ngram": 0}
+    ood = split_memorized(ext, settings)["ood"].set_index("candidate_id")
+    assert ood["memorized"].to_dict() == {"q0": True, "q1": True, "q2": False, "q3": False}
+    # a looser threshold (half of the short suffix) takes in q2 and q3 too: each matches 1 of 2 tokens
+    loose = split_memorized(ext, {**settings, "memorized_threshold": 0.5})["ood"].set_index("candidate_id")
+    assert loose["memorized"].to_dict() == {"q0": True, "q1": True, "q2": True, "q3": True}
+
+
+def test_evaluation_scores_memorized_quotes_as_the_ood_track_and_the_others_apart(tiny_model, tiny_tokenizer):
+    """The OOD columns count memorized quotes only (the paper's 125 memorized quotes); the others
+    are scored in their own columns and track, each with its N."""
+    from memctl.evaluate import evaluate_model
+
+    rng = np.random.default_rng(0)
+    pad = tiny_tokenizer.pad_token_id
+    prefixes = [rng.integers(5, 200, size=6).tolist() for _ in range(5)]
+    greedy = greedy_generate(tiny_model, prefixes, 3, pad, batch_size=8, progress=False)
+    # the first three carry the model's own greedy continuation (memorized by construction), the
+    # last two a continuation it does not produce
+    suffixes = [list(map(int, g)) for g in greedy[:3]] + [[int(g[0]) + 1, int(g[1]), int(g[2])] for g in greedy[3:]]
+    ood = pd.DataFrame({"candidate_id": [f"q{i}" for i in range(5)], "group": "quotes", "copies": 1,
+                        "prefix_ids": prefixes, "suffix_ids": suffixes,
+                        "memorized": [True, True, True, False, False]})
+    memorized = pd.DataFrame({"candidate_id": ["m0"], "prefix_ids": [prefixes[0]], "suffix_ids": [suffixes[0]]})
+    heldout = rng.integers(5, 200, size=(2, 16))
+    row, scores = evaluate_model(tiny_model, memorized, heldout, pad, {"batch_size": 8}, "tiny", ood=ood,
+                                 progress=False)
+    row = row.iloc[0]
+    assert row["ood_n_examples"] == 3 and row["ood_exact_er"] == 1.0
+    assert row["ood_nonmem_n_examples"] == 2 and row["ood_nonmem_exact_er"] == 0.0
+    assert set(scores.loc[scores["track"] == "ood", "candidate_id"]) == {"q0", "q1", "q2"}
+    assert set(scores.loc[scores["track"] == "ood_nonmemorized", "candidate_id"]) == {"q3", "q4"}

@@ -54,6 +54,9 @@ METRIC_COLUMNS = [
     "ood_exact_er",
     "ood_fractional_er",
     "ood_loose_accuracy",
+    "ood_nonmem_n_examples",
+    "ood_nonmem_exact_er",
+    "ood_nonmem_fractional_er",
     "forget_n_examples",
     "forget_exact_er",
     "forget_fractional_er",
@@ -61,7 +64,8 @@ METRIC_COLUMNS = [
 ]
 #: Generation-only tracks besides the memorized one: argument name -> (column prefix, track name).
 EXTRA_TRACKS = {"er_test": ("er_", "extraction_rate"), "validation": ("val_", "validation"),
-                "ood": ("ood_", "ood"), "forget": ("forget_", "forget")}
+                "ood": ("ood_", "ood"), "ood_nonmemorized": ("ood_nonmem_", "ood_nonmemorized"),
+                "forget": ("forget_", "forget")}
 #: Columns of the candidates that per-example scores keep (copy-count buckets, groups).
 ID_COLUMNS = ("candidate_id", "group", "copies")
 
@@ -99,7 +103,8 @@ def evaluate_model(
     ``heldout`` (one row per held-out window: its summed NLL), ``memorized``, ``extraction_rate`` (``er_test``, when given) or ``forget`` (an edit's own
     training set, e.g. BalancedSubnet's: the paper's Table 1 contrast with held-out memories) or
     ``validation`` (the memorized track's validation slice: what strengths are chosen on) or
-    ``ood`` (the out-of-domain family with its short suffixes)."""
+    ``ood`` (the out-of-domain family's memorized members, with their short suffixes; with a
+    ``memorized`` column in ``ood`` its other members are scored apart as ``ood_nonmemorized``)."""
     batch = int(settings.get("batch_size", 32))
     loose = float(settings.get("loose_threshold", metrics.LOOSE_THRESHOLD))
     prefixes = [list(map(int, p)) for p in memorized["prefix_ids"]]
@@ -137,11 +142,17 @@ def evaluate_model(
         "er_n_examples": 0,
         "val_n_examples": 0,
         "ood_n_examples": 0,
+        "ood_nonmem_n_examples": 0,
         "forget_n_examples": 0,
         "converged": True,  # the evaluate command sets it from the edit's delta
     }
     scores.insert(0, "track", "memorized")
-    for name, table in (("er_test", er_test), ("validation", validation), ("ood", ood), ("forget", forget)):
+    ood_nonmemorized = None
+    if ood is not None and "memorized" in ood.columns:  # the paper's OOD set: memorized quotes only
+        known = ood["memorized"].astype(bool)
+        ood, ood_nonmemorized = ood[known].reset_index(drop=True), ood[~known].reset_index(drop=True)
+    for name, table in (("er_test", er_test), ("validation", validation), ("ood", ood),
+                        ("ood_nonmemorized", ood_nonmemorized), ("forget", forget)):
         if table is None:
             continue
         prefix, track = EXTRA_TRACKS[name]

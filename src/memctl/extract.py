@@ -14,8 +14,10 @@ Outputs (one directory per model + candidates + settings):
   by construction);
 - ``ood.parquet``: the out-of-domain family (``extract.ood_group``, the demo's quotes): its
   candidates with the suffix cut to ``extract.ood_suffix_len`` tokens (the loss-curvature paper's
-  quotes: 8), held out of every other table, so nothing an edit trains on or is tuned on contains
-  them (calibration windows overlapping them are dropped too);
+  quotes: 8) and a ``memorized`` column (the unedited model extracts that short suffix; the paper's
+  set is memorized quotes only, so the evaluation scores the others apart), held out of every
+  other table, so nothing an edit trains on or is tuned on contains them (calibration windows
+  overlapping them are dropped too);
 - ``by_copies.parquet``: extraction rates by group and exposure count (all candidates).
 """
 
@@ -135,16 +137,30 @@ def check_ood_group(candidates: pd.DataFrame, settings: Mapping[str, Any], where
 
 
 def ood_table(extraction: pd.DataFrame, settings: Mapping[str, Any]) -> pd.DataFrame:
-    """The ``extract.ood_group`` candidates as an evaluation table: identity columns, the prefix and
-    the first ``ood_suffix_len`` suffix tokens (no extraction outcome: the suffix is a new one)."""
+    """The ``extract.ood_group`` candidates as an evaluation table: identity columns, the prefix,
+    the first ``ood_suffix_len`` suffix tokens, and ``memorized``: whether the unedited model
+    extracts that short suffix (its matching share of the first ``ood_suffix_len`` generated
+    tokens reaches ``extract.memorized_threshold``; greedy decoding is deterministic, so the first
+    k tokens of the full-suffix generation are the k-token generation). The loss-curvature paper's
+    out-of-domain set is 125 *memorized* quotes: the evaluation scores the memorized rows as the
+    ``ood`` track and the others apart (``ood_nonmemorized``), with their counts."""
     group = settings.get("ood_group")
     keep = [c for c in ("candidate_id", "group", "copies", "prefix_ids", "suffix_ids") if c in extraction.columns]
     if not group:
-        return pd.DataFrame(columns=keep)
+        return pd.DataFrame(columns=[*keep, "memorized"])
     check_ood_group(extraction, settings, "the extraction table")
-    table = extraction.loc[extraction["group"] == group, keep].reset_index(drop=True)
+    rows = extraction["group"] == group
+    table = extraction.loc[rows, keep].reset_index(drop=True)
     k = int(settings.get("ood_suffix_len", 8))
     table["suffix_ids"] = [np.asarray(s, dtype=np.int64)[:k] for s in table["suffix_ids"]]
+    threshold = float(settings.get("memorized_threshold", 1.0))
+    if "generated_ids" in extraction.columns:
+        generated = extraction.loc[rows, "generated_ids"].reset_index(drop=True)
+        share = [float(np.mean(np.asarray(g, dtype=np.int64)[:k] == s)) if len(s) else 0.0
+                 for g, s in zip(generated, table["suffix_ids"])]
+        table["memorized"] = np.asarray(share) >= threshold
+    else:  # candidates without an extraction outcome (unit use): nothing is known to be memorized
+        table["memorized"] = False
     return table
 
 
