@@ -2,7 +2,8 @@
 
 A temporary's name, ``.<name>.tmp-<pid>@<host>-<random>``, records its writer, so a later write of
 the same artifact can tell a dead writer's leftover (removed) from a live writer's temporary (left
-alone), and ``memctl verify`` can report it.
+alone), and ``memctl verify`` can report it. A similar name without ``<pid>@<host>`` is reported
+but never removed: nothing says memctl wrote it.
 """
 
 from __future__ import annotations
@@ -84,7 +85,11 @@ class Leftover:
 
     @property
     def stale(self) -> bool:
-        """Nobody can still be writing it."""
+        """Nobody can still be writing it, and its name says which memctl process wrote it
+        (``pid@host``): only such a leftover is ever removed. A name without them (a user's
+        ``.notes.old-2023``, a temporary of some other tool) is not provably memctl's."""
+        if self.pid is None or not self.host:
+            return False
         limit = float(os.environ.get(STALE_ENV, STALE_DEFAULT_S))
         return self.alive is False or (self.alive is None and self.age_s > limit)
 
