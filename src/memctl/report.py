@@ -96,7 +96,7 @@ ER_COLUMNS = [
 ]
 
 #: (column prefix, track) of the generation tracks that :func:`with_intervals` tests.
-TRACKS = (("", "memorized"), ("er_", "extraction_rate"), ("ood_", "ood"))
+TRACKS = (("", "memorized"), ("er_", "extraction_rate"), ("ood_", "ood"), ("ood_nonmem_", "ood_nonmemorized"))
 #: Per-example score columns the paired tests read.
 UNIT_COLUMNS = ("exact_match", "n_match", "n_suffix", "levenshtein_norm", "levenshtein_sim")
 
