@@ -272,13 +272,41 @@ def test_a_prompt_that_does_not_fit_a_learned_position_table_fails_at_plan_time(
     from memctl.plan import build_plan
 
     raw = yaml.safe_load(Path(__file__).with_name("tiny_config.yaml").read_text(encoding="utf-8"))
+    cfg = validate_config(raw)
+    seq = int(cfg["extract"]["prefix_len"]) + int(cfg["extract"]["suffix_len"])
     dims = ModelDims(vocab_size=400, hidden_size=64, num_layers=2, intermediate_size=128, num_heads=2,
-                     context_length=96, model_type="gpt2", learned_positions=True)
-    with pytest.raises(ConfigError, match=r"csp.prompt_length: 4 prompt vectors \+ 96-token inputs exceed the "
-                                          r"model's 96 learned positions.*heldout.context_length: 92 or less"):
-        build_plan(validate_config(raw), dims, python_version="3.11")
-    raw["heldout"]["context_length"] = 92  # room for the prompt: planned
+                     context_length=seq + 3, model_type="gpt2", learned_positions=True)
+    with pytest.raises(ConfigError, match=rf"csp.prompt_length: 4 prompt vectors \+ {seq}-token sequences .* exceed "
+                                          rf"the model's {seq + 3} learned positions.*csp.prompt_length: 3 or less"):
+        build_plan(cfg, dims, python_version="3.11")
+    raw["csp"]["prompt_length"] = 3  # room for the prompt: planned
     assert len(build_plan(validate_config(raw), dims, python_version="3.11").stage("csp").jobs) == 2
+
+
+def test_held_out_windows_leave_the_soft_prompt_room_for_every_row(tiny_model_dir, tmp_path):
+    """With CSP on, every row scores held-out windows of context - prompt_length tokens, so CSP's
+    prompt + window stays within the context; with CSP off the windows fill the context."""
+    on, off = _tiny_plan(), _tiny_plan(lambda c: c["csp"].update(enabled=False))
+    held_on, held_off = on.stage("heldout").jobs[""], off.stage("heldout").jobs[""]
+    assert held_on.args[held_on.args.index("--reserve-positions") + 1] == "4"
+    assert "--reserve-positions" not in held_off.args and held_on.outputs != held_off.outputs
+    # every evaluation (CSP rows and the others) reads the same windows
+    assert {j.inputs["heldout"] for j in on.stage("evaluate").jobs.values()} == {held_on.outputs["windows"]}
+
+    (tmp_path / "data").mkdir()
+    text = tmp_path / "data" / "held.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. 0123456789 " * 200, encoding="utf-8")
+    settings = json.dumps({"source": "text", "path": str(text)})
+    model = ["--model", str(tiny_model_dir), "--model-settings", json.dumps({"source": "local"})]
+    main(["heldout", *model, "--settings", settings, "--reserve-positions", "20", "--out", str(tmp_path / "out" / "a.safetensors")])
+    main(["heldout", *model, "--settings", settings, "--out", str(tmp_path / "out" / "b.safetensors")])
+    from safetensors.torch import load_file
+
+    short, full = (load_file(tmp_path / "out" / f"{x}.safetensors")["windows"] for x in "ab")
+    assert full.shape[1] == 64 and short.shape[1] == 64 - 20  # tiny model: 64 positions
+    assert read_sidecar(tmp_path / "out" / "a.safetensors")["reserved_positions"] == 20
+    # the same text, cut shorter: the windows are consecutive runs of the same token stream
+    assert torch.equal(short.flatten()[: full.numel() // 2], full.flatten()[: full.numel() // 2])
 
 
 def test_count_tokens_counts_non_padding_inputs_of_every_forward_functional_calls_included():

@@ -172,6 +172,13 @@ def _write_windows(args, kind: str) -> None:
         if ctx > model_ctx:
             raise ConfigError(f"{kind}.context_length: {ctx} exceeds the context length of the model {args.model} "
                               f"({model_ctx})")
+        reserve = int(getattr(args, "reserve_positions", 0) or 0)
+        if reserve:  # a soft prompt (CSP) goes in front of every window: prompt + window fit the context
+            if model_ctx - reserve < 2:
+                raise ConfigError(f"csp.prompt_length: {reserve} prompt vectors leave no room for held-out windows in "
+                                  f"the {model_ctx}-token context of {args.model}")
+            ctx = min(ctx, model_ctx - reserve)
+            prov.extra["reserved_positions"] = reserve
         if kind == "heldout":
             texts, sep = text_documents(settings, args.corpus, "heldout", demo_split="heldout")
             windows = heldout_windows(texts, sep, tokenizer, ctx, settings.get("max_windows"))
@@ -511,6 +518,9 @@ def register(subparsers) -> None:
     model_args(p)
     p.add_argument("--corpus", default=None)
     p.add_argument("--settings", required=True, help="the `heldout` subsection (JSON)")
+    p.add_argument("--reserve-positions", type=int, default=0,
+                   help="positions a soft prompt (CSP) takes in front of every window: windows are this much "
+                        "shorter than the context, for every row alike")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_heldout)
 
