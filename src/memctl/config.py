@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import jsonschema
 import yaml
+from yaml.constructor import ConstructorError
 
 # Prefix/suffix presets used by peers (reference facts): Pythia memorization evals, the LM
 # extraction benchmark and the pruning paper, the K-FAC paper.
@@ -30,6 +32,78 @@ EXTRACTION_PRESETS: dict[str, tuple[int, int]] = {
 
 class ConfigError(ValueError):
     """A configuration value is missing, misspelt, of the wrong type or out of range."""
+
+
+# ------------------------------------------------------------------------------- strict YAML
+
+
+class DuplicateKeyError(ConstructorError):
+    """A YAML mapping names one key twice (PyYAML would silently keep the last value)."""
+
+    def __init__(self, key: Any, line: int, first_line: int, mark) -> None:
+        self.key, self.line, self.first_line = key, line, first_line
+        super().__init__(None, None, f"duplicate key {key!r} (line {line}; first at line {first_line})", mark)
+
+    def __str__(self) -> str:
+        return f"line {self.line}: duplicate key {self.key!r} (first at line {self.first_line})"
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping holding one key twice. Keys brought in by a
+    merge (``<<: *anchor``) may be overridden; two keys written in one mapping may not."""
+
+
+def _construct_strict_mapping(loader: StrictLoader, node, deep: bool = False):
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: construct_mapping names it
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise DuplicateKeyError(key, line, first, key_node.start_mark)
+            seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text like ``yaml.safe_load``, but refuse duplicate mapping keys
+    (:class:`DuplicateKeyError`, a ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+
+
+#: A config or settings file larger than this is not one (a binary given by mistake, a data file).
+MAX_YAML_BYTES = 16 * 1024 * 1024
+
+
+def read_yaml_text(path: Path) -> str:
+    """The text of a YAML file given as a config (or extended by one), or :class:`ConfigError`
+    naming it: missing, not a regular file, too large, or not UTF-8 text (a leading byte-order
+    mark is allowed)."""
+    try:
+        if not path.is_file():
+            if path.exists():
+                raise ConfigError(f"{path}: not a regular file, so not a YAML config")
+            raise ConfigError(f"config file not found: {path}")
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is not a YAML config (at most {MAX_YAML_BYTES:,} bytes)")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML config: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start}); a config is a YAML mapping of sections") from None
 
 
 def schema_path() -> Path:
@@ -46,12 +120,10 @@ def stage_schema_paths() -> list[Path]:
 
 def load_schema() -> dict[str, Any]:
     """The core schema plus every stage fragment (one top-level section each)."""
-    with open(schema_path(), encoding="utf-8") as fh:
-        schema = yaml.safe_load(fh)
+    schema = load_yaml(schema_path().read_text(encoding="utf-8"))
     for path in stage_schema_paths():
         section = path.name.removesuffix(".schema.yaml")
-        with open(path, encoding="utf-8") as fh:
-            schema["properties"][section] = yaml.safe_load(fh)
+        schema["properties"][section] = load_yaml(path.read_text(encoding="utf-8"))
     return schema
 
 
@@ -66,7 +138,11 @@ def _extend_with_defaults(validator_class):
                     instance[name] = copy.deepcopy(subschema["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+    # "integer" means an int: JSON Schema also counts 640.0 as one, and a float count reaching the code
+    # (range(640.0), a tensor shape) fails long after validation.
+    type_checker = validator_class.TYPE_CHECKER.redefine(
+        "integer", lambda checker, instance: isinstance(instance, int) and not isinstance(instance, bool))
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults}, type_checker=type_checker)
 
 
 _DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator)
@@ -77,28 +153,205 @@ def _where(error: jsonschema.ValidationError) -> str:
     return path or "<top level>"
 
 
-def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+_NUMBER_TEXT = re.compile(r"[-+]?(\d[\d_]*)?(\.\d*)?([eE][-+]?\d+)?")
+
+
+def _hint(err: jsonschema.ValidationError) -> str:
+    """What to write instead, for the type errors YAML's number rules cause: ``1e12`` and ``1.0e12``
+    read as text (YAML 1.1 numbers in exponent form need a point and a sign: ``1.0e+12``), a count
+    written as a float (``1.0e+12``, ``640.0``)."""
+    if err.validator != "type":
+        return ""
+    wanted = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+    value = err.instance
+    bound = err.schema.get("maximum")
+    bound = bound if isinstance(bound, (int, float)) and not isinstance(bound, bool) else None
+    limit = "" if bound is None else f" (at most {bound:,})"
+
+    def whole(number: float) -> str:
+        fits = number.is_integer() and (bound is None or abs(number) <= bound) and abs(number) < 1e18
+        return f"write a whole number{limit}" + (f", e.g. {int(number)}" if fits else "")
+
+    if isinstance(value, str) and ("integer" in wanted or "number" in wanted) and any(c.isdigit() for c in value) \
+            and _NUMBER_TEXT.fullmatch(value.strip()):
+        try:
+            number = float(value.replace("_", ""))
+        except ValueError:
+            return ""
+        instead = whole(number) if "integer" in wanted and "number" not in wanted else \
+            f"write {yaml.safe_dump(number).splitlines()[0]}{limit}"
+        return f" (YAML reads {value} as text, not a number: {instead})"
+    if isinstance(value, float) and "integer" in wanted and "number" not in wanted:
+        return f" (a count: {whole(value)}, without a decimal point or exponent)"
+    return ""
+
+
+def _error_lines(errors: list[jsonschema.ValidationError], prefix: str | None = None) -> list[str]:
+    lines = []
+    for err in errors:
+        where = _where(err) if prefix is None else ".".join([prefix, *(str(p) for p in err.absolute_path)])
+        if err.validator == "additionalProperties":
+            allowed = sorted(err.schema.get("properties", {}))
+            lines.append(f"{where}: {err.message}; allowed keys: {', '.join(allowed)}")
+        else:
+            lines.append(f"{where}: {err.message}{_hint(err)}")
+    return lines
+
+
+def validate_config(
+    config: Mapping[str, Any], source: str = "config", *, workdir: str | os.PathLike | None = None,
+    basedir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Return a validated copy of ``config`` with defaults filled in, or raise :class:`ConfigError`.
 
-    Every problem is reported, each with the dotted key it concerns.
+    Every problem is reported, each with the dotted key it concerns. ``root`` and ``results_dir``
+    are resolved against ``workdir`` (default: the working directory) and checked against the
+    project checkouts (:func:`store_location_problems`; ``basedir`` is the workflow's).
     """
     resolved = copy.deepcopy(dict(config))
     validator = _DefaultFillingValidator(load_schema())
     errors = sorted(validator.iter_errors(resolved), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = []
-        for err in errors:
-            if err.validator == "additionalProperties":
-                allowed = sorted(err.schema.get("properties", {}))
-                lines.append(f"{_where(err)}: {err.message}; allowed keys: {', '.join(allowed)}")
-            else:
-                lines.append(f"{_where(err)}: {err.message}")
-        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines))
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(_error_lines(errors)))
     _check_semantics(resolved, source)
+    workdir = Path.cwd() if workdir is None else Path(workdir)
+    problems = store_location_problems(resolved["root"], resolved["results_dir"], workdir,
+                                       project_dirs(workdir, basedir))
+    if problems:
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(problems))
     # Resolved once, here: every stage, the plan and the resource estimates read these.
     ext = resolved["extract"]
     ext["prefix_len"], ext["suffix_len"] = prefix_suffix_lengths(ext)
     return resolved
+
+
+# ------------------------------------------------------------------- where the store may live
+
+#: System trees a store may never be in (nor be).
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+                "/sys", "/usr", "/System", "/Library", "/Applications", "/private/etc", "/private/var/db")
+#: System directories a store may not be (a directory of its own inside one is fine: /scratch/x,
+#: /tmp/run1, /home/me/store).
+SYSTEM_DIRS = ("/", "/home", "/Users", "/root", "/var", "/var/tmp", "/var/lib", "/var/log", "/var/cache", "/tmp",
+               "/opt", "/mnt", "/media", "/srv", "/snap", "/private", "/private/tmp", "/private/var", "/Volumes")
+#: Files that make a working directory a project checkout (its files must never be in the store).
+PROJECT_MARKERS = ("Snakefile", "workflow/Snakefile", ".git", "pyproject.toml", "setup.py")
+
+
+def project_dirs(workdir: str | os.PathLike, basedir: str | os.PathLike | None = None) -> list[Path]:
+    """The project checkouts a store must stay out of: the workflow's base directory (the one
+    holding the Snakefile), the checkout this memctl runs from (an editable install), and the
+    working directory when it is a project (it holds a Snakefile, ``.git``, ``pyproject.toml``...)."""
+    found = []
+    if basedir is not None:
+        found.append(Path(basedir))
+    package_checkout = Path(__file__).resolve().parents[2]
+    if (package_checkout / "Snakefile").is_file():
+        found.append(package_checkout)
+    workdir = Path(workdir)
+    if any((workdir / marker).exists() for marker in PROJECT_MARKERS):
+        found.append(workdir)
+    out: list[Path] = []
+    for path in found:
+        path = Path(os.path.abspath(path)).resolve()
+        if path not in out:
+            out.append(path)
+    return out
+
+
+def store_path_problems(value: Any, key: str, workdir: str | os.PathLike | None = None,
+                        projects: list[Path] | None = None) -> list[str]:
+    """Why ``value`` cannot be ``root`` / ``results_dir`` (``key``), each naming the key, the value
+    and the reason: a ``..`` component or a control character; the filesystem root, a system
+    directory, the home directory; the project checkout or an ancestor of it (the store would hold
+    the project's own files: ``memctl verify --repair`` and stage rewrites must never reach them).
+    A relative value is resolved against ``workdir`` (default: the working directory), symlinks
+    followed."""
+    from pathlib import PurePosixPath
+
+    if not isinstance(value, str):
+        return []  # the schema names it
+    if any(part == ".." for part in PurePosixPath(value).parts):
+        return [f"{key}: {value!r} contains '..'; give the store's path without it"]
+    if any(ord(c) < 32 for c in value):
+        return [f"{key}: {value!r} contains a control character (newline, tab, ...)"]
+    workdir = Path.cwd() if workdir is None else Path(workdir)
+    projects = project_dirs(workdir) if projects is None else projects
+    given = Path(os.path.normpath(workdir / value))
+    real = given.resolve()
+    shown = repr(value) + (f" (resolves to {real})" if str(real) != value else "")
+    fix = (f"; point {key} at a directory of its own"
+           f" (e.g. {'results' if key == 'root' else 'results/tables'}, or /scratch/$USER/memctl)")
+    for path in dict.fromkeys((given, real)):
+        if str(path) == "/":
+            return [f"{key}: {shown} is the filesystem root /{fix}"]
+        tree = next((t for t in SYSTEM_TREES if path == Path(t) or path.is_relative_to(t)), None)
+        if tree is not None:
+            where = "the system directory" if path == Path(tree) else "inside the system directory"
+            return [f"{key}: {shown} is {where} {tree}{fix}"]
+        if str(path) in SYSTEM_DIRS:
+            return [f"{key}: {shown} is the system directory {path}{fix}"]
+    home = Path(os.path.expanduser("~"))
+    for protected, what in [*((p, "the project checkout") for p in projects), (home.resolve(), "your home directory")]:
+        if protected == real:
+            return [f"{key}: {shown} is {what} {protected}: the store would hold its files{fix}"]
+        if protected.is_relative_to(real):
+            return [f"{key}: {shown} is an ancestor of {what} {protected}: the store would hold its files{fix}"]
+    return []
+
+
+def store_location_problems(root: Any, results_dir: Any, workdir: str | os.PathLike | None = None,
+                            projects: list[Path] | None = None) -> list[str]:
+    """:func:`store_path_problems` of ``root`` and ``results_dir``, and how they overlap: the
+    tables directory may be inside the store (``results/tables``), never the store itself or a
+    directory holding it."""
+    workdir = Path.cwd() if workdir is None else Path(workdir)
+    projects = project_dirs(workdir) if projects is None else projects
+    problems = (store_path_problems(root, "root", workdir, projects)
+                + store_path_problems(results_dir, "results_dir", workdir, projects))
+    if not problems and isinstance(root, str) and isinstance(results_dir, str):
+        store = Path(os.path.normpath(workdir / root)).resolve()
+        tables = Path(os.path.normpath(workdir / results_dir)).resolve()
+        if store.is_relative_to(tables):
+            what = "is the store itself" if store == tables else "holds the whole store"
+            problems.append(f"results_dir: {results_dir!r} {what} (root: {root!r}): the tables and the files kept "
+                            f"beside them would sit among the store's artifacts; give results_dir a directory of "
+                            f"its own (e.g. {root.rstrip('/') or '/'}/tables)")
+    return problems
+
+
+def check_store_path(value: str, key: str, workdir: str | os.PathLike | None = None) -> None:
+    """Raise :class:`ConfigError` with the first of :func:`store_path_problems`."""
+    problems = store_path_problems(value, key, workdir)
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def _label_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Edit labels a user gave (``curvature.edits[i].label``) must tell the edits apart in the
+    tables: no two alike, none equal to a label the plan gives another edit."""
+    from memctl.curvature.settings import LABELS
+    from memctl.plan import BASELINE_LABELS, MASK_MODE_LABELS
+
+    reserved = {"Origin": "the unedited model", "BalancedSubnet": "the BalancedSubnet baseline",
+                "CSP (down)": "the CSP baseline", "CSP (up)": "the CSP baseline",
+                **{v: f"the {k} mask" for k, v in MASK_MODE_LABELS.items()},
+                **{v: f"the {k} baseline" for k, v in BASELINE_LABELS.items()}}
+    problems, seen = [], {}
+    for i, spec in enumerate(cfg.get("curvature", {}).get("edits", [])):
+        label = spec.get("label")
+        if label is None:
+            continue
+        key = f"curvature.edits[{i}].label"
+        own = {v: f"{m} edits without a label" for m, v in LABELS.items() if m != spec.get("method")}
+        if label in seen:
+            problems.append(f"{key}: {label!r} is also the label of {seen[label]}: two edits with one label cannot "
+                            "be told apart in the tables; give each edit its own label")
+        elif label in reserved or label in own:
+            problems.append(f"{key}: {label!r} is the label of {reserved.get(label) or own[label]}; choose "
+                            "another")
+        seen.setdefault(label, f"curvature.edits[{i}]")
+    return problems
 
 
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:
@@ -116,6 +369,7 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
         if cfg[section]["source"] == "demo" and model["source"] != "demo":
             problems.append(f"{section}.source: 'demo' {what} need{'s' if section != 'candidates' else ''} "
                             "model.source 'demo'")
+    problems += _label_problems(cfg)
     if not problems and model["source"] == "demo":
         demo = cfg["demo"]
         problems += model_fit_problems(
@@ -127,15 +381,15 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML config file as a mapping; errors name the file."""
+    """A YAML config file as a mapping; errors name the file (and the line of a duplicate key)."""
     path = Path(path)
+    text = read_yaml_text(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-    except FileNotFoundError as err:
-        raise ConfigError(f"config file not found: {path}") from err
+        raw = load_yaml(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {err}; YAML would keep only the last value silently: remove one") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -172,7 +426,11 @@ def compose(raw: Mapping[str, Any], search: list[Path], _chain: tuple[Path, ...]
         raise ConfigError(f"extends: {parent} not found (looked in {', '.join(str(d) for d in search)})")
     if found in _chain:
         raise ConfigError(f"extends: {found} extends itself ({' -> '.join(map(str, (*_chain, found)))})")
-    base = compose(read_yaml(found), [found.parent], (*_chain, found))
+    try:
+        parent_raw = read_yaml(found)
+    except ConfigError as err:
+        raise ConfigError(f"extends: {parent}: {err}") from None
+    base = compose(parent_raw, [found.parent], (*_chain, found))
     return merge(base, raw)
 
 
@@ -196,6 +454,8 @@ def workflow_config(
     """
     search = [workdir, basedir]
     if configfiles:
+        for file in configfiles:  # Snakemake has read them already, but keeps the last of two equal keys
+            read_yaml(file)
         raw = compose(config, [Path(configfiles[-1]).resolve().parent, *search])
         source = ", ".join(map(str, configfiles))
     else:
@@ -204,7 +464,7 @@ def workflow_config(
             raise ConfigError("no config: pass --configfile FILE (or create config/config.yaml)")
         raw = merge(compose(read_yaml(default), [default.parent, *search]), compose(overrides, search))
         source = str(default)
-    return validate_config(raw, source=source)
+    return validate_config(raw, source=source, workdir=workdir, basedir=basedir)
 
 
 def prefix_suffix_lengths(extract: Mapping[str, Any]) -> tuple[int, int]:
@@ -237,7 +497,12 @@ def parse_settings(value: str | None) -> dict[str, Any]:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError as err:
             raise ConfigError(f"settings file not found: {path}") from err
-        loaded = yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"settings file {path}: cannot read it as UTF-8 text ({err})") from err
+        try:
+            loaded = load_yaml(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"settings file {path}: not valid YAML: {err}") from None
     else:
         try:
             loaded = json.loads(value)
@@ -314,14 +579,7 @@ def validate_section(path: str, settings: Mapping[str, Any] | None) -> dict[str,
     resolved = copy.deepcopy(dict(settings))
     validator = _DefaultFillingValidator(section_schema(path))
     errors = sorted(validator.iter_errors(resolved), key=lambda e: list(map(str, e.absolute_path)))
-    lines = []
-    for err in errors:
-        where = ".".join([path, *(str(p) for p in err.absolute_path)])
-        if err.validator == "additionalProperties":
-            allowed = sorted(err.schema.get("properties", {}))
-            lines.append(f"{where}: {err.message}; allowed keys: {', '.join(allowed)}")
-        else:
-            lines.append(f"{where}: {err.message}")
+    lines = _error_lines(errors, prefix=path)
     if not lines:
         lines = _section_problems(path, resolved)
     if lines:

@@ -364,7 +364,8 @@ def read_table(path: str | Path, source: str | None = None, section: str = "cand
         return read_parquet_file(path)
     if source == "jsonl":
         try:
-            return pd.read_json(path, lines=True, compression="infer")
+            # utf-8-sig: a leading byte-order mark (Windows editors write one) is read past, not refused
+            return pd.read_json(path, lines=True, compression="infer", encoding="utf-8-sig")
         except (ValueError, OSError) as err:
             raise DataError(f"{path}: not valid JSON lines ({type(err).__name__}: {err})") from err
     raise DataError(f"{section}.source: {source!r} is not a table format (use jsonl or parquet)")
@@ -709,7 +710,7 @@ def text_documents(
             raise DataError(f"{section}.path: {path} is a directory, not a text file")
         check_format(path, "text", section)
         try:
-            return [path.read_text(encoding="utf-8")], "\n\n"
+            return [path.read_text(encoding="utf-8-sig")], "\n\n"  # a leading byte-order mark is not text
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err})") from err
     if src in ("jsonl", "parquet"):

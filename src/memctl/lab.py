@@ -153,27 +153,69 @@ def demo_dims(demo: Mapping) -> ModelDims:
     )
 
 
+def local_model_dims(path: str | os.PathLike, key: str = "model.name_or_path") -> ModelDims:
+    """Dimensions of a local HF model directory, or :class:`~memctl.config.ConfigError` naming
+    ``key``, the directory and what is wrong: not there, not a directory, no ``config.json``, a
+    ``config.json`` that is not JSON or lacks the dimensions."""
+    from memctl.config import ConfigError
+
+    path = Path(path)
+    hint = "a local model is a Hugging Face model directory (config.json, weights, tokenizer), as save_pretrained writes"
+    if not path.exists():
+        raise ConfigError(f"{key}: {path}: no such directory; {hint}")
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} is not a directory; {hint}")
+    file = path / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{key}: {path} has no config.json (the model's architecture and dimensions); {hint}")
+    try:
+        raw = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ConfigError(f"{key}: {file} is not a readable JSON file ({type(err).__name__}: {err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: {file} holds a JSON {type(raw).__name__}, not a model config (an object)")
+    try:
+        return model_dims(raw)
+    except (TypeError, ValueError) as err:
+        missing = [name for name, keys in (("hidden size", ("hidden_size", "n_embd", "d_model")),
+                                           ("layer count", ("num_hidden_layers", "n_layer", "num_layers")),
+                                           ("attention heads", ("num_attention_heads", "n_head", "num_heads")),
+                                           ("vocabulary size", ("vocab_size",)))
+                   if _get(raw, *keys) is None]
+        what = f"has no {', '.join(missing)}" if missing else f"has a dimension that is not a number ({err})"
+        raise ConfigError(f"{key}: {file} {what}: not the config.json of a causal language model") from None
+
+
 def workflow_model_dims(config: Mapping) -> ModelDims | None:
     """The model of a resolved workflow config: the demo's settings, a local directory's
     ``config.json``, or a hub model's config when it is in the local HF cache (None otherwise:
-    nothing is downloaded while Snakemake parses the workflow)."""
+    nothing is downloaded while Snakemake parses the workflow). A local model that is not a model
+    directory is a :class:`~memctl.config.ConfigError` naming it, before any job runs."""
+    from memctl.config import ConfigError
+
     model = config.get("model", {})
     source = model.get("source", "demo")
     if source == "demo":
         return demo_dims(config.get("demo", {}))
-    path = Path(str(model.get("name_or_path", "")))
-    if (path / "config.json").exists():
-        return model_dims(path)
+    name = str(model.get("name_or_path", ""))
+    path = Path(name)
+    if source == "local" or path.is_dir():  # a hub id that names a local directory loads it too
+        return local_model_dims(path)
     try:
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(
-            str(model.get("name_or_path")), revision=model.get("revision"), local_files_only=True,
+            name, revision=model.get("revision"), local_files_only=True,
             trust_remote_code=bool(model.get("trust_remote_code", False)),
         )
     except OSError:  # not in the local cache (nothing is downloaded at parse time): rules keep their defaults
         return None
-    return model_dims(cfg)
+    except ValueError as err:  # in the cache, but not a config transformers knows
+        raise ConfigError(f"model.name_or_path: {name}: its cached config cannot be read ({err})") from None
+    try:
+        return model_dims(cfg)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: {name}: its config lacks the model's dimensions ({err})") from None
 
 
 # --------------------------------------------------------------------------------- the estimate

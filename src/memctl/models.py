@@ -78,6 +78,7 @@ def load_tokenizer(ref: str | os.PathLike, settings: Mapping[str, Any] | None = 
     from transformers import AutoTokenizer
 
     settings = settings or {}
+    _check_model_dir(ref, settings)
     tok = AutoTokenizer.from_pretrained(
         str(ref),
         revision=settings.get("revision"),
@@ -134,6 +135,18 @@ def placement_plan(ref: str | os.PathLike, settings: Mapping[str, Any] | None = 
                                       dtype=torch_dtype(settings.get("dtype", "float32"))))
 
 
+def _check_model_dir(ref: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+    """A demo / local model is a HF model directory with its ``config.json``: FileNotFoundError
+    naming the directory and the missing file otherwise (not transformers' traceback)."""
+    if settings.get("source") not in ("demo", "local"):
+        return
+    if not Path(ref).is_dir():
+        raise FileNotFoundError(f"model directory not found: {ref}")
+    if not (Path(ref) / "config.json").is_file():
+        raise FileNotFoundError(f"{ref}: no config.json in the model directory (a Hugging Face model directory "
+                                "holds config.json, the weights and the tokenizer, as save_pretrained writes them)")
+
+
 def load_model(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None):
     """Causal LM in eval mode on the configured device and dtype.
 
@@ -144,8 +157,7 @@ def load_model(ref: str | os.PathLike, settings: Mapping[str, Any] | None = None
 
     settings = settings or {}
     ref = str(ref)
-    if settings.get("source") in ("demo", "local") and not Path(ref).is_dir():
-        raise FileNotFoundError(f"model directory not found: {ref}")
+    _check_model_dir(ref, settings)
     trust = bool(settings.get("trust_remote_code", False))
     revision = settings.get("revision")
     kwargs: dict[str, Any] = {
@@ -178,6 +190,7 @@ def load_config(ref: str | os.PathLike, settings: Mapping[str, Any] | None = Non
     from transformers import AutoConfig
 
     settings = settings or {}
+    _check_model_dir(ref, settings)
     return AutoConfig.from_pretrained(
         str(ref),
         revision=settings.get("revision"),

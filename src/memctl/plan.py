@@ -35,7 +35,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from memctl import stages as registry
-from memctl.config import ConfigError, settings_hash
+from memctl.config import ConfigError, check_store_path, settings_hash
 
 #: A path-safe edit id / tag.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -59,11 +59,10 @@ def as_json(value: Any) -> str:
 
 def _store_path(value: str, key: str) -> str:
     """``root`` / ``results_dir``: any path (spaces and shell characters are quoted in every
-    command), but no ``..`` component (artifacts would land outside it) and no control characters."""
-    if any(part == ".." for part in PurePosixPath(value).parts):
-        raise ConfigError(f"{key}: {value!r} contains '..'; give the store's path without it")
-    if any(ord(c) < 32 for c in value):
-        raise ConfigError(f"{key}: {value!r} contains a control character (newline, tab, ...)")
+    command), but no ``..`` component (artifacts would land outside it), no control characters,
+    and not ``/``, a system directory, the home directory, the project checkout or an ancestor of
+    it (:func:`memctl.config.store_path_problems`, resolved against the working directory)."""
+    check_store_path(value, key)
     return value.rstrip("/") or "/"
 
 
@@ -378,21 +377,14 @@ class _Builder:
         n = int(ext["disjoint_ngram"])
         # the validation slice stays out of the factors too, like the test sequences it stands in for
         tests = [tables["memorized_test"], tables["memorized_val"], tables["er_test"], tables["ood"]]
-        # CSP puts its prompt vectors in front of every input: held-out windows leave room for them,
-        # so that every row (CSP's too) scores the same tokens within the model's context
-        reserve = int(cfg["csp"]["prompt_length"]) if cfg["masks"]["enabled"] and cfg["csp"]["enabled"] else 0
-        self.heldout_reserve = reserve
         for section in ("heldout", "calibration"):
             # calibration text sharing an n-gram with a test sequence of either track is dropped
             exclude = tests if section == "calibration" and n > 0 else []
-            reserved = reserve if section == "heldout" else 0
-            h = settings_hash(m.key, cfg[section], *([self.extract_hash, n] if exclude else []),
-                              *([{"reserve_positions": reserved}] if reserved else []))
+            h = settings_hash(m.key, cfg[section], *([self.extract_hash, n] if exclude else []))
             out = f"{m.dir}/{section}-{h}/windows.safetensors"
             setattr(self, section, out)
             setattr(self, f"{section}_hash", h)
             extra = ("--exclude", *exclude, "--disjoint-ngram", str(n)) if exclude else ()
-            extra += ("--reserve-positions", str(reserved)) if reserved else ()
             self.add(section, [Job(
                 section, "", {**m.inputs, **self.data_inputs(section), **({"exclude": exclude} if exclude else {})},
                 {"windows": out},
@@ -731,14 +723,13 @@ class _Builder:
         if not cfg["enabled"]:
             return
         if getattr(self.dims, "learned_positions", False):  # a position table: the prompt must fit in it
-            # held-out windows leave the prompt room (text_stages); the sequences have their fixed length
-            ext = self.cfg["extract"]
-            longest = int(ext["prefix_len"]) + int(ext["suffix_len"])
+            ext, held = self.cfg["extract"], self.cfg["heldout"].get("context_length") or self.dims.context_length
+            longest = max(int(ext["prefix_len"]) + int(ext["suffix_len"]), int(held))
             if cfg["prompt_length"] + longest > self.dims.context_length:
                 raise ConfigError(
-                    f"csp.prompt_length: {cfg['prompt_length']} prompt vectors + {longest}-token sequences "
-                    f"(extract prefix + suffix) exceed the model's {self.dims.context_length} learned positions; "
-                    f"shorten the prompt (csp.prompt_length: {self.dims.context_length - longest} or less), "
+                    f"csp.prompt_length: {cfg['prompt_length']} prompt vectors + {longest}-token inputs exceed the "
+                    f"model's {self.dims.context_length} learned positions; shorten the prompt, or the held-out "
+                    f"windows (heldout.context_length: {self.dims.context_length - cfg['prompt_length']} or less), "
                     f"or set csp.enabled: false")
         base = {k: v for k, v in cfg.items() if k not in ("enabled", "modes", "sweep")}
         points = [(mode, cfg["theta"], "main") for mode in cfg["modes"]]
