@@ -324,3 +324,5 @@ def test_the_full_reproduction_is_the_quick_tour_plus_its_sweeps():
     # one point of every curvature form in the quick tour
     methods = sorted({j.settings.get("method") for j in tour.stage("apply_edit").jobs.values()})
     assert methods == ["kfac", "kfac_pairwise", "svd"]
+    # the vision track trains its ViT with the paper's weight decay (loss-curvature paper App. B.1)
+    assert paper_cfg["vision"]["enabled"] and paper_cfg["vision"]["train"]["weight_decay"] == 0.3
