@@ -377,14 +377,21 @@ class _Builder:
         n = int(ext["disjoint_ngram"])
         # the validation slice stays out of the factors too, like the test sequences it stands in for
         tests = [tables["memorized_test"], tables["memorized_val"], tables["er_test"], tables["ood"]]
+        # CSP puts its prompt vectors in front of every input: held-out windows leave room for them,
+        # so that every row (CSP's too) scores the same tokens within the model's context
+        reserve = int(cfg["csp"]["prompt_length"]) if cfg["masks"]["enabled"] and cfg["csp"]["enabled"] else 0
+        self.heldout_reserve = reserve
         for section in ("heldout", "calibration"):
             # calibration text sharing an n-gram with a test sequence of either track is dropped
             exclude = tests if section == "calibration" and n > 0 else []
-            h = settings_hash(m.key, cfg[section], *([self.extract_hash, n] if exclude else []))
+            reserved = reserve if section == "heldout" else 0
+            h = settings_hash(m.key, cfg[section], *([self.extract_hash, n] if exclude else []),
+                              *([{"reserve_positions": reserved}] if reserved else []))
             out = f"{m.dir}/{section}-{h}/windows.safetensors"
             setattr(self, section, out)
             setattr(self, f"{section}_hash", h)
             extra = ("--exclude", *exclude, "--disjoint-ngram", str(n)) if exclude else ()
+            extra += ("--reserve-positions", str(reserved)) if reserved else ()
             self.add(section, [Job(
                 section, "", {**m.inputs, **self.data_inputs(section), **({"exclude": exclude} if exclude else {})},
                 {"windows": out},
@@ -723,13 +730,14 @@ class _Builder:
         if not cfg["enabled"]:
             return
         if getattr(self.dims, "learned_positions", False):  # a position table: the prompt must fit in it
-            ext, held = self.cfg["extract"], self.cfg["heldout"].get("context_length") or self.dims.context_length
-            longest = max(int(ext["prefix_len"]) + int(ext["suffix_len"]), int(held))
+            # held-out windows leave the prompt room (text_stages); the sequences have their fixed length
+            ext = self.cfg["extract"]
+            longest = int(ext["prefix_len"]) + int(ext["suffix_len"])
             if cfg["prompt_length"] + longest > self.dims.context_length:
                 raise ConfigError(
-                    f"csp.prompt_length: {cfg['prompt_length']} prompt vectors + {longest}-token inputs exceed the "
-                    f"model's {self.dims.context_length} learned positions; shorten the prompt, or the held-out "
-                    f"windows (heldout.context_length: {self.dims.context_length - cfg['prompt_length']} or less), "
+                    f"csp.prompt_length: {cfg['prompt_length']} prompt vectors + {longest}-token sequences "
+                    f"(extract prefix + suffix) exceed the model's {self.dims.context_length} learned positions; "
+                    f"shorten the prompt (csp.prompt_length: {self.dims.context_length - longest} or less), "
                     f"or set csp.enabled: false")
         base = {k: v for k, v in cfg.items() if k not in ("enabled", "modes", "sweep")}
         points = [(mode, cfg["theta"], "main") for mode in cfg["modes"]]
