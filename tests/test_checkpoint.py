@@ -123,8 +123,80 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(setup, whole, tmp
     assert a.keys() == b.keys() and any(k.endswith("exp_avg_sq") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert (json.loads((tmp_path / "a" / CHECKPOINT / CHECKPOINT_STATE).read_text())
-            == json.loads((tmp_path / "b" / CHECKPOINT / CHECKPOINT_STATE).read_text()))
+    states = [json.loads((tmp_path / d / CHECKPOINT / CHECKPOINT_STATE).read_text()) for d in ("a", "b")]
+    costs = [state.pop("cost") for state in states]  # the run's history: wall time and segments differ
+    assert states[0] == states[1]
+    assert costs[0]["tokens_processed"] == costs[1]["tokens_processed"] == TOKENS_PER_RUN
+    assert (costs[0]["segments"], costs[1]["segments"]) == (1, 2)
+
+
+# What one iteration of SETTINGS reads (mode down: a calibration forward, then a memorized one): batch_size
+# windows of 16 tokens and mem_batch_size sequences of 8 + 8 tokens (no padding), by hand.
+TOKENS_PER_ITERATION = SETTINGS["batch_size"] * 16 + SETTINGS["mem_batch_size"] * (8 + 8)  # 64 + 64
+TOKENS_PER_RUN = SETTINGS["steps"] * TOKENS_PER_ITERATION  # 12 x 128 = 1,536
+
+
+def test_a_resumed_run_records_the_cost_of_the_whole_job(setup, whole, tmp_path):
+    """Killed after 6 iterations (its last checkpoint at 4) and resumed: the tokens, forward passes and
+    wall time recorded are the whole job's (4 iterations before the kill that count, 8 after), not the
+    last segment's 8 x 128 = 1,024 tokens."""
+    assert whole.cost["tokens_processed"] == TOKENS_PER_RUN == 1536
+    assert whole.cost["forward_calls"] == 2 * SETTINGS["steps"] and whole.cost["segments"] == 1
+    _interrupted(setup, tmp_path, stop_after=6)
+    saved = json.loads((tmp_path / CHECKPOINT / CHECKPOINT_STATE).read_text())["cost"]
+    assert saved["tokens_processed"] == 4 * TOKENS_PER_ITERATION and saved["forward_calls"] == 8
+    assert saved["segments"] == 1 and saved["devices"] == ["cpu"]
+    resumed = _train(setup, work_dir=tmp_path)
+    _same(resumed, whole)
+    cost = resumed.cost
+    assert cost["tokens_processed"] == whole.cost["tokens_processed"] == 1536
+    assert cost["forward_calls"] == whole.cost["forward_calls"] == 24
+    assert cost["segments"] == 2 and cost["devices"] == ["cpu", "cpu"] and cost["resumed_at_iteration"] == 4
+    # wall time adds up: the first segment's (to its checkpoint) is part of the total
+    assert cost["earlier_wall_time_s"] == saved["wall_time_s"] and cost["wall_time_s"] >= saved["wall_time_s"]
+
+
+def test_a_resumed_train_mask_job_records_the_whole_cost_in_its_sidecar(tiny_model_dir, tmp_path, monkeypatch):
+    """The same through ``memctl train-mask``: the first job is interrupted after 6 of 12 iterations
+    (checkpoint at 4), the rerun resumes; its delta's sidecar records 12 iterations' tokens, as the
+    uninterrupted job's does, and a wall time that includes the first job's."""
+    import numpy as np
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    from memctl.cli import main
+    from memctl.masks import training
+    from memctl.store import read_sidecar
+
+    gen = np.random.default_rng(0)
+    save_file({"windows": torch.from_numpy(gen.integers(1, 250, size=(16, 24)))}, str(tmp_path / "cal.safetensors"))
+    pd.DataFrame({"candidate_id": [f"m{i}" for i in range(6)], "prefix_ids": list(gen.integers(1, 250, size=(6, 8))),
+                  "suffix_ids": list(gen.integers(1, 250, size=(6, 8)))}).to_parquet(tmp_path / "mem.parquet")
+    settings = {**SETTINGS, "keep_checkpoint": False}
+
+    def run(out):
+        main(["train-mask", "--model", str(tiny_model_dir), "--threads", "1",
+              "--model-settings", json.dumps({"source": "local", "dtype": "float32", "device": "cpu"}),
+              "--calibration", str(tmp_path / "cal.safetensors"), "--memorized", str(tmp_path / "mem.parquet"),
+              "--settings", json.dumps(settings), "--label", "Ours (down)", "--out", str(out / "delta.safetensors"),
+              "--log", str(out / "train_log.parquet")])
+        return read_sidecar(out / "delta.safetensors")
+
+    whole = run(tmp_path / "whole")
+    real = training.train_mask
+    monkeypatch.setattr(training, "train_mask", lambda *a, **k: real(*a, **k, stop_after=6))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "job")
+    first = json.loads((tmp_path / "job" / CHECKPOINT / CHECKPOINT_STATE).read_text())["cost"]
+    monkeypatch.setattr(training, "train_mask", real)
+    resumed = run(tmp_path / "job")
+    # 12 iterations x (4 windows x 24 tokens + 4 sequences x (8 + 8) tokens) = 12 x 160
+    assert whole["cost"]["tokens_processed"] == resumed["cost"]["tokens_processed"] == 12 * (4 * 24 + 4 * 16) == 1920
+    assert first["tokens_processed"] == 4 * 160
+    assert resumed["cost"]["forward_calls"] == whole["cost"]["forward_calls"] == 24
+    assert resumed["cost"]["segments"] == 2 and resumed["cost"]["resumed_at_iteration"] == 4
+    assert resumed["wall_time_s"] >= first["wall_time_s"]
+    assert not (tmp_path / "job" / CHECKPOINT).exists()
 
 
 def test_a_low_rank_run_resumes_exactly(setup, tmp_path):
@@ -185,6 +257,8 @@ CORRUPTIONS = {
     "iteration past the end": _edit_json(iteration=10**6),
     "bad log": _edit_json(log=[{"iteration": "x", "evil": 1}]),
     "bad optimizer group": _bad_group,
+    "bad cost": _edit_json(cost={"tokens_processed": -1}),
+    "no cost (format /2)": _edit_json(format="memctl-mask-checkpoint/2", cost=None),
     "a file": _a_file,
 }
 

@@ -8,6 +8,7 @@ device, tokens processed), so ``memctl evaluate --delta`` scores it like every o
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from memctl.runner import count_tokens, load, model_args, stage
@@ -45,9 +46,12 @@ def cmd_train_mask(args) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         # Fails (NotConvergedError, a ConfigError: one message, exit status 2) when the mask did not reach
         # its target and on_unconverged is 'fail'; with 'flag' the delta says converged: false.
-        with count_tokens(model) as cost:  # the sidecar's training cost (a resumed run counts its own part)
-            result = train_mask(model, calibration, memorized, settings, work_dir=work_dir)
-        prov.extra["cost"] = {"tokens_processed": cost["tokens"], "forward_calls": cost["forward_calls"]}
+        # The sidecar's training cost is the whole job's: a resumed run adds what its checkpoint says
+        # the earlier segments cost (tokens, forward calls, wall time) to its own.
+        result = train_mask(model, calibration, memorized, settings, work_dir=work_dir, started=prov.started)
+        prov.extra["cost"] = {k: result.cost[k] for k in ("tokens_processed", "forward_calls", "segments",
+                                                          "devices", "resumed_at_iteration")}
+        prov.extra["wall_time_s"] = round(result.cost["earlier_wall_time_s"] + time.time() - prov.started, 3)
         # steps / lr as trained (null = one pass over the windows / sized to the run: resolved here)
         resolved = {**settings, "steps": result.stats["steps"], "lr": result.stats["lr"]}
         meta = {"method": "mask", "label": args.label, "mode": settings["mode"], "settings": resolved,

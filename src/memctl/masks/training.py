@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"  #: a directory: see _save_checkpoint
 LEGACY_CHECKPOINT = "checkpoint.pt"  #: pickle of older versions: never loaded
-CHECKPOINT_FORMAT = "memctl-mask-checkpoint/2"
+CHECKPOINT_FORMAT = "memctl-mask-checkpoint/3"  #: /3: the cost so far is in state.json
 LOG_COLUMNS = [
     "iteration", "lr", "loss", "calib_loss", "mem_loss", "mem_term", "r_s", "train_sparsity", "eval_sparsity",
 ]
@@ -166,6 +167,9 @@ class MaskResult:
     log: pd.DataFrame
     stats: dict[str, Any] = field(default_factory=dict)
     targets: list[LinearTarget] = field(default_factory=list)
+    #: what the whole job cost (:func:`train_mask`), every resumed segment included: kept out of
+    #: ``stats`` (the delta's header), which must not change with wall time
+    cost: dict[str, Any] = field(default_factory=dict)
 
 
 class NotConvergedError(ConfigError):
@@ -239,6 +243,7 @@ def train_mask(
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    started: float | None = None,
 ) -> MaskResult:
     """Train gate logits on ``model`` (left unchanged) and return the final keep-masks.
 
@@ -246,7 +251,18 @@ def train_mask(
     (needed by every mode but ``none``). With ``work_dir``, a checkpoint is written every
     ``checkpoint_every`` iterations and picked up by the next call with the same settings.
     ``stop_after`` ends the run after that many iterations (as a kill would; for tests).
+
+    ``MaskResult.cost`` is what the job cost, added up across resumes: ``tokens_processed`` and
+    ``forward_calls`` (every forward pass through ``model``, :func:`memctl.runner.count_tokens`),
+    ``wall_time_s`` (from ``started``, the epoch time the job began, by default this call, to the
+    end of training, plus the earlier segments' ``earlier_wall_time_s``), ``segments`` and the
+    ``devices`` they ran on. Each checkpoint holds the cost up to it, so a resumed job records
+    what an uninterrupted one would (work done after the last checkpoint of a killed segment is
+    redone, and counted once).
     """
+    from memctl.runner import count_tokens
+
+    started = time.time() if started is None else float(started)
     s = resolve_mask_job(settings)
     mode = s["mode"]
     if mode != "none" and (memorized is None or len(memorized) == 0):
@@ -267,6 +283,7 @@ def train_mask(
 
     rows: list[dict[str, float]] = []
     start = 0
+    earlier = dict(_NO_COST)  # the cost of the segments before this one (from the checkpoint)
     ckpt_path = Path(work_dir) / CHECKPOINT if work_dir else None
     if work_dir is not None and (Path(work_dir) / LEGACY_CHECKPOINT).exists():
         log.warning("ignoring %s: pickle checkpoints of older versions are never loaded",
@@ -285,7 +302,7 @@ def train_mask(
                 mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
                 optimizer = torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
             else:
-                start, rows = saved.iteration, saved.rows
+                start, rows, earlier = saved.iteration, saved.rows, saved.cost
                 log.info("resuming %s mask training at iteration %d / %d from %s", mode, start, s["steps"],
                          ckpt_path)
 
@@ -295,53 +312,61 @@ def train_mask(
         optimizer.step()
 
     lambda_s, lambda_m = float(s["lambda_s"]), float(s["lambda_m"])
+    def cost_so_far() -> dict[str, Any]:  # `counted`: this segment's forward passes (count_tokens below)
+        return {"tokens_processed": earlier["tokens_processed"] + counted["tokens"],
+                "forward_calls": earlier["forward_calls"] + counted["forward_calls"],
+                "wall_time_s": round(earlier["wall_time_s"] + (time.time() - started), 3),
+                "segments": earlier["segments"] + 1, "devices": [*earlier["devices"], str(device)]}
+
     bar = tqdm(range(start, s["steps"]), initial=start, total=s["steps"], desc=f"mask ({mode})", unit="it",
                disable=not progress)
-    for it in bar:
-        lr = cosine_lr(it, s["steps"], s["lr"], s["warmup_steps"], s["min_lr_ratio"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        masked, kept = mask_gates.sample(trainer.params, derive_seed(s["seed"], it, 0), *gate_args)
-        calib = trainer.calib_loss(masked, it, stream=0)
-        r_s = sparsity_regularizer(kept, total, s["sparsity"]).float()
-        loss = calib + lambda_s * r_s
-        mem = term = None
-        if mode in ("up", "reciprocal"):
-            mem = trainer.mem_loss(masked, it, stream=1)
-            term = memorization_term(mode, mem, lambda_m)
-            loss = loss + term
-        step(loss)
-        if mode == "down":
-            del masked
-            masked2, _ = mask_gates.sample(trainer.params, derive_seed(s["seed"], it, 1), *gate_args)
-            mem = trainer.mem_loss(masked2, it, stream=1)
-            term = memorization_term(mode, mem, lambda_m, s["threshold"])
-            step(term)
-            del masked2
-        train_sparsity = 1.0 - float(kept.detach()) / total
-        calib, r_s = calib.detach(), r_s.detach()
-        mem = None if mem is None else mem.detach()
-        bar.set_postfix(calib=f"{float(calib):.3f}", mem="-" if mem is None else f"{float(mem):.3f}",
-                        r_s=f"{float(r_s):.4f}", sparsity=f"{train_sparsity:.3f}", refresh=False)
-        last = it + 1 == s["steps"]
-        if (it + 1) % s["log_every"] == 0 or last or it == 0:
-            rows.append({
-                "iteration": it + 1,
-                "lr": lr,
-                "loss": float(loss.detach()) + (float(term.detach()) if mode == "down" else 0.0),
-                "calib_loss": float(calib),
-                "mem_loss": math.nan if mem is None else float(mem),
-                "mem_term": math.nan if term is None else float(term.detach()),
-                "r_s": float(r_s),
-                "train_sparsity": train_sparsity,
-                "eval_sparsity": mask_sparsity(mask_gates.eval_masks(s["offset"])),
-            })
-        if ckpt_path is not None and s["checkpoint_every"] and ((it + 1) % s["checkpoint_every"] == 0 or last):
-            _save_checkpoint(ckpt_path, s, it + 1, mask_gates, optimizer, rows)
-        if stop_after is not None and it + 1 >= stop_after and not last:
-            bar.close()
-            raise KeyboardInterrupt(f"stopped after {it + 1} iterations")
+    with count_tokens(model) as counted:
+        for it in bar:
+            lr = cosine_lr(it, s["steps"], s["lr"], s["warmup_steps"], s["min_lr_ratio"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            masked, kept = mask_gates.sample(trainer.params, derive_seed(s["seed"], it, 0), *gate_args)
+            calib = trainer.calib_loss(masked, it, stream=0)
+            r_s = sparsity_regularizer(kept, total, s["sparsity"]).float()
+            loss = calib + lambda_s * r_s
+            mem = term = None
+            if mode in ("up", "reciprocal"):
+                mem = trainer.mem_loss(masked, it, stream=1)
+                term = memorization_term(mode, mem, lambda_m)
+                loss = loss + term
+            step(loss)
+            if mode == "down":
+                del masked
+                masked2, _ = mask_gates.sample(trainer.params, derive_seed(s["seed"], it, 1), *gate_args)
+                mem = trainer.mem_loss(masked2, it, stream=1)
+                term = memorization_term(mode, mem, lambda_m, s["threshold"])
+                step(term)
+                del masked2
+            train_sparsity = 1.0 - float(kept.detach()) / total
+            calib, r_s = calib.detach(), r_s.detach()
+            mem = None if mem is None else mem.detach()
+            bar.set_postfix(calib=f"{float(calib):.3f}", mem="-" if mem is None else f"{float(mem):.3f}",
+                            r_s=f"{float(r_s):.4f}", sparsity=f"{train_sparsity:.3f}", refresh=False)
+            last = it + 1 == s["steps"]
+            if (it + 1) % s["log_every"] == 0 or last or it == 0:
+                rows.append({
+                    "iteration": it + 1,
+                    "lr": lr,
+                    "loss": float(loss.detach()) + (float(term.detach()) if mode == "down" else 0.0),
+                    "calib_loss": float(calib),
+                    "mem_loss": math.nan if mem is None else float(mem),
+                    "mem_term": math.nan if term is None else float(term.detach()),
+                    "r_s": float(r_s),
+                    "train_sparsity": train_sparsity,
+                    "eval_sparsity": mask_sparsity(mask_gates.eval_masks(s["offset"])),
+                })
+            if ckpt_path is not None and s["checkpoint_every"] and ((it + 1) % s["checkpoint_every"] == 0 or last):
+                _save_checkpoint(ckpt_path, s, it + 1, mask_gates, optimizer, rows, cost_so_far())
+            if stop_after is not None and it + 1 >= stop_after and not last:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after {it + 1} iterations")
     bar.close()
+    cost = {**cost_so_far(), "earlier_wall_time_s": earlier["wall_time_s"], "resumed_at_iteration": start or None}
 
     masks, stats = final_masks(mask_gates, s)
     stats.update(budget)
@@ -357,7 +382,7 @@ def train_mask(
         log.warning("%s\n(masks.on_unconverged: flag: the mask is written, marked 'did not converge')",
                     report["message"])
     history = pd.DataFrame(rows, columns=LOG_COLUMNS)
-    return MaskResult({k: v.cpu() for k, v in masks.items()}, history, stats, targets)
+    return MaskResult({k: v.cpu() for k, v in masks.items()}, history, stats, targets, cost)
 
 
 @torch.no_grad()
@@ -541,6 +566,25 @@ class _SavedState:
     rows: list[dict[str, Any]]
     gates: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
+    cost: dict[str, Any]
+
+
+#: The cost before the first segment of a job.
+_NO_COST: dict[str, Any] = {"tokens_processed": 0, "forward_calls": 0, "wall_time_s": 0.0, "segments": 0,
+                            "devices": []}
+
+
+def _checked_cost(cost: Any) -> dict[str, Any]:
+    """The ``cost`` record of a checkpoint (:func:`train_mask`), or :class:`CheckpointError`."""
+    ok = (isinstance(cost, dict) and set(cost) == set(_NO_COST)
+          and all(type(cost[k]) is int and cost[k] >= 0 for k in ("tokens_processed", "forward_calls"))
+          and type(cost["segments"]) is int and cost["segments"] >= 1
+          and isinstance(cost["wall_time_s"], (int, float)) and not isinstance(cost["wall_time_s"], bool)
+          and math.isfinite(cost["wall_time_s"]) and cost["wall_time_s"] >= 0
+          and isinstance(cost["devices"], list) and all(isinstance(d, str) for d in cost["devices"]))
+    if not ok:
+        raise CheckpointError("bad cost record")
+    return {**cost, "wall_time_s": float(cost["wall_time_s"]), "devices": list(cost["devices"])}
 
 
 def _canonical(obj: Any) -> Any:
@@ -563,7 +607,7 @@ def _same_kind(value: Any, like: Any) -> bool:
     return isinstance(like, (int, float)) and isinstance(value, (int, float))
 
 
-def _save_checkpoint(path: Path, settings, iteration, mask_gates, optimizer, rows) -> None:
+def _save_checkpoint(path: Path, settings, iteration, mask_gates, optimizer, rows, cost) -> None:
     from safetensors.torch import save_file
 
     from memctl.store import atomic_path
@@ -591,6 +635,7 @@ def _save_checkpoint(path: Path, settings, iteration, mask_gates, optimizer, row
             "optimizer_param_groups": groups,
             "optimizer_scalar_state": scalars,
             "log": list(rows),
+            "cost": dict(cost),
             "tensors_sha256": _sha256(tmp / CHECKPOINT_TENSORS),
         }
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -629,6 +674,7 @@ def _read_checkpoint(path: Path, settings: Mapping[str, Any], mask_gates: MaskGa
         for r in rows
     ):
         raise CheckpointError("bad log rows")
+    cost = _checked_cost(state.get("cost"))
 
     # Gate parameters: exactly this run's names, shapes and dtypes.
     expected = mask_gates.state_dict()
@@ -686,7 +732,8 @@ def _read_checkpoint(path: Path, settings: Mapping[str, Any], mask_gates: MaskGa
         opt_state.setdefault(int(index), {}).update(entries)
     if set(opt_state) != set(range(len(params))):
         raise CheckpointError("optimizer state does not cover every gate parameter")
-    return _SavedState(iteration, [dict(r) for r in rows], gates_sd, {"state": opt_state, "param_groups": param_groups})
+    return _SavedState(iteration, [dict(r) for r in rows], gates_sd, {"state": opt_state, "param_groups": param_groups},
+                       cost)
 
 
 def _sha256(path: Path) -> str:
