@@ -295,6 +295,36 @@ def test_concurrent_writers_of_one_artifact_corrupt_nothing(tmp_path, exchange):
                                      "table.bin.meta.json"])
 
 
+def test_a_late_stamp_leaves_another_writers_version_to_that_writer(tmp_path):
+    """The race the test above hunts, made deterministic: this process renames its version of a
+    file in (``atomic_path`` without provenance), another process renames its own in and stamps
+    it, then this process stamps: it must not put its sidecar on the other writer's data."""
+    from memctl.store import Provenance, atomic_path
+
+    final = tmp_path / "store" / "late.bin"
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"a" * 1000)
+    other = r"""
+import sys
+from pathlib import Path
+from memctl.store import Provenance, atomic_path
+final = Path(sys.argv[1])
+with atomic_path(final) as tmp:
+    tmp.write_bytes(b"b" * 1000)
+Provenance("race", {"writer": "b"}).write(final)
+"""
+    subprocess.run([sys.executable, "-c", other, str(final)], env=ENV, check=True, timeout=120)
+    Provenance("race", {"writer": "a"}).write(final)  # too late: b's version is in place
+    assert final.read_bytes() == b"b" * 1000
+    assert json.loads(sidecar_path(final).read_text())["settings"] == {"writer": "b"}
+    assert verify(final) == []
+    # Put in place by other means (never renamed in by this process): stamped as it is.
+    elsewhere = tmp_path / "store" / "copied.bin"
+    elsewhere.write_bytes(b"c" * 10)
+    Provenance("copy", {"writer": "a"}).write(elsewhere)
+    assert json.loads(sidecar_path(elsewhere).read_text())["settings"] == {"writer": "a"} and verify(elsewhere) == []
+
+
 # ------------------------------------------------------------------ claims of runs on one store
 # A holder process claims paths in a store (as a Snakemake run's onstart hook does) and waits.
 HOLDER = r"""

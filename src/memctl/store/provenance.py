@@ -160,9 +160,10 @@ def check_input(path: str | os.PathLike, cache: dict[str, str] | None = None) ->
     An input without a sidecar is an artifact of the store without its provenance (incomplete:
     a job killed before its sidecar, a sidecar deleted) when it lies in a directory the store
     renamed artifacts into (it holds ``.memctl.lock``), except a directory that holds the lock
-    or sidecars itself: that is a container of artifacts (the demo corpus, a results tree),
-    searched for artifacts inside it, each checked, and each file without sidecar in a locked
-    directory in it flagged. Anything else without a sidecar is the user's: nothing to check."""
+    or sidecars itself or below (:func:`is_container`): a container of artifacts (the demo
+    corpus, a results tree), searched for artifacts inside it, each checked, and each entry
+    without sidecar in a locked directory in it flagged. Anything else without a sidecar is the
+    user's (their JSONL, their model directory): nothing to check."""
     path = Path(path)
     if not path.name:  # "", ".", "/": no artifact has such a name
         path = Path(os.path.abspath(path))
