@@ -243,10 +243,13 @@ def test_masks_report_has_the_csp_rows_and_the_cost_columns(tmp_path):
         edits.append({"edit": edit, "series": series, "family": "csp", "mode": series[5:-1], "sparsity": None,
                       "threshold": 4.0 if "down" in edit else None, "delta": str(tmp_path / f"{edit}.safetensors"),
                       "tables": ["main", "threshold"] if "down" in edit else ["main"]})
+    (tmp_path / "metrics").mkdir()  # not beside the deltas: the store refuses a file without sidecar there
     for i, edit in enumerate(["none", "csp-up", "csp-down"]):
-        rows.append({"model": "m", "edit": edit, "method": edit, "n_examples": 10, "exact_er": 0.5 - 0.1 * i,
-                     "fractional_er": 0.6, "mem_loss": 1.0 + i, "mem_ppl": 2.0, "heldout_loss": 3.0, "heldout_ppl": 20.0})
-        paths.append(str(tmp_path / f"{edit}.parquet"))
+        # memorized track: Exact ER 1.0 (Origin, by construction), 0.9, 0.8; extraction-rate track 0.4, 0.3, 0.2
+        rows.append({"model": "m", "edit": edit, "method": edit, "n_examples": 10, "exact_er": 1.0 - 0.1 * i,
+                     "fractional_er": 0.6, "mem_loss": 1.0 + i, "mem_ppl": 2.0, "heldout_loss": 3.0, "heldout_ppl": 20.0,
+                     "er_n_examples": 30, "er_exact_er": 0.4 - 0.1 * i, "er_fractional_er": 0.5})
+        paths.append(str(tmp_path / "metrics" / f"{edit}.parquet"))
         pd.DataFrame([rows[-1]]).to_parquet(paths[-1])
     out = tmp_path / "out"
     main(["masks-report", "--metrics", *paths, "--spec", json.dumps({"title": "T", "edits": edits}), "--out-dir", str(out)])
@@ -256,12 +259,15 @@ def test_masks_report_has_the_csp_rows_and_the_cost_columns(tmp_path):
     assert list(table["tokens_processed"])[1:] == [2560, 1280] and list(table["device"])[1:] == ["cpu", "cpu"]
     md = (out / "table.md").read_text()
     assert "| Wall time (s) | Device | Tokens |" in md
-    assert "| CSP (down) | 3.000 | 20.00 | 0.600 | 0.300 | 3.000 | 2.000 | 0.000 |" in md
+    # Fractional / Exact ER of the extraction-rate track, then the memorized track's, mem. loss 1 + 2, PPL, sparsity
+    assert "| CSP (down) | 3.000 | 20.00 | 0.500 | 0.200 | 0.600 | 0.800 | 3.000 | 2.000 | 0.000 |" in md
+    assert "| Origin | 3.000 | 20.00 | 0.500 | 0.400 | 0.600 | 1.000 | 1.000 | 2.000 | 0.000 |" in md
     assert "| 0.000 | - | - | - |" in md  # Origin: nothing trained
     assert "| cpu | 2,560 |" in md and "| cpu | 1,280 |" in md
     assert "- CSP (down): soft prompt, no weight edited (sparsity 0); threshold theta 4" in md
     ablation = (out / "ablation_threshold.md").read_text()  # csp.sweep.thetas: the masks' threshold ablation
-    assert "| CSP (down) | 4.00 | 3.000 |" in ablation and "t is CSP's theta" in ablation
+    assert "| CSP (down) | 4.00 | 3.000 | 20.00 | 0.500 | 0.200 | 0.600 | 0.800 |" in ablation
+    assert "t is CSP's theta" in ablation and "`er_test`, N=30" in ablation
 
 
 def test_a_prompt_that_does_not_fit_a_learned_position_table_fails_at_plan_time():

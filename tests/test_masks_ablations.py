@@ -175,17 +175,21 @@ def test_seeds_give_different_masks_at_the_same_sparsity(setup):
     assert differ / total > 0.05
 
 
-def _metrics(values: dict[str, float]) -> pd.DataFrame:
+def _metrics(values: dict[str, float], memorized: dict[str, float] | None = None) -> pd.DataFrame:
+    """Metrics rows: ``values`` = each edit's Exact ER on the extraction-rate track (``er_exact_er``,
+    the tables' Exact ER), ``memorized`` its Exact ER on the memorized track (default 1.0); every
+    other column 1.0 but the held-out PPL, 30 + the extraction-rate Exact ER."""
     rows = []
     for edit, exact in values.items():
         row = {col: 1.0 for col, _, _ in report.COLUMNS}
-        row.update(edit=edit, exact_er=exact, heldout_ppl=30.0 + exact)
+        row.update(edit=edit, er_exact_er=exact, exact_er=(memorized or {}).get(edit, 1.0), heldout_ppl=30.0 + exact)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def test_the_masks_table_shows_mean_and_spread_over_seeds():
-    metrics = _metrics({"none": 0.8, "mask-up-a": 0.2, "mask-up-b": 0.4, "mask-up-c": 0.9, "magnitude-x": 0.7})
+    metrics = _metrics({"none": 0.8, "mask-up-a": 0.2, "mask-up-b": 0.4, "mask-up-c": 0.9, "magnitude-x": 0.7},
+                       memorized={"mask-up-a": 0.9, "mask-up-b": 0.8, "magnitude-x": 0.95})
     spec = [{"edit": "none", "series": "Origin", "tables": ["main"], "measured_sparsity": 0.0},
             {"edit": "magnitude-x", "series": "Magnitude", "tables": ["main"], "measured_sparsity": 0.3}]
     for edit, seed, sparsity, converged in [("mask-up-a", 0, 0.30, True), ("mask-up-b", 1, 0.31, True),
@@ -197,15 +201,20 @@ def test_the_masks_table_shows_mean_and_spread_over_seeds():
     assert list(table["method"]) == ["Origin", "Magnitude", "Ours (up)"]
     up = table.iloc[2]
     # by hand: mean (0.2 + 0.4 + 0.9) / 3 = 0.5; deviations -0.3, -0.1, 0.4 -> sd sqrt(0.26 / 2) = 0.3606
-    assert up["exact_er"] == pytest.approx(0.5) and up["exact_er_sd"] == pytest.approx(math.sqrt(0.13))
-    assert (up["exact_er_min"], up["exact_er_max"]) == pytest.approx((0.2, 0.9))
+    assert up["er_exact_er"] == pytest.approx(0.5) and up["er_exact_er_sd"] == pytest.approx(math.sqrt(0.13))
+    assert (up["er_exact_er_min"], up["er_exact_er_max"]) == pytest.approx((0.2, 0.9))
+    # the memorized track's own mean and spread: (0.9 + 0.8 + 1.0) / 3 = 0.9, sd sqrt(0.02 / 2) = 0.1
+    assert up["exact_er"] == pytest.approx(0.9) and up["exact_er_sd"] == pytest.approx(0.1)
     assert up["sparsity"] == pytest.approx(0.30) and up["sparsity_sd"] == pytest.approx(0.01)
     assert up["n_seeds"] == 3 and up["seeds"] == "0,1,2" and up["edit"] == "mask-up-a,mask-up-b,mask-up-c"
     assert up["converged"] is False and up["unconverged_reason"] == "seed 2: only 10% crossed"
-    assert table.iloc[1]["n_seeds"] == 1 and np.isnan(table.iloc[1].get("exact_er_sd", np.nan))
+    assert table.iloc[1]["n_seeds"] == 1 and np.isnan(table.iloc[1].get("er_exact_er_sd", np.nan))
     text = report.markdown(table, "t") + report.notes(table)
-    assert "| Ours (up) (did not converge) |" in text and "0.500 ± 0.361" in text and "30.50 ± 0.36" in text
-    assert "| Magnitude |" in text and "0.700 |" in text  # one row: no spread
+    # held-out loss, PPL (30 + 0.2/0.4/0.9: 30.50 +- 0.36), Fractional ER, Exact ER (the extraction-rate
+    # track), Fractional ER (memorized), Exact ER (memorized), Mem. loss, Mem. PPL, Sparsity
+    assert ("| Ours (up) (did not converge) | 1.000 ± 0.000 | 30.50 ± 0.36 | 1.000 ± 0.000 | 0.500 ± 0.361 | "
+            "1.000 ± 0.000 | 0.900 ± 0.100 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.300 ± 0.010 |") in text
+    assert "| Magnitude | 1.000 | 30.70 | 1.000 | 0.700 | 1.000 | 0.950 | 1.000 | 1.000 | 0.300 |" in text  # no spread
     assert "over 3 seeds (0,1,2)" in text
 
 
@@ -219,12 +228,14 @@ def test_the_masks_table_tests_each_row_against_origin_and_the_none_mask():
     """20 examples per track. Origin extracts 10 on the extraction-rate track. Ours (none), seeds
     a/b: the same 10. Ours (up), seeds a/b: 19 and 20 (per example 9 shares of 1, one of 1/2):
     pooled 19.5/20; against none per example: 9.5 examples gained, none lost: the sign-flip test
-    enumerates 2^10 sign patterns -> p = 2 / 1024. Ours (down), one seed: 0 extracted."""
+    enumerates 2^10 sign patterns -> p = 2 / 1024. Ours (down), one seed: 0 extracted. On the
+    memorized track every row extracts all 20 but down, 15: 5 discordant pairs -> p = 2 / 2^5."""
     er = {"none": [1] * 10 + [0] * 10, "n-a": [1] * 10 + [0] * 10, "n-b": [1] * 10 + [0] * 10,
           "u-a": [1] * 19 + [0], "u-b": [1] * 20, "d": [0] * 20}
-    scores = {e: pd.concat([_track_scores("extraction_rate", v), _track_scores("memorized", [1] * 20)])
+    mem = {e: [1] * 15 + [0] * 5 if e == "d" else [1] * 20 for e in er}
+    scores = {e: pd.concat([_track_scores("extraction_rate", v), _track_scores("memorized", mem[e])])
               for e, v in er.items()}
-    metrics = _metrics({e: 1.0 for e in er})
+    metrics = _metrics({e: sum(v) / 20 for e, v in er.items()}, {e: sum(v) / 20 for e, v in mem.items()})
     spec = [{"edit": "none", "series": "Origin", "tables": ["main"], "measured_sparsity": 0.0}]
     for edit, mode, seed in (("n-a", "none", 0), ("n-b", "none", 1), ("u-a", "up", 0), ("u-b", "up", 1), ("d", "down", 0)):
         spec.append({"edit": edit, "series": f"Ours ({mode})", "family": "ours", "mode": mode, "sparsity": 0.3,
@@ -241,11 +252,22 @@ def test_the_masks_table_tests_each_row_against_origin_and_the_none_mask():
     assert table.loc["Ours (down)", "er_vs_origin"] == "lower (p=0.002)"
     assert table.loc["Ours (none)", "er_vs_ref"] == "-" and table.loc["Origin", "er_vs_origin"] == "-"
     assert table.loc["Ours (none)", "er_vs_origin"] == "no evidence of a difference (p=1)"
+    # the memorized track, apart: the ceiling hides up vs none; down loses 5 of 20
     assert table.loc["Ours (up)", "vs_ref"] == "no evidence of a difference (p=1)"  # memorized track: all 1
+    assert table.loc["Ours (down)", "vs_ref"] == "no evidence of a difference (p=0.062)"  # 2 / 2^5 = 0.0625
+    assert table.loc["Ours (down)", "exact_count"] == "15/20" and table.loc["Origin", "exact_count"] == "20/20"
     text = report.markdown(table.reset_index(), "t")
     header = next(line for line in text.splitlines() if line.startswith("| Method"))
     assert "| Exact ER | k/N | 95% CI | vs Origin (Exact ER) | vs `none` mask (Exact ER) |" in header
     assert "| Fractional ER | 95% CI | vs Origin (Fractional ER) | vs `none` mask (Fractional ER) |" in header
+    assert "| Exact ER (memorized) | k/N (memorized) | 95% CI (memorized) | Mem. loss |" in header
+    # the paper's columns carry the extraction-rate track's values and tests; then the memorized track's
+    # value, count and exact interval (20/20: [0.025^(1/20), 1] = [0.832, 1.000])
+    down = next(line for line in text.splitlines() if line.startswith("| Ours (down) |"))
+    assert ("| 0.000 | 0/20 | [0.000, 0.168] | lower (p=0.002) | lower (p=0.002) | 1.000 | 0.750 | 15/20 |"
+            in down)
+    origin = next(line for line in text.splitlines() if line.startswith("| Origin |"))
+    assert "| 0.500 | 10/20 | [0.272, 0.728] | - | - | 1.000 | 1.000 | 20/20 | [0.832, 1.000] |" in origin
     assert report.with_tests(table, {}, refs) is table  # no scores: the table as it was
 
 
@@ -265,10 +287,13 @@ def test_the_ablations_table_lists_each_row_against_its_reference():
              "target_sparsity": 0.3, "reference": True}]
     df = report.ablations_table(metrics, spec, rows)
     assert list(df["method"]) == ["Ours (up, sparsity only)", "Ours (up, memorization only)", "Ours (up, both)"]
-    assert list(df["exact_er"]) == [0.1, 0.9, 0.5] and list(df["sparsity"]) == [0.3, 0.004, 0.3]
+    assert list(df["er_exact_er"]) == [0.1, 0.9, 0.5] and list(df["sparsity"]) == [0.3, 0.004, 0.3]
+    assert list(df["exact_er"]) == [1.0, 1.0, 1.0]  # the memorized track, in its own column
     assert list(df["reference"]) == [False, False, True]
     text = report.markdown(df, "Ablations", [("ablation", "Ablation", "{}"), ("target_sparsity", "Target", "{:.2f}")])
-    assert "| Ours (up, memorization only) | regularizers | - |" in text
+    # no target sparsity; Exact ER 0.9 (extraction-rate track, PPL 30 + 0.9) beside the memorized track's 1.0
+    assert ("| Ours (up, memorization only) | regularizers | - | 1.000 | 30.90 | 1.000 | 0.900 | 1.000 | 1.000 | "
+            "1.000 | 1.000 | 0.004 |") in text
     with pytest.raises(ValueError, match="not in the masks spec"):
         report.ablations_table(metrics, spec, [{**rows[0], "edit": "mask-gone"}])
 

@@ -169,12 +169,20 @@ def test_balanced_subnet_command(tiny_model_dir, data, tmp_path):
 # ----------------------------------------------------------------------------------- report
 
 
-def _metrics(edit, exact, ppl):
-    return {"model": "m", "edit": edit, "method": edit, "n_examples": 10, "exact_er": exact, "fractional_er": exact,
-            "mem_loss": 1 - exact, "mem_ppl": np.exp(1 - exact), "heldout_loss": np.log(ppl), "heldout_ppl": ppl}
+def _metrics(edit, exact, ppl, er_exact, **given):
+    """One metrics row as the evaluate stage writes it: ``exact`` on the memorized track (10 examples
+    the unedited model extracts), ``er_exact`` on the extraction-rate track (40 examples of the
+    unfiltered split); each track's Fractional ER is its Exact ER + 0.2 (capped at 1); ``given``
+    overrides any column."""
+    return {"model": "m", "edit": edit, "method": edit, "n_examples": 10, "exact_er": exact,
+            "fractional_er": min(exact + 0.2, 1.0), "mem_loss": 1 - exact, "mem_ppl": np.exp(1 - exact),
+            "heldout_loss": np.log(ppl), "heldout_ppl": ppl, "er_n_examples": 40, "er_exact_er": er_exact,
+            "er_fractional_er": min(er_exact + 0.2, 1.0), **given}
 
 
-def test_masks_report_tables_and_plots(tmp_path):
+def test_masks_report_tables_and_plots(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
     from memctl.edits import save_delta
 
     mask = torch.ones(10, 10, dtype=torch.bool)
@@ -187,11 +195,14 @@ def test_masks_report_tables_and_plots(tmp_path):
     save_delta(tmp_path / "down.safetensors", masks={"w": mask},
                metadata={"mask_rule": "topk (threshold missed target)", "converged": False,
                          "unconverged_reason": "training sparsity 0.000 vs target 0.300"})
-    rows = [_metrics("none", 0.9, 20.0), _metrics("up", 0.95, 22.0), _metrics("up4", 0.9, 25.0),
-            _metrics("sgpt", 0.5, 21.0), _metrics("down", 0.0, 150.0), _metrics("up5", 0.5, 40.0)]
+    # (edit, memorized-track Exact ER, held-out PPL, extraction-rate-track Exact ER): Origin extracts every
+    # memorized sequence by construction, and 0.4 of the unfiltered split (the paper's Origin rows: 0.17-0.50)
+    rows = [_metrics("none", 1.0, 20.0, 0.4), _metrics("up", 0.95, 22.0, 0.55), _metrics("up4", 0.9, 25.0, 0.5),
+            _metrics("sgpt", 0.5, 21.0, 0.2), _metrics("down", 0.0, 150.0, 0.0), _metrics("up5", 0.5, 40.0, 0.1)]
     paths = []
+    (tmp_path / "metrics").mkdir()  # not beside the deltas: the store refuses a file without sidecar there
     for row in rows:
-        paths.append(tmp_path / f"{row['edit']}.parquet")
+        paths.append(tmp_path / "metrics" / f"{row['edit']}.parquet")
         pd.DataFrame([row]).to_parquet(paths[-1])
     spec = {"title": "T", "edits": [
         {"edit": "up", "series": "Ours (up)", "family": "ours", "mode": "up", "sparsity": 0.3,
@@ -206,48 +217,88 @@ def test_masks_report_tables_and_plots(tmp_path):
         {"edit": "up5", "series": "Ours (up)", "family": "ours", "mode": "up", "sparsity": 0.5,
          "delta": str(tmp_path / "down.safetensors"), "tables": ["sparsity"]},
     ]}
+    figures = []  # the ablation plot as drawn (its axes, lines and labels) before it is written
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
     out = tmp_path / "out"
     _run("masks-report", "--metrics", *map(str, paths), "--spec", json.dumps(spec), "--out-dir", str(out))
     table = pd.read_parquet(out / "table.parquet")
     assert list(table["method"]) == ["Origin", "SparseGPT", "Ours (up)", "Ours (down)"]  # the paper's row order
     assert list(table["sparsity"]) == pytest.approx([0.0, 0.25, 0.3, 0.3])  # measured on the deltas
     assert [None if c is None else bool(c) for c in table["converged"]] == [None, None, None, False]
+    # both tracks, under the metrics' names: er_ = the extraction-rate track, unprefixed = memorized
+    assert list(table["er_exact_er"]) == [0.4, 0.2, 0.55, 0.0] and list(table["exact_er"]) == [1.0, 0.5, 0.95, 0.0]
+    assert list(table["er_n_examples"]) == [40] * 4 and list(table["n_examples"]) == [10] * 4
     md = (out / "table.md").read_text()
-    assert "| Ours (up) | 3.091 | 22.00 | 0.950 | 0.950 | 0.050 | 1.051 | 0.300 |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert header == ("| Method | Held-out loss | Held-out PPL | Fractional ER | Exact ER | Fractional ER (memorized) | "
+                      "Exact ER (memorized) | Mem. loss | Mem. PPL | Sparsity | Wall time (s) | Device | Tokens |")
+    # by hand: Origin's held-out loss ln 20 = 2.996; the paper's columns read the unfiltered split (0.6, 0.4),
+    # the memorized track (1.0 by construction) has its own; mem. loss 1 - 1 = 0, PPL e^0 = 1
+    assert "| Origin | 2.996 | 20.00 | 0.600 | 0.400 | 1.000 | 1.000 | 0.000 | 1.000 | 0.000 |" in md
+    # ln 22 = 3.091; Fractional ER 0.55 + 0.2; memorized 0.95 (its Fractional ER capped at 1); e^0.05 = 1.051
+    assert "| Ours (up) | 3.091 | 22.00 | 0.750 | 0.550 | 1.000 | 0.950 | 0.050 | 1.051 | 0.300 |" in md
+    assert "| SparseGPT | 3.045 | 21.00 | 0.400 | 0.200 | 0.700 | 0.500 | 0.500 | 1.649 | 0.250 |" in md
+    assert "`er_test`, N=40" in md and "`memorized_test`, N=10" in md and "Origin is 1 there by construction" in md
+    assert "Mem. loss / Mem. PPL: teacher-forced loss and perplexity on the suffix tokens of the memorized" in md
     assert "SparseGPT: form: sequential" in md and "Ours (up): final mask: threshold" in md
     # the unconverged mask: marked in its row and in the notes, with the reason
-    assert "| Ours (down) (did not converge) | 5.011 | 150.00 | 0.000 | 0.000 |" in md
+    assert "| Ours (down) (did not converge) | 5.011 | 150.00 | 0.200 | 0.000 | 0.200 | 0.000 |" in md
     assert ("- Ours (down) (did not converge): **did not converge** (training sparsity 0.000 vs target 0.300)"
             in md)
     assert md.count("did not converge") == 3  # the row and the note (twice); no other row
     ablation = pd.read_parquet(out / "ablation_sparsity.parquet")
     assert list(ablation["target_sparsity"]) == [0.3, 0.4, 0.5]
-    assert "| Ours (up) (did not converge) | 0.50 |" in (out / "ablation_sparsity.md").read_text()
+    assert list(ablation["er_exact_er"]) == [0.55, 0.5, 0.1] and list(ablation["exact_er"]) == [0.95, 0.9, 0.5]
+    ablation_md = (out / "ablation_sparsity.md").read_text()
+    assert "| Ours (up) (did not converge) | 0.50 | 3.689 | 40.00 | 0.300 | 0.100 | 0.700 | 0.500 |" in ablation_md
+    assert "`er_test`, N=40" in ablation_md
     assert (out / "ablation_sparsity.png").stat().st_size > 5000
+    # the plot (paper Fig. 3) draws the extraction-rate track, labelled, with Origin's rate on it as the line
+    (fig,) = figures
+    exact, frac, ppl = fig.axes
+    assert exact.get_ylabel() == "Exact ER (extraction-rate split), N=40"
+    assert frac.get_ylabel() == "Fractional ER (extraction-rate split), N=40" and ppl.get_ylabel() == "held-out PPL"
+    up, origin = (line for line in exact.get_lines() if line.get_label() in ("Ours (up) (did not converge: x)", "Origin"))
+    assert list(up.get_xdata()) == [0.3, 0.4, 0.5] and list(up.get_ydata()) == pytest.approx([0.55, 0.5, 0.1])
+    assert list(origin.get_ydata()) == pytest.approx([0.4, 0.4])  # not the memorized track's 1.0
+    assert [float(y) for y in next(iter(frac.get_lines())).get_ydata()] == pytest.approx([0.75, 0.7, 0.3])
     assert not (out / "ablation_threshold.md").exists()
     assert verify(out / "table.md") == [] and verify(out / "ablation_sparsity.png") == []
     page = (out / "table.html").read_text()  # what `snakemake --report` shows: main and ablation tables
-    assert "<td>Ours (up)</td><td>3.091</td><td>22.00</td>" in page and "Sparsity ablation" in page
+    assert "<td>Ours (up)</td><td>3.091</td><td>22.00</td><td>0.750</td><td>0.550</td>" in page
+    assert "Sparsity ablation" in page
 
 
 def test_masks_report_reads_the_scores_beside_each_metrics_file(tmp_path):
     """As the pipeline lays them out (evaluate/<edit>/metrics.parquet and scores.parquet): the
-    report pairs the rows on their examples and writes the verdicts. 12 examples; Origin extracts
-    all, the down mask none: McNemar p = 2 / 2^12; its held-out windows are 0.1 nats/token worse."""
-    def scores(exact, shift):
-        gen = pd.DataFrame({"track": "extraction_rate", "candidate_id": [f"c{i}" for i in range(12)],
-                            "exact_match": [bool(exact)] * 12, "n_match": 4 * exact, "n_suffix": 4,
-                            "levenshtein_norm": 1.0 - exact, "levenshtein_sim": float(exact)})
+    report pairs the rows on their examples and writes the verdicts, on the extraction-rate track in
+    the Exact / Fractional ER columns. 12 examples per track. Extraction-rate track (unfiltered):
+    Origin extracts 7, the down mask none: 7 discordant pairs, exact McNemar p = 2 / 2^7 = 0.016.
+    Memorized track: Origin extracts all 12 (by construction), the down mask 9: 3 discordant pairs,
+    p = 2 / 2^3 = 0.25. The down mask's held-out windows are 0.1 nats/token worse."""
+    def scores(er, mem, shift):
+        def track(name, exact):
+            return pd.DataFrame({"track": name, "candidate_id": [f"c{i}" for i in range(12)],
+                                 "exact_match": [bool(e) for e in exact], "n_match": [4 * e for e in exact],
+                                 "n_suffix": 4, "levenshtein_norm": [1.0 - e for e in exact],
+                                 "levenshtein_sim": [float(e) for e in exact]})
         held = pd.DataFrame({"track": "heldout", "window": range(8), "nll_sum": [100.0 + i + shift for i in range(8)],
                              "n_tokens": 63})
-        return pd.concat([gen, gen.assign(track="memorized"), held], ignore_index=True)
+        return pd.concat([track("extraction_rate", er), track("memorized", mem), held], ignore_index=True)
 
     paths = []
-    for edit, exact, shift in (("none", 1, 0.0), ("down", 0, 6.3)):
+    for edit, er, mem, shift in (("none", [1] * 7 + [0] * 5, [1] * 12, 0.0),
+                                 ("down", [0] * 12, [1] * 9 + [0] * 3, 6.3)):
         d = tmp_path / "evaluate" / edit
         d.mkdir(parents=True)
-        pd.DataFrame([_metrics(edit, float(exact), 20.0)]).to_parquet(d / "metrics.parquet")
-        scores(exact, shift).to_parquet(d / "scores.parquet")
+        # the metrics the evaluate stage computes from these scores: 12 examples a track, every suffix
+        # either matched whole or not at all (Fractional ER = Exact ER), held-out PPL 20 x e^(shift / 63)
+        mem_er, er_er = sum(mem) / 12, sum(er) / 12
+        row = _metrics(edit, mem_er, 20.0 * np.exp(shift / 63), er_er, n_examples=12, er_n_examples=12,
+                       fractional_er=mem_er, er_fractional_er=er_er)
+        pd.DataFrame([row]).to_parquet(d / "metrics.parquet")
+        scores(er, mem, shift).to_parquet(d / "scores.parquet")
         paths.append(str(d / "metrics.parquet"))
     spec = {"title": "T", "edits": [
         {"edit": "none", "series": "Origin", "family": "origin", "delta": None, "tables": ["main"]},
@@ -256,10 +307,28 @@ def test_masks_report_reads_the_scores_beside_each_metrics_file(tmp_path):
     out = tmp_path / "out"
     _run("masks-report", "--metrics", *paths, "--spec", json.dumps(spec), "--out-dir", str(out))
     table = pd.read_parquet(out / "table.parquet").set_index("method")
-    assert table.loc["Ours (down)", "vs_origin"] == "lower (p<0.001)"
-    assert table.loc["Ours (down)", "vs_origin_p"] == pytest.approx(2 / 2**12)
-    assert table.loc["Ours (down)", "exact_ci"] == "[0.000, 0.265]"  # 1 - 0.025^(1/12)
-    assert table.loc["Ours (down)", "ppl_vs_origin"] == "higher (p<0.001)"
+    down, origin = table.loc["Ours (down)"], table.loc["Origin"]
+    # the extraction-rate track: Origin 7/12 with its exact interval (beta quantiles 0.277, 0.848)
+    assert origin["er_exact_count"] == "7/12" and origin["er_exact_ci"] == "[0.277, 0.848]"
+    assert down["er_exact_count"] == "0/12" and down["er_exact_ci"] == "[0.000, 0.265]"  # 1 - 0.025^(1/12)
+    assert down["er_vs_origin"] == "lower (p=0.016)" and down["er_vs_origin_p"] == pytest.approx(2 / 2**7)
+    assert down["er_frac_vs_origin"].startswith("lower (p")  # 28 of 48 matched tokens -> 0
+    # the memorized track, tested the same way on its own examples: 12/12 -> 9/12, p = 0.25
+    assert origin["exact_count"] == "12/12" and origin["exact_ci"] == "[0.735, 1.000]"  # 0.025^(1/12)
+    assert down["exact_count"] == "9/12" and down["vs_origin"] == "no evidence of a difference (p=0.25)"
+    assert down["vs_origin_p"] == pytest.approx(2 / 2**3)
+    assert down["ppl_vs_origin"] == "higher (p<0.001)"
     md = (out / "table.md").read_text()
-    assert "| 0/12 | [0.000, 0.265] | lower (p<0.001) |" in md and "exact McNemar test" in md
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert ("| Held-out PPL | vs Origin (PPL) | Fractional ER | 95% CI | vs Origin (Fractional ER) | "
+            "vs `none` mask (Fractional ER) | Exact ER | k/N | 95% CI | vs Origin (Exact ER) | vs `none` mask (Exact ER) | "
+            "Fractional ER (memorized) | Exact ER (memorized) | k/N (memorized) | 95% CI (memorized) | Mem. loss |") in header
+    # Origin's row reads as the paper's: Exact ER 7/12 = 0.583, the memorized track's 1.000 apart
+    assert "| 0.583 | 7/12 | [0.277, 0.848] | - | - | 1.000 | 1.000 | 12/12 | [0.735, 1.000] |" in md
+    # down: held-out PPL 20 e^0.1 = 22.10; 0/12 on the paper's split; memorized 9/12 = 0.750, exact
+    # interval [0.428, 0.945] (beta quantiles 0.025 of Beta(9, 4), 0.975 of Beta(10, 3))
+    assert "| Ours (down) | 3.096 | 22.10 | higher (p<0.001) | 0.000 |" in md
+    assert "| 0.000 | 0/12 | [0.000, 0.265] | lower (p=0.016) | - | 0.750 | 0.750 | 9/12 | [0.428, 0.945] |" in md
+    assert "`er_test`, N=12" in md and "`memorized_test`, N=12" in md
+    assert "exact McNemar test" in md and "Tests are on the extraction-rate track" in md
     assert read_sidecar(out / "table.md")["inputs"].keys() >= {"scores[0]", "scores[1]"}

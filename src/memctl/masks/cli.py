@@ -214,7 +214,8 @@ def cmd_report(args) -> None:
             entry.update(report.delta_cost(entry.get("delta")))  # wall time, device, tokens (its sidecar)
         main = report.main_table(metrics, entries)
         main = report.with_tests(main, scores, report.none_reference(main, entries))
-        text = report.markdown(main, title, trail=report.COST_COLUMNS) + "\n" + report.COST_NOTE + report.notes(main)
+        text = (report.markdown(main, title, trail=report.COST_COLUMNS) + "\n" + report.columns_note(main) + "\n"
+                + report.COST_NOTE + report.notes(main))
         if scores:
             text += "\n" + report.TESTS_NOTE
         write_text(out / "table.md", text, provenance=prov)
@@ -230,7 +231,8 @@ def cmd_report(args) -> None:
                 continue
             df = report.with_tests(df, scores, report.none_reference(df, entries))
             lead = [("target_sparsity", "Target", "{:.2f}")] if table == "sparsity" else [("threshold", "t", "{:.2f}")]
-            page = report.markdown(df, heading, lead) + ("\n" + report.TESTS_NOTE if scores else "")
+            page = (report.markdown(df, heading, lead) + "\n" + report.columns_note(df)
+                    + ("\n" + report.TESTS_NOTE if scores else ""))
             if table == "threshold" and (df["family"] == "csp").any():
                 page += "\n" + report.CSP_THRESHOLD_NOTE
             write_text(out / f"ablation_{table}.md", page, provenance=prov)
@@ -243,7 +245,8 @@ def cmd_report(args) -> None:
             df = report.with_tests(df, scores, report.ablation_reference(df))
             page = report.markdown(df, "Ablations (paper Table 5, appendices A and D)",
                                    [("ablation", "Ablation", "{}"), ("target_sparsity", "Target", "{:.2f}")])
-            page += "\n" + report.ABLATIONS_NOTE + report.notes(df) + ("\n" + report.TESTS_NOTE if scores else "")
+            page += ("\n" + report.ABLATIONS_NOTE + report.notes(df) + "\n" + report.columns_note(df)
+                     + ("\n" + report.TESTS_NOTE if scores else ""))
             write_text(out / "ablations.md", page, provenance=prov)
             write_parquet(df, out / "ablations.parquet", provenance=prov)
             pages.append(page)

@@ -1,6 +1,13 @@
 """Paper-style tables (the weight-pruning paper's Tables 1-2) and ablation plots from the metrics.
 
-Every number comes from the ``evaluate`` stage's ``metrics.parquet`` of each edit; sparsity is
+Every number comes from the ``evaluate`` stage's ``metrics.parquet`` of each edit. The paper's
+Tables 1-2 evaluate on an unfiltered held-out split (1,000 sequences, whatever the model extracts:
+its Origin rows score Exact ER 0.17-0.50), so the tables' Exact ER / Fractional ER columns, their
+counts, intervals and paired tests, and the ablation plots are the extraction-rate track (the
+metrics' ``er_`` columns, scores of track ``extraction_rate``: ``er_test``). The memorized track
+(``memorized_test``: the held-out sequences the unedited model extracts exactly, Origin 1 by
+construction) has columns of its own, "Exact ER (memorized)" and "Fractional ER (memorized)";
+:func:`columns_note` says under each table which set every column is computed on. Sparsity is
 measured on the edit itself (share of zero weights among the matrices the edit touches: masked-out
 weights, or zeros of SparseGPT's replaced weights). The Origin row is the unedited model (no
 pruning: sparsity 0). A trained edit whose delta says ``converged: false`` (written with
@@ -27,16 +34,22 @@ ROW_ORDER = [
     "CSP (down)", "CSP (up)",
     "Ours (none)", "Ours (up)", "Ours (down)", "Ours (reciprocal)",
 ]
-#: (metrics column, table header, format)
+#: (metrics column, table header, format). The metrics' naming is kept: ``er_`` = the extraction-rate
+#: track (the paper's split: the unlabelled Exact / Fractional ER columns), unprefixed = the memorized
+#: track (labelled "(memorized)"); Mem. loss / PPL are teacher-forced on the memorized track's suffixes.
 COLUMNS = [
     ("heldout_loss", "Held-out loss", "{:.3f}"),
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
-    ("fractional_er", "Fractional ER", "{:.3f}"),
-    ("exact_er", "Exact ER", "{:.3f}"),
+    ("er_fractional_er", "Fractional ER", "{:.3f}"),
+    ("er_exact_er", "Exact ER", "{:.3f}"),
+    ("fractional_er", "Fractional ER (memorized)", "{:.3f}"),
+    ("exact_er", "Exact ER (memorized)", "{:.3f}"),
     ("mem_loss", "Mem. loss", "{:.3f}"),
     ("mem_ppl", "Mem. PPL", "{:.3f}"),
     ("sparsity", "Sparsity", "{:.3f}"),
 ]
+#: The examples each track scored (from the metrics; the same for every row of a run): the notes' N.
+N_COLUMNS = ("er_n_examples", "n_examples")
 
 
 #: The training cost of each edit (paper Sec. 4.2), from its delta's provenance sidecar: the run's wall
@@ -113,7 +126,9 @@ def _rows(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]], table: str) 
             "form": entry.get("form"),
             "target_sparsity": entry.get("sparsity"),
             "threshold": entry.get("threshold"),
-            **{col: float(m[col]) for col, _, _ in COLUMNS if col != "sparsity"},
+            # a metrics file without a track's columns (written before it existed) shows "-" there
+            **{col: float(m.get(col, math.nan)) for col, _, _ in COLUMNS if col != "sparsity"},
+            **{col: m.get(col) for col in N_COLUMNS},
             "sparsity": entry["measured_sparsity"],
             "mask_rule": entry.get("mask_rule"),
             **{col: entry.get(col) for col, _, _ in COST_COLUMNS},  # the edit's training cost (its sidecar)
@@ -219,11 +234,14 @@ def ablation_table(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]], tab
     return df.sort_values(["method", key], kind="stable").reset_index(drop=True)
 
 
-#: (column prefix, track) of the per-example scores the tests read: the columns above show the
-#: memorized track (``exact_er``, ``fractional_er``); the extraction-rate track's (``er_``) are in the parquet.
-TEST_TRACKS = (("", "memorized"), ("er_", "extraction_rate"))
+#: (column prefix, track) of the per-example scores the tests read: ``er_`` the extraction-rate track
+#: (the Exact / Fractional ER columns, with their counts, intervals and verdicts in the tables),
+#: unprefixed the memorized track (its count and interval beside its "(memorized)" columns; its
+#: verdicts, ``vs_origin``, ``vs_ref``, ``frac_*``, in the parquet).
+TEST_TRACKS = (("er_", "extraction_rate"), ("", "memorized"))
 #: Said under each table that carries the paired tests.
 TESTS_NOTE = (
+    "Tests are on the extraction-rate track (the Exact ER / Fractional ER columns). "
     "k/N, 95% CI: exact Clopper-Pearson interval of Exact ER with its count; Fractional ER: percentile bootstrap "
     "over examples. vs Origin: the row against the unedited model on the same examples (exact McNemar test for "
     "Exact ER, paired bootstrap for Fractional ER and held-out perplexity over the same windows); vs `none` mask: "
@@ -231,8 +249,36 @@ TESTS_NOTE = (
     "(the main table's, or the sweep's at the same target); vs reference: each ablation row against its mode's "
     "main-table mask. A row of several seeds pools them per example (each example's outcome averaged over the "
     "seeds; k is then the averaged count) and is compared with the exact sign-flip permutation test "
-    f"(memctl.stats). Verdicts at significance level {ALPHA:g}.\n"
+    f"(memctl.stats). Verdicts at significance level {ALPHA:g}. The memorized track's count and interval are "
+    "beside Exact ER (memorized); its verdicts, computed the same way, are in the parquet (`vs_origin`, `vs_ref`, "
+    "`frac_vs_origin`, `frac_vs_ref` and their `_p`; the extraction-rate track's carry the `er_` prefix).\n"
 )
+
+
+def _n_text(df: pd.DataFrame, col: str) -> str:
+    """``N=81`` from a table's ``er_n_examples`` / ``n_examples`` (every row's, where they differ;
+    empty where the metrics did not record it)."""
+    if col not in df:
+        return ""
+    values = [int(v) for v in dict.fromkeys(df[col]) if _given(v)]
+    return f"N={'/'.join(str(v) for v in values)}" if values else ""
+
+
+def columns_note(df: pd.DataFrame) -> str:
+    """Said under each masks table: the set each column is computed on, with the examples' N."""
+    er_n, mem_n = _n_text(df, "er_n_examples"), _n_text(df, "n_examples")
+    return (
+        "Columns: Exact ER and Fractional ER are the extraction-rate track: greedy extraction on the held-out "
+        f"extraction-rate split (`er_test`{', ' + er_n if er_n else ''}), sampled from every candidate whatever the "
+        "unedited model extracts, as the weight-pruning paper's 1,000-sequence test split of its Tables 1-2 (where "
+        "Origin scores Exact ER 0.17-0.50): Origin is the unedited model's rate there. Exact ER (memorized) and "
+        f"Fractional ER (memorized): the memorized test split (`memorized_test`{', ' + mem_n if mem_n else ''}), the "
+        "held-out sequences the unedited model extracts exactly, so Origin is 1 there by construction (the "
+        "loss-curvature paper's set). Mem. loss / Mem. PPL: teacher-forced loss and perplexity on the suffix tokens "
+        "of the memorized test split. Held-out loss / PPL: the held-out text's non-overlapping windows (the "
+        "`heldout` stage's, the same for every row). In the parquet the extraction-rate track's columns carry the "
+        "`er_` prefix and the memorized track's none (as in `metrics.parquet`).\n"
+    )
 
 
 def scores_beside(metrics_paths: Sequence[str | Path]) -> dict[str, pd.DataFrame]:
@@ -352,23 +398,23 @@ def with_tests(df: pd.DataFrame, scores: Mapping[str, pd.DataFrame] | None,
 
 def with_test_columns(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """``columns`` with the tests' columns (where :func:`with_tests` added them) after the value each
-    belongs to: count, interval and verdicts after Exact ER, interval and verdicts after Fractional ER,
-    the perplexity verdict after held-out PPL."""
+    belongs to. Extraction-rate track (the Exact / Fractional ER columns): count, interval and verdicts
+    after Exact ER, interval and verdicts after Fractional ER. Memorized track: its count and interval
+    after Exact ER (memorized) (its verdicts stay in the parquet). The perplexity verdict after
+    held-out PPL."""
     against = "vs reference" if "reference" in df else "vs `none` mask"
     out = []
     for col, head, fmt in columns:
         out.append((col, head, fmt))
-        base = col[3:] if col.startswith("er_") else col
-        prefix = col[: len(col) - len(base)]
         extra: list[tuple[str, str, str]] = []
-        if base == "exact_er":
-            extra = [(f"{prefix}exact_count", "k/N", "{}"), (f"{prefix}exact_ci", "95% CI", "{}"),
-                     (f"{prefix}vs_origin", "vs Origin (Exact ER)", "{}"),
-                     (f"{prefix}vs_ref", f"{against} (Exact ER)", "{}")]
-        elif base == "fractional_er":
-            extra = [(f"{prefix}fractional_ci", "95% CI", "{}"),
-                     (f"{prefix}frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
-                     (f"{prefix}frac_vs_ref", f"{against} (Fractional ER)", "{}")]
+        if col == "er_exact_er":
+            extra = [("er_exact_count", "k/N", "{}"), ("er_exact_ci", "95% CI", "{}"),
+                     ("er_vs_origin", "vs Origin (Exact ER)", "{}"), ("er_vs_ref", f"{against} (Exact ER)", "{}")]
+        elif col == "er_fractional_er":
+            extra = [("er_fractional_ci", "95% CI", "{}"), ("er_frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
+                     ("er_frac_vs_ref", f"{against} (Fractional ER)", "{}")]
+        elif col == "exact_er":
+            extra = [("exact_count", "k/N (memorized)", "{}"), ("exact_ci", "95% CI (memorized)", "{}")]
         elif col == "heldout_ppl":
             extra = [("ppl_vs_origin", "vs Origin (PPL)", "{}")]
         out += [c for c in extra if c[0] in df]
@@ -436,8 +482,17 @@ def notes(df: pd.DataFrame) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+def _panel_label(df: pd.DataFrame, col: str, label: str) -> str:
+    """An axis label with the N of the track a rate column belongs to (``er_`` / memorized)."""
+    n = _n_text(df, "er_n_examples" if col.startswith("er_") else "n_examples")
+    return f"{label}, {n}" if n and col.endswith(("exact_er", "fractional_er")) else label
+
+
 def plot_ablation(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], path, title: str,
                   origin: Mapping[str, float] | None = None) -> None:
+    """One panel per ``(column, label)`` of ``panels`` against ``x``, one line per method; the
+    default panels (:data:`SPARSITY_PANELS`, :data:`THRESHOLD_PANELS`) plot the extraction-rate
+    track's rates, as the paper's Figs. 3-4 do."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -455,10 +510,10 @@ def plot_ablation(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], p
                 ax.scatter(group[x][bad], group[col][bad], marker="x", s=90, color="red", zorder=5,
                            label=None if crossed else UNCONVERGED)
                 crossed = True
-        if origin and col in origin:
+        if origin and col in origin and _given(origin[col]):
             ax.axhline(origin[col], color="grey", linestyle="--", linewidth=1, label="Origin")
         ax.set_xlabel("target sparsity" if x == "target_sparsity" else "learning threshold t")
-        ax.set_ylabel(label)
+        ax.set_ylabel(_panel_label(df, col, label), fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
@@ -467,6 +522,10 @@ def plot_ablation(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], p
     plt.close(fig)
 
 
-SPARSITY_PANELS = [("exact_er", "Exact ER"), ("fractional_er", "Fractional ER"), ("heldout_ppl", "held-out PPL")]
-THRESHOLD_PANELS = [("exact_er", "Exact ER"), ("fractional_er", "Fractional ER"), ("mem_loss", "memorized-suffix loss"),
-                    ("heldout_loss", "held-out loss")]
+#: The ablation plots' panels: the extraction-rate track's rates (the paper's Figs. 3-4 split), then
+#: the utility (and, for the threshold, the memorized-suffix loss t bounds).
+SPARSITY_PANELS = [("er_exact_er", "Exact ER (extraction-rate split)"),
+                   ("er_fractional_er", "Fractional ER (extraction-rate split)"), ("heldout_ppl", "held-out PPL")]
+THRESHOLD_PANELS = [("er_exact_er", "Exact ER (extraction-rate split)"),
+                    ("er_fractional_er", "Fractional ER (extraction-rate split)"),
+                    ("mem_loss", "memorized-suffix loss (memorized split)"), ("heldout_loss", "held-out loss")]
