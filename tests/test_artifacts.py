@@ -215,9 +215,11 @@ def make_store(tmp_path):
     dead_dir = store / "demo" / f".model-ef56.tmp-{dead_pid()}@{host()}-k2j3h4g5"
     dead_dir.mkdir()
     (dead_dir / "config.json").write_text("{")
-    bare = store / "demo" / "tokenizer-9a9a"  # a directory artifact killed before its sidecar
-    bare.mkdir()
-    (bare / "tokenizer.json").write_text("{}")
+    bare = store / "demo" / "tokenizer-9a9a"  # a directory artifact killed before Provenance.write stamped it
+    with atomic_path(bare, directory=True) as tmp:
+        (tmp / "tokenizer.json").write_text("{}")
+    mine = store / "stage-ab12" / "notes.txt"  # a user's file beside the store's: not an artifact
+    mine.write_text("mine")
 
     # Not artifacts: Snakemake's logs and benchmarks, hidden files, the lock files.
     (store / "logs" / "extract").mkdir(parents=True)
@@ -235,7 +237,8 @@ def make_store(tmp_path):
         orphan: "incomplete: missing, but its sidecar",
         dead: "leftover of an interrupted write of killed.parquet",
         dead_dir: "leftover of an interrupted write of model-ef56",
-        bare: "incomplete: directory without provenance sidecar tokenizer-9a9a.meta.json",
+        bare: "incomplete: directory without provenance sidecar tokenizer-9a9a.meta.json, memctl renamed it in"
+              " without one",
     }
     return store, arts, expected
 
@@ -246,8 +249,10 @@ def test_verify_reports_every_problem_once_naming_its_path(tmp_path, capsys):
         main(["verify", str(store)])
     assert exit_.value.code == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == f"checked 9 artifacts: {len(expected)} problems"
-    problems = lines[:-1]
+    assert lines[-1] == f"checked 9 artifacts: {len(expected)} problems; 1 unknown entries left alone"
+    unknown = store / "stage-ab12" / "notes.txt"
+    assert lines[-2] == f"{unknown}: unknown file, not written by memctl: left alone"
+    problems = lines[:-2]
     assert len(problems) == len(expected)
     for path, words in expected.items():
         (line,) = [p for p in problems if p.startswith(f"{path}: ")]
@@ -531,7 +536,9 @@ def test_verify_repair_removes_what_is_damaged_and_reports_it(tmp_path, capsys):
     assert [line.split(": not removed: ")[0] for line in left] == [str(bare), str(arts["no_sidecar"]), str(elsewhere)]
     assert f"{stray}: unknown file, not written by memctl: left alone" in out  # reported, not a problem
     assert out[-1].startswith(f"repair: removed {len(want)} paths, 3 problems left")
+    assert f"{store_dir / 'stage-ab12' / 'notes.txt'}: unknown file, not written by memctl: left alone" in out
     assert {p: p.read_bytes() for p in before} == before and busy.exists()
+    assert (store_dir / "stage-ab12" / "notes.txt").read_text() == "mine"
     assert arts["no_sidecar"].exists() and (bare / "tokenizer.json").exists()
     report = verify_paths([store_dir])
     assert sorted(p.split(": ")[0] for p in report.problems) == sorted(map(str, [bare, arts["no_sidecar"], elsewhere]))

@@ -148,15 +148,20 @@ def test_repair_in_a_checkout_that_is_the_results_dir_removes_only_what_the_stor
         assert (proj / user_file).is_file(), user_file
     assert memorized.exists()
     lines = out.splitlines()
-    for entry in ["Snakefile", "src", "config", "notes.md"]:  # in the checkout, where memctl writes
-        (line,) = [x for x in lines if x.startswith(f"{proj / entry}: not removed: ")]
-        assert "no sidecar, and no plan names it as an artifact" in line and "--configfile CONFIG" in line
-    (line,) = [x for x in lines if x.startswith(f"{paths['notebook']}: not removed: ")]
-    assert "no plan names it" in line
+    # The project's files in the checkout (a directory memctl writes into) and the notebook in
+    # results/tables/: not in the store's record of what it wrote there, so unknown.
+    for entry, kind in [("Snakefile", "file"), ("src", "directory"), ("config", "directory"), ("notes.md", "file"),
+                        ("results/tables/analysis.ipynb", "file")]:
+        assert f"{proj / entry}: unknown {kind}, not written by memctl: left alone" in lines, entry
+    assert not any(x.startswith(str(proj / ".git")) for x in lines)
+    # memctl wrote it as an artifact, its sidecar is gone: a problem; without the plan, left alone.
     (line,) = [x for x in lines if x.startswith(f"{memorized}: incomplete: no provenance sidecar")]
+    assert "though memctl wrote it as an artifact (.memctl.lock lists it" in line
+    (line,) = [x for x in lines if x.startswith(f"{memorized}: not removed: ")]
+    assert "no sidecar, and no plan names it as an artifact" in line and "--configfile CONFIG" in line
     (line,) = [x for x in lines if x.startswith(f"{proj / '.results.md.old-backup'}: not removed: ")]
     assert "does not say which memctl process wrote it" in line
-    assert lines[-1].startswith("repair: removed 8 paths, ")
+    assert lines[-1] == "repair: removed 8 paths, 2 problems left; the next run rebuilds what was removed"
 
     # Again: nothing more is removed.
     again = memctl("verify", "--repair", proj)
@@ -167,12 +172,13 @@ def test_verify_of_the_checkout_reports_and_changes_nothing(tmp_path):
     proj, paths = project_checkout(tmp_path)
     before = tree(proj)
     checked = memctl("verify", proj)
-    assert checked.returncode == 1  # the project's own files in a directory memctl writes into: flagged
+    assert checked.returncode == 1  # the hidden file named like a leftover (of results.md, by an unknown writer)
     lines = checked.stdout.splitlines()
-    assert f"{proj / 'src'}: incomplete: directory without provenance sidecar src.meta.json, in a directory memctl" \
-           " writes artifacts into" in checked.stdout
-    assert any(x.startswith(f"{paths['notebook']}: incomplete: no provenance sidecar") for x in lines)
-    assert not any(x.startswith(str(proj / "results" / "demo")) for x in lines)  # sound artifacts: silent
+    (problem,) = [x for x in lines[:-1] if ": unknown " not in x]
+    assert problem.startswith(f"{proj / '.results.md.old-backup'}: leftover or in-progress write of results.md")
+    assert f"{proj / 'src'}: unknown directory, not written by memctl: left alone" in lines
+    assert f"{paths['notebook']}: unknown file, not written by memctl: left alone" in lines
+    assert lines[-1] == "checked 7 artifacts: 1 problems; 5 unknown entries left alone"
     assert tree(proj) == before
 
 
@@ -241,7 +247,7 @@ def test_a_stage_refuses_an_artifact_whose_sidecar_was_deleted_and_repair_with_t
     assert refused.returncode == 2, refused.stderr[-3000:]
     (line,) = [x for x in refused.stderr.splitlines() if x.startswith("memctl demo-tokenizer: error: ")]
     assert line.startswith(f"memctl demo-tokenizer: error: {train}: incomplete: no provenance sidecar train.parquet"
-                           ".meta.json, in a directory memctl writes artifacts into"), line
+                           ".meta.json, though memctl wrote it as an artifact (.memctl.lock lists it"), line
     assert "`memctl verify --repair --configfile CONFIG` removes it" in line
     assert "demo_tokenizer: started" not in refused.stderr and "Traceback" not in refused.stderr
     assert tree(proj) == before  # nothing written
@@ -249,7 +255,8 @@ def test_a_stage_refuses_an_artifact_whose_sidecar_was_deleted_and_repair_with_t
     # Without the plan: reported, left alone.
     blind = memctl("verify", "--repair", "store", "tables", cwd=proj)
     assert blind.returncode == 1 and removed_lines(blind.stdout) == []
-    assert f"{Path('store') / train.relative_to('store')}: not removed: no sidecar, and no plan names it" in blind.stdout
+    assert f"{train}: not removed: no sidecar, and no plan names it" in blind.stdout
+    assert f"{Path('tables') / 'analysis.ipynb'}: unknown file, not written by memctl: left alone" in blind.stdout
     assert tree(proj) == before
 
     # With the plan (its root and results_dir): the plan's artifact is removed, the notebook is unknown.
@@ -288,9 +295,14 @@ def test_users_own_inputs_outside_the_store_are_accepted_and_a_directory_artifac
     with stage("candidates", {}, inputs) as prov:  # the user's files, a hub id, a sound container
         assert set(prov.inputs) == set(inputs)
 
-    # A file without sidecar in a directory memctl writes into, and a directory artifact whose
-    # sidecar was deleted, inside a container: refused, each named.
-    (corpus / "extra.parquet").write_bytes(b"not the store's")
+    # The user's own file beside the store's tables (a directory memctl writes into): theirs, used.
+    (corpus / "my-prompts.jsonl").write_text('{"prefix": "a", "suffix": "b"}\n')
+    with stage("candidates", {}, {"corpus": corpus, "jsonl": corpus / "my-prompts.jsonl"}):
+        pass
+    # An artifact whose sidecar was deleted, and a directory artifact likewise, inside a
+    # container: refused, each named.
+    write_parquet(pd.DataFrame({"x": [1]}), corpus / "extra.parquet", provenance=Provenance("demo_corpus", {}))
+    sidecar_path(corpus / "extra.parquet").unlink()
     model = proj / "store" / "demo" / "model-x"
     with atomic_path(model, directory=True, provenance=Provenance("demo_pretrain", {})) as tmp:
         (tmp / "model.safetensors").write_bytes(b"\0" * 64)
@@ -306,7 +318,31 @@ def test_users_own_inputs_outside_the_store_are_accepted_and_a_directory_artifac
     with pytest.raises(DataError) as err, stage("candidates", {}, {"model": model}):
         pass
     assert str(err.value).startswith(f"{model}: incomplete: directory without provenance sidecar")
-    assert minus(tree(proj), proj, [str(model), str(corpus / "extra.parquet")]) == before
+    assert minus(tree(proj), proj, [str(model), str(corpus / "extra.parquet"), str(corpus / "my-prompts.jsonl")]) \
+        == before
+
+
+def test_a_store_directory_of_a_memctl_that_kept_no_record_refuses_what_lacks_a_sidecar(proj):
+    """A lock file left by an older memctl is empty (no record of the names it wrote): any entry
+    without a sidecar there may be an artifact that lost it: refused, flagged, not removed
+    without the plan."""
+    from memctl.data import DataError
+    from memctl.runner import stage
+
+    old = proj / "store" / "demo-1a2b" / "edits" / "svd-3c4d"
+    old.mkdir(parents=True)
+    (old / LOCK_NAME).touch()
+    (old / "delta.safetensors").write_bytes(b"\0" * 64)
+    before = tree(proj)
+    with pytest.raises(DataError) as err, stage("evaluate", {}, {"delta": old / "delta.safetensors"}):
+        pass
+    assert str(err.value).startswith(f"{old / 'delta.safetensors'}: incomplete: no provenance sidecar"
+                                     " delta.safetensors.meta.json, in a directory memctl writes artifacts into")
+    repaired = memctl("verify", "--repair", "store", cwd=proj)
+    assert repaired.returncode == 1
+    delta = Path("store/demo-1a2b/edits/svd-3c4d/delta.safetensors")
+    assert f"{delta}: not removed: no sidecar, and no plan names it as an artifact" in repaired.stdout
+    assert tree(proj) == before
 
 
 def test_verify_dot_and_an_empty_path(proj):

@@ -9,7 +9,9 @@ How an artifact is written:
 3. Under the directory's lock (``.memctl.lock``, ``flock``): with a ``provenance`` the sidecar
    ``<name>.meta.json`` (holding the checksum of the new content) is written atomically first;
    then the content is renamed onto ``<name>`` (a directory swaps places with the old one in one
-   ``renameat2(RENAME_EXCHANGE)`` where the filesystem supports it) and the directory is fsynced.
+   ``renameat2(RENAME_EXCHANGE)`` where the filesystem supports it), the directory is fsynced, and
+   the name is added to the directory's record of what memctl wrote there (the lock file,
+   :func:`~memctl.store.locks.record_written`).
 
 A process killed at any point leaves either the old state, a ``.tmp-`` leftover (never accepted:
 the final name does not exist or still holds the old content), or a sidecar whose checksum does
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from memctl.store.hashing import hash_path, identity, publish, remember, stat_record
 from memctl.store.leftovers import remove, remove_stale_leftovers, tmp_prefix
-from memctl.store.locks import directory_lock, fsync, fsync_tree
+from memctl.store.locks import directory_lock, fsync, fsync_tree, record_written
 from memctl.store.permissions import has_setgid, make_dirs, share
 from memctl.store.provenance import Provenance, json_default, write_sidecar
 
@@ -149,6 +151,7 @@ def atomic_path(
             # there by other means), never a version another writer renamed in meanwhile.
             ident = identity(final)
             publish(final, ident)
+            record_written(final.parent, final.name, artifact=meta is not None)
         if sha is not None:
             remember(final, ident, sha, stat)
         if garbage is not None:

@@ -35,7 +35,7 @@ from memctl.store.hashing import (
 )
 from memctl.store.layout import LOCK_NAME, SIDECAR_SUFFIX, UNTRACKED_DIRS, UNTRACKED_NAMES, sidecar_path
 from memctl.store.leftovers import remove, remove_stale_leftovers, tmp_prefix
-from memctl.store.locks import directory_lock, fsync
+from memctl.store.locks import UNRECORDED, directory_lock, fsync, record_written, written_as
 from memctl.store.permissions import share
 
 #: Sidecar keys every artifact's provenance must have.
@@ -154,16 +154,18 @@ def check_input(path: str | os.PathLike, cache: dict[str, str] | None = None) ->
     its content against the checksum its sidecar records (:func:`~memctl.store.hashing.
     checked_hash`: small files are read whole, unchanged large ones trusted by size, mtime and
     inode), a missing artifact whose sidecar exists, an unreadable sidecar, and an artifact
-    without its sidecar (:func:`incomplete_without_sidecar`). Empty list: sound, or not an
-    artifact (a user's file or model directory, a hub id).
+    without its sidecar. Empty list: sound, or not an artifact (a user's file or model
+    directory, a hub id).
 
     An input without a sidecar is an artifact of the store without its provenance (incomplete:
-    a job killed before its sidecar, a sidecar deleted) when it lies in a directory the store
-    renamed artifacts into (it holds ``.memctl.lock``), except a directory that holds the lock
-    or sidecars itself or below (:func:`is_container`): a container of artifacts (the demo
-    corpus, a results tree), searched for artifacts inside it, each checked, and each entry
-    without sidecar in a locked directory in it flagged. Anything else without a sidecar is the
-    user's (their JSONL, their model directory): nothing to check."""
+    a job killed before its sidecar, a sidecar deleted) when memctl renamed it into its
+    directory as an artifact: the directory's record (its ``.memctl.lock``, :func:`~memctl.
+    store.locks.written_as`) lists it; in a directory whose lock file a memctl that kept no
+    record left, any entry is taken for one. A directory that holds artifacts rather than being
+    one (:func:`is_container`: the demo corpus, a results tree) is searched: each artifact inside
+    is checked, and each entry in it without sidecar that the store wrote as an artifact is
+    flagged. Anything else without a sidecar is the user's (their JSONL, their model directory,
+    a file of theirs beside the store's): nothing to check."""
     path = Path(path)
     if not path.name:  # "", ".", "/": no artifact has such a name
         path = Path(os.path.abspath(path))
@@ -174,33 +176,33 @@ def check_input(path: str | os.PathLike, cache: dict[str, str] | None = None) ->
         return []  # e.g. a hub id
     if path.is_dir() and is_container(path):
         return _check_container(path, cache)
-    if incomplete_without_sidecar(path):
-        return [no_sidecar_line(path)]
-    return []
+    line = incomplete_without_sidecar(path)
+    return [line] if line else []
 
 
-def incomplete_without_sidecar(path: Path) -> bool:
-    """Whether ``path`` (without a sidecar) is an artifact of the store that lost it or never got
-    it: it lies in a directory that memctl renamed artifacts into (``.memctl.lock``), and is not
-    hidden, not Snakemake's (``logs/``, ``.snakemake_timestamp``...) and not a container."""
+def store_kind(path: Path, records: dict | None = None) -> str | None:
+    """How the store wrote ``path`` (:func:`~memctl.store.locks.written_as`: ``"artifact"``,
+    ``"plain"``, ``UNRECORDED``), or None: not the store's, hidden, or Snakemake's."""
     name = path.name
     if not name or name.startswith(".") or name in UNTRACKED_NAMES or name in UNTRACKED_DIRS:
-        return False
-    if not store_wrote_into(path.parent):
-        return False
-    return not (path.is_dir() and (is_container(path) or not has_files(path)))
+        return None
+    return written_as(path, records)
 
 
-def no_sidecar_line(path: Path) -> str:
-    """The line for an input without its sidecar in a directory the store writes into."""
-    what = "directory without provenance sidecar" if path.is_dir() else "no provenance sidecar"
-    return (f"{path}: incomplete: {what} {sidecar_path(path).name}, in a directory memctl writes artifacts into"
-            " (job killed before writing it, or the sidecar deleted)")
-
-
-def store_wrote_into(directory: Path) -> bool:
-    """Whether memctl renamed an artifact into ``directory`` (it then holds ``.memctl.lock``)."""
-    return (directory / LOCK_NAME).exists()
+def incomplete_without_sidecar(path: Path, records: dict | None = None) -> str | None:
+    """The line for ``path``, without its sidecar, when it is an incomplete artifact of the store
+    (memctl wrote it as an artifact, :func:`store_kind`), else None. ``records``: a dict that
+    keeps each directory's record between calls."""
+    kind = store_kind(path, records)
+    is_dir = path.is_dir()
+    what = "directory without provenance sidecar" if is_dir else "no provenance sidecar"
+    if kind == "artifact":
+        return (f"{path}: incomplete: {what} {sidecar_path(path).name}, though memctl wrote it as an artifact"
+                f" ({LOCK_NAME} lists it; job killed before writing it, or the sidecar deleted)")
+    if kind == UNRECORDED and not (is_dir and (is_container(path) or not has_files(path))):
+        return (f"{path}: incomplete: {what} {sidecar_path(path).name}, in a directory memctl writes artifacts"
+                " into (job killed before writing it, or the sidecar deleted)")
+    return None
 
 
 def is_container(directory: Path) -> bool:
@@ -224,7 +226,8 @@ def has_files(directory: Path) -> bool:
 
 
 def _check_container(path: Path, cache: dict[str, str] | None) -> list[str]:
-    problems = []
+    problems: list[str] = []
+    records: dict = {}
     for root, dirs, files in os.walk(path):
         here, names = Path(root), set(files) | set(dirs)
         for name in sorted(d for d in dirs if d + SIDECAR_SUFFIX in names):  # directory artifacts: whole
@@ -233,8 +236,9 @@ def _check_container(path: Path, cache: dict[str, str] | None) -> list[str]:
         for name in sorted(dirs):
             if name + SIDECAR_SUFFIX in names or name.startswith(".") or name in UNTRACKED_DIRS:
                 continue
-            if incomplete_without_sidecar(here / name):
-                problems.append(no_sidecar_line(here / name))
+            line = None if is_container(here / name) else incomplete_without_sidecar(here / name, records)
+            if line:
+                problems.append(line)
             else:
                 walk.append(name)
         dirs[:] = walk
@@ -246,8 +250,10 @@ def _check_container(path: Path, cache: dict[str, str] | None) -> list[str]:
                     problems += _check_against_sidecar(here / name[: -len(SIDECAR_SUFFIX)], here / name, cache)
             elif name + SIDECAR_SUFFIX in names:
                 problems += _check_against_sidecar(here / name, here / (name + SIDECAR_SUFFIX), cache)
-            elif incomplete_without_sidecar(here / name):
-                problems.append(no_sidecar_line(here / name))
+            else:
+                line = incomplete_without_sidecar(here / name, records)
+                if line:
+                    problems.append(line)
     return problems
 
 
@@ -381,6 +387,7 @@ class Provenance:
                     if identity(out) != ident:
                         continue
                     write_sidecar(out, dict(base, artifact=out.name, sha256=sha, stat=stat))
+                    record_written(out.parent, out.name, artifact=True)
                     fsync(out.parent)
                     break
             else:

@@ -8,8 +8,10 @@ Repair removes only what the store wrote, so that the next run of the workflow r
 that: a damaged artifact that has a sidecar (with it), a sidecar whose artifact is missing, the
 leftovers of dead writers (``.<name>.tmp-<pid>@<host>-...`` / ``.old-``), and an entry without
 a sidecar only when the plan names it as an artifact (``memctl verify --configfile``). An entry
-the store does not know (no sidecar, not in the plan) is reported and never deleted, and so is a
-directory the store did not create.
+the store does not know (no sidecar, not in the plan, not in its directory's record of what
+memctl wrote there) is reported as unknown and never deleted, and so is a directory the store did
+not create. An entry without a sidecar that the record lists (memctl wrote it) is a problem; only
+the plan's artifacts among them are removed.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memctl.store.hashing import _dir_files, differing_file, hash_path
-from memctl.store.layout import SIDECAR_SUFFIX, UNTRACKED_DIRS, UNTRACKED_NAMES, sidecar_path
+from memctl.store.layout import LOCK_NAME, SIDECAR_SUFFIX, UNTRACKED_DIRS, UNTRACKED_NAMES, sidecar_path
 from memctl.store.leftovers import STALE_ENV, Leftover, leftover, leftovers_of, remove
-from memctl.store.locks import directory_lock
+from memctl.store.locks import UNRECORDED, directory_lock
 from memctl.store.provenance import (
     REQUIRED_FIELDS,
     has_files,
-    incomplete_without_sidecar,
     is_container,
     mismatch,
     read_sidecar,
+    store_kind,
 )
 
 #: How ``--repair`` learns which entries without a sidecar are the plan's artifacts.
@@ -95,6 +97,8 @@ class VerifyReport:
     leftovers: list[Leftover] = field(default_factory=list)
     #: The plan's artifacts (real paths), or None when no plan is known.
     planned: frozenset[str] | None = None
+    #: Each walked directory's record of what memctl wrote into it (memctl.store.locks).
+    records: dict = field(default_factory=dict, repr=False)
 
     def add_leftover(self, lo: Leftover) -> None:
         (self.notes if lo.alive else self.problems).append(lo.describe())
@@ -113,11 +117,16 @@ class VerifyReport:
             self.damaged.append(path)
 
     def add_without_sidecar(self, path: Path) -> None:
-        """An entry without a sidecar: the plan's artifact (removable), possibly one (no plan,
-        in a directory memctl writes into: left alone), or unknown (reported, left alone)."""
+        """An entry without a sidecar. The plan's artifact: incomplete, removable. One the store
+        wrote (its directory's record lists it, :func:`~memctl.store.locks.written_as`), or, in
+        a directory whose lock file keeps no record, possibly wrote: a problem that only the plan
+        can settle, left alone. Any other: unknown (reported, left alone, not a problem)."""
         is_dir = path.is_dir() and not path.is_symlink()
         side = sidecar_path(path).name
         what = f"directory without provenance sidecar {side}" if is_dir else f"no provenance sidecar {side}"
+        kind = store_kind(path, self.records)
+        if kind == UNRECORDED and is_dir and (is_container(path) or not has_files(path)):
+            kind = None
         if self.planned is not None and _key(path) in self.planned:
             self.checked += 1
             self.problems.append(
@@ -125,18 +134,24 @@ class VerifyReport:
                 " sidecar deleted; --repair removes it, the next run rebuilds it)"
             )
             self.damaged.append(path)
-        elif self.planned is None and incomplete_without_sidecar(path):
-            self.checked += 1
-            self.problems.append(
-                f"{path}: incomplete: {what}, in a directory memctl writes artifacts into (job killed before"
-                " writing it, the sidecar deleted, or a file memctl did not write; `--configfile CONFIG` tells"
-                " which: only the plan's artifacts are removed)"
-            )
-            self.unowned.append(path)
+            return
+        if kind == "artifact":
+            why = (f"though memctl wrote it as an artifact ({LOCK_NAME} lists it; job killed before writing it, or the"
+                   " sidecar deleted)")
+        elif kind == "plain":
+            why = (f"memctl renamed it in without one ({LOCK_NAME} lists it; killed before Provenance.write stamped"
+                   " it, or not an artifact, e.g. a checkpoint)")
+        elif kind == UNRECORDED and self.planned is None:
+            why = ("in a directory memctl writes artifacts into (job killed before writing it, the sidecar deleted,"
+                   " or a file memctl did not write: `--configfile CONFIG` tells)")
         else:
             where = "" if self.planned is None else " (no sidecar, not an artifact of the plan)"
-            kind = "directory" if is_dir else "file"
-            self.unknown.append(f"{path}: unknown {kind}, not written by memctl{where}: left alone")
+            kind_word = "directory" if is_dir else "file"
+            self.unknown.append(f"{path}: unknown {kind_word}, not written by memctl{where}: left alone")
+            return
+        self.checked += 1
+        self.problems.append(f"{path}: incomplete: {what}, {why}")
+        self.unowned.append(path)
 
     def add_directory(self, path: Path) -> None:
         """A directory without a sidecar: a container of artifacts is walked; any other is one
