@@ -199,35 +199,30 @@ def _metrics(rows):
     return pd.DataFrame([{**base, **r} for r in rows])
 
 
-def test_best_pair_is_matched_in_perplexity_and_lowest_in_memorization():
+def test_edit_table_has_specs_ratios_forms_and_the_paper_marks():
     metrics = _metrics([
         {"edit": "none", "method": "Origin", "heldout_ppl": 10.0, "strict_accuracy": 1.0, "loose_accuracy": 1.0},
         {"edit": "k1", "method": "K-FAC", "heldout_ppl": 11.0, "strict_accuracy": 0.2, "loose_accuracy": 0.5},
         {"edit": "k2", "method": "K-FAC", "heldout_ppl": 12.0, "strict_accuracy": 0.0, "loose_accuracy": 0.1},
         {"edit": "k3", "method": "K-FAC", "heldout_ppl": 30.0, "strict_accuracy": 0.0, "loose_accuracy": 0.0},
         {"edit": "s1", "method": "SVD", "heldout_ppl": 11.3, "strict_accuracy": 0.6, "loose_accuracy": 0.8},
-        {"edit": "s2", "method": "SVD", "heldout_ppl": 12.4, "strict_accuracy": 0.4, "loose_accuracy": 0.6},
-        {"edit": "s3", "method": "SVD", "heldout_ppl": 31.0, "strict_accuracy": 0.0, "loose_accuracy": 0.0},
+        {"edit": "orphan", "method": "SVD", "heldout_ppl": 11.3, "strict_accuracy": 0.6, "loose_accuracy": 0.8},
     ])
-    spec = lambda m, s: {"method": m, "layers": [0], "roles": None, "strength": s}  # noqa: E731
-    specs = {"k1": spec("kfac", 0.9), "k2": spec("kfac_pairwise", 0.5), "k3": spec("kfac_factor", 0.3),
-             "s1": spec("svd", 0.5), "s2": spec("svd", 0.3), "s3": spec("svd", 0.01)}
+    spec = lambda m, s, layers=(0,): {"method": m, "layers": list(layers), "roles": None, "strength": s}  # noqa: E731
+    specs = {"k1": spec("kfac", 0.8, (0, 1, 2)), "k2": spec("kfac_pairwise", 0.5), "k3": spec("kfac_factor", 0.3),
+             "s1": spec("svd", 0.2, (0, 1, 2))}
     table = report.edit_table(metrics, specs)
-    assert table["ppl_ratio"].tolist()[0] == 1.0 and len(table) == 7
-    k, s = report.best_matched(table, tolerance=0.05, max_ppl_ratio=1.5)
-    # pairs within 5%: (k1, s1) sum 0.8, (k2, s2) sum 0.4; (k3, s3) is beyond the 1.5x cap
-    assert (k["edit"], s["edit"]) == ("k2", "s2")
-    k, s = report.best_matched(table, tolerance=0.05, max_ppl_ratio=None)
-    assert (k["edit"], s["edit"]) == ("k3", "s3")  # the per-factor form competes as K-FAC too
-    assert report.best_matched(table, tolerance=0.001, max_ppl_ratio=None) is None
-    md = report.curvature_markdown(table, {"match_tolerance": 0.05, "max_ppl_ratio": 1.5})
-    assert "| K-FAC | pairwise | k2 | 0 | all | 0.5 | 12.00 | 1.200 | 0.000 | 0.100 |" in md
-    assert "| SVD | svd | s2 | 0 | all | 0.3 | 12.40 |" in md
-    assert "| K-FAC | per-factor | k3 |" in md and "| K-FAC | projector | k1 |" in md
-    # no per-example scores: the numbers, and no verdict drawn from them
-    assert ("K-FAC vs SVD on the test split: strict 0.000 vs 0.400, loose 0.100 vs 0.600 (no per-example scores: "
-            "no paired test).") in md
-    assert "suppresses more" not in md
+    assert len(table) == 5  # an edit without a spec (not a curvature edit) is left out
+    by = table.set_index("edit")
+    assert by["ppl_ratio"].tolist() == pytest.approx([1.0, 1.2, 3.0, 1.1, 1.13])
+    assert by.loc["k2", "form"] == "pairwise" and by.loc["k3", "form"] == "per-factor" and by.loc["s1", "kind"] == "svd"
+    assert by.loc["k1", "paper_label"] == "K-FAC (paper: 80% energy, MLPs 0-2)"
+    assert by.loc["s1", "paper_label"] == "SVD (paper: top 20%, MLPs 0-2)" and by.loc["k2", "paper"] == ""
+    md = report.curvature_markdown(table, {"max_ppl_ratio": 1.5, "min_ndcg10": None})
+    assert "| K-FAC | pairwise | k2 | 0 | all | 0.5 |  | 12.00 | 1.200 |" in md
+    assert "| K-FAC | per-factor | k3 |" in md and "| K-FAC | projector | k1 | 0,1,2 | all | 0.8 | setting |" in md
+    # no validation slice in these metrics: nothing is chosen, the test split is never read instead
+    assert "the memorized track has no validation slice" in md and "suppresses more" not in md
     assert math.isnan(table["ndcg10"].iloc[0])  # column shown as '-' until evaluate provides it
 
 
@@ -298,52 +293,59 @@ def test_spectrum_with_an_empty_memorized_set_writes_an_empty_table(tiny_model, 
     assert len(full) == 2 * 2 and np.allclose(full["ratio_memorized_over_nonmemorized"], 1.0)
 
 
-def test_the_best_pair_is_chosen_on_the_validation_slice_not_the_test_split():
-    """Two matched pairs: (k1, s1) looks best on the test split, (k2, s2) on the validation slice.
-    The report picks (k2, s2), says so, and tests them against each other and the unedited model on
-    the same 20 test sequences: SVD reproduces k2's 6 and 6 more, so McNemar has 0 vs 6 discordant,
-    p = 2 / 2^6 = 0.031; against the unedited model (20 of 20) k2 has 14 discordant, p = 2 / 2^14."""
-    metrics = _metrics([
-        {"edit": "none", "method": "Origin", "heldout_ppl": 10.0, "strict_accuracy": 1.0, "loose_accuracy": 1.0,
-         "val_n_examples": 20, "val_exact_er": 1.0, "val_loose_accuracy": 1.0},
-        {"edit": "k1", "method": "K-FAC", "heldout_ppl": 11.0, "strict_accuracy": 0.0, "loose_accuracy": 0.1,
-         "val_n_examples": 20, "val_exact_er": 0.5, "val_loose_accuracy": 0.6},
-        {"edit": "s1", "method": "SVD", "heldout_ppl": 11.2, "strict_accuracy": 0.1, "loose_accuracy": 0.2,
-         "val_n_examples": 20, "val_exact_er": 0.5, "val_loose_accuracy": 0.6},
-        {"edit": "k2", "method": "K-FAC", "heldout_ppl": 12.0, "strict_accuracy": 0.3, "loose_accuracy": 0.4,
-         "val_n_examples": 20, "val_exact_er": 0.1, "val_loose_accuracy": 0.2},
-        {"edit": "s2", "method": "SVD", "heldout_ppl": 12.2, "strict_accuracy": 0.6, "loose_accuracy": 0.7,
-         "val_n_examples": 20, "val_exact_er": 0.2, "val_loose_accuracy": 0.3},
-    ])
-    spec = lambda m, s: {"method": m, "layers": [0], "roles": None, "strength": s}  # noqa: E731
-    specs = {"k1": spec("kfac", 0.5), "s1": spec("svd", 0.5), "k2": spec("kfac", 0.3), "s2": spec("svd", 0.3)}
-    table = report.edit_table(metrics, specs)
-    k, s = report.best_matched(table, tolerance=0.05, max_ppl_ratio=None)
-    assert (k["edit"], s["edit"]) == ("k2", "s2")
+def test_curvature_report_chooses_on_validation_and_tests_the_chosen_points(tmp_path):
+    """The command end to end on constructed metrics, scores and deltas. Layer 0: (k1, s1) look best
+    on the test split, (k2, s2) on the validation slice; the declared rule (PPL budget 1.5, no nDCG
+    budget) picks (k2, s2) and tests them against each other and the unedited model on the same 20
+    test sequences: SVD reproduces k2's 6 and 6 more, so McNemar has 0 vs 6 discordant, p = 2 / 2^6
+    = 0.031; against the unedited model (20 of 20) k2 has 14 discordant, p = 2 / 2^14. The held-out
+    windows 0-3 of 8 select (ratio = the edit's PPL ratio), 4-7 report (k2 and s2 both 1.0)."""
+    from memctl.edits import save_delta
+
+    val = {"none": 1.0, "k1": 0.5, "s1": 0.5, "k2": 0.1, "s2": 0.2}
+    ppl = {"none": 10.0, "k1": 11.0, "s1": 11.2, "k2": 12.0, "s2": 12.2}
     strict = {"none": 20, "k1": 0, "s1": 2, "k2": 6, "s2": 12}
-
-    def scored(k):
-        return pd.DataFrame({"track": "memorized", "candidate_id": [f"c{i}" for i in range(20)],
-                             "exact_match": [i < k for i in range(20)], "n_match": [8 if i < k else 0 for i in range(20)],
-                             "n_suffix": 8, "levenshtein_norm": [0.0 if i < k else 1.0 for i in range(20)],
-                             "levenshtein_sim": [1.0 if i < k else 0.0 for i in range(20)]})
-
-    scores = {e: scored(k) for e, k in strict.items()}
-    table = report.add_tests(table, metrics, scores)
-    by_edit = table.set_index("edit")
-    assert by_edit.loc["k2", "exact_count"] == "6/20" and by_edit.loc["k2", "vs_origin"] == "lower (p<0.001)"
-    assert by_edit.loc["k2", "vs_origin_p"] == pytest.approx(2 / 2**14)
-    assert by_edit.loc["k1", "exact_ci"] == "[0.000, 0.168]"  # 0/20: 1 - 0.025^(1/20)
-    md = report.curvature_markdown(table, {"match_tolerance": 0.05, "max_ppl_ratio": None}, scores=scores)
-    assert "chosen on the validation slice (20 memorized sequences" in md
-    assert ("strict: K-FAC lower (p=0.031) (exact McNemar, 0 sequences only K-FAC reproduces vs 6 only SVD)"
-            in md)
-    assert "| 6/20 | [0.119, 0.543] | lower (p<0.001) |" in md and "exact McNemar test for strict accuracy" in md
-    # without a validation slice the choice falls back to the test split, and the report says so
-    bare = table.drop(columns=["val_n_examples", "val_exact_er", "val_loose_accuracy"])
-    k, s = report.best_matched(bare, tolerance=0.05, max_ppl_ratio=None)
-    assert (k["edit"], s["edit"]) == ("k1", "s1")
-    assert "chosen on the TEST split" in report.curvature_markdown(bare, {"match_tolerance": 0.05, "max_ppl_ratio": None})
+    paths = {"metrics": [], "scores": [], "deltas": []}
+    for edit in strict:
+        m = _metrics([{"edit": edit, "method": {"n": "Origin", "k": "K-FAC", "s": "SVD"}[edit[0]],
+                       "heldout_ppl": ppl[edit], "strict_accuracy": strict[edit] / 20, "exact_er": strict[edit] / 20,
+                       "loose_accuracy": strict[edit] / 20, "n_examples": 20, "val_n_examples": 20,
+                       "val_exact_er": val[edit], "val_loose_accuracy": val[edit], "ndcg10_text": 0.95}])
+        k = strict[edit]
+        mem = pd.DataFrame({"track": "memorized", "candidate_id": [f"c{i}" for i in range(20)],
+                            "exact_match": [i < k for i in range(20)], "n_match": [8 if i < k else 0 for i in range(20)],
+                            "n_suffix": 8, "levenshtein_norm": [0.0 if i < k else 1.0 for i in range(20)],
+                            "levenshtein_sim": [1.0 if i < k else 0.0 for i in range(20)],
+                            "generated_ids": [[1, 2] for _ in range(20)]})
+        held = pd.DataFrame({"track": "heldout", "window": range(8), "n_tokens": 63,
+                             "nll_sum": [100.0 + (63 * math.log(ppl[edit] / 10.0) if w < 4 else 0.0) for w in range(8)]})
+        (tmp_path / edit).mkdir()
+        m.to_parquet(tmp_path / edit / "metrics.parquet")
+        pd.concat([mem, held], ignore_index=True).to_parquet(tmp_path / edit / "scores.parquet")
+        paths["metrics"].append(str(tmp_path / edit / "metrics.parquet"))
+        paths["scores"].append(str(tmp_path / edit / "scores.parquet"))
+        if edit != "none":
+            spec = {"method": "svd" if edit[0] == "s" else "kfac", "layers": [0], "roles": None, "groups": ["mlp"],
+                    "strength": {"1": 0.5, "2": 0.3}[edit[1]], "label": "x"}
+            save_delta(tmp_path / edit / "delta.safetensors", replace={"w": torch.zeros(1)},
+                       metadata={"edit_id": edit, "spec": spec})
+            paths["deltas"].append(str(tmp_path / edit / "delta.safetensors"))
+    out = tmp_path / "out"
+    main(["curvature-report", "--metrics", *paths["metrics"], "--scores", *paths["scores"], "--deltas", *paths["deltas"],
+          "--settings", json.dumps({"max_ppl_ratio": 1.5, "min_ndcg10": None}), "--out-dir", str(out)])
+    md = (out / "curvature.md").read_text()
+    assert "held-out windows 0-3 of 8 (selection) for the budget; windows 4-7 (report)" in md
+    assert "| K-FAC | k2 | projector | 0 | 0.3 | 0.100 | 2/20 | 1.200 | 0.950 | within the budget |" in md
+    assert "| SVD | s2 | svd | 0 | 0.3 | 0.200 | 4/20 | 1.220 | 0.950 | within the budget |" in md
+    assert ("- Memorized track, test split (N=20): Exact ER 0.300 vs 0.600: K-FAC lower (p=0.031) (exact McNemar; "
+            "0 sequences only K-FAC reproduces, 6 only SVD)") in md
+    assert "| K-FAC (chosen) | k2 | projector | 0 | 0.3 | 0.300 | 6/20 | [0.119, 0.543] | lower (p<0.001) |" in md
+    # report windows: every edit equals the unedited model there
+    assert "| K-FAC (chosen) | k2 | yes | 1.200 | 1.000 | [1.000, 1.000] | no evidence of a difference (p=1) |" in md
+    table = pd.read_parquet(out / "curvature_edits.parquet").set_index("edit")
+    assert table.loc["k2", "sel_ppl_ratio"] == pytest.approx(1.2) and table.loc["k2", "report_ppl_ratio"] == pytest.approx(1.0)
+    assert table.loc["k1", "within_budget"] == "yes"
+    assert (out / "curvature_sweep.png").stat().st_size > 10_000 and (out / "curvature.html").exists()
 
 
 def test_examples_show_prefix_suffix_and_each_chosen_edits_generation():

@@ -277,7 +277,8 @@ def paper_pairs(metrics: pd.DataFrame) -> list[tuple[str, str, tuple[str, ...], 
     mask also against ``Ours (<mode>, sparsity only)`` (the ``none`` objective at that mode's
     lambda_s, paper Table 5), on both tracks; K-FAC, SVD and BalancedSubnet against each other on
     the memorized track, where each is one row (with several K-FAC or SVD rows, a sweep, the
-    curvature report compares its chosen pair)."""
+    curvature report compares the points its declared rule chooses on the validation slice, and
+    the paper's own setting: memctl.curvature.selection)."""
     if "method" not in metrics:
         return []
     by_label: dict[str, list[str]] = {}
@@ -443,8 +444,9 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
                       "Each trained mask against the `none` mask of the same seed or swept sparsity (and the "
                       "main-table mask against the `none` objective at its mode's lambda_s: the sparsity-only "
                       "ablation, paper Table 5), on both tracks; K-FAC, SVD and BalancedSubnet against each "
-                      "other on the memorized track where each is a single row (a sweep of K-FAC or SVD edits "
-                      "is compared at the curvature report's chosen pair). Verdicts are the row's against the "
+                      "other on the memorized track where each is a single row (with a sweep of K-FAC or SVD "
+                      "edits, curvature.md compares the points a declared rule chooses on the validation slice, "
+                      "our addition, and the paper's own setting). Verdicts are the row's against the "
                       "reference's on the examples both scored.", "", paper]
     return "\n".join(parts) + "\n" + data
 

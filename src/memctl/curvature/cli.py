@@ -244,6 +244,7 @@ def cmd_report(args) -> None:
     from memctl.store import atomic_path, write_parquet, write_text
 
     settings = validate_section("curvature.report", parse_settings(args.settings))
+    report.selection.Rule.from_settings(settings)  # the declared rule, checked before any input is read
     inputs = {
         **{f"metrics[{i}]": m for i, m in enumerate(args.metrics)},
         **{f"scores[{i}]": m for i, m in enumerate(args.scores or [])}, "memorized": args.memorized,
@@ -262,22 +263,24 @@ def cmd_report(args) -> None:
                 raise SystemExit(f"--scores: {len(args.scores)} files for {len(args.metrics)} --metrics files")
             scores = {edit: pd.read_parquet(path) for edit, path in zip(metrics["edit"], args.scores)}
             table = report.add_tests(table, metrics, scores)  # exact intervals, paired tests vs unedited
+        prepared = report.prepare(table, scores, settings)  # the declared rule: validation slice only
+        table, _, choice, _ = prepared
         examples_md = ""
-        pair = report.best_matched(table, float(settings.get("match_tolerance", 0.05)), settings.get("max_ppl_ratio", 1.5))
-        if args.scores and args.memorized and args.model and pair is not None:
+        shown_edits = choice.edits()  # the chosen K-FAC and SVD edits (appendix D)
+        if args.scores and args.memorized and args.model and shown_edits:
             from memctl.models import load_tokenizer
 
             tokenizer = load_tokenizer(args.model, parse_settings(args.model_settings))
             decode = lambda ids: tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)  # noqa: E731
-            shown = report.examples(pair, scores, pd.read_parquet(args.memorized), decode,
+            shown = report.examples(shown_edits, scores, pd.read_parquet(args.memorized), decode,
                                     int(settings.get("examples", 5)))
-            examples_md = report.examples_markdown(shown, pair)
-        text = report.curvature_markdown(table, settings, spectrum, examples_md, scores)
+            examples_md = report.examples_markdown(shown, shown_edits)
+        text = report.curvature_markdown(table, settings, spectrum, examples_md, scores, prepared=prepared)
         write_text(out / "curvature.md", text, provenance=prov)
         write_text(out / "curvature.html", markdown_html(text, "Curvature edits (K-FAC vs SVD)"), provenance=prov)
         write_parquet(table, out / "curvature_edits.parquet", provenance=prov)
         with atomic_path(out / "curvature_sweep.png", provenance=prov) as tmp:
-            report.plot_sweep(table, tmp)
+            report.plot_frontier(table, choice, tmp)  # the frontier per track, chosen and paper points marked
         if spectrum is not None:
             with atomic_path(out / "curvature_spectrum.png", provenance=prov) as tmp:
                 plot_spectrum(spectrum, tmp)
@@ -326,7 +329,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="spectrum.parquet")
     p.set_defaults(func=cmd_spectrum)
 
-    p = subparsers.add_parser("curvature-report", help="sweep plot and tables of the curvature edits")
+    p = subparsers.add_parser("curvature-report", help="tables, the declared K-FAC vs SVD choice and the frontier plot of the curvature edits")
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet of the unedited model and each edit")
     p.add_argument("--scores", nargs="*", default=[],
                    help="scores.parquet of each --metrics file, in its order (bootstrap intervals)")
@@ -335,6 +338,6 @@ def register(subparsers) -> None:
     p.add_argument("--model-settings", default="{}", help="the config's `model` subsection (JSON)")
     p.add_argument("--deltas", nargs="*", default=[], help="the edits' delta files (their specs)")
     p.add_argument("--spectrum", default=None)
-    p.add_argument("--settings", default="{}", help="curvature.report (JSON)")
+    p.add_argument("--settings", default="{}", help="curvature.report (JSON): the selection rule")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_report)

@@ -1,9 +1,13 @@
-"""Curvature results: one row per edit, the sweep plot, and K-FAC vs SVD at matched perplexity.
+"""Curvature results: one row per edit, K-FAC vs SVD by a declared rule, the paper's setting, plots.
 
-Edits are compared at matched held-out perplexity, not matched strength: strengths (energy, rho,
-keep fraction) mean different things per method and per amount of factor data. Every K-FAC method
-(``kfac``, ``kfac_factor``, ``kfac_pairwise``) is of kind "kfac" in the K-FAC vs SVD comparison; the
-form column tells them apart.
+The K-FAC vs SVD comparison is the pair chosen by :mod:`memctl.curvature.selection` (a rule declared
+in ``curvature.report`` before any test score exists, our addition: the loss-curvature paper states
+none), each chosen point reported on the test tracks with paired tests against the unedited model
+and against each other. Beside it, the paper's own setting (Sec. 4.2.1: K-FAC keeping 80% energy in
+the first three MLPs, SVD keeping 20% there, and its SVD grid) as rows of its own, chosen by no
+rule. Strengths (energy, rho, keep fraction) mean different things per method and per amount of
+factor data, so points are compared at a utility budget, never at matched strength. Every K-FAC
+method named in ``curvature.report.kfac_forms`` competes as "K-FAC"; the form column tells them apart.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from memctl.curvature import selection
 from memctl.report import markdown_table
 
 COLUMNS = [
@@ -22,20 +27,25 @@ COLUMNS = [
     ("layers", "Layers", "{}"),
     ("roles", "Roles", "{}"),
     ("strength", "Strength", "{:.3g}"),
+    ("paper", "Paper's setting", "{}"),
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
-    ("ppl_ratio", "PPL / unedited", "{:.3f}"),
+    ("ppl_ratio", "PPL / unedited (all windows)", "{:.3f}"),
     ("ppl_ratio_ci", "95% CI", "{}"),
     ("ppl_vs_origin", "vs unedited (PPL)", "{}"),
+    ("sel_ppl_ratio", "PPL / unedited (selection windows)", "{:.3f}"),
+    ("sel_ndcg10", "nDCG@10 (text)", "{:.3f}"),
+    ("val_exact_er", "Val. Exact ER", "{:.3f}"),
+    ("within_budget", "Within budget", "{}"),
     ("strict_accuracy", "Strict acc.", "{:.3f}"),
     ("exact_count", "k/N", "{}"),
     ("exact_ci", "95% CI", "{}"),
     ("vs_origin", "vs unedited (strict)", "{}"),
-    ("val_exact_er", "Val. strict acc.", "{:.3f}"),
     ("loose_accuracy", "Loose acc.", "{:.3f}"),
     ("loose_ci", "95% CI", "{}"),
     ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
     ("levenshtein_ci", "95% CI", "{}"),
     ("lev_vs_origin", "vs unedited (Levenshtein)", "{}"),
+    ("er_exact_er", "ER track Exact ER", "{:.3f}"),
     ("ndcg10", "nDCG@10", "{:.3f}"),
     ("mem_loss", "Mem. loss", "{:.3f}"),
 ]
@@ -55,6 +65,10 @@ TESTS_NOTE = (
     "0.05."
 )
 
+#: (scores track, metrics column prefix, heading) of the test tracks the chosen points are reported on.
+TEST_TRACKS = (("memorized", "", "Memorized track, test split"),
+               ("extraction_rate", "er_", "Extraction-rate track, test split"))
+
 
 def add_tests(table: pd.DataFrame, metrics: pd.DataFrame, scores: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """``table`` (:func:`edit_table`) with :data:`TEST_COLUMNS` computed from the per-example
@@ -67,35 +81,6 @@ def add_tests(table: pd.DataFrame, metrics: pd.DataFrame, scores: Mapping[str, p
         if col in ci:
             table[col] = table["edit"].map(ci[col])
     return table
-
-
-def pair_tests(k: Mapping, s: Mapping, scores: Mapping[str, pd.DataFrame] | None) -> str:
-    """The chosen K-FAC edit against the chosen SVD edit on the memorized test sequences both
-    scored, in words: exact McNemar tests of strict and loose accuracy, paired bootstrap of average
-    Levenshtein and of the held-out perplexity ratio (``lower`` = K-FAC's is lower). Without
-    per-example scores, the numbers only: no test."""
-    head = (f"K-FAC vs SVD on the test split: strict {k['strict_accuracy']:.3f} vs {s['strict_accuracy']:.3f}, loose "
-            f"{k['loose_accuracy']:.3f} vs {s['loose_accuracy']:.3f}")
-    if not scores or k["edit"] not in scores or s["edit"] not in scores:
-        return head + " (no per-example scores: no paired test)."
-    from memctl import stats
-    from memctl.report import paired_tests, perplexity_test, track_part
-
-    tests = paired_tests([track_part(scores[k["edit"]], "memorized")], [track_part(scores[s["edit"]], "memorized")])
-    if not tests:
-        return head + " (they share no scored sequence: no paired test)."
-    exact = tests["exact"]
-    bits = [f"strict: K-FAC {stats.verdict(exact)} (exact McNemar, {exact.row_only} sequences only K-FAC "
-            f"reproduces vs {exact.ref_only} only SVD)"]
-    if "loose" in tests:
-        bits.append(f"loose: K-FAC {stats.verdict(tests['loose'])} (exact McNemar)")
-    if "levenshtein" in tests:
-        bits.append(f"Avg. Levenshtein: K-FAC {stats.verdict(tests['levenshtein'])} (paired bootstrap)")
-    ppl = perplexity_test(scores[k["edit"]], scores[s["edit"]])
-    if ppl is not None:
-        bits.append(f"held-out PPL: K-FAC {stats.verdict(ppl)} (ratio {ppl.estimate:.3f} "
-                    f"[{ppl.lo:.3f}, {ppl.hi:.3f}], paired bootstrap over windows)")
-    return head + "; " + "; ".join(bits) + "."
 
 
 def read_specs(deltas: Sequence[str]) -> dict[str, dict]:
@@ -111,7 +96,9 @@ def read_specs(deltas: Sequence[str]) -> dict[str, dict]:
 
 
 def edit_table(metrics: pd.DataFrame, specs: Mapping[str, Mapping]) -> pd.DataFrame:
-    """Metrics of the unedited model and each curvature edit, with their specs and PPL ratios."""
+    """Metrics of the unedited model and each curvature edit, with their specs (``spec_method`` =
+    the edit's method), PPL ratios and ``paper`` / ``paper_label`` where the spec is the
+    loss-curvature paper's setting or a point of its SVD grid (:func:`selection.paper_setting`)."""
     from memctl.curvature.settings import FORMS
 
     base = metrics[metrics["edit"] == "none"]
@@ -122,13 +109,18 @@ def edit_table(metrics: pd.DataFrame, specs: Mapping[str, Mapping]) -> pd.DataFr
         if rec["edit"] != "none" and spec is None:
             continue
         spec = spec or {}
+        paper = selection.paper_setting(spec) if spec else None
         rows.append({
             **rec,
             "kind": "none" if rec["edit"] == "none" else ("svd" if spec["method"] == "svd" else "kfac"),  # all K-FAC forms
+            "spec_method": spec.get("method", "none"),
+            "calibration": str(spec.get("calibration") or ""),  # an ablation's factors (curvature.ablations)
             "form": FORMS.get(spec.get("method"), "-"),
             "layers": ",".join(map(str, spec["layers"])) if spec.get("layers") else "-",
             "roles": ",".join(spec["roles"]) if spec.get("roles") else ("all" if spec else "-"),
             "strength": spec.get("strength", math.nan),
+            "paper": "" if paper is None else paper[1],
+            "paper_label": "" if paper is None else paper[0],
             "ppl_ratio": rec["heldout_ppl"] / base_ppl if base_ppl else math.nan,
         })
     if not rows:
@@ -141,66 +133,293 @@ def edit_table(metrics: pd.DataFrame, specs: Mapping[str, Mapping]) -> pd.DataFr
     return df.sort_values(["_o", "form", "layers", "strength", "edit"]).drop(columns="_o").reset_index(drop=True)
 
 
-def selection_track(table: pd.DataFrame) -> tuple[str, str, str]:
-    """(exact column, loose column, what they are measured on) that strengths are chosen by: the
-    memorized track's validation slice when every edit was scored on one, else (and the report
-    says so) the test split."""
-    if "val_n_examples" in table and len(table) and (table["val_n_examples"].fillna(0) > 0).all():
-        n = int(table["val_n_examples"].iloc[0])
-        return "val_exact_er", "val_loose_accuracy", f"the validation slice ({n} memorized sequences held out of the train side)"
-    return "strict_accuracy", "loose_accuracy", ("the TEST split (the validation slice is empty: extract.validation_fraction is 0 or the "
-                                                  "memorized set too small)")
+def prepare(table: pd.DataFrame, scores: Mapping[str, pd.DataFrame] | None, settings: Mapping | None):
+    """(table with the selection utility and ``within_budget``, held-out window split, the rule's
+    choice, the rule) of an :func:`edit_table` (with :func:`add_tests` where there are scores)."""
+    rule = selection.Rule.from_settings(settings)
+    table, windows = selection.add_utility(table, scores, rule)
+    choice = selection.choose(table, rule)
+    table = table.copy()
+    table["within_budget"] = ""
+    if not choice.candidates.empty and "why_out" in choice.candidates:
+        why = dict(zip(choice.candidates["edit"], choice.candidates["why_out"]))
+        table["within_budget"] = [("yes" if why[e] == "" else f"no: {why[e]}") if e in why else "-"
+                                  for e in table["edit"]]
+    return table, windows, choice, rule
 
 
-def best_matched(table: pd.DataFrame, tolerance: float = 0.05, max_ppl_ratio: float | None = 1.5):
-    """The (K-FAC row, SVD row) pair within ``tolerance`` relative held-out perplexity of each other
-    (and at most ``max_ppl_ratio`` x the unedited model's) with the lowest memorization on the
-    selection track (:func:`selection_track`: the validation slice, never the test split when
-    there is one): summed exact match, then summed loose accuracy, then mean perplexity. None when
-    no pair matches."""
-    exact, loose, _ = selection_track(table)
-    ok = table if max_ppl_ratio is None else table[table["ppl_ratio"] <= max_ppl_ratio]
-    kfac, svd = ok[ok["kind"] == "kfac"], ok[ok["kind"] == "svd"]
-    best, best_key = None, None
-    for k in kfac.to_dict("records"):
-        for s in svd.to_dict("records"):
-            if abs(math.log(k["heldout_ppl"] / s["heldout_ppl"])) > math.log1p(tolerance):
-                continue
-            key = (k[exact] + s[exact], k[loose] + s[loose], k["heldout_ppl"] + s["heldout_ppl"], k["edit"], s["edit"])
-            if best_key is None or key < best_key:
-                best, best_key = (k, s), key
-    return best
+# ----------------------------------------------------------------------------- points on the test tracks
+
+
+def _ppl_test(row: pd.DataFrame | None, ref: pd.DataFrame | None, ids: set | None):
+    """Held-out perplexity of ``row`` over ``ref`` on the windows ``ids`` (None = all): paired
+    bootstrap over those windows (memctl.stats.compare_perplexity); None without scores."""
+    from memctl import stats
+
+    row, ref = selection.heldout_part(row), selection.heldout_part(ref)
+    if row is None or ref is None:
+        return None
+    if ids is not None:
+        row, ref = row[row["window"].isin(ids)], ref[ref["window"].isin(ids)]
+    both = ref.merge(row, on="window", suffixes=("_ref", "_row"))
+    if both.empty:
+        return None
+    return stats.compare_perplexity(both["nll_sum_row"].to_numpy(), both["nll_sum_ref"].to_numpy(),
+                                    int(both["n_tokens_ref"].iloc[0]))
+
+
+def point_rows(points: Sequence[tuple[str, Mapping]], scores: Mapping[str, pd.DataFrame] | None,
+               report_ids: set | None) -> pd.DataFrame:
+    """One row per (label, edit record) of ``points``: per test track (:data:`TEST_TRACKS`) Exact
+    ER with k/N and its exact interval, Fractional ER and Avg. Levenshtein with bootstrap intervals,
+    each tested against the unedited model on the same examples (McNemar; paired bootstrap); the
+    perplexity ratio on the report windows with its paired bootstrap test; nDCG@10. Without
+    per-example scores the metrics' numbers and no test."""
+    from memctl import stats
+    from memctl.report import _ci_text, _count_text, paired_tests, track_part, unit_summary
+
+    scores = scores or {}
+    rows = []
+    for label, rec in points:
+        edit = rec["edit"]
+        row = {"label": label, "edit": edit, "form": rec.get("form", "-"), "layers": rec.get("layers", "-"),
+               "strength": rec.get("strength", math.nan), "sel_ppl_ratio": rec.get("sel_ppl_ratio", math.nan),
+               "report_ppl_ratio": rec.get("report_ppl_ratio", math.nan), "sel_ndcg10": rec.get("sel_ndcg10", math.nan),
+               "ndcg10": rec.get("ndcg10", math.nan), "within_budget": rec.get("within_budget", "-")}
+        for track, prefix, _ in TEST_TRACKS:
+            p = "mem_" if track == "memorized" else "er_"
+            part, ref = track_part(scores.get(edit), track), track_part(scores.get("none"), track)
+            if part is not None:
+                own = unit_summary([part])
+                row.update({f"{p}n": own["n"], f"{p}exact": own["exact_er"], f"{p}count": _count_text(own["exact_k"], own["n"]),
+                            f"{p}ci": _ci_text(own["exact_er_lo"], own["exact_er_hi"]),
+                            f"{p}frac": own.get("fractional_er", math.nan),
+                            f"{p}frac_ci": _ci_text(own.get("fractional_lo", math.nan), own.get("fractional_hi", math.nan)),
+                            f"{p}lev": own.get("avg_levenshtein", math.nan),
+                            f"{p}lev_ci": _ci_text(own.get("levenshtein_lo", math.nan), own.get("levenshtein_hi", math.nan))})
+                tests = paired_tests([part], [ref]) if edit != "none" and ref is not None else {}
+                for col, name in (("vs", "exact"), ("frac_vs", "fractional"), ("lev_vs", "levenshtein")):
+                    row[f"{p}{col}"] = stats.verdict(tests.get(name))
+            else:
+                n = rec.get(f"{prefix}n_examples", 0)
+                n = 0 if n is None or (isinstance(n, float) and math.isnan(n)) else int(n)
+                exact = rec.get(f"{prefix}exact_er", math.nan)
+                row.update({f"{p}n": n, f"{p}exact": exact if n else math.nan,
+                            f"{p}count": _count_text(round(exact * n), n) if n and not math.isnan(exact) else "-",
+                            f"{p}frac": rec.get(f"{prefix}fractional_er", math.nan) if n else math.nan,
+                            f"{p}lev": rec.get("avg_levenshtein", math.nan) if n and not prefix else math.nan})
+        test = None if edit == "none" else _ppl_test(scores.get(edit), scores.get("none"), report_ids)
+        if test is not None:
+            row.update(report_ppl_ratio=test.estimate, report_ppl_ci=_ci_text(test.lo, test.hi),
+                       report_ppl_vs=stats.verdict(test))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _track_columns(p: str) -> list[tuple[str, str, str]]:
+    return [("label", "Row", "{}"), ("edit", "Edit", "{}"), ("form", "Form", "{}"), ("layers", "Layers", "{}"),
+            ("strength", "Strength", "{:.3g}"), (f"{p}exact", "Exact ER", "{:.3f}"), (f"{p}count", "k/N", "{}"),
+            (f"{p}ci", "95% CI", "{}"), (f"{p}vs", "vs unedited (McNemar)", "{}"),
+            (f"{p}frac", "Fractional ER", "{:.3f}"), (f"{p}frac_ci", "95% CI", "{}"),
+            (f"{p}frac_vs", "vs unedited (paired bootstrap)", "{}"), (f"{p}lev", "Avg. Levenshtein", "{:.3f}"),
+            (f"{p}lev_ci", "95% CI", "{}"), (f"{p}lev_vs", "vs unedited (paired bootstrap)", "{}")]
+
+
+UTILITY_COLUMNS = [
+    ("label", "Row", "{}"), ("edit", "Edit", "{}"), ("within_budget", "Within budget", "{}"),
+    ("sel_ppl_ratio", "PPL / unedited (selection windows)", "{:.3f}"),
+    ("report_ppl_ratio", "PPL / unedited (report windows)", "{:.3f}"), ("report_ppl_ci", "95% CI", "{}"),
+    ("report_ppl_vs", "vs unedited (paired bootstrap)", "{}"), ("sel_ndcg10", "nDCG@10 (text windows)", "{:.3f}"),
+    ("ndcg10", "nDCG@10 (non-memorized ER-test sequences, the paper's column)", "{:.3f}"),
+]
+
+
+def points_markdown(rows: pd.DataFrame) -> list[str]:
+    """The test-track tables of :func:`point_rows` (a track only where some row has examples)."""
+    parts = []
+    for track, _, heading in TEST_TRACKS:
+        p = "mem_" if track == "memorized" else "er_"
+        if f"{p}n" not in rows or not (rows[f"{p}n"].fillna(0) > 0).any():
+            continue
+        n = int(rows[f"{p}n"].fillna(0).max())
+        parts += [f"{heading} (N={n}):", "", markdown_table(rows, _track_columns(p)), ""]
+    parts += ["Utility (held-out text; nDCG@10 against the unedited model's top-10):", "",
+              markdown_table(rows, UTILITY_COLUMNS), ""]
+    return parts
+
+
+def compare_points(a: tuple[str, Mapping], b: tuple[str, Mapping], scores: Mapping[str, pd.DataFrame] | None,
+                   report_ids: set | None) -> list[str]:
+    """``a`` against ``b`` (each (name, edit record)) on the examples both scored, per test track:
+    exact McNemar on Exact ER (with the discordant counts), paired bootstrap on Fractional ER and
+    Avg. Levenshtein; paired bootstrap of the perplexity ratio on the report windows. Bullet lines;
+    without per-example scores the numbers and no test."""
+    from memctl import stats
+    from memctl.report import paired_tests, track_part, unit_summary
+
+    (na, ra), (nb, rb) = a, b
+    scores = scores or {}
+    lines = []
+    for track, prefix, heading in TEST_TRACKS:
+        pa, pb = track_part(scores.get(ra["edit"]), track), track_part(scores.get(rb["edit"]), track)
+        if pa is None or pb is None:
+            n = ra.get(f"{prefix}n_examples", 0)
+            if n and not (isinstance(n, float) and math.isnan(n)):
+                lines.append(f"- {heading}: Exact ER {ra.get(prefix + 'exact_er', math.nan):.3f} vs "
+                             f"{rb.get(prefix + 'exact_er', math.nan):.3f} (no per-example scores: no paired test).")
+            continue
+        tests = paired_tests([pa], [pb])
+        if not tests:
+            lines.append(f"- {heading}: {na} and {nb} share no scored sequence: no paired test.")
+            continue
+        sa, sb = unit_summary([pa]), unit_summary([pb])
+        exact = tests["exact"]
+        bits = [f"Exact ER {sa['exact_er']:.3f} vs {sb['exact_er']:.3f}: {na} {stats.verdict(exact)} (exact McNemar; "
+                f"{exact.row_only} sequences only {na} reproduces, {exact.ref_only} only {nb})"]
+        if "fractional" in tests:
+            bits.append(f"Fractional ER {sa['fractional_er']:.3f} vs {sb['fractional_er']:.3f}: "
+                        f"{stats.verdict(tests['fractional'])} (paired bootstrap)")
+        if "levenshtein" in tests:
+            bits.append(f"Avg. Levenshtein {sa['avg_levenshtein']:.3f} vs {sb['avg_levenshtein']:.3f}: "
+                        f"{stats.verdict(tests['levenshtein'])} (paired bootstrap)")
+        lines.append(f"- {heading} (N={exact.n}): " + "; ".join(bits) + ".")
+    ppl = _ppl_test(scores.get(ra["edit"]), scores.get(rb["edit"]), report_ids)
+    if ppl is not None:
+        lines.append(f"- Held-out PPL, report windows: {na} / {nb} = {ppl.estimate:.3f} [{ppl.lo:.3f}, {ppl.hi:.3f}]: "
+                     f"{na} {stats.verdict(ppl)} (paired bootstrap over {ppl.n} windows).")
+    elif not scores:
+        lines.append(f"- Held-out PPL ratio {ra.get('report_ppl_ratio', math.nan):.3f} vs "
+                     f"{rb.get('report_ppl_ratio', math.nan):.3f} (no per-window scores: no paired test).")
+    return lines
+
+
+# ----------------------------------------------------------------------------- the markdown
+
+
+INTRO = (
+    "Memorization on the held-out memorized split (strict = exact suffix, loose = token Levenshtein "
+    "similarity >= 0.75) and the extraction-rate track's test split (ER track); held-out PPL = corpus perplexity; "
+    "nDCG@10 against the unedited model's top-10 on non-memorized held-out sequences (nDCG@10 (text): on held-out "
+    "text windows). Form: `projector` = paper form (Kronecker eigenpairs taken by product lambda_i mu_j until they "
+    "hold strength of tr(A) tr(G), then projection on the A and G directions they use), `per-factor` = the same "
+    "projection with strength of each factor's energy kept, `pairwise` = public-code form (Fisher pairs kept up to "
+    "rho = strength of tr(G) tr(A)), `svd` = top strength share of singular values. Paper's setting: `setting` = "
+    "the loss-curvature paper's reported point (Sec. 4.2.1), `grid` = another point of its SVD grid on those "
+    "layers. Within budget: the declared rule's utility budget (below), read on the selection windows."
+)
+
+
+def _layers_text(choice: selection.Choice) -> str:
+    if choice.layers is None:
+        return "-"
+    return choice.layers + ("" if choice.roles in (None, "all", "-") else f" ({choice.roles})")
+
+
+def choice_markdown(table: pd.DataFrame, choice: selection.Choice, windows: selection.Windows,
+                    scores: Mapping[str, pd.DataFrame] | None) -> list[str]:
+    """The declared rule, what it chose on validation, and the chosen points on the test tracks."""
+    rule = choice.rule
+    parts = ["## K-FAC vs SVD: points chosen by a declared rule (our addition)", "",
+             selection.describe(rule, choice, windows), ""]
+    parts += ["### The choice (validation slice and selection windows only)", ""]
+    if choice.note:
+        parts += [f"**Nothing chosen by the rule where it says so:** {choice.note}.", ""]
+    if not choice.layer_sets.empty:
+        ls = choice.layer_sets.copy()
+        ls["chosen"] = ["yes" if (r["layers"], r["roles"]) == (choice.layers, choice.roles) else ""
+                        for r in ls.to_dict("records")]
+        parts += ["Layer sets where both methods have edits (in budget / competing; best in-budget point and its "
+                  "validation Exact ER):", "", markdown_table(ls, [
+                      ("layers", "Layers", "{}"), ("roles", "Roles", "{}"),
+                      ("kfac_in_budget", "K-FAC in budget", "{}"), ("kfac_edits", "K-FAC edits", "{}"),
+                      ("kfac_best", "K-FAC best", "{}"), ("kfac_best_val", "Val. Exact ER", "{:.3f}"),
+                      ("svd_in_budget", "SVD in budget", "{}"), ("svd_edits", "SVD edits", "{}"),
+                      ("svd_best", "SVD best", "{}"), ("svd_best_val", "Val. Exact ER", "{:.3f}"),
+                      ("chosen", "Chosen", "{}")]), ""]
+    rows = []
+    for kind, name in selection.KIND_NAMES.items():
+        rec = choice.chosen.get(kind)
+        if rec is None:
+            rows.append({"method": name, "edit": "nothing chosen", "why": choice.why.get(kind, "-")})
+            continue
+        full = table[table["edit"] == rec["edit"]].iloc[0].to_dict()
+        n = choice.n_validation
+        rows.append({"method": name, "edit": rec["edit"], "form": full.get("form"), "layers": _layers_text(choice),
+                     "strength": full.get("strength"), "val": full.get("val_exact_er"),
+                     "val_count": f"{round(float(full.get('val_exact_er')) * n)}/{n}",
+                     "sel_ppl_ratio": full.get("sel_ppl_ratio"), "sel_ndcg10": full.get("sel_ndcg10"),
+                     "why": "within the budget"})
+    parts += [markdown_table(pd.DataFrame(rows), [
+        ("method", "Method", "{}"), ("edit", "Chosen edit", "{}"), ("form", "Form", "{}"), ("layers", "Layers", "{}"),
+        ("strength", "Strength", "{:.3g}"), ("val", "Val. Exact ER", "{:.3f}"), ("val_count", "k/N", "{}"),
+        ("sel_ppl_ratio", "PPL / unedited (selection windows)", "{:.3f}"), ("sel_ndcg10", "nDCG@10 (text)", "{:.3f}"),
+        ("why", "Note", "{}")]), ""]
+    chosen = [(f"{selection.KIND_NAMES[k]} (chosen)", choice.chosen[k]) for k in selection.KIND_NAMES
+              if choice.chosen.get(k) is not None]
+    if not chosen:
+        return parts
+    _, report_ids = selection.window_ids(scores, windows)
+    base = table[table["edit"] == "none"]
+    points = ([("Unedited", base.iloc[0].to_dict())] if len(base) else []) + [
+        (name, table[table["edit"] == rec["edit"]].iloc[0].to_dict()) for name, rec in chosen]
+    parts += ["### The chosen points on the test tracks", "",
+              "Each chosen edit against the unedited model on the same test sequences (exact McNemar test on Exact "
+              "ER, paired bootstrap on Fractional ER and Avg. Levenshtein) and held-out report windows (paired "
+              "bootstrap of the perplexity ratio), memctl.stats, level 0.05.", ""]
+    parts += points_markdown(point_rows(points, scores, report_ids))
+    if len(chosen) == 2:
+        (_, k), (_, s) = chosen
+        parts += ["Chosen K-FAC against chosen SVD, on the same test sequences and report windows:", "",
+                  *compare_points(("K-FAC", table[table["edit"] == k["edit"]].iloc[0].to_dict()),
+                                  ("SVD", table[table["edit"] == s["edit"]].iloc[0].to_dict()), scores, report_ids), ""]
+    return parts
+
+
+def paper_markdown(table: pd.DataFrame, windows: selection.Windows, scores: Mapping[str, pd.DataFrame] | None) -> list[str]:
+    """The loss-curvature paper's own setting as rows of their own (chosen by no rule of ours)."""
+    where = f"layers {selection.PAPER_LAYERS[0]}-{selection.PAPER_LAYERS[-1]}"
+    parts = ["## The paper's own setting (loss-curvature paper Sec. 4.2.1, Table 2)", "",
+             f"The paper keeps {selection.PAPER_KFAC_ENERGY:.0%} of energy in the first three MLPs for K-FAC and the "
+             f"top {selection.PAPER_SVD_KEEP:.0%} of singular values of the same layers for SVD (its Table 2: nDCG@10 "
+             "0.91 and 0.90), after sweeping SVD over keeping "
+             + ", ".join(f"{g:.0%}" for g in selection.PAPER_SVD_GRID)
+             + f" of singular values. Here: `kfac` (the paper's projector rule) at {selection.PAPER_KFAC_ENERGY:g} and "
+             f"`svd` at {selection.PAPER_SVD_KEEP:g} on {where} (the MLP matrices), and the grid's other points. These "
+             "rows are reported as the paper set them, not chosen by the rule above (they compete in it like every "
+             "other edit).", ""]
+    rows = table[table.get("paper", pd.Series("", index=table.index)).fillna("") != ""].copy()
+    if rows.empty:
+        return parts + ["No edit of this configuration is at the paper's setting (`config/paper.yaml` has them).", ""]
+    rows["_o"] = [(0 if p == "setting" else 1, 0 if k == "kfac" else 1, s)
+                  for p, k, s in zip(rows["paper"], rows["kind"], rows["strength"])]
+    rows = rows.sort_values("_o").drop(columns="_o")
+    _, report_ids = selection.window_ids(scores, windows)
+    base = table[table["edit"] == "none"]
+    points = ([("Unedited", base.iloc[0].to_dict())] if len(base) else []) + [
+        (rec["paper_label"], rec) for rec in rows.to_dict("records")]
+    parts += points_markdown(point_rows(points, scores, report_ids))
+    k = [r for r in rows.to_dict("records") if r["paper"] == "setting" and r["kind"] == "kfac"]
+    s = [r for r in rows.to_dict("records") if r["paper"] == "setting" and r["kind"] == "svd"]
+    if k and s:
+        parts += ["The paper's K-FAC against the paper's SVD, on the same test sequences and report windows:", "",
+                  *compare_points(("K-FAC (paper)", k[0]), ("SVD (paper)", s[0]), scores, report_ids), ""]
+    return parts
 
 
 def curvature_markdown(table: pd.DataFrame, settings: Mapping, spectrum: pd.DataFrame | None = None,
-                       examples_md: str = "", scores: Mapping[str, pd.DataFrame] | None = None) -> str:
-    tol = float(settings.get("match_tolerance", 0.05))
-    cap = settings.get("max_ppl_ratio", 1.5)
-    parts = [
-        "# Curvature edits (K-FAC vs SVD)", "",
-        "Memorization on the held-out memorized split (strict = exact suffix, loose = token Levenshtein "
-        "similarity >= 0.75); held-out PPL = corpus perplexity; nDCG@10 against the unedited model's "
-        "top-10 on non-memorized held-out text. Form: `projector` = paper form (Kronecker eigenpairs "
-        "taken by product lambda_i mu_j until they hold strength of tr(A) tr(G), then projection on "
-        "the A and G directions they use), `per-factor` = the same projection with strength of each "
-        "factor's energy kept, `pairwise` = public-code form (Fisher pairs kept up to rho = strength "
-        "of tr(G) tr(A)), `svd` = top strength share of singular values.", "",
-        markdown_table(table, COLUMNS), "",
-        *([TESTS_NOTE, ""] if "vs_origin" in table else []),
-        f"## Best K-FAC vs best SVD at matched held-out perplexity (within {tol:.0%}"
-        + (f", PPL at most {cap}x the unedited model's" if cap is not None else "") + ")", "",
-    ]
-    pair = best_matched(table, tol, cap)
-    base = table[table["kind"] == "none"]
-    if pair is None:
-        parts.append("No K-FAC and SVD edits with matching perplexity: widen the strength sweeps.")
-    else:
-        rows = pd.concat([base, pd.DataFrame(list(pair))], ignore_index=True)
-        parts.append(markdown_table(rows, COLUMNS))
-        k, s = pair
-        parts += ["", f"The pair was chosen on {selection_track(table)[2]}; the rows show the test split.",
-                  "", f"At matched perplexity ({k['heldout_ppl']:.2f} vs {s['heldout_ppl']:.2f}): "
-                  + pair_tests(k, s, scores)]
+                       examples_md: str = "", scores: Mapping[str, pd.DataFrame] | None = None,
+                       prepared=None) -> str:
+    """The curvature report: every edit, the declared rule's choice and its chosen points on the
+    test tracks, the paper's setting, examples and spectrum bands. ``prepared`` = :func:`prepare`'s
+    result (computed here when not given)."""
+    table, windows, choice, _ = prepared if prepared is not None else prepare(table, scores, settings)
+    parts = ["# Curvature edits (K-FAC vs SVD)", "", INTRO, "", markdown_table(table, COLUMNS), "",
+             *([TESTS_NOTE, ""] if "vs_origin" in table else [])]
+    parts += choice_markdown(table, choice, windows, scores)
+    parts += paper_markdown(table, windows, scores)
+    parts += ["The frontier plot (`curvature_sweep.png`): validation Exact ER against the selection-window PPL ratio "
+              "(what the rule reads), and each test track's Exact ER against the report-window PPL ratio, every edit; "
+              "chosen points circled, the paper's setting marked."]
     if examples_md:
         parts += ["", examples_md]
     if spectrum is not None and len(spectrum):
@@ -253,37 +472,89 @@ def examples_markdown(table: pd.DataFrame, pair: Sequence[Mapping]) -> str:
                       "", markdown_table(table, cols)])
 
 
-def plot_sweep(table: pd.DataFrame, path) -> None:
-    """Strict and loose accuracy vs held-out perplexity, one point per edit, K-FAC vs SVD."""
+def _ratio_ticks(limits: tuple[float, float], budget: float | None) -> list[float]:
+    """Perplexity-ratio ticks within ``limits`` on a log axis: 1, the budget, then 1-2-5 steps, each
+    kept only at least 1/12 of the axis's log range from the ones before (no overlapping labels)."""
+    lo, hi = (max(v, 1e-9) for v in limits)
+    span = math.log(hi / lo) if hi > lo else 1.0
+    candidates = [1.0, *([budget] if budget else []), 1.1, 1.2, 1.5]
+    candidates += [m * 10.0 ** e for e in range(-2, 7) for m in (1, 2, 5)]
+    ticks: list[float] = []
+    for t in candidates:
+        if lo <= t <= hi and all(abs(math.log(t / k)) >= span / 12 for k in ticks):
+            ticks.append(t)
+    return sorted(ticks)
+
+
+def plot_frontier(table: pd.DataFrame, choice: selection.Choice, path) -> None:
+    """Memorization against held-out perplexity ratio, every edit: the validation slice against the
+    selection windows (what the rule reads, its budget drawn), then each test track (memorized,
+    extraction-rate) against the report windows; each method's lower frontier drawn, the chosen
+    points circled, the paper's setting marked (squares: its reported setting, rings: its SVD grid)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharex=True)
+    panels = [("val_exact_er", "sel_ppl_ratio", "validation slice (selection)", "selection windows")]
+    for track, prefix, heading in TEST_TRACKS:
+        col = "strict_accuracy" if track == "memorized" else f"{prefix}exact_er"
+        n = f"{prefix}n_examples"
+        if col in table and (n not in table or (table[n].fillna(0) > 0).any()):
+            panels.append((col, "report_ppl_ratio", heading, "report windows"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), dpi=120, squeeze=False)
     styles = {("kfac", "projector"): ("tab:red", "o", "K-FAC (projector)"),
               ("kfac", "per-factor"): ("tab:purple", "D", "K-FAC (per factor)"),
               ("kfac", "pairwise"): ("tab:orange", "s", "K-FAC (pairwise)"),
               ("svd", "svd"): ("tab:blue", "^", "SVD"), ("none", "-"): ("black", "*", "unedited")}
-    for ax, metric, title in ((axes[0], "strict_accuracy", "strict (exact) accuracy"),
-                              (axes[1], "loose_accuracy", "loose accuracy (Levenshtein sim. >= 0.75)")):
+    chosen = {r["edit"]: f"chosen {selection.KIND_NAMES[k]}" for k, r in choice.chosen.items() if r is not None}
+    budget = choice.rule.max_ppl_ratio
+    for ax, (ycol, xcol, title, windows) in zip(axes[0], panels):
+        if ycol not in table or xcol not in table:
+            ax.set_visible(False)
+            continue
+        data = table[table[xcol].notna() & table[ycol].notna()]
+        if "calibration" in data:  # ablation rows (other factors): grey crosses, outside the frontiers
+            other = data[data["calibration"].fillna("").astype(str) != ""]
+            data = data[data["calibration"].fillna("").astype(str) == ""]
+            if not other.empty:
+                ax.scatter(other[xcol], other[ycol], c="grey", marker="x", s=24, alpha=0.7, zorder=3,
+                           label="K-FAC, ablation factors (" + ", ".join(sorted(set(other["calibration"]))) + ")")
         for (kind, form), (color, marker, label) in styles.items():
-            part = table[(table["kind"] == kind) & (table["form"] == form)]
-            if part.empty:
-                continue
-            ax.scatter(part["heldout_ppl"], part[metric], c=color, marker=marker, s=60 if kind == "none" else 28,
-                       label=label, alpha=0.85, edgecolors="none")
+            part = data[(data["kind"] == kind) & (data["form"] == form)]
+            if not part.empty:
+                ax.scatter(part[xcol], part[ycol], c=color, marker=marker, s=70 if kind == "none" else 28, label=label,
+                           alpha=0.85, edgecolors="none", zorder=3)
+        for kind, color in (("kfac", "tab:red"), ("svd", "tab:blue")):  # lower frontier: least memorization so far
+            part = data[data["kind"].isin([kind, "none"])].sort_values(xcol)
+            if len(part) > 1:
+                ax.step(part[xcol], part[ycol].cummin(), where="post", color=color, alpha=0.35, lw=1, zorder=2)
+        paper = data[data.get("paper", pd.Series("", index=data.index)).fillna("") != ""]
+        for rec in paper.to_dict("records"):
+            square = rec["paper"] == "setting"
+            ax.scatter([rec[xcol]], [rec[ycol]], s=150 if square else 90, marker="s" if square else "o",
+                       facecolors="none", edgecolors="tab:green", linewidths=1.5, zorder=4,
+                       label="paper's setting" if square else "paper's SVD grid")
+        for rec in data[data["edit"].isin(chosen)].to_dict("records"):
+            ax.scatter([rec[xcol]], [rec[ycol]], s=260, marker="o", facecolors="none", edgecolors="black",
+                       linewidths=1.8, zorder=5)
+            ax.annotate(chosen[rec["edit"]], (rec[xcol], rec[ycol]), textcoords="offset points", xytext=(8, 8), fontsize=8)
+        if budget is not None:
+            ax.axvline(budget, color="grey", ls="--", lw=1, label=f"PPL budget {budget:g} (selection windows)")
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(_ratio_ticks(ax.get_xlim(), budget)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("held-out perplexity (log scale)")
-        ax.set_ylabel(title)
+        ax.set_xlabel(f"held-out PPL / unedited, {windows} (log scale)")
+        ax.set_ylabel(f"Exact ER, {title}")
+        ax.set_title(title, fontsize=10)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Memorization vs utility, one point per edit")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    axes[0][0].legend(seen.values(), seen.keys(), fontsize=7)
+    fig.suptitle("Memorization against utility, every curvature edit (lower left is better)")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
