@@ -369,6 +369,12 @@ def test_repair_keeps_a_directory_artifact_holding_a_file_it_did_not_write(proj)
     with atomic_path(model, directory=True, provenance=Provenance("demo_pretrain", {})) as tmp:
         (tmp / "model.safetensors").write_bytes(b"\1" * 128)
     (model / "my-notes.txt").write_text("which checkpoint this was")
+    # A file artifact replaced by a user's directory of the same name (its sidecar left behind).
+    table = proj / "store" / "demo" / "table.parquet"
+    write_parquet(pd.DataFrame({"x": [1]}), table, provenance=Provenance("unit", {}))
+    table.unlink()
+    table.mkdir()
+    (table / "part-0.parquet").write_bytes(b"the user's own dataset")
     before = tree(proj)
     repaired = memctl("verify", "--repair", "store", cwd=proj)
     assert repaired.returncode == 1
@@ -376,5 +382,8 @@ def test_repair_keeps_a_directory_artifact_holding_a_file_it_did_not_write(proj)
     (line,) = [x for x in lines if x.startswith(f"{Path('store/demo/model-9f9f')}: corrupt: sha256")]
     assert "; my-notes.txt was added" in line
     assert (f"{Path('store/demo/model-9f9f')}: not removed: {Path('store/demo/model-9f9f/my-notes.txt')} is not the"
-            " store's (added after the artifact was written); move it out, then repair again") in lines
+            " store's (put there after the artifact was written); move it out, then repair again") in lines
+    assert any(x.startswith(f"{Path('store/demo/table.parquet')}: corrupt: sha256") for x in lines)
+    assert (f"{Path('store/demo/table.parquet')}: not removed: {Path('store/demo/table.parquet/part-0.parquet')} is"
+            " not the store's (put there after the artifact was written); move it out, then repair again") in lines
     assert removed_lines(repaired.stdout) == [] and tree(proj) == before

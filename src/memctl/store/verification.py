@@ -230,17 +230,22 @@ def _walk(directory: Path, report: VerifyReport) -> None:
 
 
 def _foreign_files(path: Path) -> list[str]:
-    """Files inside a directory artifact that its sidecar's record does not list (added after
-    it was written: not the store's); empty when there is no record to tell."""
-    if not path.is_dir() or path.is_symlink():
-        return []
+    """Files in place of or inside an artifact that its sidecar's record does not list (put there
+    after it was written: not the store's): inside a directory artifact, the files it did not
+    hold; a directory where the store wrote a file, or a file where it wrote a directory, all of
+    it. Empty when there is no record to tell."""
     try:
         record = read_sidecar(path).get("stat")
     except (OSError, ValueError):
         return []
-    files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, dict):
+    if not isinstance(record, dict):
         return []
+    files = record.get("files")
+    is_dir = path.is_dir() and not path.is_symlink()
+    if not is_dir:
+        return ["."] if isinstance(files, dict) and path.exists() else []
+    if not isinstance(files, dict):  # a file's record (size, mtime, inode): the directory is not the store's
+        return ([str(p.relative_to(path)) for p in _dir_files(path)] or ["."]) if "size" in record else []
     return [rel for rel in (str(p.relative_to(path)) for p in _dir_files(path)) if rel not in files]
 
 
@@ -264,9 +269,10 @@ def repair(report: VerifyReport) -> tuple[list[str], list[str]]:
         side = sidecar_path(path)
         foreign = _foreign_files(path)
         if foreign:
+            what = path if foreign[0] == "." else path / foreign[0]
             kept.append(
-                f"{path}: not removed: {path / foreign[0]} is not the store's (added after the artifact was"
-                " written); move it out, then repair again"
+                f"{path}: not removed: {what} is not the store's (put there after the artifact was written);"
+                " move it out, then repair again"
             )
             continue
         with directory_lock(path.parent):
