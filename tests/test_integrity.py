@@ -558,8 +558,8 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
 # flipped byte in a delta, in memorized_test.parquet or in the model's weights is refused by the
 # stage that reads it (before any compute, naming the file) and reported by `memctl verify`;
 # `memctl verify --repair` removes it and the next run rebuilds exactly it and what depends on it,
-# with the undamaged run's numbers. A run killed during `--forcerun evaluate` leaves outputs that
-# Snakemake deleted when the job started: the next plain run rebuilds them.
+# with the undamaged run's numbers. A run killed during `--forcerun evaluate` leaves the previous
+# outputs in place (file outputs are marked `update`), and a failed forced report keeps its tables.
 
 SVD_ONLY = {"edits": [{"method": "svd", "layers": [0], "strength": 0.5}], "spectrum": {"enabled": False}}
 DAMAGED = {  # what is damaged -> (glob in the store, the artifact it belongs to: "file" or its "dir")
@@ -719,43 +719,97 @@ def test_verify_repair_then_the_next_run_rebuilds_exactly_the_damaged(edited, tm
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", ["job", "workflow"])
-def test_killed_forcerun_evaluate_is_rebuilt_by_the_next_plain_run(edited, kill):
+def test_killed_forcerun_evaluate_keeps_the_previous_outputs_and_accepts_nothing_half_done(edited, kill):
     """SIGKILL during `snakemake --forcerun evaluate`, while an evaluation job waits to write its
-    first table: Snakemake deleted the job's old outputs when it started it, so they are missing
-    (their sidecars remain). Killed: the job only (the OOM killer; Snakemake stops, its lock is
-    released), or Snakemake with its jobs (its lock is stale: --unlock). A plain run and the
-    profile's then schedule the evaluation again (not "Nothing to be done") and rebuild it."""
+    first table. Its outputs are marked `update`, so Snakemake did not delete them when it started
+    the job: the previous tables stay in place, byte for byte and sound; the killed writer's
+    temporary is the one problem `memctl verify` reports. Killed: the job only (the OOM killer):
+    Snakemake stops and puts back its copy of the outputs, and they are accepted as they were
+    (nothing to do). Or Snakemake with its jobs (its lock is stale: --unlock): the outputs stay
+    marked incomplete, so a plain run refuses them, naming them, and the profile's run
+    (rerun-incomplete) schedules the evaluation again and rebuilds it."""
     work, store = edited["work"], edited["store"]
+    (metrics,) = store.glob("*/eval-*/svd-*/metrics.parquet")
+    scores = metrics.with_name("scores.parquet")
+    before = {p: sha(p) for p in (metrics, scores, sidecar_path(metrics), sidecar_path(scores))}
     proc = start(work, "--forcerun", "evaluate", env=dict(ENV, **{PAUSE_ENV: "300:scores.parquet"}))
     pause, deadline = None, time.time() + 600
     while pause is None and time.time() < deadline and proc.poll() is None:
         for log in store.glob("logs/evaluate/*.log"):
-            pause = re.search(rf"{PAUSE_ENV}: (\S+) is complete in (\S+);", log.read_text()) or pause
+            found = re.search(rf"{PAUSE_ENV}: (\S+) is complete in (\S+);", log.read_text())
+            # a log of an earlier run may still hold a pause line: only a live writer's counts
+            if found and Path(found[1]) == scores and (lo := leftover(scores.with_name(found[2]))) and lo.alive:
+                pause = found
         time.sleep(0.2)
     try:
         assert pause, f"no evaluation paused:\n{output(work)[-3000:]}"
-        scores = Path(pause[1])
-        writer = leftover(scores.with_name(pause[2])).pid
+        tmp = scores.with_name(pause[2])
         if kill == "job":
-            os.kill(writer, signal.SIGKILL)
+            os.kill(leftover(tmp).pid, signal.SIGKILL)
             assert proc.wait(timeout=120) != 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    metrics = scores.with_name("metrics.parquet")
-    holes = [p for p in verify_paths([store]).problems if "incomplete: missing, but its sidecar" in p]
-    assert {p.split(": ")[0] for p in holes} == {str(scores), str(metrics)}, holes
-    if kill == "workflow":
-        assert run(work, "--unlock").returncode == 0
+    deadline = time.time() + 30
+    while leftover(tmp).alive and time.time() < deadline:
+        time.sleep(0.1)
+    assert {p: sha(p) for p in before} == before  # the previous outputs, untouched
+    # sound, each against its sidecar; the killed writer's temporary is the one problem
+    assert verify(metrics) == [] and [p.split(": ")[0] for p in verify(scores)] == [str(tmp)]
+    assert [p.split(": ")[0] for p in verify_paths([store]).problems] == [str(tmp)]
 
-    expected = {"evaluate": 1, "curvature_report": 1, "report": 1}
-    assert planned(work) == expected
-    assert planned(work, "--profile", str(REPO / "profiles" / "local")) == expected
-    again = run(work)
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert metrics.exists() and scores.exists()
+    if kill == "job":
+        assert "Restored previous version of" in output(work)
+        assert planned(work) == {}
+    else:
+        assert run(work, "--unlock").returncode == 0
+        refused = run(work, "-n")
+        assert refused.returncode != 0 and "--rerun-incomplete" in refused.stdout + refused.stderr
+        assert str(scores) in refused.stdout + refused.stderr
+        expected = {"evaluate": 1, "curvature_report": 1, "report": 1}
+        assert planned(work, "--profile", str(REPO / "profiles" / "local")) == expected
+        again = run(work, "--rerun-incomplete")
+        assert again.returncode == 0, again.stderr[-4000:]
+        assert sha(metrics) == before[metrics]  # the same numbers again
+    repaired = subprocess.run([str(BIN / "memctl"), "verify", "--repair", str(store)], env=ENV, capture_output=True,
+                              text=True, check=False)
+    assert (repaired.returncode, not tmp.exists()) == (0, True), repaired.stdout[-2000:]
     report = verify_paths([store])
     assert report.problems == [] and report.notes == []
     assert planned(work) == {}
     pd.testing.assert_frame_equal(results_table(work), edited["results"])
+
+
+@pytest.mark.slow
+def test_a_failed_forced_report_leaves_the_previous_tables_in_place(edited):
+    """`snakemake --forcerun report` with a corrupt input (a flipped byte in the SVD edit's
+    metrics table) fails naming it, before anything is computed, and every table and plot of the
+    previous report is still in place, byte for byte, with its sidecar: the stage's file outputs
+    are marked `update`, so Snakemake neither deletes them before the job nor after its failure."""
+    work, store = edited["work"], edited["store"]
+    tables = work / "results" / "tables"
+    shown = sorted(p.name for p in tables.iterdir() if p.suffix in (".md", ".html", ".parquet", ".png"))
+    assert {"results.md", "results.html", "results.parquet", "curvature.md"} <= set(shown), shown
+    before = {p: sha(p) for p in tables.rglob("*") if p.is_file()}
+    (metrics,) = store.glob("*/eval-*/svd-*/metrics.parquet")
+    original, st = metrics.read_bytes(), metrics.stat()
+    flip(metrics)
+    try:
+        failed = run(work, "--forcerun", "report")
+    finally:
+        metrics.write_bytes(original)
+        os.utime(metrics, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # the flipped file is newer than the tables: the curvature report, which reads it too, may be
+    # scheduled first; whichever report starts refuses it, naming it, before it computes anything
+    said = failed.stdout + failed.stderr
+    error = re.search(r"Error in rule (curvature_report|report):.*?\n\s+log: (\S+)", said, re.DOTALL)
+    assert failed.returncode != 0 and error, said[-3000:]
+    log = Path(error[2]).read_text()
+    command = error[1].replace("_", "-")
+    assert log.startswith(f"memctl {command}: error: {metrics}: corrupt: sha256"), (log[-1500:], said[-3000:])
+    assert "started" not in log
+    assert {p: sha(p) for p in tables.rglob("*") if p.is_file()} == before
+    report = verify_paths([tables])
+    assert report.problems == [] and report.checked == len([p for p in before if p.name.endswith(".meta.json")])
+    assert planned(work) == {}

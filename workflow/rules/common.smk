@@ -27,12 +27,17 @@ GPU = bool(config["resources"]["gpu"])
 
 
 def outputs(stage):
-    """The stage's outputs: directories marked, report items captioned (workflow/report/)."""
+    """The stage's outputs: directories marked, report items captioned (workflow/report/).
+
+    Files are marked ``update``: Snakemake neither deletes them before the job (memctl replaces
+    each one atomically when its new version is complete) nor after a failure (it puts back the
+    copy it took before the job), so a stage that fails, a forced report on a corrupt input among
+    them, leaves its previous outputs in place. Directories (models, tokenizers, K-FAC factors,
+    eigenbases) are not: Snakemake would copy them whole before every rerun of their job."""
     plan = PLAN.stage(stage)
     marked = {}
     for name, path in plan.outputs.items():
-        if name in plan.directories:
-            path = directory(path)
+        path = directory(path) if name in plan.directories else update(path)
         if name in plan.shown:
             category, caption = plan.shown[name]
             path = report(path, caption=f"../report/{caption}", category=category)
