@@ -104,10 +104,113 @@ def test_wildcard_patterns_match_their_jobs():
           "report"]),
         # the down-mode threshold: only down masks
         (lambda c: c["masks"].update(threshold=5.0), ["evaluate", "masks_report", "report", "train_mask"]),
+        # the masks' calibration text: their calibration job, the masks and baselines that read it; no K-FAC job
+        (lambda c: c.setdefault("calibration", {}).update(demo_text={"masks": "stream"}),
+         ["calibration", "evaluate", "masks_report", "prune_baseline", "report", "train_mask"]),
+        # the factors' calibration text: their calibration job and the K-FAC chain; no mask, no SVD edit
+        (lambda c: c.setdefault("calibration", {}).update(demo_text={"kfac": "documents"}),
+         ["apply_edit", "calibration", "collect_kfac", "curvature_report", "decompose_kfac", "evaluate",
+          "kfac_spectrum", "report"]),
     ],
 )
 def test_a_changed_setting_changes_only_the_jobs_it_touches(change, expected):
     assert changed(tiny(), tiny(change)) == expected
+
+
+def _flag(job, name):
+    return job.args[job.args.index(name) + 1] if name in job.args else None
+
+
+def test_two_calibration_texts_one_per_consumer():
+    """The demo: the factors read the training stream (canaries included), the masks, pruning
+    baselines and BalancedSubnet's calibration retain set its canary-free documents; both drop the
+    windows that share a run with any evaluated sequence (test, validation, extraction-rate test, OOD)."""
+    plan = tiny(lambda c: c["pruning"]["balanced_subnet"].update(retain="calibration"))
+    jobs = plan.stage("calibration").jobs
+    assert plan.stage("calibration").wildcard == "calib" and len(jobs) == 2
+    text = {_flag(j, "--demo-text"): j.outputs["windows"] for j in jobs.values()}
+    assert set(text) == {"stream", "documents"}
+    evaluated = [plan.job("extract").outputs[t] for t in ("memorized_test", "memorized_val", "er_test", "ood")]
+    for job in jobs.values():
+        assert job.inputs["exclude"] == evaluated and "--disjoint-ngram" in job.args
+        assert job.outputs["windows"] == f"{plan.model.dir}/calibration-{job.key}/windows.safetensors"
+    (collect,) = plan.stage("collect_kfac").jobs.values()
+    assert collect.inputs["windows"] == text["stream"]
+    masks = [*plan.stage("train_mask").jobs.values(), *plan.stage("balanced_subnet").jobs.values(),
+             *(j for j in plan.stage("prune_baseline").jobs.values() if not j.key.startswith("magnitude"))]
+    assert masks and all(text["documents"] in (_flag(j, "--calibration"), _flag(j, "--retain")) for j in masks)
+    assert text["stream"] not in {p for j in masks for p in j.args}
+    report = plan.job("report")
+    assert report.inputs["data"][-2:] == [text["documents"], text["stream"]]  # their sidecars: what was dropped
+
+
+def test_a_user_text_is_one_calibration_for_every_consumer(tmp_path):
+    (tmp_path / "c4.txt").write_text("text " * 100)
+    plan = tiny(lambda c: c.update(calibration={"source": "text", "path": str(tmp_path / "c4.txt")}))
+    (job,) = plan.stage("calibration").jobs.values()
+    assert "--demo-text" not in job.args and "--corpus" not in job.args
+    (collect,) = plan.stage("collect_kfac").jobs.values()
+    assert collect.inputs["windows"] == job.outputs["windows"] == plan.job("train_mask", {
+        "edit": next(iter(plan.stage("train_mask").jobs))}).inputs["calibration"]
+
+
+def test_the_calibration_ablation_is_a_second_kfac_chain_with_labels_that_say_so():
+    before = tiny()
+    plan = tiny(lambda c: c["curvature"].update(ablations={"calibration_without_memories": True}))
+    # only added jobs: the main chain, SVD, masks and every other job keep their paths and arguments
+    a, b = job_keys(before), job_keys(plan)
+    assert {k: v for k, v in a.items() if k[0] not in ("curvature_report", "report")}.items() <= b.items()
+    added = sorted(stage for stage, _ in b.keys() - a.keys())
+    kfac = [e for e in before.edits.values() if e.stage == "apply_edit" and e.info["method"] != "svd"]
+    assert added == sorted(["calibration", "collect_kfac", "decompose_kfac", *["apply_edit"] * len(kfac),
+                            *["evaluate"] * len(kfac)])
+    rows = [e for e in plan.edits.values() if e.info.get("calibration") == "without_memories"]
+    assert sorted(e.label for e in rows) == sorted(f"{e.label}, calibration without memories" for e in kfac)
+    assert {e.info["method"] for e in rows} == {e.info["method"] for e in kfac}  # no SVD row
+    # the ablation reads the documents, with every memorized sequence dropped too
+    (cal,) = [j for k, j in plan.stage("calibration").jobs.items() if k not in before.stage("calibration").jobs]
+    assert _flag(cal, "--demo-text") == "documents"
+    assert cal.inputs["exclude"][-1] == plan.job("extract").outputs["memorized"]
+    (collect,) = [j for j in plan.stage("collect_kfac").jobs.values() if j.inputs["windows"] == cal.outputs["windows"]]
+    (decompose,) = [j for j in plan.stage("decompose_kfac").jobs.values() if j.key.startswith(collect.key + "/")]
+    for edit in rows:
+        job = plan.job("apply_edit", {"curv_edit": edit.id})
+        assert job.inputs["eigen"] == decompose.outputs["eigen"] and '"calibration":"without_memories"' in _flag(
+            job, "--settings")
+        assert edit.id in plan.stage("evaluate").jobs
+        assert plan.job("evaluate", {"edit": edit.id}).outputs["metrics"] in plan.job("curvature_report").inputs["metrics"]
+    assert len(plan.stage("kfac_spectrum").jobs) == 1  # the spectrum stays the paper's
+    labels = [e.label for e in plan.edits.values()]
+    assert len(set(labels) & {e.label for e in rows}) == len(rows)
+    with pytest.raises(ConfigError, match="curvature.ablations.calibration_without_memories gives the ablation row"):
+        tiny(lambda c: c["curvature"].update(
+            ablations={"calibration_without_memories": True},
+            edits=[{"method": "kfac", "layers": [0], "strength": 0.8, "label": "mine"},
+                   {"method": "kfac", "layers": [1], "strength": 0.8, "label": "mine, calibration without memories"}]))
+
+
+def test_the_ablation_of_a_user_text_needs_the_ngram_check(tmp_path):
+    (tmp_path / "c4.txt").write_text("text " * 100)
+
+    def change(c, n):
+        c.update(calibration={"source": "text", "path": str(tmp_path / "c4.txt")})
+        c["extract"]["disjoint_ngram"] = n
+        c["curvature"].update(ablations={"calibration_without_memories": True})
+
+    plan = tiny(lambda c: change(c, 16))
+    assert len(plan.stage("calibration").jobs) == 2 and len(plan.stage("decompose_kfac").jobs) == 2
+    with pytest.raises(ConfigError, match="extract.disjoint_ngram is 0"):
+        tiny(lambda c: change(c, 0))
+
+
+def test_sharded_chains_keep_their_paths_and_keys_apart():
+    plan = tiny(lambda c: c["curvature"].update(data={"max_tokens": 3000, "shards": 2},
+                                                ablations={"calibration_without_memories": True}))
+    collect, merge = plan.stage("collect_kfac"), plan.stage("merge_kfac")
+    assert len(collect.jobs) == 4 and len(merge.jobs) == 2 and len(plan.stage("decompose_kfac").jobs) == 2
+    for key, job in merge.jobs.items():
+        assert job.inputs["shards"] == [collect.jobs[f"{key}/shards/{i}"].outputs["factors"] for i in range(2)]
+    assert not re.fullmatch(collect.constraint, next(iter(merge.jobs)))
 
 
 def test_changed_strength_keeps_every_other_edit_id():

@@ -157,11 +157,13 @@ def _write_windows(args, kind: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from memctl.data import DataError, calibration_windows, heldout_windows, text_documents
+    from memctl.data import DataError, heldout_windows, text_documents
     from memctl.models import load_tokenizer, model_limits
     from memctl.store import atomic_path
 
     settings = validate_section(kind, parse_settings(args.settings))
+    if kind == "calibration":
+        _check_demo_text(settings, getattr(args, "demo_text", None))
     model_settings = _model_settings(args)
     inputs = {"model": args.model, "corpus": args.corpus, "path": settings.get("path"),
               **{f"exclude[{i}]": p for i, p in enumerate(getattr(args, "exclude", None) or [])}}
@@ -183,35 +185,82 @@ def _write_windows(args, kind: str) -> None:
             texts, sep = text_documents(settings, args.corpus, "heldout", demo_split="heldout")
             windows = heldout_windows(texts, sep, tokenizer, ctx, settings.get("max_windows"))
         else:
-            texts, sep = text_documents(settings, args.corpus, "calibration", demo_split="train")
-            windows = calibration_windows(
-                texts, sep, tokenizer, ctx, settings.get("max_windows"), int(settings.get("seed", 0))
-            )
+            windows = _calibration_windows(args, settings, tokenizer, ctx, prov)
         if vocab_size is not None and windows.size and int(windows.max()) >= vocab_size:
             raise DataError(f"{kind}: the tokenizer of {args.model} gives token id {int(windows.max())}, outside the "
                             f"model's vocabulary of {vocab_size} ids")
-        exclude = list(getattr(args, "exclude", None) or [])
-        if exclude and args.disjoint_ngram > 0:
-            # the evaluated memories must not calibrate what edits them (K-FAC factors, masks, pruning)
-            import pandas as pd
-
-            from memctl import overlap
-
-            index = overlap.ngram_index(overlap.sequences_of(pd.read_parquet(p) for p in exclude), args.disjoint_ngram)
-            hit = overlap.overlapping(windows, index, args.disjoint_ngram)
-            prov.extra["dropped_for_test_overlap"] = {"windows": int(hit.sum()), "of": int(len(windows)),
-                                                      "ngram": int(args.disjoint_ngram), "tests": exclude}
-            windows = windows[~hit]
-            if not len(windows):
-                raise DataError(f"calibration: every one of {int(hit.sum())} windows shares a {args.disjoint_ngram}-token "
-                                f"run with a test sequence; use other calibration text or a larger extract.disjoint_ngram")
-            if hit.any():
-                log.warning("calibration: dropped %d of %d windows that share a %d-token run with a test sequence",
-                            int(hit.sum()), int(len(hit)), args.disjoint_ngram)
         prov.extra.update(windows=int(windows.shape[0]), context_length=ctx)
         with atomic_path(args.out, provenance=prov) as tmp:
             save_file({"windows": torch.from_numpy(windows)}, str(tmp), metadata={"context_length": str(ctx)})
     log.info("wrote %d %s windows of %d tokens to %s", windows.shape[0], kind, ctx, args.out)
+
+
+def _check_demo_text(settings: dict, demo_text: str | None) -> None:
+    """``--demo-text`` is given exactly when ``calibration.source`` is demo; the config's
+    ``calibration.demo_text`` (one choice per consumer) is the plan's, not the job's: dropped here."""
+    settings.pop("demo_text", None)
+    if settings["source"] == "demo" and demo_text is None:
+        raise ConfigError("calibration.source 'demo': say which demo text the windows are cut from: --demo-text stream "
+                          "(the training stream, canaries included) or --demo-text documents (no canaries)")
+    if settings["source"] != "demo" and demo_text is not None:
+        raise ConfigError(f"--demo-text {demo_text}: only for calibration.source 'demo' (the source is "
+                          f"{settings['source']!r}: the calibration text is what its file or dataset holds)")
+
+
+def _calibration_windows(args, settings, tokenizer, ctx: int, prov):
+    """The calibration stage's windows: all full windows of the text, walked in one seeded
+    permutation; windows sharing a ``--disjoint-ngram``-token run with an ``--exclude`` table (the
+    sequences an evaluation or validation split scores) are dropped *before* the budget is taken
+    (:func:`memctl.data.sample_windows`), and the sidecar records how many were examined and dropped.
+
+    ``calibration.source: demo`` reads ``--demo-text``: ``stream`` = the demo's pretraining stream
+    (documents and canary copies, as the model was trained on it; the K-FAC factors, like the
+    loss-curvature paper's A and G), ``documents`` = its training documents without the canaries
+    (the masks and pruning baselines, generic text like the weight-pruning paper's C4)."""
+    from memctl.data import DataError, demo_stream_windows, heldout_windows, sample_windows, text_documents
+
+    demo_text = getattr(args, "demo_text", None)
+    if settings["source"] == "demo":
+        if demo_text == "stream":
+            if args.corpus is None:
+                raise DataError("calibration.source 'demo' needs the demo corpus directory (--corpus)")
+            windows = demo_stream_windows(args.corpus, tokenizer, ctx)
+        else:
+            texts, sep = text_documents(settings, args.corpus, "calibration", demo_split="train")
+            windows = heldout_windows(texts, sep, tokenizer, ctx)
+        prov.extra["text"] = f"demo {demo_text}"
+    else:
+        texts, sep = text_documents(settings, args.corpus, "calibration", demo_split="train")
+        windows = heldout_windows(texts, sep, tokenizer, ctx)
+        prov.extra["text"] = settings["source"]
+    exclude = list(getattr(args, "exclude", None) or [])
+    n = int(args.disjoint_ngram) if exclude else 0
+    index = None
+    if n > 0:
+        # the evaluated memories must not calibrate what edits them (K-FAC factors, masks, pruning)
+        import pandas as pd
+
+        from memctl import overlap
+
+        index = overlap.ngram_index(overlap.sequences_of(pd.read_parquet(p) for p in exclude), n)
+    budget = settings.get("max_windows")
+    windows, counts = sample_windows(windows, budget, int(settings.get("seed", 0)), index, n)
+    if index is not None:
+        # "windows" / "of": dropped of examined (the report's data section); examined counts the seeded
+        # walk up to the last kept window
+        prov.extra["dropped_for_test_overlap"] = {"windows": counts["dropped"], "of": counts["examined"], **counts,
+                                                  "ngram": n, "tests": exclude}
+        if not len(windows):
+            raise DataError(f"calibration: every one of {counts['available']} windows shares a {n}-token run with a "
+                            f"test sequence; use other calibration text or a larger extract.disjoint_ngram")
+        if counts["dropped"]:
+            log.warning("calibration: dropped %d of %d windows examined that share a %d-token run with a test "
+                        "sequence; kept %d", counts["dropped"], counts["examined"], n, counts["kept"])
+    if budget is not None and len(windows) < budget:
+        log.warning("calibration: the text gives %d usable windows of %d tokens, fewer than calibration.max_windows "
+                    "%d", len(windows), ctx, budget)
+        prov.extra["short_of_max_windows"] = int(budget) - int(len(windows))
+    return windows
 
 
 def cmd_heldout(args) -> None:
@@ -531,6 +580,9 @@ def register(subparsers) -> None:
     p.add_argument("--exclude", nargs="*", default=[],
                    help="test tables (memorized_test, er_test): windows sharing a run of tokens with them are dropped")
     p.add_argument("--disjoint-ngram", type=int, default=16, help="that run's length in tokens (0 = keep all)")
+    p.add_argument("--demo-text", choices=["stream", "documents"], default=None,
+                   help="source demo: the training stream (documents and canary copies, as pretrained on; K-FAC) or "
+                        "the training documents without the canaries (masks, pruning baselines)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_calibration)
 

@@ -689,7 +689,9 @@ def text_documents(
     """Documents of a text source and the separator to join them with ('eos' or a string).
 
     ``source: demo`` reads the demo corpus: its held-out documents (``demo_split='heldout'``) or its
-    training documents without the planted canaries (``'train'``, pretraining-like calibration text).
+    training documents without the planted canaries (``'train'``: the masks' and pruning baselines'
+    calibration text, ``calibration.demo_text: documents``; the K-FAC factors read the whole training
+    stream instead, :func:`demo_stream_windows`).
     """
     src = settings["source"]
     col = settings.get("text_column", "text")
@@ -762,6 +764,53 @@ def heldout_windows(
 
 
 
+def stream_windows(ids: Sequence[int] | np.ndarray, context_length: int, what: str = "text") -> np.ndarray:
+    """Non-overlapping ``context_length`` windows of a token stream (int64); the ragged tail is dropped."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids) // context_length
+    if n == 0:
+        raise DataError(f"{what} has {len(ids)} tokens, fewer than one window of {context_length}")
+    return ids[: n * context_length].reshape(n, context_length)
+
+
+def demo_stream_windows(corpus_dir: str | Path, tokenizer, context_length: int) -> np.ndarray:
+    """Windows of the demo's pretraining stream (:func:`memctl.corpus_stream.train_token_stream`:
+    every segment of ``train.parquet`` in stream order, documents and canary copies, each followed
+    by eos), cut at multiples of ``context_length`` from its start."""
+    from memctl.corpus_stream import train_token_stream
+
+    path = Path(corpus_dir) / "train.parquet"
+    if not path.exists():
+        raise DataError(f"calibration.source 'demo': the demo corpus table {path} does not exist")
+    return stream_windows(train_token_stream(corpus_dir, tokenizer), context_length, f"the demo training stream {path}")
+
+
+def sample_windows(
+    windows: np.ndarray,
+    max_windows: int | None,
+    seed: int,
+    exclude: set[bytes] | None = None,
+    ngram: int = 0,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """A seeded random choice of ``max_windows`` rows of ``windows`` (None: all), dropping before
+    sampling: the rows are walked in one seeded permutation and those sharing an ``ngram``-token run
+    with ``exclude`` (:func:`memctl.overlap.ngram_index` of the evaluated sequences) are skipped
+    until ``max_windows`` are kept, so the drop does not shrink the budget (unless the text runs
+    out). Consumers take the first N rows as their budget, so a smaller budget uses a prefix of a
+    larger one. Returns (windows, counts: available, examined, dropped, kept)."""
+    from memctl import overlap
+
+    order = np.random.default_rng(seed).permutation(len(windows))
+    if exclude and ngram > 0:
+        kept, examined = overlap.first_disjoint(windows, order, exclude, ngram, max_windows)
+    else:
+        kept = order if max_windows is None else order[:max_windows]
+        examined = len(kept)
+    stats = {"available": int(len(windows)), "examined": int(examined), "dropped": int(examined - len(kept)),
+             "kept": int(len(kept))}
+    return np.ascontiguousarray(windows[kept]), stats
+
+
 def calibration_windows(
     texts: Sequence[str],
     separator: str,
@@ -770,13 +819,11 @@ def calibration_windows(
     max_windows: int | None,
     seed: int,
 ) -> np.ndarray:
-    """Full-length windows of calibration text, a seeded random choice of ``max_windows`` of them.
+    """Full-length windows of calibration text, a seeded random choice of ``max_windows`` of them
+    (:func:`sample_windows` without exclusion).
 
     Consumers (K-FAC collection, mask training, Wanda / SparseGPT) take the first N rows as their
     data budget, so a smaller budget uses a subset of a larger one.
     """
     windows = heldout_windows(texts, separator, tokenizer, context_length)
-    order = np.random.default_rng(seed).permutation(len(windows))
-    if max_windows is not None:
-        order = order[:max_windows]
-    return np.ascontiguousarray(windows[order])
+    return sample_windows(windows, max_windows, seed)[0]

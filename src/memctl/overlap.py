@@ -43,6 +43,37 @@ def overlapping(rows: Iterable[Sequence[int] | np.ndarray], index: set[bytes], n
     return np.array([not ngrams(row, n).isdisjoint(index) for row in rows], dtype=bool)
 
 
+def first_disjoint(rows: Sequence[Sequence[int] | np.ndarray] | np.ndarray, order: Sequence[int] | np.ndarray,
+                   index: set[bytes], n: int = DEFAULT_N, limit: int | None = None,
+                   chunk: int = 256) -> tuple[np.ndarray, int]:
+    """Walk ``rows`` in ``order`` and keep those that share no n-gram with ``index``, until ``limit``
+    are kept (None: walk every row). Returns (the kept row indices, in walk order; how many rows
+    were examined: the walk's length up to and including the last kept row, or all of ``order``
+    when it ran out). Rows are checked ``chunk`` (at least as many as are still wanted) at a time,
+    so a large set is only checked as far as the budget needs; which rows are kept does not depend
+    on ``chunk``, and a smaller ``limit`` keeps a prefix of what a larger one keeps."""
+    order = np.asarray(order, dtype=np.int64)
+    want = len(order) if limit is None else min(int(limit), len(order))
+    if not index:
+        return order[:want].copy(), want
+    kept: list[int] = []
+    pos = 0  # rows of the walk checked so far
+    examined = 0
+    while len(kept) < want and pos < len(order):
+        part = order[pos : pos + max(int(chunk), want - len(kept))]
+        hit = overlapping((rows[i] for i in part), index, n)
+        for j, (i, h) in enumerate(zip(part.tolist(), hit.tolist())):
+            if not h:
+                kept.append(i)
+                if len(kept) == want:
+                    examined = pos + j + 1
+                    break
+        else:
+            examined = pos + len(part)
+        pos += len(part)
+    return np.asarray(kept, dtype=np.int64), examined
+
+
 def sequences_of(tables) -> list[np.ndarray]:
     """prefix + suffix token ids of every row of candidate tables (pandas DataFrames)."""
     out = []

@@ -50,6 +50,8 @@ RUNTIME_KEYS = {"extract": ("batch_size",), "reference_topk": ("batch_size", "he
                 "evaluate": ("batch_size", "heldout_batch_size")}
 MASK_MODE_LABELS = {"none": "Ours (none)", "up": "Ours (up)", "down": "Ours (down)", "reciprocal": "Ours (reciprocal)"}
 BASELINE_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+#: Appended to the label of each K-FAC edit of curvature.ablations.calibration_without_memories.
+WITHOUT_MEMORIES = ", calibration without memories"
 
 
 def as_json(value: Any) -> str:
@@ -374,31 +376,24 @@ class _Builder:
             (*self.model_args(), "--candidates", path, "--settings", as_json(ext), "--out-dir", self.extract_dir),
             self.log("extract", self.extract_hash), None, ext, runtime=ext_runtime,
         )])
-        n = int(ext["disjoint_ngram"])
-        # the validation slice stays out of the factors too, like the test sequences it stands in for
-        tests = [tables["memorized_test"], tables["memorized_val"], tables["er_test"], tables["ood"]]
+        # every sequence an evaluation or validation split scores (the validation slice too, like the
+        # test sequences it stands in for): calibration windows sharing an n-gram with one are dropped
+        self.disjoint_ngram = int(ext["disjoint_ngram"])
+        self.evaluated = [tables["memorized_test"], tables["memorized_val"], tables["er_test"], tables["ood"]]
+        self.calibration_jobs: dict[str, Job] = {}  # planned on demand (calibration_windows), one per setting
+        self.calibration_used: dict[str, str] = {}  # consumer -> windows
         # CSP puts its prompt vectors in front of every input: held-out windows leave room for them,
         # so that every row (CSP's too) scores the same tokens within the model's context
         reserve = int(cfg["csp"]["prompt_length"]) if cfg["masks"]["enabled"] and cfg["csp"]["enabled"] else 0
         self.heldout_reserve = reserve
-        for section in ("heldout", "calibration"):
-            # calibration text sharing an n-gram with a test sequence of either track is dropped
-            exclude = tests if section == "calibration" and n > 0 else []
-            reserved = reserve if section == "heldout" else 0
-            h = settings_hash(m.key, cfg[section], *([self.extract_hash, n] if exclude else []),
-                              *([{"reserve_positions": reserved}] if reserved else []))
-            out = f"{m.dir}/{section}-{h}/windows.safetensors"
-            setattr(self, section, out)
-            setattr(self, f"{section}_hash", h)
-            extra = ("--exclude", *exclude, "--disjoint-ngram", str(n)) if exclude else ()
-            extra += ("--reserve-positions", str(reserved)) if reserved else ()
-            self.add(section, [Job(
-                section, "", {**m.inputs, **self.data_inputs(section), **({"exclude": exclude} if exclude else {})},
-                {"windows": out},
-                (*self.model_args(), *self.corpus_args(section), "--settings", as_json(cfg[section]), *extra,
-                 "--out", out),
-                self.log(section, h), self.bench(section, h), cfg[section],
-            )])
+        h = settings_hash(m.key, cfg["heldout"], *([{"reserve_positions": reserve}] if reserve else []))
+        self.heldout, self.heldout_hash = f"{m.dir}/heldout-{h}/windows.safetensors", h
+        self.add("heldout", [Job(
+            "heldout", "", {**m.inputs, **self.data_inputs("heldout")}, {"windows": self.heldout},
+            (*self.model_args(), *self.corpus_args("heldout"), "--settings", as_json(cfg["heldout"]),
+             *(("--reserve-positions", str(reserve)) if reserve else ()), "--out", self.heldout),
+            self.log("heldout", h), self.bench("heldout", h), cfg["heldout"],
+        )])
         ev, ev_runtime = _split_runtime("evaluate", cfg["evaluate"])
         self.eval_runtime = ev_runtime
         # only what the reference depends on: the held-out windows it scores
@@ -417,6 +412,95 @@ class _Builder:
         self.eval_hash = settings_hash(self.extract_hash, self.heldout_hash, cfg["model"], ev, self.gpu)
         self.eval_dir = f"{m.dir}/eval-{self.eval_hash}"
 
+    def calibration_windows(self, consumer: str, without_memories: bool = False) -> tuple[str, str]:
+        """(windows path, hash) of the calibration text that ``consumer`` reads: ``kfac`` (the
+        factors) or ``masks`` (mask training, Wanda / SparseGPT, BalancedSubnet's retain set). One
+        ``calibration`` job per distinct setting (the stage is keyed by its hash): with
+        ``calibration.source: demo`` each consumer's ``calibration.demo_text`` (``stream``: the
+        training stream, canaries included, as the loss-curvature paper's factors; ``documents``: no
+        canaries, as the weight-pruning paper's C4); any other source is one text for both. Windows
+        sharing ``extract.disjoint_ngram`` tokens with an evaluated sequence are dropped; with
+        ``without_memories`` (the curvature ablation) the demo's documents are read and windows
+        sharing a run with any memorized sequence are dropped too."""
+        cfg, m = self.cfg, self.model
+        settings = {k: v for k, v in cfg["calibration"].items() if k != "demo_text"}
+        demo = settings["source"] == "demo"
+        text = ("documents" if without_memories else cfg["calibration"]["demo_text"][consumer]) if demo else None
+        n = self.disjoint_ngram
+        exclude = [*self.evaluated, *([self.tables["memorized"]] if without_memories else [])] if n > 0 else []
+        h = settings_hash(m.key, settings, *([{"demo_text": text}] if demo else []),
+                          *([self.extract_hash, n, [PurePosixPath(p).stem for p in exclude]] if exclude else []))
+        out = f"{m.dir}/calibration-{h}/windows.safetensors"
+        if h not in self.calibration_jobs:
+            extra = ("--exclude", *exclude, "--disjoint-ngram", str(n)) if exclude else ()
+            extra += ("--demo-text", text) if demo else ()
+            self.calibration_jobs[h] = Job(
+                "calibration", h,
+                {**m.inputs, **self.data_inputs("calibration"), **({"exclude": exclude} if exclude else {})},
+                {"windows": out},
+                (*self.model_args(), *self.corpus_args("calibration"), "--settings", as_json(settings), *extra,
+                 "--out", out),
+                self.log("calibration", h), self.bench("calibration", h),
+                dict(settings, **({"demo_text": text} if demo else {}), exclude=[PurePosixPath(p).stem for p in exclude]),
+            )
+        if not without_memories:
+            self.calibration_used.setdefault(consumer, out)
+        return out, h
+
+    def calibration_stage(self) -> None:
+        """The ``calibration`` jobs the consumers asked for (after curvature and masks)."""
+        self.add("calibration", list(self.calibration_jobs.values()), wildcard="calib",
+                 outputs={"windows": f"{self.model.dir}/calibration-{{calib}}/windows.safetensors"})
+
+    def kfac_chain(self, windows: str, windows_hash: str) -> tuple[str, str, str, str]:
+        """collect_kfac (+ merge_kfac) and decompose_kfac jobs over one calibration text; returns
+        (factors hash, factors dir, eigen hash, eigen dir). The jobs go to ``self.kfac_jobs``; the
+        stages are keyed (the ablation's chain beside the main one)."""
+        cfg, m, curv = self.cfg, self.model, self.cfg["curvature"]
+        # Factors depend on the model (its dtype and device), the calibration text, the data pass and
+        # the module set.
+        kfac_hash = settings_hash(windows_hash, m.key, cfg["model"], curv["data"], curv["modules"], self.gpu)
+        kfac = f"{m.dir}/kfac-{kfac_hash}"
+        eigen_hash = settings_hash(kfac_hash, EIGEN_METHOD)
+        eigen_dir = f"{kfac}/eigen-{eigen_hash}"
+        collect = {"data": curv["data"], "modules": curv["modules"]}
+        shards = int(curv["data"]["shards"])
+        collect_args = (*self.model_args(), "--windows", windows, "--settings", as_json(collect))
+        with_meta = self.with_meta
+        if shards == 1:
+            outs = with_meta({"factors": f"{kfac}/factors", "summary": f"{kfac}/summary.parquet"})
+            self.kfac_jobs["collect_kfac"].append(Job(
+                "collect_kfac", kfac_hash, {**m.inputs, "windows": windows}, outs, (*collect_args, "--out-dir", kfac),
+                self.log("collect_kfac", kfac_hash), None, collect,
+            ))
+        else:
+            for i in range(shards):
+                key = f"{kfac_hash}/shards/{i}"
+                d = f"{m.dir}/kfac-{key}"
+                outs = with_meta({"factors": f"{d}/factors", "summary": f"{d}/summary.parquet"})
+                self.kfac_jobs["collect_kfac"].append(Job(
+                    "collect_kfac", key, {**m.inputs, "windows": windows}, outs,
+                    (*collect_args, "--shard", f"{i}/{shards}", "--out-dir", d),
+                    self.log("collect_kfac", key), None, dict(collect, shard=i)))
+            shard_dirs = [f"{kfac}/shards/{i}" for i in range(shards)]
+            self.kfac_jobs["merge_kfac"].append(Job(
+                "merge_kfac", kfac_hash, {"shards": [f"{d}/factors" for d in shard_dirs]},
+                {"factors": f"{kfac}/factors", "summary": f"{kfac}/summary.parquet"},
+                ("--inputs", *shard_dirs, "--out-dir", kfac),
+                self.log("merge_kfac", kfac_hash), self.bench("merge_kfac", kfac_hash),
+            ))
+        key = f"{kfac_hash}/eigen-{eigen_hash}"
+        self.kfac_jobs["decompose_kfac"].append(Job(
+            "decompose_kfac", key, {"factors": f"{kfac}/factors"},
+            with_meta({"eigen": f"{eigen_dir}/eigen", "summary": f"{eigen_dir}/summary.parquet"}),
+            ("--factors", f"{kfac}/factors", "--out-dir", eigen_dir), self.log("decompose_kfac", key), None,
+        ))
+        return kfac_hash, f"{kfac}/factors", eigen_hash, eigen_dir
+
+    @staticmethod
+    def with_meta(outs: Mapping[str, str]) -> dict[str, str]:
+        return {**outs, **{f"{k}_meta": f"{v}.meta.json" for k, v in outs.items()}}
+
     def curvature(self) -> None:
         from memctl.curvature import settings as curvature_settings
 
@@ -424,62 +508,58 @@ class _Builder:
         n_layers = None if self.dims is None else self.dims.num_layers
         curvature_settings.check(curv)
         specs = curvature_settings.expand_edits(curv, n_layers)
-        # Factors depend on the model (its dtype and device), the calibration text, the data pass and
-        # the module set.
-        self.kfac_hash = settings_hash(self.calibration_hash, m.key, cfg["model"], curv["data"], curv["modules"], self.gpu)
-        kfac = f"{m.dir}/kfac-{self.kfac_hash}"
-        self.kfac_factors = f"{kfac}/factors"
-        eigen_hash = settings_hash(self.kfac_hash, EIGEN_METHOD)
-        eigen_dir = f"{kfac}/eigen-{eigen_hash}"
+        self.kfac_jobs: dict[str, list[Job]] = {"collect_kfac": [], "merge_kfac": [], "decompose_kfac": []}
+        self.kfac_hash, self.kfac_factors, eigen_hash, eigen_dir = self.kfac_chain(*self.calibration_windows("kfac"))
         spectrum_hash = settings_hash(eigen_hash, self.extract_hash, curv["spectrum"])
         spectrum = f"{eigen_dir}/spectrum-{spectrum_hash}/spectrum.parquet"
-        collect = {"data": curv["data"], "modules": curv["modules"]}
-        shards = int(curv["data"]["shards"])
-        collect_args = (*self.model_args(), "--windows", self.calibration, "--settings", as_json(collect))
-        with_meta = lambda outs: {**outs, **{f"{k}_meta": f"{v}.meta.json" for k, v in outs.items()}}  # noqa: E731
-        if shards == 1:
-            outs = with_meta({"factors": f"{kfac}/factors", "summary": f"{kfac}/summary.parquet"})
-            self.add("collect_kfac", [Job(
-                "collect_kfac", "", {**m.inputs, "windows": self.calibration}, outs, (*collect_args, "--out-dir", kfac),
-                self.log("collect_kfac", self.kfac_hash), None, collect,
-            )], directories=("factors",))
-        else:
-            jobs = []
-            for i in range(shards):
-                d = f"{kfac}/shards/{i}"
-                outs = with_meta({"factors": f"{d}/factors", "summary": f"{d}/summary.parquet"})
-                jobs.append(Job("collect_kfac", str(i), {**m.inputs, "windows": self.calibration}, outs,
-                                (*collect_args, "--shard", f"{i}/{shards}", "--out-dir", d),
-                                self.log("collect_kfac", f"{self.kfac_hash}-{i}"), None, dict(collect, shard=i)))
-            pattern = with_meta({"factors": f"{kfac}/shards/{{shard}}/factors",
-                                 "summary": f"{kfac}/shards/{{shard}}/summary.parquet"})
-            self.add("collect_kfac", jobs, wildcard="shard", outputs=pattern, directories=("factors",),
-                     log=f"{self.root}/logs/collect_kfac/{self.kfac_hash}-{{shard}}.log")
-            shard_dirs = [f"{kfac}/shards/{i}" for i in range(shards)]
-            self.add("merge_kfac", [Job(
-                "merge_kfac", "", {"shards": [f"{d}/factors" for d in shard_dirs]},
-                {"factors": f"{kfac}/factors", "summary": f"{kfac}/summary.parquet"},
-                ("--inputs", *shard_dirs, "--out-dir", kfac),
-                self.log("merge_kfac", self.kfac_hash), self.bench("merge_kfac", self.kfac_hash),
-            )], directories=("factors",))
-        self.add("decompose_kfac", [Job(
-            "decompose_kfac", "", {"factors": f"{kfac}/factors"},
-            with_meta({"eigen": f"{eigen_dir}/eigen", "summary": f"{eigen_dir}/summary.parquet"}),
-            ("--factors", f"{kfac}/factors", "--out-dir", eigen_dir), self.log("decompose_kfac", eigen_hash), None,
-        )], directories=("eigen",))
+        planned = [(spec, eigen_hash, eigen_dir) for spec in specs]
+        # the ablation row: the same K-FAC edits on factors of calibration text without the memories
+        if curv["ablations"]["calibration_without_memories"] and any(s["method"] != "svd" for s in specs):
+            if cfg["calibration"]["source"] != "demo" and self.disjoint_ngram == 0:
+                raise ConfigError(
+                    f"curvature.ablations.calibration_without_memories: with calibration.source "
+                    f"{cfg['calibration']['source']!r} the memories are removed by dropping windows that share an "
+                    f"extract.disjoint_ngram-token run with a memorized sequence, and extract.disjoint_ngram is 0; set it "
+                    f"(e.g. 16) or turn the ablation off")
+            _, _, ab_hash, ab_dir = self.kfac_chain(*self.calibration_windows("kfac", without_memories=True))
+            labels = {spec["label"] for spec in specs}
+            for spec in specs:
+                if spec["method"] == "svd":  # SVD reads no factors: no ablation row
+                    continue
+                label = spec["label"] + WITHOUT_MEMORIES
+                if label in labels:
+                    raise ConfigError(
+                        f"curvature.edits: the label {label!r} is also the label that "
+                        f"curvature.ablations.calibration_without_memories gives the ablation row of {spec['label']!r}; "
+                        f"give that edit another label")
+                planned.append(({**spec, "calibration": "without_memories", "label": label}, ab_hash, ab_dir))
+        pattern = self.with_meta({"factors": f"{m.dir}/kfac-{{kfac}}/factors",
+                                  "summary": f"{m.dir}/kfac-{{kfac}}/summary.parquet"})
+        self.add("collect_kfac", self.kfac_jobs["collect_kfac"], wildcard="kfac", outputs=pattern,
+                 directories=("factors",))
+        if self.kfac_jobs["merge_kfac"]:
+            self.add("merge_kfac", self.kfac_jobs["merge_kfac"], wildcard="kfac",
+                     outputs={"factors": f"{m.dir}/kfac-{{kfac}}/factors",
+                              "summary": f"{m.dir}/kfac-{{kfac}}/summary.parquet"}, directories=("factors",))
+        self.add("decompose_kfac", self.kfac_jobs["decompose_kfac"], wildcard="eigen",
+                 outputs=self.with_meta({"eigen": f"{m.dir}/kfac-{{eigen}}/eigen",
+                                         "summary": f"{m.dir}/kfac-{{eigen}}/summary.parquet"}),
+                 directories=("eigen",))
         # edit id -> job; K-FAC ids chain the eigenbasis hash, SVD ids only the model's.
         svd_upstream = settings_hash(m.key, cfg["model"])
         jobs = []
-        for spec in specs:
+        for spec, chain_hash, chain_dir in planned:
             svd = spec["method"] == "svd"
-            edit = curvature_settings.edit_id(spec, svd_upstream if svd else eigen_hash)
-            delta = self.register_edit(edit, spec["label"], "apply_edit", family="curvature", method=spec["method"])
+            edit = curvature_settings.edit_id(spec, svd_upstream if svd else chain_hash)
+            marker = {"calibration": spec["calibration"]} if "calibration" in spec else {}
+            delta = self.register_edit(edit, spec["label"], "apply_edit", family="curvature", method=spec["method"],
+                                       **marker)
             outputs = {"delta": delta}
             extra: tuple[str, ...] = ()
             if curv["write_model_dir"]:
                 outputs["model_dir"] = f"{m.dir}/edits/{edit}/model"
                 extra = ("--model-out", outputs["model_dir"])
-            eigen = {} if svd else {"eigen": f"{eigen_dir}/eigen"}
+            eigen = {} if svd else {"eigen": f"{chain_dir}/eigen"}
             jobs.append(Job(
                 "apply_edit", edit, {**m.inputs, **eigen}, outputs,
                 (*self.model_args(), *(("--eigen", eigen["eigen"]) if eigen else ()), "--edit-id", edit,
@@ -675,10 +755,11 @@ class _Builder:
         if mode == "down":
             job["threshold"] = threshold
         job = mask_settings.resolve_mask_job(job)
-        upstream = [self.calibration_hash, self.extract_hash if mode != "none" else None]
+        calibration, calibration_hash = self.calibration_windows("masks")
+        upstream = [calibration_hash, self.extract_hash if mode != "none" else None]
         h = settings_hash(self.model.key, self.cfg["model"], self.gpu, upstream, job)
-        inputs = {"calibration": self.calibration}
-        args: tuple[str, ...] = ("--calibration", self.calibration)
+        inputs = {"calibration": calibration}
+        args: tuple[str, ...] = ("--calibration", calibration)
         if mode != "none":  # the memorization term trains on the extraction-rate track's train side
             inputs["memorized"] = self.tables["er_train"]
             args += ("--memorized", self.tables["er_train"])
@@ -698,13 +779,16 @@ class _Builder:
             job.update({k: pruning[k] for k in keys}, form=form)
         kfac = job.get("second_moments") == "kfac"
         job = mask_settings.resolve_prune_job(job)
-        upstream = [] if method == "magnitude" else [self.kfac_factors if kfac else self.calibration_hash]
+        inputs, args, upstream = {}, (), []
+        if method != "magnitude":  # statistics: the K-FAC factors' A, or the masks' calibration windows
+            if kfac:
+                name, path, upstream = "factors", self.kfac_factors, [self.kfac_factors]
+            else:
+                path, windows_hash = self.calibration_windows("masks")
+                name, upstream = "calibration", [windows_hash]
+            inputs, args = {name: path}, (f"--{name}", path)
         h = settings_hash(self.model.key, self.cfg["model"], self.gpu, upstream, job)
         tag = "-onepass" if form == "one_pass" and method != "magnitude" else ""
-        inputs, args = {}, ()
-        if method != "magnitude":
-            name, path = ("factors", self.kfac_factors) if kfac else ("calibration", self.calibration)
-            inputs, args = {name: path}, (f"--{name}", path)
         series = BASELINE_LABELS[method] + (" (one-pass)" if tag else "")
         self._masks_edit(self.prune_jobs, "prune_baseline", f"{method}{tag}-{h}", job, label or series, series, table,
                          inputs, args, family="baseline", method=method,
@@ -713,9 +797,12 @@ class _Builder:
     def balanced_subnet(self, mask_settings) -> None:
         bsn = mask_settings.resolve_balanced_subnet(
             {k: v for k, v in self.cfg["pruning"]["balanced_subnet"].items() if k != "enabled"})
-        retain_hash = self.extract_hash if bsn["retain"] == "nonmemorized" else [self.extract_hash, self.calibration_hash]
+        if bsn["retain"] == "nonmemorized":
+            retain, retain_hash = self.tables["nonmemorized"], self.extract_hash
+        else:
+            retain, calibration_hash = self.calibration_windows("masks")
+            retain_hash = [self.extract_hash, calibration_hash]
         h = settings_hash(self.model.key, self.cfg["model"], self.gpu, retain_hash, bsn)
-        retain = self.tables["nonmemorized"] if bsn["retain"] == "nonmemorized" else self.calibration
         forget = self.tables["memorized_train"]
         self._masks_edit(self.bsn_jobs, "balanced_subnet", f"bsn-{h}", bsn, "BalancedSubnet", "BalancedSubnet",
                          "main", {"forget": forget, "retain": retain}, ("--forget", forget, "--retain", retain),
@@ -889,7 +976,9 @@ class _Builder:
                    "by_copies": f"{r}/extraction_by_copies.md", "plot": f"{r}/extraction_by_copies.png",
                    "edits_by_copies": f"{r}/edits_by_copies.md", "edits_by_copies_table": f"{r}/edits_by_copies.parquet",
                    "edits_by_copies_plot": f"{r}/edits_by_copies.png"}
-        data = [self.candidates, self.tables["er_train"], self.calibration]  # their sidecars: what was dropped
+        # their sidecars: what was dropped (the report's data section shows the last calibration: the factors')
+        data = [self.candidates, self.tables["er_train"],
+                *dict.fromkeys([*(p for c, p in self.calibration_used.items() if c != "kfac"), self.calibration_used["kfac"]])]
         self.add("report", [Job(
             "report", "", {"metrics": metrics, "scores": scores, "by_copies": self.tables["by_copies"], "data": data},
             outputs,
@@ -957,6 +1046,7 @@ def build_plan(config: Mapping[str, Any], dims: Any = None, *, python_version: s
     b.text_stages()
     b.curvature()
     b.masks()
+    b.calibration_stage()  # the calibration texts curvature and masks asked for
     b.evaluation()
     b.downstream()
     b.vision()  # last: with vision.only it replaces the targets

@@ -1,5 +1,6 @@
 # Curvature edits (the loss-curvature paper; docs/curvature.md): K-FAC factors collected and
-# decomposed once, one apply_edit job per edit, the spectrum analysis and the report.
+# decomposed once per calibration text (the ablation's chain beside the main one), one apply_edit
+# job per edit, the spectrum analysis and the report.
 
 
 rule collect_kfac:
@@ -35,6 +36,8 @@ if "merge_kfac" in PLAN.stages:
             PLAN.stage("merge_kfac").log,
         benchmark:
             PLAN.stage("merge_kfac").benchmark
+        wildcard_constraints:
+            **constraints("merge_kfac"),
         conda:
             ENV
         resources:
@@ -53,6 +56,8 @@ rule decompose_kfac:
         **outputs("decompose_kfac"),
     log:
         PLAN.stage("decompose_kfac").log,
+    wildcard_constraints:
+        **constraints("decompose_kfac"),
     cache: True
     conda:
         ENV

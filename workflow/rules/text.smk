@@ -1,5 +1,6 @@
 # Text windows: held-out text (utility metrics, the nDCG@10 reference) and calibration text
-# (K-FAC factors, mask training, Wanda / SparseGPT statistics).
+# (K-FAC factors, mask training, Wanda / SparseGPT statistics): one calibration job per distinct
+# text (memctl.plan: the demo's training stream for the factors, its documents for the masks).
 
 
 rule heldout:
@@ -31,6 +32,8 @@ rule calibration:
         PLAN.stage("calibration").log,
     benchmark:
         PLAN.stage("calibration").benchmark
+    wildcard_constraints:
+        **constraints("calibration"),
     conda:
         ENV
     resources:
