@@ -174,3 +174,25 @@ def test_the_data_section_counts_what_was_dropped():
     assert rows["candidates"][1:3] == ["46 of 50 rows", "4"] and "prefix too short 3" in rows["candidates"][3]
     assert rows["extract (er_train)"][2] == "3" and rows["calibration"][1:3] == ["119 of 124 windows", "5"]
     assert data_markdown({}) == ""
+
+
+def test_the_data_section_has_one_row_per_calibration_text(tmp_path):
+    """K-FAC's stream and the masks' documents are two calibration artifacts: the report's data
+    section reads both sidecars (keyed by their text) and shows a row for each."""
+    from memctl.commands import _sidecars
+    from memctl.report import data_markdown, split_row
+    from memctl.store import Provenance, write_text
+
+    paths = []
+    for text, kept, dropped in (("demo documents", 122, 3), ("demo stream", 210, 46)):
+        prov = Provenance("calibration", {}, {})
+        prov.extra.update(text=text, windows=kept,
+                          dropped_for_test_overlap={"windows": dropped, "of": kept + dropped, "ngram": 16})
+        paths.append(tmp_path / text.replace(" ", "-") / "windows.safetensors")
+        write_text(paths[-1], "w", provenance=prov)
+    records = _sidecars(paths)
+    assert sorted(records) == ["calibration (demo documents)", "calibration (demo stream)"]
+    rows = {split_row(line)[0]: split_row(line) for line in data_markdown(records).splitlines()
+            if line.startswith("| ") and "Stage" not in line}
+    assert rows["calibration (demo stream)"][1:3] == ["210 of 256 windows", "46"]
+    assert rows["calibration (demo documents)"][1:3] == ["122 of 125 windows", "3"]

@@ -399,7 +399,8 @@ def _ndcg(model, reference_path: str, settings) -> tuple[float, float]:
 
 
 def _sidecars(paths) -> dict[str, dict]:
-    """stage -> provenance sidecar of each artifact in ``paths`` (for the report's data section)."""
+    """stage -> provenance sidecar of each artifact in ``paths`` (for the report's data section);
+    calibration sidecars are keyed ``calibration (<text>)``, one per calibration text."""
     from memctl.data import DataError
     from memctl.store import sidecar_path
 
@@ -409,7 +410,11 @@ def _sidecars(paths) -> dict[str, dict]:
             meta = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: its provenance sidecar cannot be read ({err})") from err
-        records[str(meta.get("stage"))] = meta
+        key = str(meta.get("stage"))
+        if key == "calibration":  # one job per calibration text (K-FAC's stream, the masks' documents)
+            key = f"calibration ({meta.get('text', '?')})"
+            key += "" if key not in records else f" #{sum(k.startswith(key) for k in records) + 1}"
+        records[key] = meta
     return records
 
 

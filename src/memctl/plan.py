@@ -976,7 +976,7 @@ class _Builder:
                    "by_copies": f"{r}/extraction_by_copies.md", "plot": f"{r}/extraction_by_copies.png",
                    "edits_by_copies": f"{r}/edits_by_copies.md", "edits_by_copies_table": f"{r}/edits_by_copies.parquet",
                    "edits_by_copies_plot": f"{r}/edits_by_copies.png"}
-        # their sidecars: what was dropped (the report's data section shows the last calibration: the factors')
+        # their sidecars: what was dropped (the report's data section: one row per calibration text)
         data = [self.candidates, self.tables["er_train"],
                 *dict.fromkeys([*(p for c, p in self.calibration_used.items() if c != "kfac"), self.calibration_used["kfac"]])]
         self.add("report", [Job(

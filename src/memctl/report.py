@@ -452,7 +452,8 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
 
 
 def data_markdown(records: dict[str, dict]) -> str:
-    """What the data stages kept and dropped, from their sidecars (``records``: stage -> sidecar):
+    """What the data stages kept and dropped, from their sidecars (``records``: stage -> sidecar;
+    calibration ones as ``calibration (<text>)``, one row each):
     candidate rows dropped (too short, ...), training rows and calibration windows dropped for
     sharing a run of tokens with a test sequence."""
     rows = []
@@ -469,10 +470,11 @@ def data_markdown(records: dict[str, dict]) -> str:
             if name in dropped:
                 rows.append({"stage": f"extract ({name})", "kept": f"{counts.get(name, '?')} rows",
                              "dropped": str(dropped[name]), "why": "shares a token run with a test sequence"})
-    cal = records.get("calibration")
-    if cal and cal.get("dropped_for_test_overlap"):
+    for stage, cal in records.items():  # one row per calibration text (`calibration` or `calibration (<text>)`)
+        if stage.split(" ", 1)[0] != "calibration" or not cal.get("dropped_for_test_overlap"):
+            continue
         d = cal["dropped_for_test_overlap"]
-        rows.append({"stage": "calibration", "kept": f"{cal.get('windows', '?')} of {d.get('of', '?')} windows",
+        rows.append({"stage": stage, "kept": f"{cal.get('windows', '?')} of {d.get('of', '?')} windows",
                      "dropped": str(d.get("windows", 0)), "why": f"shares a {d.get('ngram')}-token run with a test sequence"})
     if not rows:
         return ""
