@@ -194,3 +194,87 @@ def test_source_tokenizer_retokenizes_id_columns(tmp_path, tiny_tokenizer):
     df, _ = build_candidates(s, tiny_tokenizer, P, S)
     assert list(df["prefix_ids"][0]) == target["prefix"][-P:]
     assert list(df["suffix_ids"][0]) == target["suffix"][:S]
+
+
+# ------------------------------------------------------------- the examples of docs/data-formats.md
+
+EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_documented_example_prefix_suffix_text_with_groups_and_copies(tiny_tokenizer):
+    """examples/memories.jsonl: text prefix / suffix, candidate_id, group, copies, as documented:
+    the last prefix_len prefix tokens and the first suffix_len suffix tokens of the text."""
+    rows = [json.loads(line) for line in (EXAMPLES / "memories.jsonl").read_text().splitlines()]
+    df, stats = build_candidates(settings(source="jsonl", path=str(EXAMPLES / "memories.jsonl")), tiny_tokenizer, 32, 32)
+    assert stats["kept"] == len(rows) == 48 and stats["dropped_total"] == 0
+    assert df["candidate_id"].tolist() == [r["candidate_id"] for r in rows]
+    assert sorted(set(df["group"])) == ["addresses", "secrets"]
+    assert sorted(set(df["copies"])) == [1, 2, 4, 8, 16, 32]
+    first = rows[0]
+    enc = lambda t: tiny_tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert list(df["prefix_ids"][0]) == enc(first["prefix"])[-32:]
+    assert list(df["suffix_ids"][0]) == enc(first["suffix"])[:32]
+    # the stratified split of the extraction-rate track: 4 per (group, copies) stratum
+    from memctl.extract import split_extraction_rate
+
+    assert len(split_extraction_rate(df, 1 / 15, 42)[1]) == 0  # round(4/15) = 0 per stratum: the documented trap
+    assert len(split_extraction_rate(df, 0.25, 42)[1]) == 12
+
+
+def test_documented_example_whole_text_and_ids(tiny_tokenizer):
+    df, _ = build_candidates(settings(source="jsonl", path=str(EXAMPLES / "memories-text.jsonl")), tiny_tokenizer, 32, 32)
+    text = json.loads((EXAMPLES / "memories-text.jsonl").read_text().splitlines()[0])
+    ids = tiny_tokenizer(text["text"], add_special_tokens=False)["input_ids"]
+    assert list(df["prefix_ids"][0]) == ids[:32] and list(df["suffix_ids"][0]) == ids[32:64]
+    assert df["copies"].tolist() == [1, 2, 4, 8, 16, 32] and set(df["group"]) == {"journal"}
+    df, _ = build_candidates(settings(source="jsonl", path=str(EXAMPLES / "memories-ids.jsonl")), tiny_tokenizer,
+                             32, 32, vocab_size=len(tiny_tokenizer))
+    row = json.loads((EXAMPLES / "memories-ids.jsonl").read_text().splitlines()[0])
+    assert list(df["prefix_ids"][0]) == row["prefix_ids"][-32:] and list(df["suffix_ids"][0]) == row["suffix_ids"][:32]
+
+
+def test_documented_example_npy_layouts(tmp_path, tiny_tokenizer):
+    """examples/lm-extraction-benchmark/: the directory layout (pre-prefix prepended), and the same
+    rows as one array (the train_dataset.npy layout: the last suffix_len columns are the suffix)."""
+    d = EXAMPLES / "lm-extraction-benchmark"
+    pre, prefix, suffix = (np.load(d / f"example_{n}.npy") for n in ("preprefix", "prefix", "suffix"))
+    assert prefix.dtype == np.uint16 and prefix.shape == (4, 50) and pre.shape == (4, 10)
+    df, _ = build_candidates(settings(source="npy", path=str(d)), tiny_tokenizer, 50, 50, vocab_size=len(tiny_tokenizer))
+    assert df["candidate_id"].tolist() == [f"row-{i:07d}" for i in range(4)]
+    assert list(df["prefix_ids"][1]) == prefix[1].tolist() and list(df["suffix_ids"][1]) == suffix[1].tolist()
+    assert set(df["group"]) == {"all"} and set(df["copies"]) == {-1}
+    longer, _ = build_candidates(settings(source="npy", path=str(d)), tiny_tokenizer, 55, 50)
+    assert list(longer["prefix_ids"][0]) == pre[0, -5:].tolist() + prefix[0].tolist()
+    np.save(tmp_path / "train_dataset.npy", np.concatenate([pre, prefix, suffix], axis=1))
+    single, _ = build_candidates(settings(source="npy", path=str(tmp_path / "train_dataset.npy")), tiny_tokenizer,
+                                 50, 50)
+    assert [list(x) for x in single["suffix_ids"]] == [list(x) for x in df["suffix_ids"]]
+    assert [list(x) for x in single["prefix_ids"]] == [list(x) for x in df["prefix_ids"]]
+
+
+@pytest.mark.parametrize("source", ["text", "jsonl", "parquet"])
+def test_documented_example_heldout_text(tmp_path, tiny_tokenizer, source):
+    text = (EXAMPLES / "heldout.txt").read_text()
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    path = {"text": EXAMPLES / "heldout.txt", "jsonl": tmp_path / "h.jsonl", "parquet": tmp_path / "h.parquet"}[source]
+    if source == "jsonl":
+        path.write_text("\n".join(json.dumps({"text": p}) for p in paragraphs))
+    elif source == "parquet":
+        pd.DataFrame({"text": paragraphs}).to_parquet(path)
+    texts, sep = heldout_texts({"source": source, "path": str(path), "text_column": "text"})
+    assert sep == "\n\n" and len(texts) == (1 if source == "text" else len(paragraphs))
+    windows = heldout_windows(texts, sep, tiny_tokenizer, 64)
+    assert windows.shape[1] == 64 and windows.shape[0] >= 20
+
+
+def test_group_and_copies_cells(tmp_path, tiny_tokenizer):
+    """A row without a group is in 'all' (not 'nan'); a copies value that is not a count is refused."""
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"tokens": list(range(10, 20)), "group": "g", "copies": 3},
+        {"tokens": list(range(20, 30)), "copies": None}]))
+    df, _ = build_candidates(settings(source="jsonl", path=str(path)), tiny_tokenizer, P, S)
+    assert df["group"].tolist() == ["g", "all"] and df["copies"].tolist() == [3, -1]
+    path.write_text(json.dumps({"tokens": list(range(10, 20)), "copies": 2.5}))
+    with pytest.raises(DataError, match=r"row 0 column 'copies': 2.5 is not a count"):
+        build_candidates(settings(source="jsonl", path=str(path)), tiny_tokenizer, P, S)

@@ -178,6 +178,17 @@ def _split_pair(prefix: Sequence[int], suffix: Sequence[int], prefix_len: int, s
     return list(prefix[len(prefix) - prefix_len :]), list(suffix[:suffix_len])
 
 
+def _copies(value: Any, where: str) -> int:
+    """A row's exposure count: a whole number >= 0, or -1 where it is missing (null / NaN / no
+    column); anything else is a :class:`DataError` naming ``where``."""
+    if value is None or _is_missing(value):
+        return -1
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)) \
+            or not float(value).is_integer() or value < 0:
+        raise DataError(f"{where}: {value!r} is not a count of copies (a whole number >= 0, or null when unknown)")
+    return int(value)
+
+
 def describe_dropped(dropped: Mapping[str, int], prefix_len: int, suffix_len: int) -> str:
     """'3 with fewer than 32 prefix tokens, 1 ...' for the counts that are not 0."""
     what = {"prefix_too_short": f"with fewer than {prefix_len} prefix tokens",
@@ -258,15 +269,16 @@ def candidates_from_table(
             dropped[pair] += 1
             continue
         cid = str(rec[idcol]) if idcol is not None else f"row-{i:07d}"
-        copies = rec.get("copies")
+        group = rec.get("group")
         rows.append(
             {
                 "candidate_id": cid,
                 "prefix_ids": pair[0],
                 "suffix_ids": pair[1],
                 "source": source,
-                "group": str(rec.get("group", "all")),
-                "copies": -1 if copies is None or _is_missing(copies) else int(copies),
+                # a row without a group (a JSON line that leaves it out: NaN in the table) is in "all"
+                "group": "all" if group is None or _is_missing(group) else str(group),
+                "copies": _copies(rec.get("copies"), f"{where} column 'copies'"),
             }
         )
     if not rows:
