@@ -85,7 +85,7 @@ LAYERS = {
     "memctl.pruning": 2, "memctl.demo": 2, "memctl.vision": 2,
     "memctl.plan": 3, "memctl.lab": 3, "memctl.runner": 3,
     "memctl.commands": 4, "memctl.curvature.cli": 4, "memctl.masks.cli": 4, "memctl.demo.cli": 4,
-    "memctl.downstream": 4, "memctl.vision.cli": 4,
+    "memctl.downstream": 4, "memctl.vision.cli": 4, "memctl.init": 4,
     "memctl.cli": 5,
 }
 

@@ -14,8 +14,8 @@ import sys
 from memctl.config import ConfigError
 
 #: Modules with utility subcommands besides the stages' (validate-config, verify; install-profile,
-#: estimate-resources).
-UTILITY_MODULES = ("memctl.commands", "memctl.lab")
+#: estimate-resources; init).
+UTILITY_MODULES = ("memctl.commands", "memctl.lab", "memctl.init")
 
 
 def command_modules() -> list[str]:
