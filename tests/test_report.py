@@ -196,3 +196,28 @@ def test_the_data_section_has_one_row_per_calibration_text(tmp_path):
             if line.startswith("| ") and "Stage" not in line}
     assert rows["calibration (demo stream)"][1:3] == ["210 of 256 windows", "46"]
     assert rows["calibration (demo documents)"][1:3] == ["122 of 125 windows", "3"]
+
+
+# ------------------------------------------------------------------ split sizes (memctl.stats helpers)
+
+
+def test_interval_width_helpers_by_hand():
+    from memctl import stats
+
+    # n = 1: k = 0 gives [0, 1 - 0.025] = [0, 0.975]
+    assert stats.worst_case_width(1) == pytest.approx(0.975)
+    # n = 2, k = 1: Beta(1, 2) has CDF 1 - (1 - x)^2, so lo = 1 - sqrt(0.975), hi = sqrt(0.975)
+    assert stats.worst_case_width(2) == pytest.approx(2 * math.sqrt(0.975) - 1)
+    assert stats.worst_case_width(0) == 1.0
+    # 0 of n: upper bound 1 - 0.025^(1/n); 0.2 needs n > ln(0.025) / ln(0.8) = 16.53
+    assert stats.zero_upper_bound(16) == pytest.approx(1 - 0.025 ** (1 / 16)) and stats.zero_upper_bound(16) > 0.2
+    assert stats.zero_upper_bound(17) < 0.2 and stats.min_n_zero_below(0.2) == 17
+    # 0.5 (the 0/1 bound 0.975 at n = 1) needs ln(0.025) / ln(0.5) = 5.32 -> 6
+    assert stats.min_n_zero_below(0.5) == 6
+    # the documented width: the smallest n whose worst-case interval is narrower than 0.2
+    n = stats.min_n_for_width(0.2)
+    assert stats.worst_case_width(n) < 0.2 <= stats.worst_case_width(n - 1) and n == 104
+    # the normal approximation 1.96 / sqrt(n) < 0.2 gives 97: Clopper-Pearson is wider
+    assert n > (1.96 / 0.2) ** 2
+    with pytest.raises(ValueError, match="not in"):
+        stats.min_n_for_width(0)

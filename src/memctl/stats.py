@@ -258,3 +258,63 @@ def compare_perplexity(row_nll, ref_nll, tokens_per_window: int, n_boot: int = N
         return Comparison("paired bootstrap", ratio, math.nan, n, null=1.0)
     log_ratio, lo, hi, dist = _bootstrap((d,), lambda a, axis=-1: np.mean(a, axis=axis), n_boot, seed, level)
     return Comparison("paired bootstrap", ratio, _two_sided_p(dist), n, math.exp(lo), math.exp(hi), null=1.0)
+
+
+# ------------------------------------------------------------------ how many examples a split needs
+
+#: Documented width of a useful interval: a track's exact 95% interval of a rate should be narrower
+#: than this at the worst case (a rate of 0.5, where Clopper-Pearson intervals are widest). Below the
+#: N that reaches it (:func:`min_n_for_width`: 104) the track's verdicts are marked "underpowered".
+TARGET_WIDTH = 0.2
+#: Documented bound for the validation slice (the memorized track's, where edit strengths are
+#: chosen): it needs enough sequences that a clean 0/N rules out a true rate of this much at 95%
+#: (:func:`min_n_zero_below`: 17 sequences).
+VALIDATION_BOUND = 0.2
+
+
+def worst_case_width(n: int, level: float = LEVEL) -> float:
+    """The widest exact (Clopper-Pearson) interval of a rate over ``n`` examples: at ``k = n/2``
+    (for odd ``n`` the wider of the two neighbours). 1.0 for ``n = 0``."""
+    n = int(n)
+    if n <= 0:
+        return 1.0
+    widths = []
+    for k in {n // 2, (n + 1) // 2}:
+        lo, hi = rate_interval(k, n, level)
+        widths.append(hi - lo)
+    return float(max(widths))
+
+
+def min_n_for_width(width: float = TARGET_WIDTH, level: float = LEVEL) -> int:
+    """The smallest ``n`` whose worst-case exact interval (:func:`worst_case_width`) is narrower than
+    ``width``: 104 for 0.2, 402 for 0.1 at 95%. The width falls as ``n`` grows, so a bisection
+    between 1 and a bound from the normal approximation finds it."""
+    if not 0 < width <= 1:
+        raise ValueError(f"interval width {width!r} is not in (0, 1]")
+    z = float(sps.norm.ppf(1 - (1 - level) / 2))
+    lo, hi = 1, max(2, int(math.ceil((2 * z * 0.5 / width) ** 2 * 2)) + 10)
+    while worst_case_width(hi, level) >= width:
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if worst_case_width(mid, level) < width:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def zero_upper_bound(n: int, level: float = LEVEL) -> float:
+    """The exact upper bound of a rate observed as 0 of ``n``: ``1 - ((1 - level) / 2)^(1/n)``."""
+    return 1.0 if n <= 0 else float(1 - ((1 - level) / 2) ** (1 / int(n)))
+
+
+def min_n_zero_below(bound: float = VALIDATION_BOUND, level: float = LEVEL) -> int:
+    """The smallest ``n`` at which 0 of ``n`` has an exact upper bound below ``bound``:
+    ``floor(ln(alpha/2) / ln(1 - bound)) + 1`` (17 for 0.2 at 95%)."""
+    if not 0 < bound < 1:
+        raise ValueError(f"rate bound {bound!r} is not in (0, 1)")
+    n = int(math.floor(math.log((1 - level) / 2) / math.log(1 - bound))) + 1
+    while zero_upper_bound(n - 1, level) < bound and n > 1:  # guard the float floor at exact powers
+        n -= 1
+    return n
