@@ -223,7 +223,18 @@ def test_config_sections_validate_with_defaults_and_reject_bad_values():
 
     base = yaml.safe_load((Path(__file__).parent / "tiny_config.yaml").read_text())
     cfg = validate_config(base)
-    assert cfg["masks"]["lambda_s"] == {"none": 160, "up": 240, "down": 160, "reciprocal": 160}
+    assert cfg["masks"]["lambda_s"] == 240  # one value for every mode: the paired design
+    assert cfg["masks"]["own_memories"] == {"rows": 256, "seed": 0}
+    assert cfg["masks"]["ablations"]["mem_loss_tokens"] == [] and cfg["masks"]["mem_loss_tokens"] == "full"
+    # the per-mode mapping (the paper's presets) still validates; a negative or unknown entry does not
+    per_mode = copy.deepcopy(base)
+    per_mode["masks"]["lambda_s"] = {"none": 160, "up": 240, "down": 160, "reciprocal": 160}
+    assert validate_config(per_mode)["masks"]["lambda_s"]["up"] == 240
+    for value, key in (({"up": -1}, "masks.lambda_s.up"), ({"sideways": 1}, "sideways"), (-3, "masks.lambda_s")):
+        bad = copy.deepcopy(base)
+        bad["masks"]["lambda_s"] = value
+        with pytest.raises(ConfigError, match=key):
+            validate_config(bad)
     assert cfg["pruning"]["damp"] == 0.01 and cfg["pruning"]["balanced_subnet"]["balance"] == 0.05
     bad = copy.deepcopy(base)
     bad["masks"]["tau"] = 0

@@ -181,7 +181,7 @@ def _metrics(values: dict[str, float], memorized: dict[str, float] | None = None
     other column 1.0 but the held-out PPL, 30 + the extraction-rate Exact ER."""
     rows = []
     for edit, exact in values.items():
-        row = {col: 1.0 for col, _, _ in report.COLUMNS}
+        row = {col: 1.0 for col, _, _ in report.COLUMNS if not col.startswith("forget_")}  # no forget track
         row.update(edit=edit, er_exact_er=exact, exact_er=(memorized or {}).get(edit, 1.0), heldout_ppl=30.0 + exact)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -242,7 +242,9 @@ def test_the_masks_table_tests_each_row_against_origin_and_the_none_mask():
                      "seed": seed, "tables": ["main"], "measured_sparsity": 0.3, "converged": True})
     table = report.main_table(metrics, spec)
     refs = report.none_reference(table, spec)
-    assert refs == [[], [], ["n-a", "n-b"], ["n-a", "n-b"]]  # Origin, none, up, down (the paper's row order)
+    # Origin, none, up, down (the paper's row order); the paired design: each against the `none` masks of
+    # its own seeds (up: seeds 0 and 1, as the none row; down: seed 0 only, so the seed-0 none mask)
+    assert refs == [[], [], ["n-a", "n-b"], ["n-a"]]
     table = report.with_tests(table, scores, refs).set_index("method")
     assert table.loc["Ours (up)", "er_exact_count"] == "19.50/20"
     assert table.loc["Ours (up)", "er_vs_ref"] == "higher (p=0.002)"
@@ -323,17 +325,16 @@ def test_ablations_and_seeds_add_exactly_the_expected_jobs():
     before = _masks(base)
     after_plan = _plan(lambda m: m.update(
         seeds=[0, 1, 2], ablations={"modes": ["up", "down"], "regularizers": ["sparsity_only", "memorization_only"],
-                                    "gates": ["bernoulli", "deterministic"], "logit_ranks": [4]}))
+                                    "gates": ["bernoulli", "deterministic"], "logit_ranks": [4],
+                                    "mem_loss_tokens": ["suffix"]}))
     after = _masks(after_plan)
     assert set(before) <= set(after)  # the first seed is the default run: every earlier mask is kept
     added = {after[k][0]: after[k][1] for k in set(after) - set(before)}
     expected = {f"Ours ({mode}), seed {seed}" for mode in ("none", "up", "down") for seed in (1, 2)}
-    expected |= {f"Ours (up, {x})" for x in ("sparsity only", "memorization only", "gate bernoulli",
-                                              "gate deterministic", "logit rank 4")}
-    # down's sparsity-only objective is the `none` objective at lambda_s.down = lambda_s.none (both
-    # 160 here): the main-table `none` mask itself, not a second job
-    expected |= {f"Ours (down, {x})" for x in ("memorization only", "gate bernoulli", "gate deterministic",
-                                                "logit rank 4")}
+    # the sparsity-only objective is the `none` objective at the mode's lambda_s, which the paired design
+    # shares with `none` (one masks.lambda_s): the main-table `none` mask itself, not a second job
+    expected |= {f"Ours ({mode}, {x})" for mode in ("up", "down") for x in (
+        "memorization only", "gate bernoulli", "gate deterministic", "logit rank 4", "L_mem over suffix tokens")}
     assert set(added) == expected
     main = {label: s for label, s in before.values()}
     for label, s in added.items():
@@ -348,6 +349,8 @@ def test_ablations_and_seeds_add_exactly_the_expected_jobs():
             assert diff == {"gate"} and s["gate"] == label.split("gate ")[1][:-1]
         elif "rank" in label:
             assert diff == {"logit_rank"} and s["logit_rank"] == 4
+        elif "L_mem" in label:  # masks.mem_loss_tokens: the main rows average over the whole sequence
+            assert diff == {"mem_loss_tokens"} and (s["mem_loss_tokens"], ref["mem_loss_tokens"]) == ("suffix", "full")
         else:
             assert diff == {"seed"} and s["seed"] == int(label.rsplit(" ", 1)[1])
     # every new mask is evaluated; the report gets the ablation rows and writes ablations.md
@@ -355,7 +358,11 @@ def test_ablations_and_seeds_add_exactly_the_expected_jobs():
     report_job = after_plan.stage("masks_report").jobs[""]
     assert {"ablations_md", "ablations_parquet"} <= set(report_job.outputs)
     rows = report_job.settings["ablations"]
-    assert len(rows) == 2 * (3 + 3 + 2)  # per mode: 3 regularizer rows, 3 gate rows, 2 rank rows
+    assert len(rows) == 2 * (3 + 3 + 2 + 2)  # per mode: 3 regularizer, 3 gate, 2 rank, 2 L_mem-token rows
+    sparsity_only = {r["edit"] for r in rows if r["setting"] == "sparsity only"}
+    assert sparsity_only == {k for k, (label, _) in before.items() if label == "Ours (none)"}
+    tokens = [r for r in rows if r["ablation"] == "mem_loss_tokens"]
+    assert {r["setting"] for r in tokens} == {"L_mem over full tokens", "L_mem over suffix tokens"}
     references = {r["edit"] for r in rows if r["reference"]}
     assert references == {k for k, (label, _) in before.items() if label in ("Ours (up)", "Ours (down)")}
     seeds = [e for e in report_job.settings["edits"] if e.get("series") == "Ours (up)" and "main" in e["tables"]]

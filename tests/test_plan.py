@@ -429,3 +429,73 @@ def test_the_full_reproduction_is_the_quick_tour_plus_its_sweeps():
     assert methods == ["kfac", "kfac_pairwise", "svd"]
     # the vision track trains its ViT with the paper's weight decay (loss-curvature paper App. B.1)
     assert paper_cfg["vision"]["enabled"] and paper_cfg["vision"]["train"]["weight_decay"] == 0.3
+
+
+# ------------------------------------------------------------------ masks: issue 23 (forget track, paired)
+
+
+def _forget_of(plan, edit):
+    args = plan.stage("evaluate").jobs[edit].args
+    return args[args.index("--forget") + 1] if "--forget" in args else None
+
+
+def test_every_trained_mask_and_origin_are_scored_on_one_sample_of_their_training_memories():
+    plan = tiny(lambda raw: raw["masks"].update(own_memories={"rows": 40, "seed": 3}))
+    (sample_job,) = plan.stage("sample_memories").jobs.values()
+    sample = sample_job.outputs["sample"]
+    er_train = plan.stage("extract").jobs[""].outputs["er_train"]
+    assert sample_job.inputs == {"table": er_train} and sample_job.settings == {"rows": 40, "seed": 3}
+    assert sample_job.args[sample_job.args.index("--table") + 1] == er_train
+    masks = set(plan.stage("train_mask").jobs)
+    csp = set(plan.stage("csp").jobs)
+    assert masks and csp
+    for edit in masks | csp | {"none"}:  # every mode's mask (none too: up vs none on the same rows), CSP, Origin
+        job = plan.stage("evaluate").jobs[edit]
+        assert _forget_of(plan, edit) == sample and job.inputs["forget"] == sample, edit
+    # each of them trains on er_train (none: on no memories; Origin: nothing), the sample's table
+    for edit in masks | csp:
+        job = plan.stage("train_mask").jobs.get(edit) or plan.stage("csp").jobs[edit]
+        if job.settings["mode"] != "none":
+            assert job.inputs["memorized"] == er_train, edit
+    # BalancedSubnet keeps its own forget set; the curvature edits and the baselines train on no memories
+    (bsn,) = plan.stage("balanced_subnet").jobs
+    assert _forget_of(plan, bsn) == plan.stage("extract").jobs[""].outputs["memorized_train"]
+    for edit in [*plan.stage("apply_edit").jobs, *plan.stage("prune_baseline").jobs]:
+        assert _forget_of(plan, edit) is None, edit
+    # the sample's settings key it: other rows, other path; every mask job stays as it was
+    other = tiny(lambda raw: raw["masks"].update(own_memories={"rows": 41, "seed": 3}))
+    assert next(iter(other.stage("sample_memories").jobs.values())).outputs["sample"] != sample
+    assert set(other.stage("train_mask").jobs) == masks
+    # masks off: no sample, and Origin is scored on no forget track
+    off = tiny(lambda raw: raw["masks"].update(enabled=False))
+    assert not off.stage("sample_memories").jobs and _forget_of(off, "none") is None
+
+
+def test_masks_of_every_mode_share_lambda_s_seeds_and_steps():
+    plan = tiny(lambda raw: raw["masks"].update(lambda_s=50, seeds=[0, 1]))
+    main = [j.settings for j in plan.stage("train_mask").jobs.values()]
+    assert {s["lambda_s"] for s in main} == {50.0}
+    assert {s["steps"] for s in main} == {60}
+    by_mode: dict = {}
+    for s in main:
+        by_mode.setdefault(s["mode"], set()).add(s["seed"])
+    assert by_mode["none"] == by_mode["up"] == by_mode["down"] == {0, 1}
+    spec = plan.stage("masks_report").jobs[""].settings["edits"]
+    assert {e["lambda_s"] for e in spec if e.get("family") == "ours"} == {50.0}
+    # the per-mode mapping (the paper's presets): allowed, but must name every planned mode
+    mapped = tiny(lambda raw: raw["masks"].update(lambda_s={"none": 160, "up": 240, "down": 160}))
+    assert {j.settings["mode"]: j.settings["lambda_s"] for j in mapped.stage("train_mask").jobs.values()
+            if j.label.startswith("Ours (") and "," not in j.label} == {"none": 160, "up": 240, "down": 160}
+    with pytest.raises(ConfigError, match=r"masks\.lambda_s\.down"):
+        tiny(lambda raw: raw["masks"].update(lambda_s={"none": 160, "up": 240}))
+
+
+def test_the_papers_threshold_sweep_straddles_the_unpruned_memorization_loss():
+    """config/paper.yaml's t grid has points below and above the quick tour's measured unpruned L_mem on
+    er_train (1.34 nats, docs/masks.md), and `none` at every swept sparsity (up vs none paired there)."""
+    cfg = load_config(REPO / "config" / "paper.yaml")
+    ts = [*cfg["masks"]["sweep"]["thresholds"], cfg["masks"]["threshold"]]
+    assert min(ts) < 1.34 < max(ts) and sum(t < 1.34 for t in ts) >= 2
+    assert set(cfg["masks"]["sweep"]["sparsity_modes"]) == {"none", "up"}
+    assert cfg["masks"]["ablations"]["mem_loss_tokens"] == ["suffix"]
+    assert isinstance(cfg["masks"]["lambda_s"], (int, float))  # one lambda_s: the paired design

@@ -620,7 +620,23 @@ class _Builder:
         self.mask_ablation_rows: list[dict[str, Any]] = []
         self.masks_spec = {"none": {"edit": "none", "series": "Origin", "family": "origin", "delta": None,
                                     "tables": ["main"]}}
+        self.own_memories = None
+        sample_jobs: list[Job] = []
         if masks["enabled"]:
+            # the forget track: one seeded sample of the masks' training memories (er_train), scored by
+            # every edit trained on them, the `none` masks and Origin (the same rows for all)
+            own = mask_settings.resolve_own_memories(masks["own_memories"])
+            h = settings_hash(self.extract_hash, own)
+            self.own_memories = f"{m.dir}/memories-{h}/er_train.parquet"
+            sample_jobs.append(Job(
+                "sample_memories", h, {"table": self.tables["er_train"]}, {"sample": self.own_memories},
+                ("--table", self.tables["er_train"], "--settings", as_json(own), "--out", self.own_memories),
+                self.log("sample_memories", h), self.bench("sample_memories", h), own,
+            ))
+            origin = self.edits["none"]
+            self.edits["none"] = Edit(origin.id, origin.label, origin.stage, origin.delta,
+                                      {**origin.info, "forget": self.own_memories})
+            self.masks_spec["none"]["forget"] = self.own_memories
             if pruning["second_moments"] == "kfac" and "sequential" in pruning["forms"]:
                 raise ConfigError(
                     f"pruning.second_moments: 'kfac' works with pruning.forms: [one_pass] only (the K-FAC factors "
@@ -655,6 +671,8 @@ class _Builder:
                 self.mask("down", r, t, "threshold", mask_settings, f"Ours (down), t={t:g}")
             if sweep["thresholds"]:
                 self.mask("down", r, masks["threshold"], "threshold", mask_settings)
+        self.add("sample_memories", sample_jobs, wildcard="sample",
+                 outputs={"sample": f"{m.dir}/memories-{{sample}}/er_train.parquet"})
         edit_pattern = {"delta": f"{m.dir}/edits/{{edit}}/delta.safetensors"}
         log_pattern = {**edit_pattern, "log": f"{m.dir}/edits/{{edit}}/train_log.parquet"}
         self.add("train_mask", self.mask_jobs, wildcard="edit", outputs=log_pattern)
@@ -708,7 +726,7 @@ class _Builder:
         at the first seed with one setting changed, next to that mode's main-table mask (its reference)."""
         masks = self.cfg["masks"]
         abl = masks["ablations"]
-        if not (abl["regularizers"] or abl["gates"] or abl["logit_ranks"]):
+        if not (abl["regularizers"] or abl["gates"] or abl["logit_ranks"] or abl["mem_loss_tokens"]):
             return
         t = masks["threshold"]
         for mode in abl["modes"]:
@@ -719,7 +737,7 @@ class _Builder:
                 if "sparsity_only" in abl["regularizers"]:  # no memorization term: the `none` objective
                     rows.append(("regularizers", "sparsity only", self.mask(
                         "none", r, None, "ablations", mask_settings, f"{base}, sparsity only)",
-                        lambda_s=masks["lambda_s"][mode]), r, False))
+                        lambda_s=mask_settings.lambda_s_of(masks, mode)), r, False))
                 if "memorization_only" in abl["regularizers"]:  # no sparsity term: no target sparsity
                     rows.append(("regularizers", "memorization only", self.mask(
                         mode, r, t, "ablations", mask_settings, f"{base}, memorization only)", lambda_s=0,
@@ -740,6 +758,14 @@ class _Builder:
                         rows.append(("logit_rank", f"logit rank {rank}", self.mask(
                             mode, r, t, "ablations", mask_settings, f"{base}, logit rank {rank})", logit_rank=rank),
                             r, False))
+            if abl["mem_loss_tokens"]:  # L_mem over the suffix only (or the whole sequence): masks.mem_loss_tokens
+                own = masks["mem_loss_tokens"]
+                rows.append(("mem_loss_tokens", f"L_mem over {own} tokens", reference, r, True))
+                for tokens in abl["mem_loss_tokens"]:
+                    if tokens != own:
+                        rows.append(("mem_loss_tokens", f"L_mem over {tokens} tokens", self.mask(
+                            mode, r, t, "ablations", mask_settings, f"{base}, L_mem over {tokens} tokens)",
+                            mem_loss_tokens=tokens), r, False))
             self.mask_ablation_rows += [
                 {"edit": edit, "label": f"{base}, {setting})", "ablation": ablation, "setting": setting, "mode": mode,
                  "target_sparsity": target, "reference": ref} for ablation, setting, edit, target, ref in rows]
@@ -748,9 +774,9 @@ class _Builder:
         """Plan one mask (``change``: job settings that differ from the config's, e.g. a seed or a gate
         kind); returns its edit id."""
         masks = self.cfg["masks"]
-        skip = ("enabled", "modes", "sweep", "ablations", "seeds", "lambda_s", "threshold")
-        job = {k: v for k, v in masks.items() if k not in skip}
-        job.update(mode=mode, sparsity=sparsity, lambda_s=masks["lambda_s"][mode], seed=masks["seeds"][0])
+        job = {k: v for k, v in masks.items() if k not in mask_settings.CONFIG_ONLY}
+        job.update(mode=mode, sparsity=sparsity, lambda_s=mask_settings.lambda_s_of(masks, mode),
+                   seed=masks["seeds"][0])
         job.update(change)
         if mode == "down":
             job["threshold"] = threshold
@@ -765,9 +791,12 @@ class _Builder:
             args += ("--memorized", self.tables["er_train"])
         series = MASK_MODE_LABELS[mode]
         edit = f"mask-{mode}-{h}"
+        # forget: scored on its own training memories (the `none` mask on the same rows: the paired
+        # `up` vs `none` comparison there too); lambda_s: the tables check the comparison is paired
         self._masks_edit(self.mask_jobs, "train_mask", edit, job, label or series, series, table,
                          inputs, args, family="ours", mode=mode, sparsity=sparsity,
-                         threshold=threshold if mode == "down" else None, seed=job["seed"])
+                         threshold=threshold if mode == "down" else None, seed=job["seed"],
+                         lambda_s=job["lambda_s"], mem_loss_tokens=job["mem_loss_tokens"], forget=self.own_memories)
         return edit
 
     def baseline(self, method, form, sparsity, table, mask_settings, label=None) -> None:
@@ -839,7 +868,8 @@ class _Builder:
             label = series if table == "main" or theta == cfg["theta"] else f"{series}, theta={theta:g}"
             self._masks_edit(self.csp_jobs, "csp", f"csp-{mode}-{h}", job, label, series, table,
                              {"memorized": er_train}, ("--memorized", er_train), family="csp", method="csp",
-                             mode=mode, sparsity=None, threshold=theta if mode == "down" else None)
+                             mode=mode, sparsity=None, threshold=theta if mode == "down" else None,
+                             forget=self.own_memories)
 
     def vision(self) -> None:
         """The vision track (:mod:`memctl.vision`, docs/vision.md), planned when ``vision.enabled``:
@@ -947,7 +977,8 @@ class _Builder:
         jobs = []
         for edit in self.edits.values():
             delta = {"delta": edit.delta} if edit.delta else {}
-            # an edit trained on a set of its own (BalancedSubnet's forget set) is scored on it too
+            # an edit trained on a set of its own is scored on it too (the forget track): BalancedSubnet's
+            # forget set; the masks' and CSP's sample of er_train (masks.own_memories), also Origin's
             forget = {"forget": edit.info["forget"]} if edit.info.get("forget") else {}
             out_dir = f"{self.eval_dir}/{edit.id}"
             jobs.append(Job(

@@ -89,6 +89,8 @@ STAGES: dict[str, Stage] = {
               mem_mb=8000, runtime_min=60, family="curvature"),
         Stage("curvature_report", "curvature-report", f"{_CU}:cmd_report", "light", mem_mb=2000, runtime_min=10,
               family="curvature"),
+        Stage("sample_memories", "sample-memories", f"{_M}:cmd_sample_memories", "light", mem_mb=2000,
+              runtime_min=10, family="masks"),
         Stage("train_mask", "train-mask", f"{_M}:cmd_train_mask", "mask", gpu=True, threads=True, mem_mb=8000,
               runtime_min=240, family="masks"),
         Stage("prune_baseline", "prune", f"{_M}:cmd_prune", "prune", gpu=True, threads=True, mem_mb=8000,

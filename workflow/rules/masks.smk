@@ -2,6 +2,28 @@
 # (the weight-pruning paper; docs/masks.md), and the paper-style tables.
 
 
+rule sample_memories:
+    input:
+        unpack(inputs("sample_memories")),
+    output:
+        **outputs("sample_memories"),
+    log:
+        PLAN.stage("sample_memories").log,
+    benchmark:
+        PLAN.stage("sample_memories").benchmark
+    wildcard_constraints:
+        **constraints("sample_memories"),
+    conda:
+        ENV
+    resources:
+        **resources("sample_memories"),
+    params:
+        args=args("sample_memories"),
+        code=code("sample_memories"),
+    shell:
+        "memctl sample-memories {params.args} > {log:q} 2>&1"
+
+
 rule train_mask:
     input:
         unpack(inputs("train_mask")),

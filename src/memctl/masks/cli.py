@@ -68,6 +68,25 @@ def cmd_train_mask(args) -> None:
              "" if result.stats["converged"] else "; DID NOT CONVERGE: " + result.stats["unconverged_reason"])
 
 
+def cmd_sample_memories(args) -> None:
+    """The forget track's rows: a seeded sample of the masks' training memories (``er_train``),
+    scored by the evaluation of every edit trained on them, of the `none` masks and of Origin."""
+    import pandas as pd
+
+    from memctl.config import parse_settings
+    from memctl.masks.data import sample_rows
+    from memctl.masks.settings import resolve_own_memories
+    from memctl.store import write_parquet
+
+    settings = resolve_own_memories(parse_settings(args.settings))
+    with stage("sample_memories", {"own_memories": settings}, {"table": args.table}, outputs=[args.out]) as prov:
+        table = pd.read_parquet(args.table)
+        sample = sample_rows(table, settings["rows"], settings["seed"])
+        prov.extra["rows"] = {"available": int(len(table)), "kept": int(len(sample))}
+        write_parquet(sample, args.out, provenance=prov)
+    log.info("own training memories: %d of the %d rows of %s", len(sample), len(table), args.table)
+
+
 def cmd_prune(args) -> None:
     from memctl.config import parse_settings
     from memctl.edits import save_delta
@@ -212,12 +231,22 @@ def cmd_report(args) -> None:
             entry["converged"] = meta.get("converged")  # false: trained with on_unconverged: flag
             entry["unconverged_reason"] = meta.get("unconverged_reason")
             entry.update(report.delta_cost(entry.get("delta")))  # wall time, device, tokens (its sidecar)
+            # the unpruned model's L_mem on the mask's training memories, measured by its job
+            entry["unpruned_mem_loss"] = meta.get("unpruned_mem_loss")
+
+        def tested(df, references):
+            df = report.with_tests(df, scores, references)
+            df = report.mark_unpaired(df, report.pairing(df, references, entries))
+            return report.with_own_flags(df)
+
         main = report.main_table(metrics, entries)
-        main = report.with_tests(main, scores, report.none_reference(main, entries))
+        main = tested(main, report.none_reference(main, entries))
         text = (report.markdown(main, title, trail=report.COST_COLUMNS) + "\n" + report.columns_note(main) + "\n"
                 + report.COST_NOTE + report.notes(main))
         if scores:
             text += "\n" + report.TESTS_NOTE
+            power = report.power_note(report.power_rows(scores, entries))
+            text += ("\n" + power) if power else ""
         write_text(out / "table.md", text, provenance=prov)
         write_parquet(main, out / "table.parquet", provenance=prov)
         pages = [text]
@@ -229,20 +258,25 @@ def cmd_report(args) -> None:
             df = report.ablation_table(metrics, entries, table)
             if df.empty:
                 continue
-            df = report.with_tests(df, scores, report.none_reference(df, entries))
+            df = tested(df, report.none_reference(df, entries))
             lead = [("target_sparsity", "Target", "{:.2f}")] if table == "sparsity" else [("threshold", "t", "{:.2f}")]
             page = (report.markdown(df, heading, lead) + "\n" + report.columns_note(df)
                     + ("\n" + report.TESTS_NOTE if scores else ""))
+            vlines = []
+            unpruned = report.unpruned_loss(df) if table == "threshold" else None
+            if unpruned is not None:
+                page += "\n" + unpruned[1]
+                vlines = [(unpruned[0], f"unpruned L_mem on the training memories ({unpruned[0]:.2f})")]
             if table == "threshold" and (df["family"] == "csp").any():
                 page += "\n" + report.CSP_THRESHOLD_NOTE
             write_text(out / f"ablation_{table}.md", page, provenance=prov)
             write_parquet(df, out / f"ablation_{table}.parquet", provenance=prov)
             with atomic_path(out / f"ablation_{table}.png", provenance=prov) as tmp:
-                report.plot_ablation(df, x, panels, tmp, heading, origin)
+                report.plot_ablation(df, x, panels, tmp, heading, origin, vlines)
             pages.append(page)
         if spec.get("ablations"):  # masks.ablations: paper Table 5, appendices A and D
             df = report.ablations_table(metrics, entries, spec["ablations"])
-            df = report.with_tests(df, scores, report.ablation_reference(df))
+            df = report.with_own_flags(report.with_tests(df, scores, report.ablation_reference(df)))
             page = report.markdown(df, "Ablations (paper Table 5, appendices A and D)",
                                    [("ablation", "Ablation", "{}"), ("target_sparsity", "Target", "{:.2f}")])
             page += ("\n" + report.ABLATIONS_NOTE + report.notes(df) + "\n" + report.columns_note(df)
@@ -266,6 +300,12 @@ def register(subparsers) -> None:
     p.add_argument("--log", required=True, help="train_log.parquet to write")
     p.add_argument("--work-dir", default=None, help="checkpoint directory (default: next to --out)")
     p.set_defaults(func=cmd_train_mask)
+
+    p = subparsers.add_parser("sample-memories", help="a seeded sample of the masks' training memories (forget track)")
+    p.add_argument("--table", required=True, help="er_train.parquet (the masks' and CSP's training memories)")
+    p.add_argument("--settings", required=True, help="the `masks.own_memories` settings (JSON): rows, seed")
+    p.add_argument("--out", required=True, help="parquet to write (the rows kept, in the table's order)")
+    p.set_defaults(func=cmd_sample_memories)
 
     p = subparsers.add_parser("prune", help="pruning baseline: magnitude, Wanda or SparseGPT")
     model_args(p)

@@ -25,6 +25,17 @@ def load_windows(path: str | os.PathLike, limit: int | None = None) -> torch.Ten
     return windows[:limit] if limit else windows
 
 
+def sample_rows(table: pd.DataFrame, rows: int | None, seed: int) -> pd.DataFrame:
+    """A seeded sample of ``rows`` rows of ``table`` without replacement, in the table's order (all of
+    it when ``rows`` is None or not smaller): the forget track's rows (``masks.own_memories``)."""
+    if rows is not None and rows < 1:
+        raise ValueError(f"masks.own_memories.rows: {rows} is less than 1")
+    if rows is None or rows >= len(table):
+        return table.reset_index(drop=True)
+    keep = np.sort(np.random.default_rng(int(seed)).choice(len(table), size=int(rows), replace=False))
+    return table.iloc[keep].reset_index(drop=True)
+
+
 def cycling_indices(n: int, batch_size: int, iteration: int, seed: int, stream: int = 0) -> np.ndarray:
     """Indices of batch ``iteration`` when cycling through ``n`` items in a fresh seeded order per pass."""
     if n <= 0:

@@ -42,6 +42,8 @@ COLUMNS = [
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
     ("er_fractional_er", "Fractional ER", "{:.3f}"),
     ("er_exact_er", "Exact ER", "{:.3f}"),
+    ("forget_fractional_er", "Fractional ER (own training memories)", "{:.3f}"),
+    ("forget_exact_er", "Exact ER (own training memories)", "{:.3f}"),
     ("fractional_er", "Fractional ER (memorized)", "{:.3f}"),
     ("exact_er", "Exact ER (memorized)", "{:.3f}"),
     ("mem_loss", "Mem. loss", "{:.3f}"),
@@ -49,7 +51,7 @@ COLUMNS = [
     ("sparsity", "Sparsity", "{:.3f}"),
 ]
 #: The examples each track scored (from the metrics; the same for every row of a run): the notes' N.
-N_COLUMNS = ("er_n_examples", "n_examples")
+N_COLUMNS = ("er_n_examples", "n_examples", "forget_n_examples")
 
 
 #: The training cost of each edit (paper Sec. 4.2), from its delta's provenance sidecar: the run's wall
@@ -133,6 +135,11 @@ def _rows(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]], table: str) 
             "mask_rule": entry.get("mask_rule"),
             **{col: entry.get(col) for col, _, _ in COST_COLUMNS},  # the edit's training cost (its sidecar)
             "seed": entry.get("seed"),  # None: not a seeded edit (Origin, the pruning baselines)
+            "lambda_s": entry.get("lambda_s"),  # masks: the paired design's check (none_reference)
+            # the unpruned model's L_mem on the mask's training memories, measured by its job (mode down:
+            # t below it amplifies; the threshold plot's line)
+            "unpruned_mem_loss": entry.get("unpruned_mem_loss"),
+            "mem_loss_tokens": entry.get("mem_loss_tokens"),
             # None: not a trained edit (Origin, pruning baselines) or a delta from before the check
             "converged": entry.get("converged"),
             "unconverged_reason": entry.get("unconverged_reason"),
@@ -142,6 +149,9 @@ def _rows(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]], table: str) 
 
 #: Appended to the method cell of an edit that did not converge.
 UNCONVERGED = "did not converge"
+#: A row whose own training memories did not move the way its objective intends (issue 23):
+#: the method cell says so with the paired test's p-value, like "did not converge".
+OWN_FLAG = "own training memories not {direction} than Origin's"
 
 
 def unconverged(value) -> bool:
@@ -151,7 +161,11 @@ def unconverged(value) -> bool:
 
 def _method_cell(row) -> str:
     method = str(row.get("method"))
-    return f"{method} ({UNCONVERGED})" if unconverged(row.get("converged")) else method
+    if unconverged(row.get("converged")):
+        method = f"{method} ({UNCONVERGED})"
+    if own_flagged(row):
+        method = f"{method} ({OWN_FLAG.format(direction=row.get('own_direction'))}, {stats.format_p(float(row['own_p']))})"
+    return method
 
 
 def main_table(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -238,7 +252,10 @@ def ablation_table(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]], tab
 #: (the Exact / Fractional ER columns, with their counts, intervals and verdicts in the tables),
 #: unprefixed the memorized track (its count and interval beside its "(memorized)" columns; its
 #: verdicts, ``vs_origin``, ``vs_ref``, ``frac_*``, in the parquet).
-TEST_TRACKS = (("er_", "extraction_rate"), ("", "memorized"))
+TEST_TRACKS = (("er_", "extraction_rate"), ("", "memorized"), ("forget_", "forget"))
+#: Tracks whose comparison with Origin needs Origin scored on every row of the edit (the forget track:
+#: each edit's own training memories; Origin's are the masks' sample, BalancedSubnet's are its own set).
+SAME_ROWS_TRACKS = ("forget",)
 #: Said under each table that carries the paired tests.
 TESTS_NOTE = (
     "Tests are on the extraction-rate track (the Exact ER / Fractional ER columns). "
@@ -251,7 +268,15 @@ TESTS_NOTE = (
     "seeds; k is then the averaged count) and is compared with the exact sign-flip permutation test "
     f"(memctl.stats). Verdicts at significance level {ALPHA:g}. The memorized track's count and interval are "
     "beside Exact ER (memorized); its verdicts, computed the same way, are in the parquet (`vs_origin`, `vs_ref`, "
-    "`frac_vs_origin`, `frac_vs_ref` and their `_p`; the extraction-rate track's carry the `er_` prefix).\n"
+    "`frac_vs_origin`, `frac_vs_ref` and their `_p`; the extraction-rate track's carry the `er_` prefix).\n\n"
+    "Own training memories: the same tests on the forget track, only where Origin (and the `none` mask) scored "
+    "every row the edit did. A mask or CSP prompt whose Exact ER there did not move the way its objective intends "
+    "(`up`: higher than Origin's; `down`, `reciprocal`: lower, except a `down` mask whose t lies below the "
+    "unpruned L_mem on its training memories, which intends higher, paper Fig. 4) by this two-sided test at "
+    f"level {ALPHA:g} is flagged \"{OWN_FLAG.format(direction='higher/lower')}\" with its p-value in every table "
+    "(parquet: `own_direction`, `own_moved`, `own_p`). The `none` comparison is paired: same sparsity, seeds, "
+    "steps and lambda_s (one masks.lambda_s for every mode); a per-mode lambda_s mapping makes it \"unpaired\", "
+    "said in its verdict cells.\n"
 )
 
 
@@ -266,7 +291,7 @@ def _n_text(df: pd.DataFrame, col: str) -> str:
 
 def columns_note(df: pd.DataFrame) -> str:
     """Said under each masks table: the set each column is computed on, with the examples' N."""
-    er_n, mem_n = _n_text(df, "er_n_examples"), _n_text(df, "n_examples")
+    er_n, mem_n, own_n = _n_text(df, "er_n_examples"), _n_text(df, "n_examples"), _n_text(df, "forget_n_examples")
     return (
         "Columns: Exact ER and Fractional ER are the extraction-rate track: greedy extraction on the held-out "
         f"extraction-rate split (`er_test`{', ' + er_n if er_n else ''}), sampled from every candidate whatever the "
@@ -276,8 +301,13 @@ def columns_note(df: pd.DataFrame) -> str:
         "held-out sequences the unedited model extracts exactly, so Origin is 1 there by construction (the "
         "loss-curvature paper's set). Mem. loss / Mem. PPL: teacher-forced loss and perplexity on the suffix tokens "
         "of the memorized test split. Held-out loss / PPL: the held-out text's non-overlapping windows (the "
-        "`heldout` stage's, the same for every row). In the parquet the extraction-rate track's columns carry the "
-        "`er_` prefix and the memorized track's none (as in `metrics.parquet`).\n"
+        "`heldout` stage's, the same for every row). Exact ER / Fractional ER (own training memories): the forget "
+        f"track{', ' + own_n if own_n else ''}: each trained edit scored on the memories it trained on (the masks "
+        "and CSP: one seeded sample of the extraction-rate train side `er_train`, masks.own_memories; the `none` "
+        "masks and Origin on the same rows; BalancedSubnet: its own forget set `memorized_train`, where Origin was not "
+        "scored, so it has no test against Origin there): the papers' forget / held-out contrast, whether the "
+        "objective moved the memories where it trained. In the parquet the extraction-rate track's columns carry the "
+        "`er_` prefix, the own training memories' `forget_`, and the memorized track's none (as in `metrics.parquet`).\n"
     )
 
 
@@ -301,25 +331,122 @@ def _edit_ids(cell) -> list[str]:
     return [e for e in str(cell).split(",") if e] if _given(cell) else []
 
 
+def _row_seeds(row: Mapping[str, Any]) -> set[int]:
+    """The seeds behind a table row: its ``seeds`` (a row aggregating seeds) or its ``seed``."""
+    if _given(row.get("seeds")):
+        return {int(x) for x in str(row["seeds"]).split(",") if x.strip()}
+    return {int(row["seed"])} if _given(row.get("seed")) else set()
+
+
 def none_reference(df: pd.DataFrame, spec: Sequence[Mapping[str, Any]] = ()) -> list[list[str]]:
     """Per row: the edits of the ``none`` mask a trained mask (``up``, ``down``, ``reciprocal``) is
-    compared with, at the same sparsity: the ``Ours (none)`` row of the same table at the row's
-    target sparsity, else the main table's ``none`` masks (every seed) when the target is theirs.
-    Empty for every other row."""
+    compared with, at the same sparsity and with the same seeds (the paired design: the same gate
+    noise and data order): the ``Ours (none)`` row of the same table at the row's target sparsity
+    with the row's seeds, else the main table's ``none`` masks of those seeds when the target is
+    theirs. Empty for every other row, and where no ``none`` mask has the row's seeds.
+    :func:`pairing` says where the two differ in lambda_s."""
     main_none = [e for e in spec if e.get("mode") == "none" and "main" in e.get("tables", [])]
+    records = df.to_dict("records")
     out = []
-    for row in df.to_dict("records"):
+    for row in records:
         if row.get("family") != "ours" or row.get("mode") not in ("up", "down", "reciprocal"):
             out.append([])
             continue
-        target = row.get("target_sparsity")
-        same = [r for r in df.to_dict("records") if r.get("mode") == "none" and r.get("family") == "ours"
-                and _close(r.get("target_sparsity"), target) and r.get("method", "").startswith("Ours (none)")]
+        target, seeds = row.get("target_sparsity"), _row_seeds(row)
+        same = [r for r in records if r.get("mode") == "none" and r.get("family") == "ours"
+                and _close(r.get("target_sparsity"), target) and r.get("method", "").startswith("Ours (none)")
+                and _row_seeds(r) == seeds]
         if same:
             out.append([e for r in same for e in _edit_ids(r["edit"])])
         else:
-            out.append([e["edit"] for e in main_none if _close(e.get("sparsity"), target)])
+            out.append([e["edit"] for e in main_none if _close(e.get("sparsity"), target)
+                        and (not seeds or (_given(e.get("seed")) and int(e["seed"]) in seeds))])
     return out
+
+
+def pairing(df: pd.DataFrame, references: Sequence[Sequence[str]], spec: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per row: "" where the row and its ``none`` reference share lambda_s (the paired design), else
+    why the comparison is unpaired (a per-mode ``masks.lambda_s`` mapping, e.g. the paper's presets)."""
+    by_edit = {e["edit"]: e for e in spec}
+    out = []
+    for row, refs in zip(df.to_dict("records"), references, strict=True):
+        own = row.get("lambda_s")
+        theirs = sorted({float(by_edit[e]["lambda_s"]) for e in refs
+                         if e in by_edit and _given(by_edit[e].get("lambda_s"))})
+        if refs and _given(own) and theirs and theirs != [float(own)]:
+            out.append(f"unpaired: lambda_s {float(own):g} vs `none` {'/'.join(f'{v:g}' for v in theirs)}")
+        else:
+            out.append("")
+    return out
+
+
+#: The verdict columns against the ``none`` mask that :func:`mark_unpaired` prefixes.
+REF_VERDICTS = ("er_vs_ref", "er_frac_vs_ref", "vs_ref", "frac_vs_ref", "forget_vs_ref", "forget_frac_vs_ref")
+
+
+def mark_unpaired(df: pd.DataFrame, reasons: Sequence[str]) -> pd.DataFrame:
+    """``df`` with an ``unpaired`` column (the reason, or None) and each verdict against the ``none``
+    mask prefixed with it, so an unpaired comparison never reads as a paired one."""
+    if df.empty:
+        return df
+    df = df.copy()
+    df["unpaired"] = [r or None for r in reasons]
+    for col in REF_VERDICTS:
+        if col in df:
+            df[col] = [f"{r}; {v}" if r and _given(v) and v != "-" else v for r, v in zip(reasons, df[col], strict=True)]
+    return df
+
+
+def intended_direction(row: Mapping[str, Any]) -> str | None:
+    """Which way an edit's objective moves Exact ER on its own training memories: ``higher`` (masks
+    ``up``; CSP ``up``; a ``down`` mask whose t lies below the unpruned model's L_mem on them, which
+    its job measured: the paper's amplification by threshold, Fig. 4), ``lower`` (``down``,
+    ``reciprocal``, CSP ``down``), None (``none``, Origin, the baselines, BalancedSubnet: no
+    direction to check here)."""
+    family, mode = row.get("family"), row.get("mode")
+    if family == "csp":
+        return {"up": "higher", "down": "lower"}.get(mode)
+    if family != "ours":
+        return None
+    if mode == "up":
+        return "higher"
+    if mode == "reciprocal":
+        return "lower"
+    if mode == "down":
+        t, base = row.get("threshold"), row.get("unpruned_mem_loss")
+        return "higher" if _given(t) and _given(base) and float(t) < float(base) else "lower"
+    return None
+
+
+def with_own_flags(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (after :func:`with_tests`) with, per row, the direction its objective intends on its own
+    training memories (``own_direction``), whether they moved that way by the paired test against
+    Origin on the same rows (``own_moved``: the exact McNemar / seed-pooled sign-flip test at
+    :data:`memctl.stats.ALPHA`, the difference's sign in that direction; None where there is no
+    direction or no test) and that test's p-value (``own_p``). A False ``own_moved`` is the flag."""
+    if df.empty:
+        return df
+    df = df.copy()
+    directions, moved, pvalues = [], [], []
+    for row in df.to_dict("records"):
+        direction = intended_direction(row)
+        p, diff = row.get("forget_vs_origin_p"), row.get("forget_vs_origin_diff")
+        directions.append(direction)
+        if direction is None or not _given(p) or not _given(diff):
+            moved.append(None)
+            pvalues.append(p if _given(p) else math.nan)
+            continue
+        sign_ok = diff > 0 if direction == "higher" else diff < 0
+        moved.append(bool(sign_ok and float(p) < ALPHA))
+        pvalues.append(float(p))
+    df["own_direction"], df["own_moved"], df["own_p"] = directions, moved, pvalues
+    return df
+
+
+def own_flagged(row) -> bool:
+    """True where :func:`with_own_flags` found the own training memories not moved as intended."""
+    value = row.get("own_moved")
+    return isinstance(value, (bool, np.bool_)) and not bool(value)
 
 
 def ablation_reference(df: pd.DataFrame) -> list[list[str]]:
@@ -356,7 +483,7 @@ def with_tests(df: pd.DataFrame, scores: Mapping[str, pd.DataFrame] | None,
     origin = scores.get("none")
     for prefix, track in TEST_TRACKS:
         cols: dict[str, list] = {c: [] for c in (
-            "exact_count", "exact_ci", "fractional_ci", "vs_origin", "vs_origin_p", "frac_vs_origin",
+            "exact_count", "exact_ci", "fractional_ci", "vs_origin", "vs_origin_p", "vs_origin_diff", "frac_vs_origin",
             "frac_vs_origin_p", "vs_ref", "vs_ref_p", "frac_vs_ref", "frac_vs_ref_p")}
         ref_origin = shared.track_part(origin, track)
         for row, ref_edits in zip(df.to_dict("records"), references):
@@ -373,10 +500,15 @@ def with_tests(df: pd.DataFrame, scores: Mapping[str, pd.DataFrame] | None,
             ref_parts = [shared.track_part(scores.get(e), track) for e in ref_edits]
             vs_ref = {} if not parts or not ref_parts or any(p is None for p in ref_parts) else shared.paired_tests(
                 parts, ref_parts)
+            if track in SAME_ROWS_TRACKS:  # only on the same rows: never on a partial overlap
+                vs_origin = vs_origin if ref_origin is not None and _covers([ref_origin], parts) else {}
+                vs_ref = vs_ref if _covers(ref_parts, parts) else {}
             for col, tests in (("vs_origin", vs_origin), ("vs_ref", vs_ref)):
                 for name, key in (("exact", col), ("fractional", f"frac_{col}")):
                     cols[key].append(stats.verdict(tests.get(name)) if ref_edits or col == "vs_origin" else "-")
                     cols[f"{key}_p"].append(tests[name].pvalue if name in tests else math.nan)
+            # Exact ER of the row minus Origin's on the same examples (the sign the own-memories flag reads)
+            cols["vs_origin_diff"].append(vs_origin["exact"].estimate if "exact" in vs_origin else math.nan)
         for col, values in cols.items():
             df[f"{prefix}{col}"] = values
     verdicts, pvalues = [], []
@@ -394,6 +526,16 @@ def with_tests(df: pd.DataFrame, scores: Mapping[str, pd.DataFrame] | None,
         pvalues.append(test.pvalue if test is not None else math.nan)
     df["ppl_vs_origin"], df["ppl_vs_origin_p"] = verdicts, pvalues
     return df
+
+
+def _covers(tables: Sequence[pd.DataFrame | None], parts: Sequence[pd.DataFrame], key: str = "candidate_id") -> bool:
+    """Whether every table of ``tables`` scored every row of ``parts`` (matched on ``key``)."""
+    if not tables or not parts or any(t is None for t in tables):
+        return False
+    if not all(key in t for t in [*tables, *parts]):
+        return all(len(t) == len(parts[0]) for t in [*tables, *parts])
+    rows = set().union(*(set(p[key]) for p in parts))
+    return all(rows <= set(t[key]) for t in tables)
 
 
 def with_test_columns(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
@@ -415,6 +557,11 @@ def with_test_columns(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]])
                      ("er_frac_vs_ref", f"{against} (Fractional ER)", "{}")]
         elif col == "exact_er":
             extra = [("exact_count", "k/N (memorized)", "{}"), ("exact_ci", "95% CI (memorized)", "{}")]
+        elif col == "forget_exact_er":
+            extra = [("forget_exact_count", "k/N (own training memories)", "{}"),
+                     ("forget_exact_ci", "95% CI (own training memories)", "{}"),
+                     ("forget_vs_origin", "vs Origin (Exact ER, own training memories)", "{}"),
+                     ("forget_vs_ref", f"{against} (Exact ER, own training memories)", "{}")]
         elif col == "heldout_ppl":
             extra = [("ppl_vs_origin", "vs Origin (PPL)", "{}")]
         out += [c for c in extra if c[0] in df]
@@ -432,7 +579,10 @@ def _fmt(value, fmt: str) -> str:
 def markdown(df: pd.DataFrame, title: str, lead: Sequence[tuple[str, str, str]] = (),
              trail: Sequence[tuple[str, str, str]] = ()) -> str:
     """A markdown table: ``lead`` columns, then the paper's columns, then ``trail`` (the cost columns)."""
-    cols = [("method", "Method", "{}"), *lead, *with_test_columns(df, COLUMNS), *trail]
+    # the own-training-memories columns where some row was scored there (metrics of older runs were not)
+    own = "forget_exact_er" in df and df["forget_exact_er"].map(_given).any()
+    shown = [c for c in with_test_columns(df, COLUMNS) if own or not c[0].startswith("forget_")]
+    cols = [("method", "Method", "{}"), *lead, *shown, *trail]
     lines = [f"## {title}", "", "| " + " | ".join(h for _, h, _ in cols) + " |",
              "|---|" + "---:|" * (len(cols) - 1)]
     for _, row in df.iterrows():
@@ -461,6 +611,12 @@ def notes(df: pd.DataFrame) -> str:
             reason = row.get("unconverged_reason")
             bits.append(f"**{UNCONVERGED}**" + (f" ({reason})" if _given(reason) else "")
                         + ": not a result of the method; see its train_mask / balanced_subnet log")
+        if own_flagged(row):
+            bits.append(f"**{OWN_FLAG.format(direction=row.get('own_direction'))}** (paired test on the same rows, "
+                        f"{stats.format_p(float(row['own_p']))}): its objective did not move its own training memories "
+                        f"{row.get('own_direction')} where it trained")
+        if _given(row.get("unpaired")):
+            bits.append(f"{row['unpaired']}: its comparison with the `none` mask is not the paired design")
         if _given(row.get("form")) and row["form"] != "none":
             bits.append(f"form: {str(row['form']).replace('_', '-')}")
         if _given(row.get("mask_rule")):
@@ -482,6 +638,93 @@ def notes(df: pd.DataFrame) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+#: (scores track, how the power note names it)
+POWER_TRACKS = (("extraction_rate", "extraction-rate test split (`er_test`)"),
+                ("forget", "own training memories (the masks' sample of `er_train`)"))
+
+
+def _fractional(part: pd.DataFrame) -> np.ndarray:
+    return part["n_match"].to_numpy(dtype=np.float64) / np.maximum(part["n_suffix"].to_numpy(dtype=np.float64), 1)
+
+
+def power_rows(scores: Mapping[str, pd.DataFrame] | None, spec: Sequence[Mapping[str, Any]] = ()) -> list[dict]:
+    """Per track of :data:`POWER_TRACKS` that Origin scored: N, Origin's exact count, the near-threshold
+    pool (:func:`memctl.power.near_threshold`: fractional ER in [0.2, 0.9] without exact extraction) and
+    the smallest Exact ER difference against Origin detectable at alpha 0.05 with 80% power by the exact
+    McNemar test (:func:`memctl.power.minimum_detectable_difference`): with flips one way only (the
+    floor), and with flips the other way at the rate the main table's first-seed `none` mask shows
+    against Origin on the same rows (pruning's churn at this sparsity), where it was scored."""
+    from memctl import power
+    from memctl import report as shared
+
+    origin = (scores or {}).get("none")
+    nones = sorted((e for e in spec if e.get("family") == "ours" and e.get("mode") == "none"
+                    and "main" in e.get("tables", [])), key=lambda e: (e.get("seed") is None, e.get("seed") or 0))
+    out = []
+    for track, name in POWER_TRACKS:
+        part = shared.track_part(origin, track)
+        if part is None or not {"exact_match", "n_match", "n_suffix"} <= set(part.columns):
+            continue
+        n = int(len(part))
+        exact = part["exact_match"].to_numpy(dtype=bool)
+        row = {"track": track, "name": name, "n": n, "origin_exact": int(exact.sum()),
+               "near_threshold": power.near_threshold(_fractional(part), exact),
+               "mdd_one_way": power.minimum_detectable_difference(n).delta,
+               "background": math.nan, "mdd_with_background": math.nan, "background_edit": None}
+        none_part = shared.track_part((scores or {}).get(nones[0]["edit"]), track) if nones else None
+        if none_part is not None and _covers([none_part], [part]):
+            a, b = shared.aligned_units([[none_part], [part]]) or (None, None)
+            if a is not None and len(a) == n:
+                flips = stats.mcnemar(a["exact_match"].to_numpy(dtype=bool), b["exact_match"].to_numpy(dtype=bool))
+                background = min((flips.row_only + flips.ref_only) / (2 * n), 0.499)
+                row.update(background=background, background_edit=nones[0]["edit"],
+                           mdd_with_background=power.minimum_detectable_difference(n, background).delta)
+        out.append(row)
+    return out
+
+
+def power_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The power paragraph under the main table (:func:`power_rows`)."""
+    if not rows:
+        return ""
+
+    def delta(v) -> str:
+        return "none reaches 80% power" if not _given(v) else f"{v:.3f}"
+
+    lines = ["Power (memctl.power; one mask against Origin, the exact McNemar test at alpha 0.05, 80% power, "
+             "exact over the binomial number of discordant examples):"]
+    for r in rows:
+        text = (f"- {r['name']}: N={r['n']}, Origin extracts {r['origin_exact']} exactly; near-threshold pool "
+                f"(Origin's fractional ER in [0.2, 0.9] without exact extraction) {r['near_threshold']}; smallest "
+                f"detectable Exact ER difference {delta(r['mdd_one_way'])} if the edit flips examples one way only "
+                f"(the floor)")
+        if _given(r.get("background")):
+            text += (f", {delta(r['mdd_with_background'])} if it also flips the other way at the rate the `none` "
+                     f"mask shows against Origin ({r['background']:.3f} per direction)")
+        up_room = (r["n"] - r["origin_exact"]) / r["n"] if r["n"] else math.nan
+        text += f"; amplification can reach at most {up_room:.3f} (the examples Origin does not extract)."
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def unpruned_loss(df: pd.DataFrame) -> tuple[float, str] | None:
+    """(median, text) of the unpruned model's L_mem on the masks' training memories that the rows'
+    train_mask jobs measured (the ``unpruned_mem_loss`` of their deltas), or None where none did."""
+    if df.empty or "unpruned_mem_loss" not in df:
+        return None
+    rows = df[(df["family"] == "ours") & df["unpruned_mem_loss"].map(_given)]
+    if rows.empty:
+        return None
+    values = rows["unpruned_mem_loss"].astype(float)
+    tokens = sorted({str(t) for t in rows.get("mem_loss_tokens", pd.Series(dtype=object)) if _given(t)})
+    spread = "" if values.max() - values.min() < 5e-4 else f" (range {values.min():.3f}-{values.max():.3f})"
+    return float(values.median()), (
+        f"The unpruned model's L_mem on the masks' training memories ({'/'.join(tokens) or 'full'} tokens of `er_train`, "
+        f"measured by each mask job before training): {values.median():.3f} nats{spread}, the dashed vertical line "
+        "of the plot. A `down` mask with t above it suppresses; with t below it, the same objective lowers L_mem "
+        "(the paper's amplification by threshold, Fig. 4), and its flag direction is `higher`.\n")
+
+
 def _panel_label(df: pd.DataFrame, col: str, label: str) -> str:
     """An axis label with the N of the track a rate column belongs to (``er_`` / memorized)."""
     n = _n_text(df, "er_n_examples" if col.startswith("er_") else "n_examples")
@@ -489,7 +732,8 @@ def _panel_label(df: pd.DataFrame, col: str, label: str) -> str:
 
 
 def plot_ablation(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], path, title: str,
-                  origin: Mapping[str, float] | None = None) -> None:
+                  origin: Mapping[str, float] | None = None,
+                  vlines: Sequence[tuple[float, str]] = ()) -> None:
     """One panel per ``(column, label)`` of ``panels`` against ``x``, one line per method; the
     default panels (:data:`SPARSITY_PANELS`, :data:`THRESHOLD_PANELS`) plot the extraction-rate
     track's rates, as the paper's Figs. 3-4 do."""
@@ -512,6 +756,8 @@ def plot_ablation(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], p
                 crossed = True
         if origin and col in origin and _given(origin[col]):
             ax.axhline(origin[col], color="grey", linestyle="--", linewidth=1, label="Origin")
+        for value, text in vlines:  # e.g. the unpruned L_mem on the threshold axis
+            ax.axvline(value, color="black", linestyle=":", linewidth=1.2, label=text)
         ax.set_xlabel("target sparsity" if x == "target_sparsity" else "learning threshold t")
         ax.set_ylabel(_panel_label(df, col, label), fontsize=8)
         ax.grid(alpha=0.3)

@@ -43,11 +43,34 @@ def _job_schema(base: Mapping[str, Any], drop: tuple[str, ...], add: Mapping[str
     return schema
 
 
+#: Keys of the config's ``masks`` section that are not settings of one train_mask job.
+CONFIG_ONLY = ("enabled", "modes", "sweep", "ablations", "seeds", "lambda_s", "threshold", "own_memories")
+
+
+def lambda_s_of(masks: Mapping[str, Any], mode: str) -> float:
+    """The sparsity coefficient of ``mode`` in a config's ``masks`` section: the shared number, or the
+    mode's entry of the per-mode mapping (which must name it: ``masks.lambda_s.<mode>``)."""
+    value = masks["lambda_s"]
+    if isinstance(value, Mapping):
+        if mode not in value:
+            given = ", ".join(f"{k}: {v:g}" for k, v in value.items()) or "none"
+            raise ConfigError(
+                f"masks.lambda_s.{mode}: the per-mode mapping gives no value for mode {mode!r} (given: {given}); "
+                f"name every planned mode, or give one number for all (the paired design)")
+        return float(value[mode])
+    return float(value)
+
+
+def lambda_s_paired(masks: Mapping[str, Any], modes) -> bool:
+    """Whether ``modes`` share one lambda_s (a number, or a mapping with one value for them all)."""
+    return len({lambda_s_of(masks, m) for m in modes}) <= 1
+
+
 @cache
 def mask_job_schema() -> dict[str, Any]:
     return _job_schema(
         fragment("masks"),
-        drop=("enabled", "modes", "sweep", "ablations", "seeds", "lambda_s", "threshold"),
+        drop=CONFIG_ONLY,
         add={
             "mode": {"enum": list(MODES)},
             # 0 turns the sparsity term off (paper Table 5's memorization-only row): no target to reach
@@ -125,6 +148,13 @@ def has_sparsity_term(job: Mapping[str, Any]) -> bool:
     final mask is the threshold rule at whatever sparsity training gave.
     """
     return float(job["lambda_s"]) > 0
+
+
+def resolve_own_memories(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``masks.own_memories`` settings of a sample_memories job (rows, seed) with defaults."""
+    schema = copy.deepcopy(fragment("masks")["properties"]["own_memories"])
+    schema.pop("default", None)
+    return _resolve(schema, settings, "masks.own_memories")
 
 
 def resolve_prune_job(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -234,6 +235,21 @@ class _Trainer:
         ids, attention, targets = self.memorized.batch(idx, self.device)
         return sequence_loss(self._forward(masked, input_ids=ids, attention_mask=attention), ids, targets)
 
+    @torch.no_grad()
+    def unpruned_mem_loss(self) -> float:
+        """L_mem of the unpruned model over every memorized training sequence (token-weighted, the
+        tokens of ``mem_loss_tokens``, the training forward's autocast): the quantity the learning
+        threshold t is compared with (below it, mode down amplifies; paper Fig. 4)."""
+        total = tokens = 0.0
+        size = max(int(self.s["mem_batch_size"]), 1)
+        for start in range(0, len(self.memorized), size):
+            idx = np.arange(start, min(start + size, len(self.memorized)))
+            ids, attention, targets = self.memorized.batch(idx, self.device)
+            n = float(targets.sum())
+            total += float(sequence_loss(self._forward({}, input_ids=ids, attention_mask=attention), ids, targets)) * n
+            tokens += n
+        return total / tokens if tokens else math.nan
+
 
 def train_mask(
     model: nn.Module,
@@ -278,6 +294,8 @@ def train_mask(
     mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
     optimizer = torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     trainer = _Trainer(model, calibration, memorized, s, device)
+    # measured before training and outside the cost count (a measurement, not the method's work)
+    unpruned = trainer.unpruned_mem_loss() if memorized is not None and len(memorized) else None
     total = mask_gates.total
     gate_args = (s["gate"], s["tau"], s["offset"])
 
@@ -370,6 +388,9 @@ def train_mask(
 
     masks, stats = final_masks(mask_gates, s)
     stats.update(budget)
+    if unpruned is not None:  # the masks report draws it on the threshold plot; t is read against it
+        stats.update(unpruned_mem_loss=round(unpruned, 6), unpruned_mem_loss_tokens=s["mem_loss_tokens"],
+                     unpruned_mem_sequences=len(memorized))
     report = convergence(mask_gates, masks, s, stats, rows[-1]["train_sparsity"] if rows else math.nan)
     stats["converged"] = report["converged"]
     stats["convergence"] = {k: v for k, v in report.items() if k not in ("converged", "message")}
@@ -492,11 +513,11 @@ def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Map
             f"at this lr.")
     elif expected > target + tol:
         advice = (f"The logits had room to move (sum_t lr_t = {travel:.3g}); the sparsity overshot: lower "
-                  f"masks.lambda_s.{mode} (now {float(s['lambda_s']):g}) or masks.lr (now {lr:g}), or raise "
+                  f"masks.lambda_s (now {float(s['lambda_s']):g}; the {mode} entry of a per-mode mapping) or masks.lr (now {lr:g}), or raise "
                   f"masks.steps (now {steps}{pass_note}) so the schedule settles.")
     else:
         advice = (f"The logits had room to move (sum_t lr_t = {travel:.3g}) but the sparsity term did not close "
-                  f"enough gates: raise masks.lambda_s.{mode} (now {float(s['lambda_s']):g}) or masks.steps "
+                  f"enough gates: raise masks.lambda_s (now {float(s['lambda_s']):g}; the {mode} entry of a per-mode mapping) or masks.steps "
                   f"(now {steps}{pass_note}).")
     out["reason"] = "; ".join(reasons)
     out["message"] = (
