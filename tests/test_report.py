@@ -152,11 +152,11 @@ def test_the_papers_comparisons_are_paired_tests():
             if line.startswith("| ") and not line.startswith("| Row")}
     # up extracts 10 more than none, all discordant one way: p = 2 / 2^10
     assert rows[("Ours (up)", "Ours (none)", "extraction-rate")][3:5] == ["1.000 vs 0.500", "higher (p=0.002)"]
-    assert rows[("Ours (up)", "Ours (none)", "memorized")][4] == "no evidence of a difference (p=1)"
+    assert rows[("Ours (up)", "Ours (none)", "memorized")][4] == "no evidence of a difference (p=1); underpowered"  # N < 104
     assert rows[("Ours (down)", "Ours (none)", "extraction-rate")][4] == "lower (p=0.002)"
     assert ("Ours (up), seed 1", "Ours (none), seed 1", "extraction-rate") in rows
     assert rows[("K-FAC", "SVD", "memorized")][4] == "lower (p<0.001)"  # 20 discordant: 2 / 2^20
-    assert rows[("SVD", "BalancedSubnet", "memorized")][4] == "no evidence of a difference (p=1)"
+    assert rows[("SVD", "BalancedSubnet", "memorized")][4] == "no evidence of a difference (p=1); underpowered"
     # two K-FAC rows (a sweep): not compared here; the curvature report compares its chosen pair
     more = pd.concat([metrics, pd.DataFrame({"model": "m", "edit": ["k2"], "method": ["K-FAC (pairwise)"]})])
     assert not any("K-FAC" in why for *_, why in report.paper_pairs(more))
@@ -221,3 +221,32 @@ def test_interval_width_helpers_by_hand():
     assert n > (1.96 / 0.2) ** 2
     with pytest.raises(ValueError, match="not in"):
         stats.min_n_for_width(0)
+
+
+def test_small_splits_warn_and_mark_no_evidence_verdicts_underpowered():
+    from memctl import stats
+
+    lines = report.split_warnings({"er_test": 4, "memorized_test": 200, "memorized_val": 1, "ood": 0})
+    assert len(lines) == 2
+    assert lines[0].startswith("Underpowered extraction-rate test split (er_test): N=4.")
+    assert "narrower than 0.2 only from 104 examples" in lines[0]
+    assert f"can be {stats.worst_case_width(4):.2f} wide" in lines[0]
+    assert lines[1].startswith("Small validation slice (memorized_val): N=1.") and "needs 17 sequences" in lines[1]
+    assert "0/1 rules out only 0.975" in lines[1]
+    assert report.split_warnings({"er_test": 104, "memorized_test": 500, "memorized_val": 17, "ood": 0}) == []
+    metrics = pd.DataFrame([
+        {"model": "m", "edit": "none", "method": "Origin", "er_n_examples": 4, "n_examples": 200, "val_n_examples": 30,
+         "er_vs_origin": "-", "vs_origin": "-"},
+        {"model": "m", "edit": "e1", "method": "Ours (up)", "er_n_examples": 4, "n_examples": 200, "val_n_examples": 30,
+         "er_vs_origin": "no evidence of a difference (p=0.5)", "vs_origin": "no evidence of a difference (p=0.3)"},
+        {"model": "m", "edit": "e2", "method": "Ours (down)", "er_n_examples": 4, "n_examples": 200,
+         "val_n_examples": 30, "er_vs_origin": "lower (p=0.01)", "vs_origin": "lower (p<0.001)"}])
+    marked = report.mark_underpowered(metrics)
+    assert marked["er_vs_origin"].tolist() == ["-", "no evidence of a difference (p=0.5); underpowered",
+                                               "lower (p=0.01)"]  # a significant verdict stands at any N
+    assert marked["vs_origin"].tolist() == metrics["vs_origin"].tolist()  # 200 >= 104
+    assert report.mark_underpowered(marked)["er_vs_origin"].equals(marked["er_vs_origin"])  # idempotent
+    md = report.results_markdown(metrics)
+    assert md.index("## Warnings") < md.index("Every row is scored")  # at the top
+    assert "- **Underpowered extraction-rate test split (er_test):** N=4." in md
+    assert "| no evidence of a difference (p=0.5); underpowered |" in md

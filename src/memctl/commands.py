@@ -150,6 +150,10 @@ def cmd_extract(args) -> None:
         int(extraction["exact_match"].sum()), len(extraction),
         len(splits["memorized_train"]), len(splits["memorized_test"]),
     )
+    from memctl.report import split_warnings
+
+    for line in split_warnings({k: len(v) for k, v in splits.items() if k != "dropped"}):
+        log.warning("extract: %s", line)  # also at the top of results.md (memctl.report.warnings_markdown)
 
 
 def _write_windows(args, kind: str) -> None:
@@ -441,6 +445,7 @@ def cmd_report(args) -> None:
             write_parquet(by_edit, out / "edits_by_copies.parquet", provenance=prov)
             with atomic_path(out / "edits_by_copies.png", provenance=prov) as tmp:
                 report.plot_edits_by_copies(by_edit, tmp)
+        metrics = report.mark_underpowered(metrics)  # verdicts of too-small splits, in the table too
         data = report.data_markdown(_sidecars(args.data_provenance))
         write_text(out / "results.md", report.results_markdown(metrics, data), provenance=prov)
         write_parquet(metrics, out / "results.parquet", provenance=prov)

@@ -410,6 +410,111 @@ STATS_NOTE = (
 )
 
 
+#: The splits whose size the report and the extract log check: (table, metrics column of its size,
+#: verdict prefix of its track or None, what it is).
+SPLITS = (
+    ("er_test", "er_n_examples", "er_", "extraction-rate test split (er_test)"),
+    ("memorized_test", "n_examples", "", "memorized test split (memorized_test)"),
+    ("ood", "ood_n_examples", "ood_", "out-of-domain family (ood)"),
+    ("memorized_val", "val_n_examples", None, "validation slice (memorized_val)"),
+)
+#: Verdict columns of a track (with its prefix) that :func:`mark_underpowered` marks.
+VERDICT_COLUMNS = ("vs_origin", "frac_vs_origin", "lev_vs_origin")
+UNDERPOWERED = "underpowered"
+
+
+def split_warnings(sizes: dict[str, int]) -> list[str]:
+    """One sentence per split that is too small for its purpose (``sizes``: table name -> rows,
+    :data:`SPLITS`): a test track below :func:`memctl.stats.min_n_for_width` (its exact 95%
+    interval cannot be narrower than :data:`memctl.stats.TARGET_WIDTH`), the validation slice below
+    :func:`memctl.stats.min_n_zero_below`. An absent out-of-domain family (0 rows) is not one."""
+    need = stats.min_n_for_width()
+    out = []
+    for table, _, prefix, what in SPLITS:
+        if table not in sizes or sizes[table] is None or (isinstance(sizes[table], float) and math.isnan(sizes[table])):
+            continue
+        n = int(sizes[table])
+        if table == "ood" and n == 0:
+            continue
+        if prefix is None:
+            val_min = stats.min_n_zero_below()
+            if n < val_min:
+                out.append(f"Small {what}: N={n}. Edit strengths and layers are chosen on it; it needs {val_min} "
+                           f"sequences for a clean 0/N to rule out a rate of {stats.VALIDATION_BOUND:g} at 95% "
+                           f"(0/{n} rules out only {stats.zero_upper_bound(n):.3f}). Raise "
+                           f"extract.validation_fraction or add memories.")
+            continue
+        if n < need:
+            out.append(f"Underpowered {what}: N={n}. An exact 95% interval of a rate is narrower than "
+                       f"{stats.TARGET_WIDTH:g} only from {need} examples (worst case, a rate of 0.5); at N={n} it "
+                       f"can be {stats.worst_case_width(n):.2f} wide. Its 'no evidence of a difference' verdicts are marked '{UNDERPOWERED}' (a significant one "
+                       f"stands at any N). "
+                       + ("Raise extract.er_test_fraction or add candidates (memctl init sizes it from the data)."
+                          if table == "er_test" else "Add candidates or raise extract.test_fraction."
+                          if table == "memorized_test" else "Add candidates to that group."))
+    return out
+
+
+def split_sizes(metrics: pd.DataFrame) -> dict[str, int]:
+    """The sizes of :data:`SPLITS` as the evaluation saw them (the unedited model's row, else the first)."""
+    if metrics.empty:
+        return {}
+    rows = metrics[metrics["edit"] == "none"] if "edit" in metrics else metrics
+    row = (rows if len(rows) else metrics).iloc[0]
+    return {table: row[col] for table, col, _, _ in SPLITS if col in row.index and pd.notna(row[col])}
+
+
+def mark_underpowered(metrics: pd.DataFrame) -> pd.DataFrame:
+    """``metrics`` with ``<track>underpowered`` per test track and '; underpowered' after each 'no
+    evidence of a difference' verdict of a track whose N is below :func:`memctl.stats.min_n_for_width`
+    (the paired tests of ``paper_tests`` too; :func:`_mark`). Idempotent."""
+    out = metrics.copy()
+    need = stats.min_n_for_width()
+    small = {}
+    for _, col, prefix, _ in SPLITS:
+        if prefix is None:
+            continue
+        n = out[col].fillna(0).astype(float) if col in out else pd.Series(0.0, index=out.index)
+        flag = (n > 0) & (n < need)
+        small[prefix] = flag
+        out[f"{prefix}{UNDERPOWERED}"] = flag.to_numpy()
+        for verdict in VERDICT_COLUMNS:
+            name = f"{prefix}{verdict}"
+            if name in out:
+                out[name] = [_mark(v) if f else v for v, f in zip(out[name], flag)]
+    if "paper_tests" in out:
+        track_prefix = {"extraction_rate": "er_", "memorized": "", "ood": "ood_"}
+        marked = []
+        for i, tests in enumerate(out["paper_tests"]):
+            entries = json.loads(tests or "[]")
+            for t in entries:
+                prefix = track_prefix.get(t.get("track"))
+                if prefix is not None and bool(small[prefix].iloc[i]):
+                    for key in ("exact_test", "fractional_test", "levenshtein_test"):
+                        if key in t:
+                            t[key] = _mark(t[key])
+            marked.append(json.dumps(entries))
+        out["paper_tests"] = marked
+    return out
+
+
+def _mark(verdict) -> str:
+    """A 'no evidence of a difference' verdict of a small track, marked: a significant verdict stands
+    at any N (the exact and bootstrap tests hold their level), an absent difference does not."""
+    text = str(verdict)
+    if not text.startswith("no evidence") or text.endswith(UNDERPOWERED):
+        return text
+    return f"{text}; {UNDERPOWERED}"
+
+
+def warnings_markdown(metrics: pd.DataFrame) -> str:
+    """The split-size warnings of ``metrics`` (:func:`split_warnings`) as a section, or ''."""
+    lines = split_warnings(split_sizes(metrics))
+    if not lines:
+        return ""
+    return "\n".join(["## Warnings", "", *(f"- **{w.split(':', 1)[0]}:**{w.split(':', 1)[1]}" for w in lines)])
+
+
 def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
     """Both evaluation tracks per model (intervals and paired tests where :func:`with_intervals`
     added them), the comparisons the papers draw, then ``data`` (:func:`data_markdown`)."""
@@ -425,6 +530,11 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
         "(1 = unchanged): on non-memorized held-out sequences (the loss-curvature paper's column) and on held-out "
         "text windows (text)."
     )
+    if "er_" + UNDERPOWERED not in metrics:
+        metrics = mark_underpowered(metrics)
+    warn = warnings_markdown(metrics)
+    if warn:
+        parts[2:2] = [warn, ""]
     parts += ["", STATS_NOTE]
     for model, part in metrics.groupby("model", sort=True):
         parts += ["", f"## {model}"]
