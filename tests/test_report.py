@@ -113,8 +113,9 @@ def test_each_edit_is_tested_against_origin_on_the_same_examples():
     assert out.loc["down", "ppl_vs_origin"] == "higher (p<0.001)"
     assert out.loc["tie", "ppl_vs_origin"] == "no evidence of a difference (p=1)"
     text = report.results_markdown(out.reset_index())
-    row = next(line for line in text.splitlines() if line.startswith("| Ours (down) | down | 0.000 | 0/81 |"))
-    assert "| [0.000, 0.045] | lower (p<0.001) |" in row
+    # no plan records here: the settings cell is '-', the edit id is the last (detail) column
+    row = next(line for line in text.splitlines() if line.startswith("| Ours (down) | - | 0.000 | 0/81 |"))
+    assert "| [0.000, 0.045] | lower (p<0.001) |" in row and row.endswith("| 81 | down |")
     assert "exact McNemar test" in text and "no evidence of a difference" in text
     assert "intervals overlap" not in text and "(no overlap)" not in text
 
@@ -250,3 +251,31 @@ def test_small_splits_warn_and_mark_no_evidence_verdicts_underpowered():
     assert md.index("## Warnings") < md.index("Every row is scored")  # at the top
     assert "- **Underpowered extraction-rate test split (er_test):** N=4." in md
     assert "| no evidence of a difference (p=0.5); underpowered |" in md
+
+
+def test_every_row_shows_what_distinguishes_it():
+    """Two strengths of one method differ in the Settings column, not only by the hash."""
+    records = [
+        {"edit": "none", "label": "Origin", "family": "origin"},
+        {"edit": "kfac-aaa", "label": "K-FAC", "family": "curvature", "method": "kfac", "strength": 0.3,
+         "layers": [0, 1, 2]},
+        {"edit": "kfac-bbb", "label": "K-FAC", "family": "curvature", "method": "kfac", "strength": 0.5,
+         "layers": [0, 2]},
+        {"edit": "mask-down-c", "label": "Ours (down)", "family": "ours", "mode": "down", "sparsity": 0.3,
+         "threshold": 4.0, "seed": 1},
+        {"edit": "wanda-onepass-d", "label": "Wanda (one-pass)", "family": "baseline", "method": "wanda",
+         "form": "one_pass", "sparsity": 0.5},
+        {"edit": "csp-down-e", "label": "CSP (down)", "family": "csp", "method": "csp", "mode": "down",
+         "threshold": 4.0},
+    ]
+    metrics = pd.DataFrame({"model": "m", "edit": [r["edit"] for r in records] + ["other"],
+                            "method": [r["label"] for r in records] + ["Hand-made"], "exact_er": 0.5,
+                            "n_examples": 10})
+    out = report.with_settings(metrics, records)
+    assert out["settings"].tolist() == [
+        "none", "strength 0.3, layers 0-2", "strength 0.5, layers 0, 2", "sparsity 0.3, threshold 4, seed 1",
+        "sparsity 0.5, one-pass", "theta 4", "-"]
+    md = report.results_markdown(out)
+    assert "| Method | Settings | Exact ER | N | Edit id |" in md
+    assert "| K-FAC | strength 0.3, layers 0-2 | 0.500 | 10 | kfac-aaa |" in md
+    assert "| K-FAC | strength 0.5, layers 0, 2 | 0.500 | 10 | kfac-bbb |" in md

@@ -446,6 +446,8 @@ def cmd_report(args) -> None:
             with atomic_path(out / "edits_by_copies.png", provenance=prov) as tmp:
                 report.plot_edits_by_copies(by_edit, tmp)
         metrics = report.mark_underpowered(metrics)  # verdicts of too-small splits, in the table too
+        spec = json.loads(args.spec) if args.spec else {}
+        metrics = report.with_settings(metrics, spec.get("edits", []))  # strength, layers, sparsity, seed
         data = report.data_markdown(_sidecars(args.data_provenance))
         write_text(out / "results.md", report.results_markdown(metrics, data), provenance=prov)
         write_parquet(metrics, out / "results.parquet", provenance=prov)
@@ -632,6 +634,9 @@ def register(subparsers) -> None:
                         "sidecars say what was dropped")
     p.add_argument("--scores", nargs="*", default=[],
                    help="scores.parquet of each edit, in the order of --metrics (intervals, copy-count buckets)")
+    p.add_argument("--spec", default=None,
+                   help='JSON {"edits": [{"edit", "label", "method", "strength", "layers", "sparsity", "seed", ...}]}: '
+                        "what tells the rows apart (the plan's edit records)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_report)
 

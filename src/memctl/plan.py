@@ -972,6 +972,9 @@ class _Builder:
                    if v.endswith((".html", ".png"))})
         self.targets = list(report.values()) if vis["only"] else [*self.targets, *report.values()]
 
+    #: Edit record fields the results report shows (what tells two rows apart).
+    REPORT_EDIT_FIELDS = ("family", "method", "mode", "form", "sparsity", "threshold", "seed", "calibration")
+
     def evaluation(self) -> None:
         m, ev = self.model, self.evaluate_settings
         jobs = []
@@ -1010,12 +1013,22 @@ class _Builder:
         # their sidecars: what was dropped (the report's data section: one row per calibration text)
         data = [self.candidates, self.tables["er_train"],
                 *dict.fromkeys([*(p for c, p in self.calibration_used.items() if c != "kfac"), self.calibration_used["kfac"]])]
+        # what tells the rows apart (method, strength, layers, sparsity, seed): the edits' records
+        curvature_specs = self.stages["apply_edit"].jobs if "apply_edit" in self.stages else {}
+        records = []
+        for e in self.edits.values():
+            rec = {k: v for k, v in e.info.items() if k in self.REPORT_EDIT_FIELDS and v is not None}
+            if e.id in curvature_specs:
+                spec = curvature_specs[e.id].settings
+                rec.update({k: spec[k] for k in ("layers", "strength") if spec.get(k) is not None})
+            records.append({"edit": e.id, "label": e.label, **rec})
+        report_spec = {"edits": records}
         self.add("report", [Job(
             "report", "", {"metrics": metrics, "scores": scores, "by_copies": self.tables["by_copies"], "data": data},
             outputs,
             ("--metrics", *metrics, "--scores", *scores, "--by-copies", self.tables["by_copies"],
-             "--data-provenance", *data, "--out-dir", r),
-            self.log("report", self.eval_hash), self.bench("report", self.eval_hash),
+             "--data-provenance", *data, "--spec", as_json(report_spec), "--out-dir", r),
+            self.log("report", self.eval_hash), self.bench("report", self.eval_hash), report_spec,
         )], shown={"html": ("1. Results", "results.rst"), "plot": ("2. Extraction by copies", "extraction_by_copies.rst"),
                    "edits_by_copies_plot": ("2. Extraction by copies", "edits_by_copies.rst")})
         self.targets = [outputs["results"], outputs["by_copies"], outputs["plot"], outputs["edits_by_copies"],

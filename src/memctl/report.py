@@ -22,7 +22,7 @@ from memctl import stats
 # (column, header, format) in the order the papers print them.
 RESULT_COLUMNS = [
     ("method", "Method", "{}"),
-    ("edit", "Edit", "{}"),
+    ("settings", "Settings", "{}"),
     # Only where the metrics carry it (a trained edit's delta says converged: false when written with
     # on_unconverged: flag): "no" marks a result that is not the method's.
     ("converged", "Converged", "{}"),
@@ -36,6 +36,7 @@ RESULT_COLUMNS = [
     ("mem_ppl", "Mem. PPL", "{:.2f}"),
     ("ndcg10", "nDCG@10", "{:.3f}"),
     ("n_examples", "N", "{}"),
+    ("edit", "Edit id", "{}"),  # the hash: a detail (Settings tells the rows apart)
 ]
 
 
@@ -79,7 +80,7 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) ->
 
 ER_COLUMNS = [
     ("method", "Method", "{}"),
-    ("edit", "Edit", "{}"),
+    ("settings", "Settings", "{}"),
     ("converged", "Converged", "{}"),  # the marker: only where the metrics carry it
     ("er_exact_er", "Exact ER", "{:.3f}"),
     ("er_exact_count", "k/N", "{}"),
@@ -93,6 +94,7 @@ ER_COLUMNS = [
     ("ppl_ratio_ci", "95% CI (PPL ratio)", "{}"),
     ("ppl_vs_origin", "vs Origin (PPL)", "{}"),
     ("er_n_examples", "N", "{}"),
+    ("edit", "Edit id", "{}"),  # the hash: a detail (Settings tells the rows apart)
 ]
 
 #: (column prefix, track) of the generation tracks that :func:`with_intervals` tests.
@@ -353,7 +355,7 @@ def paper_tests_markdown(part: pd.DataFrame) -> str:
 
 OOD_COLUMNS = [
     ("method", "Method", "{}"),
-    ("edit", "Edit", "{}"),
+    ("settings", "Settings", "{}"),
     ("converged", "Converged", "{}"),
     ("ood_exact_er", "Exact ER", "{:.3f}"),
     ("ood_exact_count", "k/N", "{}"),
@@ -365,12 +367,13 @@ OOD_COLUMNS = [
     ("ood_loose_accuracy", "Loose acc.", "{:.3f}"),
     ("ood_loose_ci", "95% CI", "{}"),
     ("ood_n_examples", "N", "{}"),
+    ("edit", "Edit id", "{}"),  # the hash: a detail (Settings tells the rows apart)
 ]
 
 
 MEMORIZED_COLUMNS = [
     ("method", "Method", "{}"),
-    ("edit", "Edit", "{}"),
+    ("settings", "Settings", "{}"),
     ("converged", "Converged", "{}"),  # the marker: only where the metrics carry it
     ("heldout_loss", "Held-out loss", "{:.3f}"),
     ("heldout_ppl", "Held-out PPL", "{:.2f}"),
@@ -394,6 +397,7 @@ MEMORIZED_COLUMNS = [
     ("ndcg10", "nDCG@10", "{:.3f}"),
     ("ndcg10_text", "nDCG@10 (text)", "{:.3f}"),
     ("n_examples", "N", "{}"),
+    ("edit", "Edit id", "{}"),  # the hash: a detail (Settings tells the rows apart)
 ]
 
 #: Said under the results' title: how every interval and verdict is computed.
@@ -421,6 +425,49 @@ SPLITS = (
 #: Verdict columns of a track (with its prefix) that :func:`mark_underpowered` marks.
 VERDICT_COLUMNS = ("vs_origin", "frac_vs_origin", "lev_vs_origin")
 UNDERPOWERED = "underpowered"
+
+
+def _layers_text(layers) -> str:
+    values = sorted(int(x) for x in layers)
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ", ".join(map(str, values))
+
+
+def edit_settings(record: dict[str, Any] | None, edit: str = "") -> str:
+    """What tells an edit's row apart from the others of its method, from its plan record (the
+    report job's ``--spec``): strength, layers, sparsity, threshold, form, seed, calibration text.
+    ``none`` for the unedited model, ``-`` where no record is known."""
+    if edit == "none" or (record or {}).get("family") == "origin":
+        return "none"
+    if not record:
+        return "-"
+    parts = []
+    if record.get("strength") is not None:
+        parts.append(f"strength {float(record['strength']):g}")
+    if record.get("layers"):
+        parts.append(f"layers {_layers_text(record['layers'])}")
+    if record.get("sparsity") is not None:
+        parts.append(f"sparsity {float(record['sparsity']):g}")
+    if record.get("threshold") is not None:
+        parts.append(f"{'theta' if record.get('method') == 'csp' else 'threshold'} {float(record['threshold']):g}")
+    if record.get("form") not in (None, "none", "sequential"):
+        parts.append(str(record["form"]).replace("_", "-"))
+    if record.get("seed") is not None:
+        parts.append(f"seed {int(record['seed'])}")
+    if record.get("calibration"):
+        parts.append(f"calibration {record['calibration']}")
+    if not parts and record.get("mode"):
+        parts.append(f"mode {record['mode']}")
+    return ", ".join(parts) or "-"
+
+
+def with_settings(metrics: pd.DataFrame, records: Sequence[dict[str, Any]] = ()) -> pd.DataFrame:
+    """``metrics`` with a ``settings`` column (:func:`edit_settings` of each row's edit record)."""
+    by_edit = {str(r.get("edit")): r for r in records}
+    out = metrics.copy()
+    out["settings"] = [edit_settings(by_edit.get(str(e)), str(e)) for e in out["edit"]] if "edit" in out else "-"
+    return out
 
 
 def split_warnings(sizes: dict[str, int]) -> list[str]:
@@ -532,6 +579,8 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
     )
     if "er_" + UNDERPOWERED not in metrics:
         metrics = mark_underpowered(metrics)
+    if "settings" not in metrics:
+        metrics = with_settings(metrics)
     warn = warnings_markdown(metrics)
     if warn:
         parts[2:2] = [warn, ""]
