@@ -376,3 +376,131 @@ def test_bad_ablation_settings_fail_naming_the_key():
         _plan(lambda m: m.update(seeds=[]))
     with pytest.raises(ConfigError, match=r"masks\.ablations\.logit_ranks"):
         _plan(lambda m: m.update(ablations={"logit_ranks": [0]}))
+
+
+# -------------------------------------------------- issue 23: own training memories, pairing, power
+
+
+def _own_scores(er: dict, own: dict, ids: dict | None = None) -> dict:
+    out = {}
+    for e in er:
+        part = _track_scores("forget", own[e]) if e in own else None
+        if part is not None and ids and e in ids:
+            part["candidate_id"] = ids[e]
+        out[e] = pd.concat([_track_scores("extraction_rate", er[e]), *([part] if part is not None else [])])
+    return out
+
+
+def test_a_mask_whose_own_training_memories_did_not_move_is_flagged_with_the_p_value():
+    """12 own training memories. Origin extracts 4. `up` (u): 10 (6 gained, none lost: McNemar
+    p = 2 / 2^6 = 0.031: higher, not flagged). `up` (u2): 5 (1 gained: p = 1: flagged). `down` at t 4
+    above the unpruned L_mem 1.3 (d): 4, the same rows (p = 1: not lower, flagged). `down` at t 0.5,
+    below it (d2): 10: intends higher, moved (not flagged). `reciprocal` (r): 0 (4 lost: p = 2 / 2^4
+    = 0.125: flagged). CSP (up) (c): 4 (flagged). BalancedSubnet (b): its own rows, which Origin did not
+    score: no test, no flag. Ours (none) (n): no direction."""
+    own = {"none": [1] * 4 + [0] * 8, "n": [1] * 4 + [0] * 8, "u": [1] * 10 + [0] * 2, "u2": [1] * 5 + [0] * 7,
+           "d": [1] * 4 + [0] * 8, "d2": [1] * 10 + [0] * 2, "r": [0] * 12, "c": [1] * 4 + [0] * 8,
+           "b": [1] * 12}
+    er = {e: [1] * 5 + [0] * 5 for e in own}
+    scores = _own_scores(er, own, ids={"b": [f"m{i}" for i in range(12)]})
+    metrics = _metrics({e: 0.5 for e in own})
+    metrics["forget_exact_er"] = [sum(own[e]) / 12 for e in metrics["edit"]]
+    metrics["forget_fractional_er"] = metrics["forget_exact_er"]
+    metrics["forget_n_examples"] = 12
+    rows = [("none", "Origin", "origin", None, None), ("n", "Ours (none)", "ours", "none", None),
+            ("u", "Ours (up)", "ours", "up", None), ("u2", "Ours (up), b", "ours", "up", None),
+            ("d", "Ours (down)", "ours", "down", 4.0), ("d2", "Ours (down), t=0.5", "ours", "down", 0.5),
+            ("r", "Ours (reciprocal)", "ours", "reciprocal", None), ("c", "CSP (up)", "csp", "up", None),
+            ("b", "BalancedSubnet", "baseline", None, None)]
+    spec = [{"edit": e, "series": s, "family": f, "mode": m, "threshold": t, "seed": 0 if f == "ours" else None,
+             "sparsity": 0.3 if f == "ours" else None, "lambda_s": 30 if f == "ours" else None,
+             "unpruned_mem_loss": 1.3 if m == "down" else None, "tables": ["main"], "measured_sparsity": 0.3}
+            for e, s, f, m, t in rows]
+    table = report.main_table(metrics, spec)
+    refs = report.none_reference(table, spec)
+    table = report.with_own_flags(report.mark_unpaired(report.with_tests(table, scores, refs),
+                                                        report.pairing(table, refs, spec)))
+    t = table.set_index("method")
+    assert t.loc["Ours (up)", "forget_vs_origin"] == "higher (p=0.031)" and t.loc["Ours (up)", "own_moved"]
+    assert t.loc["Ours (up)", "forget_exact_count"] == "10/12"
+    assert t.loc["Ours (up)", "forget_vs_ref"] == "higher (p=0.031)"  # against `none` on the same rows
+    assert t.loc["Ours (up), b", "own_moved"] is False and t.loc["Ours (up), b", "own_p"] == pytest.approx(1.0)
+    assert t.loc["Ours (down)", "own_direction"] == "lower" and t.loc["Ours (down)", "own_moved"] is False
+    assert t.loc["Ours (down), t=0.5", "own_direction"] == "higher" and t.loc["Ours (down), t=0.5", "own_moved"]
+    assert t.loc["Ours (reciprocal)", "own_p"] == pytest.approx(2 / 16) and t.loc["Ours (reciprocal)", "own_moved"] is False
+    assert t.loc["CSP (up)", "own_moved"] is False
+    assert t.loc["BalancedSubnet", "forget_vs_origin"] == "-" and pd.isna(t.loc["BalancedSubnet", "own_moved"])
+    assert t.loc["BalancedSubnet", "forget_exact_count"] == "12/12"  # its own set, counted, not tested
+    assert pd.isna(t.loc["Ours (none)", "own_direction"]) and pd.isna(t.loc["Ours (none)", "own_moved"])
+    assert table["unpaired"].isna().all()  # one lambda_s: every comparison with `none` is paired
+    text = report.markdown(table, "t") + report.notes(table)
+    header = next(line for line in text.splitlines() if line.startswith("| Method"))
+    assert ("| Exact ER (own training memories) | k/N (own training memories) | 95% CI (own training memories) | "
+            "vs Origin (Exact ER, own training memories) | vs `none` mask (Exact ER, own training memories) |") in header
+    flagged = [line.split(" | ")[0] for line in text.splitlines() if "own training memories not" in line
+               and line.startswith("| ")]
+    assert flagged == ["| CSP (up) (own training memories not higher than Origin's, p=1)",
+                       "| Ours (down) (own training memories not lower than Origin's, p=1)",
+                       "| Ours (reciprocal) (own training memories not lower than Origin's, p=0.12)",
+                       "| Ours (up), b (own training memories not higher than Origin's, p=1)"]
+
+
+def test_a_per_mode_lambda_s_is_marked_unpaired():
+    er = {"none": [1] * 5 + [0] * 5, "n": [1] * 5 + [0] * 5, "u": [1] * 10}
+    scores = _own_scores(er, {})
+    spec = [{"edit": "none", "series": "Origin", "family": "origin", "tables": ["main"], "measured_sparsity": 0.0}]
+    spec += [{"edit": e, "series": f"Ours ({m})", "family": "ours", "mode": m, "seed": 0, "sparsity": 0.3,
+              "lambda_s": lam, "tables": ["main"], "measured_sparsity": 0.3} for e, m, lam in (("n", "none", 160),
+                                                                                               ("u", "up", 240))]
+    table = report.main_table(_metrics({e: sum(v) / 10 for e, v in er.items()}), spec)
+    refs = report.none_reference(table, spec)
+    table = report.mark_unpaired(report.with_tests(table, scores, refs), report.pairing(table, refs, spec))
+    up = table.set_index("method").loc["Ours (up)"]
+    assert up["unpaired"] == "unpaired: lambda_s 240 vs `none` 160"
+    # 5 gained, none lost: 2 / 2^5 = 0.0625, above 0.05
+    assert up["er_vs_ref"] == "unpaired: lambda_s 240 vs `none` 160; no evidence of a difference (p=0.062)"
+
+
+def test_power_rows_from_origin_and_the_none_mask():
+    """er_test: 20 examples, Origin extracts 8; fractional ER (n_match / 4) of the others: 0.25 (x3),
+    0.5 (x2), 0.75, 1.0 is not possible without exact, 0 (x6) -> 6 near threshold. The `none` mask flips
+    2 examples each way: background (2 + 2) / (2 x 20) = 0.1."""
+    origin = _track_scores("extraction_rate", [1] * 8 + [0] * 12)
+    origin["n_match"] = [4] * 8 + [1, 1, 1, 2, 2, 3] + [0] * 6
+    none = _track_scores("extraction_rate", [0, 0] + [1] * 6 + [1, 1] + [0] * 10)
+    spec = [{"edit": "n", "family": "ours", "mode": "none", "tables": ["main"], "seed": 0}]
+    (row,) = report.power_rows({"none": origin, "n": none}, spec)
+    from memctl import power
+
+    assert (row["n"], row["origin_exact"], row["near_threshold"]) == (20, 8, 6)
+    assert row["mdd_one_way"] == power.minimum_detectable_difference(20).delta
+    assert row["background"] == pytest.approx(0.1)
+    assert row["mdd_with_background"] == power.minimum_detectable_difference(20, 0.1).delta
+    note = report.power_note([row])
+    assert "N=20, Origin extracts 8 exactly; near-threshold pool" in note and "0.100 per direction" in note
+    assert "amplification can reach at most 0.600" in note
+    assert report.power_rows({}, spec) == []
+
+
+def test_the_threshold_plot_draws_the_unpruned_loss(tmp_path):
+    df = pd.DataFrame({"method": ["Ours (down)"] * 3, "threshold": [0.5, 2.0, 4.0], "family": "ours",
+                       "mode": "down", "unpruned_mem_loss": [1.34, 1.34, 1.34], "mem_loss_tokens": "full",
+                       "er_exact_er": [0.6, 0.3, 0.0], "er_fractional_er": [0.8, 0.5, 0.1], "mem_loss": [0.5, 2, 4],
+                       "heldout_loss": [3.0, 3.1, 3.2], "er_n_examples": 40, "converged": True})
+    value, text = report.unpruned_loss(df)
+    assert value == pytest.approx(1.34) and "1.340 nats" in text and "full tokens" in text
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+    try:
+        Figure.savefig = lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1]
+        report.plot_ablation(df, "threshold", report.THRESHOLD_PANELS, tmp_path / "t.png", "t",
+                             None, [(value, "unpruned L_mem on the training memories (1.34)")])
+    finally:
+        Figure.savefig = save
+    (fig,) = figures
+    for ax in fig.axes:
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("unpruned L_mem")]
+        assert list(line.get_xdata()) == [pytest.approx(1.34)] * 2
+    assert report.unpruned_loss(df.drop(columns="unpruned_mem_loss")) is None

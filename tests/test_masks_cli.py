@@ -332,3 +332,25 @@ def test_masks_report_reads_the_scores_beside_each_metrics_file(tmp_path):
     assert "`er_test`, N=12" in md and "`memorized_test`, N=12" in md
     assert "exact McNemar test" in md and "Tests are on the extraction-rate track" in md
     assert read_sidecar(out / "table.md")["inputs"].keys() >= {"scores[0]", "scores[1]"}
+
+
+def test_sample_memories_keeps_a_seeded_sample_in_the_tables_order(data, tmp_path, capsys):
+    from memctl.masks.data import sample_rows
+
+    table = pd.read_parquet(data / "memorized_train.parquet")
+    out = tmp_path / "sample.parquet"
+    _run("sample-memories", "--table", str(data / "memorized_train.parquet"),
+         "--settings", json.dumps({"rows": 4, "seed": 5}), "--out", str(out))
+    sample = pd.read_parquet(out)
+    # by hand: numpy's seeded choice of 4 of 6 rows, sorted back into the table's order
+    keep = sorted(np.random.default_rng(5).choice(6, size=4, replace=False))
+    assert list(sample["candidate_id"]) == [f"memorized_train{i}" for i in keep]
+    assert [list(p) for p in sample["prefix_ids"]] == [list(table["prefix_ids"][i]) for i in keep]
+    assert read_sidecar(out)["rows"] == {"available": 6, "kept": 4} and verify(out) == []
+    # the same settings, the same rows; rows >= the table (or null): all of it
+    assert sample_rows(table, 4, 5)["candidate_id"].tolist() == sample["candidate_id"].tolist()
+    assert len(sample_rows(table, 99, 5)) == len(sample_rows(table, None, 0)) == 6
+    with pytest.raises(SystemExit) as err:  # a bad value fails before reading anything, naming the key
+        _run("sample-memories", "--table", str(tmp_path / "missing.parquet"), "--settings", json.dumps({"rows": 0}),
+             "--out", str(tmp_path / "x.parquet"))
+    assert err.value.code == 2 and "masks.own_memories.rows" in capsys.readouterr().err
