@@ -330,12 +330,10 @@ def check_store_path(value: str, key: str, workdir: str | os.PathLike | None = N
 def _label_problems(cfg: Mapping[str, Any]) -> list[str]:
     """Edit labels a user gave (``curvature.edits[i].label``) must tell the edits apart in the
     tables: no two alike, none equal to a label the plan gives another edit."""
-    from memctl.curvature.settings import LABELS
-    from memctl.plan import BASELINE_LABELS, MASK_MODE_LABELS
+    from memctl.labels import BASELINE_LABELS, FIXED_LABELS, MASK_MODE_LABELS
+    from memctl.labels import CURVATURE_LABELS as LABELS
 
-    reserved = {"Origin": "the unedited model", "BalancedSubnet": "the BalancedSubnet baseline",
-                "CSP (down)": "the CSP baseline", "CSP (up)": "the CSP baseline",
-                **{v: f"the {k} mask" for k, v in MASK_MODE_LABELS.items()},
+    reserved = {**FIXED_LABELS, **{v: f"the {k} mask" for k, v in MASK_MODE_LABELS.items()},
                 **{v: f"the {k} baseline" for k, v in BASELINE_LABELS.items()}}
     problems, seen = [], {}
     for i, spec in enumerate(cfg.get("curvature", {}).get("edits", [])):

@@ -36,6 +36,7 @@ from typing import Any
 
 from memctl import stages as registry
 from memctl.config import ConfigError, check_store_path, settings_hash
+from memctl.labels import BASELINE_LABELS, MASK_MODE_LABELS
 
 #: A path-safe edit id / tag.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -48,8 +49,6 @@ EIGEN_METHOD = "eigh fp64, symmetrized, clamped, descending, sign-fixed"
 #: Settings that change how fast a stage runs, not what it writes (``Job.runtime``).
 RUNTIME_KEYS = {"extract": ("batch_size",), "reference_topk": ("batch_size", "heldout_batch_size"),
                 "evaluate": ("batch_size", "heldout_batch_size")}
-MASK_MODE_LABELS = {"none": "Ours (none)", "up": "Ours (up)", "down": "Ours (down)", "reciprocal": "Ours (reciprocal)"}
-BASELINE_LABELS = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 #: Appended to the label of each K-FAC edit of curvature.ablations.calibration_without_memories.
 WITHOUT_MEMORIES = ", calibration without memories"
 

@@ -135,27 +135,9 @@ def write_dir(
     return Path(final)
 
 
-@contextlib.contextmanager
-def count_tokens(model) -> Iterator[dict[str, int]]:
-    """Count what passes through ``model``'s forward inside the block (the training cost an edit's
-    sidecar records): ``tokens`` = non-padding input tokens of every call (the attention mask's sum
-    when given, else every input position; a soft prompt's vectors are not data and not counted),
-    ``forward_calls``. Calls that bypass the top-level module (layer-by-layer passes) are not seen."""
-    counts = {"tokens": 0, "forward_calls": 0}
+def count_tokens(model):
+    """:func:`memctl.capture.count_tokens` for the stage commands (imported when called: loading
+    this module does not import torch)."""
+    from memctl.capture import count_tokens as counter
 
-    def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if mask is not None:
-            counts["tokens"] += int(mask.sum())
-        elif ids is not None:
-            counts["tokens"] += int(ids.numel())
-        elif kwargs.get("inputs_embeds") is not None:
-            counts["tokens"] += int(kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1])
-        counts["forward_calls"] += 1
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-    try:
-        yield counts
-    finally:
-        handle.remove()
+    return counter(model)

@@ -13,6 +13,7 @@ from typing import Any
 
 from memctl.architectures import GROUPS, ROLES
 from memctl.config import ConfigError
+from memctl.labels import CURVATURE_LABELS
 
 #: The edit families (memctl.curvature.edit implements them).
 METHODS = ("kfac", "kfac_factor", "kfac_pairwise", "svd")
@@ -20,7 +21,7 @@ METHODS = ("kfac", "kfac_factor", "kfac_pairwise", "svd")
 #: paper SVD keep.
 DEFAULT_STRENGTH = {"kfac": 0.9, "kfac_factor": 0.9, "kfac_pairwise": 0.6, "svd": 0.2}
 FORMS = {"kfac": "projector", "kfac_factor": "per-factor", "kfac_pairwise": "pairwise", "svd": "svd"}
-LABELS = {"kfac": "K-FAC", "kfac_factor": "K-FAC (per factor)", "kfac_pairwise": "K-FAC (pairwise)", "svd": "SVD"}
+LABELS = CURVATURE_LABELS
 
 #: Which roles belong to which group (architecture-independent vocabulary); every K-FAC method
 #: (``kfac``, ``kfac_factor``, ``kfac_pairwise``) edits only collected roles, ``svd`` any of the groups'.

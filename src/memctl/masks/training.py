@@ -269,14 +269,14 @@ def train_mask(
     ``stop_after`` ends the run after that many iterations (as a kill would; for tests).
 
     ``MaskResult.cost`` is what the job cost, added up across resumes: ``tokens_processed`` and
-    ``forward_calls`` (every forward pass through ``model``, :func:`memctl.runner.count_tokens`),
+    ``forward_calls`` (every forward pass through ``model``, :func:`memctl.capture.count_tokens`),
     ``wall_time_s`` (from ``started``, the epoch time the job began, by default this call, to the
     end of training, plus the earlier segments' ``earlier_wall_time_s``), ``segments`` and the
     ``devices`` they ran on. Each checkpoint holds the cost up to it, so a resumed job records
     what an uninterrupted one would (work done after the last checkpoint of a killed segment is
     redone, and counted once).
     """
-    from memctl.runner import count_tokens
+    from memctl.capture import count_tokens
 
     started = time.time() if started is None else float(started)
     s = resolve_mask_job(settings)
