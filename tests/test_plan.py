@@ -499,3 +499,27 @@ def test_the_papers_threshold_sweep_straddles_the_unpruned_memorization_loss():
     assert set(cfg["masks"]["sweep"]["sparsity_modes"]) == {"none", "up"}
     assert cfg["masks"]["ablations"]["mem_loss_tokens"] == ["suffix"]
     assert isinstance(cfg["masks"]["lambda_s"], (int, float))  # one lambda_s: the paired design
+
+
+def test_bf16_auto_is_resolved_at_plan_time_and_keys_the_artifacts(monkeypatch, tmp_path):
+    """`bf16: auto` (demo pretraining, masks) becomes true only where bf16 is native (a GPU, or CPU
+    flags avx512_bf16 / amx_bf16): emulated bf16 is several times slower than fp32. The resolved
+    value is what the jobs get and what their hashes carry."""
+    from memctl import config as config_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(config_module, "CPUINFO", str(cpuinfo))
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    assert config_module.native_bf16() is False and config_module.native_bf16(gpu=True) is True
+    auto = lambda c: (c["demo"]["train"].update(bf16="auto"), c["masks"].update(bf16="auto"))  # noqa: E731
+    avx2 = tiny(auto)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert config_module.native_bf16() is True
+    native = tiny(auto)
+    for plan, want in ((avx2, False), (native, True)):
+        assert plan.stage("demo_pretrain").jobs[""].settings["train"]["bf16"] is want
+        assert {j.settings["bf16"] for j in plan.stage("train_mask").jobs.values()} == {want}
+    # explicit values are kept; the resolved value keys the model and the masks
+    assert changed(avx2, native) and "demo_pretrain" in changed(avx2, native)
+    assert avx2.stage("demo_pretrain").jobs[""].outputs != native.stage("demo_pretrain").jobs[""].outputs
+    assert config_module.resolve_bf16(True) is True and config_module.resolve_bf16(False, gpu=True) is False

@@ -35,7 +35,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from memctl import stages as registry
-from memctl.config import ConfigError, check_store_path, settings_hash
+from memctl.config import ConfigError, check_store_path, resolve_bf16, settings_hash
 from memctl.labels import BASELINE_LABELS, MASK_MODE_LABELS
 
 #: A path-safe edit id / tag.
@@ -278,7 +278,9 @@ class _Builder:
         demo = self.cfg["demo"]
         self.corpus_hash = settings_hash(self.python_version, demo["corpus"], demo["canaries"])
         self.tokenizer_hash = settings_hash(self.corpus_hash, demo["tokenizer"])
-        self.demo_model_hash = settings_hash(self.tokenizer_hash, demo["architecture"], demo["train"], self.gpu)
+        # bf16 `auto` resolved here: a model trained in bf16 and one in fp32 are different artifacts
+        train = {**demo["train"], "bf16": resolve_bf16(demo["train"]["bf16"], bool(self.gpu))}
+        self.demo_model_hash = settings_hash(self.tokenizer_hash, demo["architecture"], train, self.gpu)
         corpus = f"{self.root}/demo/corpus-{self.corpus_hash}"
         tokenizer = f"{self.root}/demo/tokenizer-{self.tokenizer_hash}"
         model = f"{self.root}/demo/model-{self.demo_model_hash}"
@@ -301,9 +303,9 @@ class _Builder:
             "demo_pretrain", "", {"train": self.corpus_files["corpus_train"], "tokenizer": tokenizer},
             {"model": model, "model_meta": f"{model}.meta.json"},
             ("--corpus", corpus, "--tokenizer", tokenizer, "--arch-settings", as_json(demo["architecture"]),
-             "--settings", as_json(demo["train"]), "--out", model),
+             "--settings", as_json(train), "--out", model),
             self.log("demo_pretrain", h), self.bench("demo_pretrain", h),
-            {"architecture": demo["architecture"], "train": demo["train"]},
+            {"architecture": demo["architecture"], "train": train},
         )], directories=("model",))
         self.demo_model_dir = model
 
@@ -780,6 +782,7 @@ class _Builder:
         if mode == "down":
             job["threshold"] = threshold
         job = mask_settings.resolve_mask_job(job)
+        job["bf16"] = resolve_bf16(job["bf16"], bool(self.gpu))  # `auto`: bf16 where it is fast
         calibration, calibration_hash = self.calibration_windows("masks")
         upstream = [calibration_hash, self.extract_hash if mode != "none" else None]
         h = settings_hash(self.model.key, self.cfg["model"], self.gpu, upstream, job)

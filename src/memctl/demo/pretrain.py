@@ -126,6 +126,9 @@ def pretrain(
 
     threads = _threads(int(cfg["threads"]))
     torch.set_num_threads(threads)
+    from memctl.config import resolve_bf16  # `auto` (run by hand; the plan resolves it for its jobs)
+
+    bf16 = resolve_bf16(cfg["bf16"])
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -167,7 +170,7 @@ def pretrain(
         starts = torch.from_numpy(rng.integers(0, len(stream) - ctx, size=batch))
         window = data[starts[:, None] + offsets[None, :]]
         inputs, targets = window[:, :-1], window[:, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(input_ids=inputs, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab_size), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)

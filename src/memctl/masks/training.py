@@ -219,7 +219,10 @@ class _Trainer:
         self.params = dict(model.named_parameters())
         self.calibration = calibration
         self.memorized = memorized
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(settings["bf16"]))
+        from memctl.config import resolve_bf16  # `auto` (a job run by hand): bf16 where it is fast
+
+        bf16 = resolve_bf16(settings["bf16"], device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _forward(self, masked, **inputs):
         with self.autocast:
