@@ -393,21 +393,22 @@ def _wrap(line: str, width: int = 110) -> list[str]:
 
 
 def write_config(out: str | Path, text: str) -> Path:
-    """Write ``text`` to ``out`` where nothing exists yet, then validate it (the file is removed
-    again when it is not a valid config, and the error names the key)."""
+    """Validate ``text`` as a config (the error names the key), then write it to ``out`` where
+    nothing exists yet: a file is only ever created, never overwritten or removed."""
+    import tempfile
+
     from memctl.config import load_config
 
     out = Path(out)
     if out.exists():
         raise ConfigError(f"--out: {out} exists; memctl init never overwrites a file (choose another --out)")
+    with tempfile.TemporaryDirectory(prefix="memctl-init-") as tmp:  # our own scratch copy, read as --out would be
+        draft = Path(tmp) / out.name
+        draft.write_text(text, encoding="utf-8")
+        load_config(str(draft))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "x", encoding="utf-8") as fh:
         fh.write(text)
-    try:
-        load_config(str(out))
-    except ConfigError:
-        out.unlink()
-        raise
     return out
 
 
