@@ -112,3 +112,48 @@ def tiny_tokenizer(tiny_model_dir):
     from memctl.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+# ----------------------------------------------------------------------------- the shared tiny store
+
+
+def _fingerprint(store):
+    """Every file of the store but logs, benchmarks and Snakemake's own records: (path, size, mtime)."""
+    return {
+        str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in store.rglob("*")
+        if p.is_file() and ".snakemake" not in p.parts
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """The tiny config's whole plan, every job run by hand once per session (``tests/tiny_store.py``):
+    a working directory with ``config/config.yaml`` and ``results/``. Read it in place, never change
+    it (the session checks at its end); copy it (fixture ``tiny_store_copy``) to change anything."""
+    import tiny_store as ts
+
+    work = tmp_path_factory.mktemp("tiny_store") / "work"
+    seconds = ts.build(work)
+    (work / "build_seconds.json").write_text(__import__("json").dumps(seconds, indent=1))
+    before = _fingerprint(work)
+    yield work
+    after = _fingerprint(work)
+    changed = sorted(set(before) ^ set(after) | {k for k in before if k in after and before[k] != after[k]})
+    assert not changed, f"a test changed the shared tiny store (copy it instead): {changed[:10]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tiny_store):
+    """The plan of the shared tiny store (paths relative to it)."""
+    import tiny_store as ts
+
+    return ts.plan_of(tiny_store)
+
+
+@pytest.fixture
+def tiny_store_copy(tiny_store, tmp_path):
+    """A private copy of the shared tiny store, to change."""
+    import tiny_store as ts
+
+    return ts.copy(tiny_store, tmp_path / "work")

@@ -1,4 +1,10 @@
-"""The whole DAG on a tiny config: outputs, provenance, determinism, and no-op reruns."""
+"""The whole DAG on a tiny config: outputs, provenance, determinism, reruns and no-op reruns.
+
+Most tests read the shared tiny store (fixture ``tiny_store``: every job of the tiny config's plan
+run by hand, ``tests/tiny_store.py``). Tests of what Snakemake decides to rerun use a copy on which
+Snakemake has recorded its metadata (``snakemake --touch --forceall``: the params and code hashes of
+every job, as after a real run), so that a changed param or code hash is seen, not only a changed path.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_store as ts
 import yaml
 
 from memctl.store import hash_path, verify
@@ -30,19 +37,17 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
     return proc
 
 
-def make_workdir(path: Path, overrides: dict | None = None) -> Path:
-    (path / "config").mkdir(parents=True)
-    cfg = yaml.safe_load(TINY.read_text())
-    for section, values in (overrides or {}).items():
-        cfg[section].update(values)
-    (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return path
+@pytest.fixture(scope="module")
+def tiny_run(tiny_store):
+    """The shared tiny store, read only."""
+    return tiny_store
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = make_workdir(tmp_path_factory.mktemp("dag") / "run")
-    snakemake(work)
+def recorded(tiny_store, tmp_path_factory):
+    """A copy of the tiny store with Snakemake's metadata recorded for every job."""
+    work = ts.copy(tiny_store, tmp_path_factory.mktemp("recorded") / "work")
+    snakemake(work, "--touch", "--forceall", "--quiet")
     return work
 
 
@@ -109,14 +114,14 @@ def test_every_artifact_has_sound_provenance(tiny_run):
         assert verify(artifact) == [], artifact
 
 
-def test_second_run_does_nothing(tiny_run):
-    proc = snakemake(tiny_run, "-n")
+def test_second_run_does_nothing(recorded):
+    proc = snakemake(recorded, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_snakemake_report_shows_every_stage_with_captions(tiny_run, tmp_path):
+def test_snakemake_report_shows_every_stage_with_captions(recorded, tmp_path):
     out = tmp_path / "report.html"
-    snakemake(tiny_run, "--report", str(out))
+    snakemake(recorded, "--report", str(out))
     page = out.read_text()
     for category in ("Results", "Extraction", "Curvature", "Masks and pruning"):
         assert category in page
@@ -141,39 +146,40 @@ def scheduled(workdir: Path, tmp_path: Path, change=None) -> dict[str, int]:
     return jobs
 
 
-def test_changing_evaluation_settings_reruns_only_evaluation(tiny_run, tmp_path):
+def test_changing_evaluation_settings_reruns_only_evaluation(recorded, tmp_path):
     """Every edit is re-evaluated; the reports that read metrics follow; no edit or extraction reruns."""
-    jobs = scheduled(tiny_run, tmp_path, lambda cfg: cfg["evaluate"].update(loose_threshold=0.5))
+    jobs = scheduled(recorded, tmp_path, lambda cfg: cfg["evaluate"].update(loose_threshold=0.5))
     assert set(jobs) == {"evaluate", "report", "curvature_report", "masks_report"}
 
 
-def test_batch_sizes_rerun_nothing(tiny_run, tmp_path):
+def test_batch_sizes_rerun_nothing(recorded, tmp_path):
     """Batch sizes change speed and memory, not results: no job reruns (they reach the commands
     as flags from the rules' resources, outside the params)."""
     def change(cfg):
         cfg["extract"]["batch_size"] = 7
         cfg["evaluate"].update(batch_size=5, heldout_batch_size=3)
 
-    assert scheduled(tiny_run, tmp_path, change) == {}
+    assert scheduled(recorded, tmp_path, change) == {}
 
 
-def test_changing_one_edit_strength_reruns_only_that_edit(tiny_run, tmp_path):
+def test_changing_one_edit_strength_reruns_only_that_edit(recorded, tmp_path):
     def change(cfg):
         cfg["curvature"]["edits"][0]["strength"] = 0.7
 
-    jobs = scheduled(tiny_run, tmp_path, change)
+    jobs = scheduled(recorded, tmp_path, change)
     assert jobs == {"apply_edit": 1, "evaluate": 1, "curvature_report": 1, "report": 1}
 
 
-def test_changing_the_curvature_data_budget_reruns_the_curvature_stages_only(tiny_run, tmp_path):
-    jobs = scheduled(tiny_run, tmp_path, lambda cfg: cfg["curvature"]["data"].update(max_tokens=2000))
+def test_changing_the_curvature_data_budget_reruns_the_curvature_stages_only(recorded, tmp_path):
+    jobs = scheduled(recorded, tmp_path, lambda cfg: cfg["curvature"]["data"].update(max_tokens=2000))
     kfac_edits = sum(e["method"] != "svd" for e in yaml.safe_load(TINY.read_text())["curvature"]["edits"])
-    assert jobs["collect_kfac"] == 1 and jobs["decompose_kfac"] == 1
+    # the tiny store collects in two shards (tests/tiny_store.py), merged into one set of factors
+    assert jobs["collect_kfac"] == 2 and jobs["merge_kfac"] == 1 and jobs["decompose_kfac"] == 1
     assert jobs["apply_edit"] == kfac_edits  # SVD edits do not use the factors
     assert not {"extract", "candidates", "demo_pretrain", "train_mask", "prune_baseline", "balanced_subnet"} & set(jobs)
 
 
-def test_editing_one_stage_module_reruns_that_stage_and_its_dependants(tiny_run, tmp_path):
+def test_editing_one_stage_module_reruns_that_stage_and_its_dependants(recorded, tmp_path):
     """Rules run `memctl` commands: each carries a hash of its stage's modules as a param."""
     import memctl
 
@@ -181,19 +187,20 @@ def test_editing_one_stage_module_reruns_that_stage_and_its_dependants(tiny_run,
     original = module.read_bytes()
     try:
         module.write_bytes(original + b"\n# an edit to the decomposition code\n")
-        jobs = scheduled(tiny_run, tmp_path)
+        jobs = scheduled(recorded, tmp_path)
     finally:
         module.write_bytes(original)
     assert jobs["decompose_kfac"] == 1 and "collect_kfac" not in jobs
     assert {"apply_edit", "evaluate", "curvature_report", "report"} <= set(jobs)
     assert not {"extract", "train_mask", "prune_baseline", "demo_pretrain", "heldout"} & set(jobs)
-    assert scheduled(tiny_run, tmp_path) == {}  # restored: nothing to do
+    assert scheduled(recorded, tmp_path) == {}  # restored: nothing to do
 
 
+@pytest.mark.slow
 def test_same_config_gives_identical_artifacts(tiny_run, tmp_path):
     """Determinism: a second working directory with the same config reproduces every table."""
-    other = make_workdir(tmp_path / "again")
-    snakemake(other)
+    other = tmp_path / "again"
+    ts.build(other, yaml.safe_load((tiny_run / "config" / "config.yaml").read_text()))
     # train_log.parquet records tokens/s (wall-clock), everything else must match byte for byte.
     tables = sorted(
         p.relative_to(tiny_run) for p in tiny_run.glob("results/**/*.parquet") if p.name != "train_log.parquet"
@@ -246,8 +253,7 @@ def test_dag_on_a_local_hf_model_with_file_sources(tmp_path, tiny_model_dir, tin
         "pruning": {"methods": ["wanda"], "calibration_windows": 4, "batch_size": 4, "block_size": 32,
                     "balanced_subnet": {"epochs": 1, "batch_size": 8, "on_unconverged": "flag"}},
     }
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    snakemake(work)
+    ts.build(work, cfg)  # every job of the plan, by hand (tests/test_contracts.py: the rules run the same)
     (ext_dir,) = work.glob(f"results/{tiny_model_dir.name}/extract-*")
     assert sorted(pd.read_parquet(ext_dir / "memorized.parquet")["candidate_id"]) == sorted(
         f"s{i}" for i in range(0, 12, 2)

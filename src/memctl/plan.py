@@ -694,7 +694,8 @@ class _Builder:
             outputs.update({f"ablations_{ext}": f"{out}/ablations.{ext}" for ext in ("md", "parquet")})
         metrics = [self.metrics(e) for e in self.masks_spec]
         self.add("masks_report", [Job(
-            "masks_report", "", {"metrics": metrics, "deltas": [e["delta"] for e in self.masks_spec.values() if e["delta"]]},
+            "masks_report", "", {"metrics": metrics, "scores": [m.replace("/metrics.parquet", "/scores.parquet") for m in metrics],
+                                 "deltas": [e["delta"] for e in self.masks_spec.values() if e["delta"]]},
             outputs, ("--metrics", *metrics, "--spec", as_json(spec), "--out-dir", out),
             self.log("masks_report", h), self.bench("masks_report", h), spec,
         )], shown={k: ("4. Masks and pruning", f"masks_{PurePosixPath(v).stem}.rst") for k, v in outputs.items()
