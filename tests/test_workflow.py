@@ -26,10 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).with_name("tiny_config.yaml")
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
     # Rules call the `memctl` console script installed next to this Python.
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ if env is None else env,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         logs = "\n".join(p.read_text()[-3000:] for p in workdir.glob("results/logs/*/*.log"))
@@ -130,14 +131,15 @@ def test_snakemake_report_shows_every_stage_with_captions(recorded, tmp_path):
     assert "chosen by a rule declared in" in page  # a caption, rendered from workflow/report/
 
 
-def scheduled(workdir: Path, tmp_path: Path, change=None) -> dict[str, int]:
-    """Jobs per rule that a dry run schedules after ``change(cfg)`` edits the workdir's config."""
+def scheduled(workdir: Path, tmp_path: Path, change=None, env: dict | None = None) -> dict[str, int]:
+    """Jobs per rule that a dry run schedules after ``change(cfg)`` edits the workdir's config
+    (``env``: the environment Snakemake runs in)."""
     cfg = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
     if change:
         change(cfg)
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    out = snakemake(workdir, "-n", "--configfile", str(path), "--quiet", "rules").stdout
+    out = snakemake(workdir, "-n", "--configfile", str(path), "--quiet", "rules", env=env).stdout
     jobs = {}
     for line in out.splitlines():
         parts = line.split()
@@ -180,20 +182,23 @@ def test_changing_the_curvature_data_budget_reruns_the_curvature_stages_only(rec
 
 
 def test_editing_one_stage_module_reruns_that_stage_and_its_dependants(recorded, tmp_path):
-    """Rules run `memctl` commands: each carries a hash of its stage's modules as a param."""
+    """Rules run `memctl` commands: each carries a hash of its stage's modules as a param. The
+    edit is made to a copy of the package that Snakemake imports first (PYTHONPATH), never to the
+    checkout: a test killed halfway leaves no change behind, and other test sessions never see it."""
+    import shutil
+
     import memctl
 
-    module = Path(memctl.__file__).parent / "curvature" / "decompose.py"
-    original = module.read_bytes()
-    try:
-        module.write_bytes(original + b"\n# an edit to the decomposition code\n")
-        jobs = scheduled(recorded, tmp_path)
-    finally:
-        module.write_bytes(original)
+    package = tmp_path / "package"
+    shutil.copytree(Path(memctl.__file__).parent, package / "memctl", ignore=shutil.ignore_patterns("__pycache__"))
+    module = package / "memctl" / "curvature" / "decompose.py"
+    module.write_bytes(module.read_bytes() + b"\n# an edit to the decomposition code\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(package), os.environ.get("PYTHONPATH")])))
+    jobs = scheduled(recorded, tmp_path, env=env)
     assert jobs["decompose_kfac"] == 1 and "collect_kfac" not in jobs
     assert {"apply_edit", "evaluate", "curvature_report", "report"} <= set(jobs)
     assert not {"extract", "train_mask", "prune_baseline", "demo_pretrain", "heldout"} & set(jobs)
-    assert scheduled(recorded, tmp_path) == {}  # restored: nothing to do
+    assert scheduled(recorded, tmp_path) == {}  # the checkout's code: nothing to do
 
 
 @pytest.mark.slow
