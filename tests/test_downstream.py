@@ -1,5 +1,6 @@
 """The downstream stage (lm-eval, the weight-pruning paper's Table 4) on a local multiple-choice task
-and the tiny model, offline: accuracies checked against log-likelihoods computed here by hand."""
+and the tiny model, offline: accuracies checked against log-likelihoods computed here by hand; and
+the downstream table of the shared tiny store (``tests/tiny_store.py``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ pytest.importorskip("lm_eval")
 from memctl.cli import main  # noqa: E402
 from memctl.edits import apply_delta, save_delta  # noqa: E402
 from memctl.models import load_model, load_tokenizer  # noqa: E402
-from memctl.store import read_sidecar, verify  # noqa: E402
+from memctl.store import read_sidecar, sidecar_path, verify  # noqa: E402
 
 MODEL_SETTINGS = {"source": "local", "dtype": "float32", "device": "cpu"}
 WORDS = ["fox", "dog", "box", "jugs", "lazy", "quick"]
@@ -166,38 +167,30 @@ def test_plan_batches_the_chosen_edits_and_is_off_without_tasks():
     assert sorted(report.inputs["results"]) == sorted(j.outputs["results"] for j in split.stage("downstream").jobs.values())
 
 
-@pytest.mark.slow
-def test_dag_writes_the_downstream_table_with_the_csp_edits(tmp_path):
-    """Snakemake on the tiny demo with a local task: Origin and both CSP prompts scored (the masks'
-    other edits left out to keep the run short), the table of every edit in the report's order."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_dag_writes_the_downstream_table_with_the_csp_edits(tiny_store, tiny_plan):
+    """The shared tiny store (``tests/tiny_store.py``: a local task ``cloze``, ``downstream.edits:
+    main``): every edit of the main masks table scored (Origin and both CSP prompts among them), the
+    table of every edit in the masks report's order."""
+    from memctl.masks.report import ROW_ORDER
 
-    import yaml
-
-    repo = Path(__file__).resolve().parents[1]
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    words = ["the", "of", "and", "to", "in", "is", "that", "for"]
-    docs = [{"question": " ".join(words[i % 8:] + words[:i % 8]), "choices": words[:3], "label": i % 3}
-            for i in range(9)]
-    (tasks / "cloze.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    (tasks / "cloze.yaml").write_text(
-        f"task: cloze\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'cloze.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n")
-    cfg = yaml.safe_load((repo / "tests" / "tiny_config.yaml").read_text())
-    cfg["masks"]["modes"] = []
-    cfg["masks"]["sweep"] = {"sparsities": [], "thresholds": []}
-    cfg["pruning"].update(methods=[], balanced_subnet={"enabled": False})
-    cfg["downstream"] = {"tasks": ["cloze"], "include_path": str(tasks), "batch_size": 4}
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
-                           "--cores", "2", "results/tables/downstream.md"], capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    table = pd.read_parquet(tmp_path / "results" / "tables" / "downstream.parquet")
-    assert list(table["method"]) == ["Origin", "CSP (down)", "CSP (up)"]
+    (masks_report,) = tiny_plan.stage("masks_report").jobs.values()
+    main_edits = [e["edit"] for e in masks_report.settings["edits"] if "main" in e["tables"]]
+    (job,) = tiny_plan.stage("downstream").jobs.values()
+    scored = json.loads(job.args[job.args.index("--edits") + 1])
+    assert [e["edit"] for e in scored] == main_edits
+    # the masks report's order: its row order (ROW_ORDER), then the plan's (masks.report.main_table)
+    rank = {label: i for i, label in enumerate(ROW_ORDER)}
+    label = {e: tiny_plan.edits[e].label for e in main_edits}
+    expected = sorted(main_edits, key=lambda e: rank.get(label[e], len(rank)))
+    assert {"Origin", "CSP (down)", "CSP (up)"} <= set(label.values())
+    (report,) = tiny_plan.stage("downstream_report").jobs.values()
+    table = pd.read_parquet(tiny_store / report.outputs["parquet"])
+    assert list(table["edit"]) == expected
+    assert list(table["method"]) == [label[e] for e in expected]
+    masks_table = pd.read_parquet(tiny_store / masks_report.outputs["table"])
+    assert list(table["edit"]) == list(masks_table["edit"])  # the masks table's rows, in its order
     assert table["cloze"].between(0, 1).all() and list(table["Avg"]) == list(table["cloze"])
-    assert verify(tmp_path / "results" / "tables" / "downstream.md") == []
+    assert verify(tiny_store / report.outputs["md"]) == []
+    for out in (*report.outputs.values(), job.outputs["results"]):  # every one with a sidecar verifies
+        if sidecar_path(tiny_store / out).exists():
+            assert verify(tiny_store / out) == [], out

@@ -1,6 +1,7 @@
 """The vision track (memctl.vision): noised-label bookkeeping, the accuracies, K-FAC factors of a ViT
 against an independent computation, a pruning baseline on the ViT, the imagefolder stand-in of the
-ImageNet preset, and (slow) the vision branch of the DAG on a tiny configuration."""
+ImageNet preset, and the vision branch of the DAG: what ``vision.only`` plans, and the vision
+jobs of the shared tiny store (``tests/tiny_store.py``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tiny_store as ts
 import torch
-import yaml
 
 from memctl import architectures as arch
 from memctl.config import ConfigError, load_config, validate_config
@@ -436,38 +437,56 @@ def test_bad_vision_config_is_refused_naming_the_key():
 # ------------------------------------------------------------------------------- the DAG
 
 
-TINY_VISION = {
-    "vision": {
-        "enabled": True, "only": True,
-        "data": {"max_train": 160, "max_held_out": 40},
-        "model": {"patch_size": 4, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "intermediate_size": 32},
-        "train": {"epochs": 4, "batch_size": 32, "eval_every": 2},
-        "kfac": {"max_images": 64, "batch_size": 32},
-        "edits": {"strengths": {"kfac": [0.8, 0.95], "svd": [0.2, 0.5]}},
-        "spectrum": {"max_images": 32},
-    },
-    "resources": {"threads": 1},
-}
+def vision_only_plans(tmp_path):
+    """The shared tiny store's config (``tests/tiny_store.py``: the tiny config, ``TINY_VISION``,
+    a local downstream task) planned with ``vision.only`` on and off."""
+    from memctl import lab
+    from memctl.plan import build_plan
+
+    def plan(only):
+        raw = ts.tiny_config(tmp_path)
+        raw["vision"]["only"] = only
+        cfg = validate_config(raw)
+        return build_plan(cfg, lab.workflow_model_dims(cfg), python_version="3.11")
+
+    return plan(True), plan(False)
 
 
-@pytest.mark.slow
-def test_vision_branch_of_the_dag(tmp_path):
-    work = tmp_path / "run"
-    (work / "config").mkdir(parents=True)
-    cfg = yaml.safe_load((Path(__file__).with_name("tiny_config.yaml")).read_text())
-    cfg.update(TINY_VISION)
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--cores", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode:
-        logs = "\n".join(p.read_text()[-2000:] for p in work.glob("results/logs/*/*.log"))
-        pytest.fail(f"{proc.stderr[-4000:]}\n{logs}")
-    out = work / "results" / "tables" / "vision"
+def test_vision_only_plans_the_vision_track_alone(tmp_path):
+    """``vision.only``: ``rule all`` asks for the vision report alone, so no language-model stage runs
+    and no results table is written; the vision jobs are those of the same config with both tracks
+    on (the shared tiny store's: what ``test_vision_branch_of_the_dag`` reads is what a vision-only
+    run writes)."""
+    alone, both = vision_only_plans(tmp_path)
+    vision_stages = {s for s in both.stages if s.startswith("vision")}
+    assert set(alone.targets) == set(alone.stage("vision_report").jobs[""].outputs.values())
+    run = ts.needed(alone)  # the jobs `snakemake` runs
+    assert {job.stage for job in run} == vision_stages
+    assert f"{alone.results}/results.md" not in alone.artifacts()
+    assert not any(p.startswith(f"{alone.results}/") and "/vision/" not in p for p in alone.artifacts())
+    # with the language-model track on, its stages and tables are planned next to the same vision jobs
+    assert f"{both.results}/results.md" in both.artifacts()
+    assert {job.stage for job in ts.needed(both)} > vision_stages | {"report"}
+
+    def vision_jobs(plan):
+        return {(j.stage, j.key): (dict(j.outputs), j.args) for j in ts.needed(plan) if j.stage in vision_stages}
+
+    assert vision_jobs(alone) == vision_jobs(both)
+    # and the shared store's plan (its config/config.yaml, planned as Snakemake plans it) has those jobs
+    assert vision_jobs(ts.plan_of(ts.make_workdir(tmp_path / "store"))) == vision_jobs(alone)
+
+
+def files_under(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and directory under ``root``: (size, mtime) of each, to see that nothing wrote there."""
+    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+def test_vision_branch_of_the_dag(tiny_store):
+    """The vision track's jobs of the shared tiny store (``tests/tiny_store.py``: ``TINY_VISION``)."""
+    out = tiny_store / "results" / "tables" / "vision"
     for name in ("vision.md", "vision.html", "vision_blocks.png", "vision_spectrum.png", "vision_best.parquet"):
         assert (out / name).exists(), name
-    assert not (work / "results" / "tables" / "results.md").exists()  # vision.only: no language-model stages
     edits = pd.read_parquet(out / "vision_edits.parquet")
     # 2 blocks + 1 pair, two strengths, two methods, and the unedited model
     assert len(edits) == 1 + 3 * 2 * 2
@@ -478,12 +497,27 @@ def test_vision_branch_of_the_dag(tmp_path):
     assert "Per MLP block" in text and "Best pair" in text and "Claim" in text
     from memctl.store import verify
 
-    for side in work.glob("results/**/*.meta.json"):
+    sides = [*tiny_store.glob("results/vision/**/*.meta.json"), *out.glob("**/*.meta.json")]
+    assert sides
+    for side in sides:
         assert verify(side.with_name(side.name[: -len(".meta.json")])) == [], side
+
+
+def test_snakemake_on_the_store_reports_the_vision_track_and_writes_nothing(tiny_store, tmp_path):
+    """Snakemake on the shared store, read only: nothing to do, and ``--report`` (the page written
+    into ``tmp_path``) shows the vision category, its figure and page with their captions. Neither
+    writes into ``results/`` (Snakemake's own records go to ``.snakemake/``)."""
+    before = files_under(tiny_store / "results")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tiny_store), "--cores", "2"]
     again = subprocess.run([*cmd, "-n"], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
     assert "Nothing to be done" in again.stdout + again.stderr
     page = tmp_path / "report.html"
-    subprocess.run([*cmd, "--report", str(page)], capture_output=True, text=True, timeout=300, env=env, check=True)
+    proc = subprocess.run([*cmd, "--report", str(page)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     html = page.read_text()
     assert "Vision" in html and "vision_blocks.png" in html and "vision.html" in html
     assert "best pair of blocks" in html  # a caption from workflow/report/vision_blocks.rst
+    after = files_under(tiny_store / "results")
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))[:10]
