@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -136,6 +137,10 @@ def run_by_hand(work: Path, job, threads: int = 1) -> float:
     argv = shlex.split(job.command(threads=threads))[1:]  # without "memctl"
     umask, torch_threads = os.umask(0o022), torch.get_num_threads()
     os.umask(umask)
+    # The dispatcher's logging.basicConfig logs to the job's log, as in a process of its own: the
+    # root logger's handlers (pytest's) are set aside for the job and put back after it.
+    root = logging.getLogger()
+    handlers, root.handlers = root.handlers, []
     start = time.perf_counter()
     with inside(work):
         log = Path(job.log)
@@ -149,6 +154,7 @@ def run_by_hand(work: Path, job, threads: int = 1) -> float:
             finally:
                 os.umask(umask)
                 torch.set_num_threads(torch_threads)
+                root.handlers = handlers
         if code:
             raise RuntimeError(f"{job.command(threads=threads)} failed (exit {code}):\n{log.read_text()[-4000:]}")
     return time.perf_counter() - start

@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
-        force=True,  # the stream of this call, also when main() runs again in one process (tests)
     )
     from memctl.store import share_with_group
 
