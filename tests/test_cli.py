@@ -1,17 +1,15 @@
 """Stage commands: clear one-line errors on bad input, and the shared text / nDCG reference stages."""
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
+from tiny_store import memctl_in_process
 
 
 def memctl(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "memctl.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    """``memctl ARGS``, run by the dispatcher in this process (exit code, stdout, stderr as a process's)."""
+    return memctl_in_process(*args)
 
 
 def test_missing_candidates_file_is_named(tmp_path, tiny_model_dir):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_store import memctl_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -17,8 +18,8 @@ ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.envir
 
 
 def memctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "memctl.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=600)
+    """``memctl ARGS``, run by the dispatcher in this process (exit code, stdout, stderr as a process's)."""
+    return memctl_in_process(*args)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from tiny_store import memctl_in_process
 
 from memctl.store import LOCK_NAME, Provenance, atomic_path, sidecar_path, verify, write_parquet, write_text
 from memctl.store.leftovers import host_tag
@@ -31,8 +32,8 @@ ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def memctl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "memctl"), *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=300, check=False)
+    """``memctl ARGS`` in ``cwd``, run by the dispatcher in this process (exit code, stdout, stderr as a process's)."""
+    return memctl_in_process(*args, cwd=cwd)
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -17,12 +17,16 @@ in place, tests that change it take a copy (fixture ``tiny_store_copy``, :func:`
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import time
+import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -127,37 +131,54 @@ def needed(plan) -> list[Any]:
     return ordered(job for job in plan.jobs() if wanted & set(job.outputs.values()))
 
 
-def run_by_hand(work: Path, job, threads: int = 1) -> float:
-    """Run ``job``'s command line (as its rule runs it) in this process, in ``work``, with its log
-    as stdout and stderr; returns the seconds it took. A failing command raises with its log."""
+def memctl_in_process(*args: Any, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``memctl ARGS`` through the dispatcher (:func:`memctl.cli.main`) in this process, in ``cwd``:
+    its exit code, stdout and stderr as a subprocess would give them (an exception the dispatcher
+    lets through: its traceback on stderr, exit 1). Torch's threads, the umask and the root
+    logger's handlers (pytest's, set aside so that the command logs to its stderr as in a process
+    of its own) are put back afterwards."""
     import torch
 
     from memctl import cli
 
-    argv = shlex.split(job.command(threads=threads))[1:]  # without "memctl"
+    argv = [str(a) for a in args]
     umask, torch_threads = os.umask(0o022), torch.get_num_threads()
     os.umask(umask)
-    # The dispatcher's logging.basicConfig logs to the job's log, as in a process of its own: the
-    # root logger's handlers (pytest's) are set aside for the job and put back after it.
     root = logging.getLogger()
     handlers, root.handlers = root.handlers, []
-    start = time.perf_counter()
-    with inside(work):
-        log = Path(job.log)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with inside(cwd or Path.cwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 cli.main(argv)
                 code = 0
             except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-            finally:
-                os.umask(umask)
-                torch.set_num_threads(torch_threads)
-                root.handlers = handlers
-        if code:
-            raise RuntimeError(f"{job.command(threads=threads)} failed (exit {code}):\n{log.read_text()[-4000:]}")
-    return time.perf_counter() - start
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001  (what a process would print before dying)
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.umask(umask)
+        torch.set_num_threads(torch_threads)
+        root.handlers = handlers
+    return subprocess.CompletedProcess(["memctl", *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_by_hand(work: Path, job, threads: int = 1) -> float:
+    """Run ``job``'s command line (as its rule runs it) in this process, in ``work``, its output
+    written to its log; returns the seconds it took. A failing command raises with its log."""
+    line = job.command(threads=threads)
+    start = time.perf_counter()
+    done = memctl_in_process(*shlex.split(line)[1:], cwd=work)  # without "memctl"
+    seconds = time.perf_counter() - start
+    log = work / job.log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode:
+        raise RuntimeError(f"{line} failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
+    return seconds
 
 
 def build(work: Path, cfg: Mapping[str, Any] | None = None) -> dict[str, float]:
