@@ -94,6 +94,7 @@ def dry_run(cfg: dict, path: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 def test_snakemake_refuses_a_bad_config_before_scheduling(tmp_path):
     bad = default_raw()
     bad["extract"]["batch_size"] = -1
@@ -102,6 +103,7 @@ def test_snakemake_refuses_a_bad_config_before_scheduling(tmp_path):
     assert "extract.batch_size: -1 is less than the minimum of 1" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 def test_snakemake_refuses_kfac_second_moments_with_the_sequential_form(tmp_path):
     """Caught when the DAG is built, not by every Wanda / SparseGPT job failing hours later."""
     cfg = default_raw()

@@ -162,6 +162,7 @@ def test_the_plan_refuses_a_store_at_the_root_even_if_validation_was_skipped(mon
             build_plan({**cfg, key: value}, lab.workflow_model_dims(cfg), python_version="3.11")
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 @pytest.mark.parametrize("key, value", [("results_dir", "."), ("root", "/")])
 def test_snakemake_refuses_the_store_before_any_job_and_the_project_is_untouched(key, value, project):
     bad = project / "bad.yaml"
@@ -264,6 +265,7 @@ def test_a_local_model_directory_without_its_config_is_refused_when_planning(cas
     assert f"model.name_or_path: {model}" in str(err.value) and expected in str(err.value)
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 def test_snakemake_names_a_model_directory_without_config_json(project, tmp_path):
     model = tmp_path / "my-model"
     model.mkdir()
@@ -410,6 +412,7 @@ def test_a_config_with_a_key_twice_is_refused_naming_file_key_and_line(tmp_path)
         parse_settings(f"@{settings}")
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 def test_snakemake_configfile_with_a_key_twice_is_refused(tmp_path):
     """Snakemake reads --configfile itself (the last of two keys wins); the workflow reads it again."""
     path = tmp_path / "dup.yaml"

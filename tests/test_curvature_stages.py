@@ -258,6 +258,7 @@ def _planned_outputs(tmp_path, name, curvature):
     return jobs
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 def test_changing_one_edit_changes_only_that_edit_path_and_data_changes_only_kfac(tmp_path):
     base = {"data": {"max_tokens": 3000}, "edits": [
         {"method": "kfac", "layers": [0], "strength": 0.8}, {"method": "svd", "layers": [0], "strength": 0.5}]}

@@ -156,7 +156,10 @@ def family_run(request, tmp_path_factory, tiny_tokenizer_dir):
 
 def pytest_generate_tests(metafunc):
     if "family_run" in metafunc.fixturenames:
-        metafunc.parametrize("family_run", [*FAMILIES, PLACED], indirect=True, scope="module")
+        # The quick tier runs GPT-2 (Conv1D, fused attention; the shared tiny store runs GPT-NeoX);
+        # every other family, and the placed model, in the full suite.
+        params = [pytest.param(f, marks=() if f == "gpt2" else pytest.mark.slow) for f in [*FAMILIES, PLACED]]
+        metafunc.parametrize("family_run", params, indirect=True, scope="module")
 
 
 def test_every_model_stage_ran_and_wrote_sound_artifacts(family_run):

@@ -70,6 +70,7 @@ def test_init_refuses_to_overwrite_and_names_bad_input(initialized, tiny_model_d
     assert proc.returncode == 2 and "heldout.txt is text" in proc.stderr and not (tmp_path / "x.yaml").exists()
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 def test_snakemake_plans_the_generated_config(initialized):
     work, out, _ = initialized
     assert memctl("validate-config", str(out)).stdout.strip() == f"{out}: valid"

@@ -176,6 +176,7 @@ def test_user_profile_dir_follows_xdg(monkeypatch, tmp_path):
     assert lab.user_profile_dir() == Path.home() / ".config" / "snakemake"
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 def test_installed_profiles_are_found_by_name(tmp_path):
     """`memctl install-profile` puts the repo's profiles where `snakemake --profile NAME` looks,
     from any working directory."""

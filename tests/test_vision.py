@@ -503,6 +503,7 @@ def test_vision_branch_of_the_dag(tiny_store):
         assert verify(side.with_name(side.name[: -len(".meta.json")])) == [], side
 
 
+@pytest.mark.slow  # starts Snakemake (a workflow parse: 5-30 s)
 def test_snakemake_on_the_store_reports_the_vision_track_and_writes_nothing(tiny_store, tmp_path):
     """Snakemake on the shared store, read only: nothing to do, and ``--report`` (the page written
     into ``tmp_path``) shows the vision category, its figure and page with their captions. Neither

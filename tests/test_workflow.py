@@ -115,11 +115,13 @@ def test_every_artifact_has_sound_provenance(tiny_run):
         assert verify(artifact) == [], artifact
 
 
+@pytest.mark.slow  # Snakemake on a copy of the tiny store with its metadata recorded
 def test_second_run_does_nothing(recorded):
     proc = snakemake(recorded, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # Snakemake on a copy of the tiny store with its metadata recorded
 def test_snakemake_report_shows_every_stage_with_captions(recorded, tmp_path):
     out = tmp_path / "report.html"
     snakemake(recorded, "--report", str(out))
@@ -148,12 +150,14 @@ def scheduled(workdir: Path, tmp_path: Path, change=None, env: dict | None = Non
     return jobs
 
 
+@pytest.mark.slow  # Snakemake on a copy of the tiny store with its metadata recorded
 def test_changing_evaluation_settings_reruns_only_evaluation(recorded, tmp_path):
     """Every edit is re-evaluated; the reports that read metrics follow; no edit or extraction reruns."""
     jobs = scheduled(recorded, tmp_path, lambda cfg: cfg["evaluate"].update(loose_threshold=0.5))
     assert set(jobs) == {"evaluate", "report", "curvature_report", "masks_report"}
 
 
+@pytest.mark.slow  # Snakemake on a copy of the tiny store with its metadata recorded
 def test_batch_sizes_rerun_nothing(recorded, tmp_path):
     """Batch sizes change speed and memory, not results: no job reruns (they reach the commands
     as flags from the rules' resources, outside the params)."""
@@ -164,6 +168,7 @@ def test_batch_sizes_rerun_nothing(recorded, tmp_path):
     assert scheduled(recorded, tmp_path, change) == {}
 
 
+@pytest.mark.slow  # Snakemake on a copy of the tiny store with its metadata recorded
 def test_changing_one_edit_strength_reruns_only_that_edit(recorded, tmp_path):
     def change(cfg):
         cfg["curvature"]["edits"][0]["strength"] = 0.7
@@ -172,6 +177,7 @@ def test_changing_one_edit_strength_reruns_only_that_edit(recorded, tmp_path):
     assert jobs == {"apply_edit": 1, "evaluate": 1, "curvature_report": 1, "report": 1}
 
 
+@pytest.mark.slow  # Snakemake on a copy of the tiny store with its metadata recorded
 def test_changing_the_curvature_data_budget_reruns_the_curvature_stages_only(recorded, tmp_path):
     jobs = scheduled(recorded, tmp_path, lambda cfg: cfg["curvature"]["data"].update(max_tokens=2000))
     kfac_edits = sum(e["method"] != "svd" for e in yaml.safe_load(TINY.read_text())["curvature"]["edits"])
@@ -181,6 +187,7 @@ def test_changing_the_curvature_data_budget_reruns_the_curvature_stages_only(rec
     assert not {"extract", "candidates", "demo_pretrain", "train_mask", "prune_baseline", "balanced_subnet"} & set(jobs)
 
 
+@pytest.mark.slow  # Snakemake on a copy of the tiny store with its metadata recorded
 def test_editing_one_stage_module_reruns_that_stage_and_its_dependants(recorded, tmp_path):
     """Rules run `memctl` commands: each carries a hash of its stage's modules as a param. The
     edit is made to a copy of the package that Snakemake imports first (PYTHONPATH), never to the
@@ -224,6 +231,7 @@ def test_same_config_gives_identical_artifacts(tiny_run, tmp_path):
     assert hash_path(model / "model.safetensors") == hash_path(other / model.relative_to(tiny_run) / "model.safetensors")
 
 
+@pytest.mark.slow  # a second store: every job of a local model's plan
 def test_dag_on_a_local_hf_model_with_file_sources(tmp_path, tiny_model_dir, tiny_model, tiny_tokenizer):
     """The cluster path: model.source local (as a hub id would be), parquet candidates without
     exposure counts, held-out plain text. Suffixes that are the model's own greedy continuations
