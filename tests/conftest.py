@@ -20,22 +20,31 @@ TEXT = (
 ARCHITECTURES = ["gpt_neox", "gpt_neo", "gpt2", "olmo2"]
 
 
-def tiny_architecture_config(kind, vocab=300):
-    """A 2-layer, width-32 config of a hub architecture (fused QKV, Conv1D, gated MLP...)."""
-    from transformers import GPT2Config, GPTNeoConfig, GPTNeoXConfig, Olmo2Config
+def tiny_architecture_config(kind, vocab=300, eos=0):
+    """A 2-layer, width-32 config of a hub architecture (fused QKV, Conv1D, gated MLP...): the
+    suite's one tiny model definition (``ARCHITECTURES`` here; ``tests/test_families.py`` runs
+    every one of its seven kinds through every stage)."""
+    import transformers as tf
 
-    common = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0}
+    common = {"vocab_size": vocab, "bos_token_id": eos, "eos_token_id": eos}
+    llama_like = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "intermediate_size": 64, "max_position_embeddings": 64, "pad_token_id": eos, **common}
     if kind == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=64, **common)
+        return tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=64, **common)
     if kind == "gpt_neo":
-        return GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-                            window_size=16, max_position_embeddings=64, **common)
+        return tf.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                               window_size=16, max_position_embeddings=64, **common)
     if kind == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common)
+    if kind == "llama":
+        return tf.LlamaConfig(**llama_like)
     if kind == "olmo2":
-        return Olmo2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0, **common)
+        return tf.Olmo2Config(**llama_like)
+    if kind == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if kind == "mistral":
+        return tf.MistralConfig(sliding_window=None, **llama_like)
     raise ValueError(kind)
 
 

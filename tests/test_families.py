@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_architecture_config
 
 from memctl import architectures as arch
 from memctl import stages as registry
@@ -37,35 +38,13 @@ EDIT_FORMS = ("kfac", "kfac_factor", "kfac_pairwise", "svd")
 #: the downstream tasks and the vision track are opt-in; reports read tables only).
 MODEL_STAGES = {"candidates", "extract", "heldout", "calibration", "reference_topk", "collect_kfac", "decompose_kfac",
                 "apply_edit", "train_mask", "prune_baseline", "balanced_subnet", "csp", "evaluate"}
-WIDTH, LAYERS, HEADS, MLP, CONTEXT = 32, 2, 4, 64, 64
+CONTEXT = 64  #: the tiny models' learned positions (conftest.tiny_architecture_config)
 
 
 def family_config(kind: str, vocab: int, eos: int):
-    """A 2-layer, width-32 config of the family's HF config class (no hub access)."""
-    import transformers as tf
-
-    common = {"vocab_size": vocab, "bos_token_id": eos, "eos_token_id": eos}
-    llama_like = {"hidden_size": WIDTH, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-                  "num_key_value_heads": 2, "intermediate_size": MLP, "max_position_embeddings": CONTEXT,
-                  "pad_token_id": eos, **common}
-    if kind == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                intermediate_size=MLP, max_position_embeddings=CONTEXT, **common)
-    if kind == "gpt_neo":
-        return tf.GPTNeoConfig(hidden_size=WIDTH, num_layers=LAYERS, num_heads=HEADS,
-                               attention_types=[[["global", "local"], 1]], window_size=16,
-                               max_position_embeddings=CONTEXT, **common)
-    if kind == "gpt2":
-        return tf.GPT2Config(n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, **common)
-    if kind == "llama":
-        return tf.LlamaConfig(**llama_like)
-    if kind == "olmo2":
-        return tf.Olmo2Config(**llama_like)
-    if kind == "qwen2":
-        return tf.Qwen2Config(**llama_like)
-    if kind == "mistral":
-        return tf.MistralConfig(sliding_window=None, **llama_like)
-    raise ValueError(kind)
+    """A 2-layer, width-32 config of the family's HF config class (no hub access): the suite's one
+    tiny model definition (``conftest.tiny_architecture_config``)."""
+    return tiny_architecture_config(kind, vocab=vocab, eos=eos)
 
 
 @pytest.fixture(scope="module")

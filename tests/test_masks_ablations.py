@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import tiny_architecture_model
 
 from memctl.config import ConfigError
 from memctl.masks import gates, report
@@ -36,12 +37,7 @@ def _one_thread():
 def setup():
     """A random 2-layer GPT-NeoX (d 32: 16,384 gated weights), 512 random calibration windows, 8
     'memorized' sequences (the objective's composition does not need a model that memorized them)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-    model = GPTNeoXForCausalLM(cfg).eval()
+    model = tiny_architecture_model("gpt_neox", seed=0)  # vocab V = 300, as conftest's
     gen = torch.Generator().manual_seed(1)
     calibration = torch.randint(0, V, (512, L), generator=gen)
     secrets = torch.randint(0, V, (8, L), generator=gen)
