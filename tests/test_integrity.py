@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import tiny_store as ts
 import yaml
 
 from memctl.store import (
@@ -94,8 +96,34 @@ def wait_for_pause(proc: subprocess.Popen, expected: str) -> None:
     pytest.fail(f"no pause ({expected!r}); exit {proc.wait()}:\n{''.join(seen)[-3000:]}")
 
 
+def memctl(*argv, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``memctl ARGV`` (in ``cwd``): its exit status, stdout and stderr. It runs in this process,
+    through the console script's ``memctl.cli.main``: the same arguments and code, without paying
+    the import of torch and transformers per call. Only what is about processes (kills, concurrent
+    writers and runs) runs a process of its own."""
+    import torch
+
+    from memctl import cli
+
+    umask, threads = os.umask(0o022), torch.get_num_threads()
+    os.umask(umask)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with ts.inside(cwd) if cwd else contextlib.nullcontext(), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):  # fmt: skip
+        try:
+            cli.main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=sys.stderr)
+        finally:
+            os.umask(umask)  # memctl.cli.main shares what it writes with the group (umask 002)
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["memctl", *map(str, argv)], code, out.getvalue(), err.getvalue())
+
+
 def memctl_verify(path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "memctl"), "verify", str(path)], env=ENV, capture_output=True, text=True, check=False)
+    return memctl("verify", path)
 
 
 def content_of(final, kind):
@@ -184,7 +212,8 @@ def test_killed_stage_command_is_flagged_and_its_rerun_completes(tmp_path):
     assert verify_paths([out / "train.parquet", out / "heldout.parquet"]).problems == []
     assert leftover(tmp).alive is False
 
-    subprocess.run(cmd, env=ENV, check=True, capture_output=True, timeout=300)
+    rerun = memctl(*cmd[1:])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert verify_paths([out]).problems == [] and verify_paths([out]).checked == 3
     assert not list(out.glob(".*.tmp-*"))
 
@@ -383,7 +412,8 @@ def test_claims_refuse_conflicting_runs_and_die_with_their_holder(tmp_path):
 # --------------------------------------------------------------------- Snakemake, shared store
 #
 # The base tiny DAG (demo model, extraction, held-out text, evaluation, report; the edit stages
-# are switched off to keep it short) with `root` pointing at one store shared by the working
+# are switched off and the demo model is trained on less, to keep these real Snakemake runs short:
+# lab_workdir) with `root` pointing at one store shared by the working
 # directories of several users. Snakemake's own lock only sees runs from the same working
 # directory; runs on one store claim their outputs and inputs there (memctl.store.
 # claim_workflow, the project Snakefile's onstart hook; each working directory's Snakefile
@@ -406,6 +436,16 @@ def workdir(path: Path, store: Path, **sections) -> Path:
     (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (path / "Snakefile").write_text(WRAPPER)
     return path
+
+
+def lab_workdir(path: Path, store: Path, **sections) -> Path:
+    """A working directory of the lab's store: the base tiny DAG, its demo model trained on a corpus
+    of the schema's smallest size for 150 steps instead of 400 (each of the ten jobs is a process
+    of its own; it still memorizes some sequences)."""
+    demo = yaml.safe_load(TINY.read_text())["demo"]
+    demo["corpus"]["max_chars"] = 10_000
+    demo["train"]["steps"] = 150
+    return workdir(path, store, demo=demo, **sections)
 
 
 def snakemake_cmd(work: Path, *args: str) -> list[str]:
@@ -447,7 +487,7 @@ def lab(tmp_path_factory):
     """Two users' working directories, one store; both runs started at the same moment."""
     base = tmp_path_factory.mktemp("lab")
     store = base / "store"
-    users = [workdir(base / user, store) for user in ("alice", "bob")]
+    users = [lab_workdir(base / user, store) for user in ("alice", "bob")]
     t0 = time.time()
     procs = [start(work) for work in users]
     codes = [finish(proc) for proc in procs]
@@ -498,7 +538,7 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
     setting, so extraction, evaluation and the report run on the shared store; not a batch size,
     which keys nothing)."""
     store = lab["store"]
-    carol = workdir(tmp_path / "carol", store, extract={"split_seed": 43})
+    carol = lab_workdir(tmp_path / "carol", store, extract={"split_seed": 43})
     proc = start(carol, env=dict(ENV, **{PAUSE_ENV: "300:memorized.parquet"}))
     pause = None
     deadline = time.time() + 600
@@ -534,7 +574,7 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
     # user's working directory on the same store schedules the extraction again.
     refused = run(carol, "-n")
     assert refused.returncode != 0 and "incomplete" in (refused.stdout + refused.stderr).lower()
-    dave = workdir(tmp_path / "dave", store, extract={"split_seed": 43})
+    dave = lab_workdir(tmp_path / "dave", store, extract={"split_seed": 43})
     planned = run(dave, "-n", "--quiet", "rules").stdout
     assert re.search(r"^extract\s+1$", planned, re.MULTILINE), planned
 
@@ -560,6 +600,7 @@ def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_
 # `memctl verify --repair` removes it and the next run rebuilds exactly it and what depends on it,
 # with the undamaged run's numbers. A run killed during `--forcerun evaluate` leaves the previous
 # outputs in place (file outputs are marked `update`), and a failed forced report keeps its tables.
+# The store is built by hand (fixture `edited`); every rerun and refusal is Snakemake's own.
 
 SVD_ONLY = {"edits": [{"method": "svd", "layers": [0], "strength": 0.5}], "spectrum": {"enabled": False}}
 DAMAGED = {  # what is damaged -> (glob in the store, the artifact it belongs to: "file" or its "dir")
@@ -592,11 +633,17 @@ def results_table(work: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def edited(tmp_path_factory):
+    """The store with an edit: every job of the plan run by hand in this process (tests/tiny_store.py:
+    each job's command line, as its rule runs it), then recorded by Snakemake as a finished run
+    (``--touch --forceall``: its params, code and input records of every job), so that its dry runs
+    and reruns decide as after a real ``snakemake`` run."""
     base = tmp_path_factory.mktemp("edited")
     work = workdir(base / "work", base / "store", curvature=SVD_ONLY)
     t0 = time.time()
-    done = run(work)
-    assert done.returncode == 0, done.stderr[-4000:]
+    for job in ts.needed(ts.plan_of(work)):
+        ts.run_by_hand(work, job)
+    touched = run(work, "--touch", "--forceall", "--quiet")
+    assert touched.returncode == 0, touched.stderr[-4000:]
     assert planned(work) == {}
     return {"work": work, "store": base / "store", "results": results_table(work), "seconds": time.time() - t0}
 
@@ -624,15 +671,15 @@ def flip(path: Path) -> None:
 
 
 def evaluate_command(work: Path, edit_prefix: str, out_dir: Path) -> list[str]:
-    """The `memctl evaluate` command of one evaluation job (as a forced dry run prints it),
-    writing to ``out_dir`` instead of the store."""
+    """The arguments of the `memctl evaluate` command of one evaluation job (as a forced dry run
+    prints it), writing to ``out_dir`` instead of the store."""
     proc = run(work, "-n", "-p", "--forcerun", "evaluate")
     for line in (proc.stdout + proc.stderr).splitlines():
         line = line[line.find("memctl evaluate ") :]  # after "Shell command: "
         if line.startswith("memctl evaluate ") and f"--edit {edit_prefix}" in line:
             words = shlex.split(line.split(" > ")[0])
             words[words.index("--out-dir") + 1] = str(out_dir)
-            return [str(BIN / "memctl"), *words[1:]]
+            return words[1:]
     pytest.fail(f"no evaluate command for {edit_prefix}:\n{proc.stdout[-3000:]}")
 
 
@@ -649,7 +696,7 @@ def test_evaluate_refuses_a_damaged_input_naming_it(edited, tmp_path, case):
     flip(path)
     try:
         t0 = time.time()
-        refused = subprocess.run(cmd, cwd=edited["work"], env=ENV, capture_output=True, text=True, timeout=300, check=False)
+        refused = memctl(*cmd, cwd=edited["work"])
         seconds = time.time() - t0
         checked = memctl_verify(edited["store"])
     finally:
@@ -690,8 +737,7 @@ def test_verify_repair_then_the_next_run_rebuilds_exactly_the_damaged(edited, tm
         shutil.copy2(sidecar_path(artifact), backup)
     flip(path)
 
-    repaired = subprocess.run([str(BIN / "memctl"), "verify", "--repair", str(store), str(work / "results")],
-                              env=ENV, capture_output=True, text=True, check=False)
+    repaired = memctl("verify", "--repair", store, work / "results")
     assert repaired.returncode == 0, repaired.stdout[-3000:]
     removed = [x.removeprefix("removed ") for x in repaired.stdout.splitlines() if x.startswith("removed ")]
     assert removed == [str(artifact), str(sidecar_path(artifact))]
@@ -772,8 +818,7 @@ def test_killed_forcerun_evaluate_keeps_the_previous_outputs_and_accepts_nothing
         again = run(work, "--rerun-incomplete")
         assert again.returncode == 0, again.stderr[-4000:]
         assert sha(metrics) == before[metrics]  # the same numbers again
-    repaired = subprocess.run([str(BIN / "memctl"), "verify", "--repair", str(store)], env=ENV, capture_output=True,
-                              text=True, check=False)
+    repaired = memctl("verify", "--repair", store)
     assert (repaired.returncode, not tmp.exists()) == (0, True), repaired.stdout[-2000:]
     report = verify_paths([store])
     assert report.problems == [] and report.notes == []
