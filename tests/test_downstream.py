@@ -194,3 +194,13 @@ def test_dag_writes_the_downstream_table_with_the_csp_edits(tiny_store, tiny_pla
     for out in (*report.outputs.values(), job.outputs["results"]):  # every one with a sidecar verifies
         if sidecar_path(tiny_store / out).exists():
             assert verify(tiny_store / out) == [], out
+
+
+def test_local_tasks_skip_the_index_of_lm_evals_own_tasks(task_dir):
+    """Tasks all found in downstream.include_path: lm-eval's index of its ~15,000 own task files is
+    not built (~30 s per job on a CPU); a task outside it needs that index, so it is built."""
+    from memctl.downstream import task_manager
+
+    root, _ = task_dir
+    local = task_manager(str(root), ["tiny_mc"])
+    assert "tiny_mc" in local.all_tasks and len(local.all_tasks) < 10
