@@ -50,6 +50,7 @@ def test_delta_for_another_model_fails_before_changing_anything(tmp_path):
     assert torch.equal(model.get_parameter(good.param_name), before)
 
 
+@pytest.mark.slow  # starts fresh Python processes (torch imports)
 def test_same_delta_gives_the_same_bytes_in_every_process(tmp_path):
     """Determinism across processes: safetensors orders several metadata keys at random."""
     import subprocess
