@@ -494,6 +494,7 @@ def lab(tmp_path_factory):
     return {"store": store, "users": users, "codes": codes, "seconds": time.time() - t0}
 
 
+@pytest.mark.slow  # two real Snakemake runs on one store (the lab fixture)
 def test_two_concurrent_runs_on_one_store_one_is_refused_and_nothing_is_corrupt(lab):
     store, users, codes = lab["store"], lab["users"], lab["codes"]
     print(f"two tiny DAGs started together on one store: {lab['seconds']:.0f} s, exit codes {codes}")
@@ -520,6 +521,7 @@ def test_two_concurrent_runs_on_one_store_one_is_refused_and_nothing_is_corrupt(
     assert "results.parquet" in tables[0] and tables[0] == tables[1]  # the same tables, byte for byte
 
 
+@pytest.mark.slow  # two real Snakemake runs on one store (the lab fixture)
 def test_store_is_group_writable(lab):
     """What memctl writes into the store (artifacts, their contents, sidecars, lock and claims
     files) is group-writable under a 022 umask; so is each directory artifact."""
@@ -533,6 +535,7 @@ def test_store_is_group_writable(lab):
     assert [p for p in artifact_dirs if stat.S_IMODE(p.stat().st_mode) != 0o775] == []
 
 
+@pytest.mark.slow  # two real Snakemake runs on one store (the lab fixture)
 def test_killed_dag_job_is_not_accepted_and_rerun_incomplete_completes(lab, tmp_path):
     """SIGKILL Snakemake and its extract job while a table waits for its rename (a new extract
     setting, so extraction, evaluation and the report run on the shared store; not a batch size,
