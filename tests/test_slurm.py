@@ -1,4 +1,6 @@
-"""The tiny DAG through a real single-node SLURM cluster (scripts/slurm) with the repo's profile.
+"""The tiny DAG through a real single-node SLURM cluster (scripts/slurm) with the repo's profile,
+checked against the same plan built by hand (tests/tiny_store.py: every job's command, in this
+process; tests/test_workflow.py checks that this is what a local `snakemake` writes).
 
 Needs root on Debian (the scripts install Debian 12's SLURM packages and start the daemons without
 systemd); skipped elsewhere, or with MEMCTL_TEST_SLURM=0. The cluster is started once per module
@@ -12,12 +14,14 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import tiny_store
 import yaml
 
 from memctl.store import hash_path
@@ -28,6 +32,11 @@ SCRIPTS = REPO / "scripts" / "slurm"
 STATE = Path(os.environ.get("MEMCTL_SLURM_STATE", "/var/lib/memctl-slurm"))
 #: Wall-clock limit of one Snakemake run; `timeout -k` because a stuck plugin ignores SIGTERM.
 RUN_LIMIT_S = 1500
+#: The test's run checks job states as early as the plugin allows: 1 s after a submission or a
+#: finished job instead of the profile's 5 s (Snakemake's own interval counts only until the plugin's
+#: first check). The plugin then waits 10 s longer after each check that finds nothing finished, up
+#: to 180 s, whatever these say. On the test's command line only: the profile is the user's.
+FAST_STATUS_CHECKS = ("--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "1")
 
 
 def one_job_per_rule(cfg: dict) -> dict:
@@ -107,10 +116,13 @@ def slurm_cluster():
         users.close()
 
 
+def _config() -> dict:
+    return one_job_per_rule(yaml.safe_load(TINY.read_text()))
+
+
 def _workdir(path: Path) -> Path:
     (path / "config").mkdir(parents=True)
-    cfg = one_job_per_rule(yaml.safe_load(TINY.read_text()))
-    (path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(_config()))
     return path
 
 
@@ -130,6 +142,19 @@ def _finish(proc: subprocess.Popen, workdir: Path, what: str) -> str:
         pytest.fail(f"{what} failed (exit {proc.returncode}{', timed out' if proc.returncode in (124, 137) else ''}):\n"
                     f"{out[-6000:]}\n--- rule logs ---\n{logs[-6000:]}")
     return out
+
+
+def _abort(proc: subprocess.Popen, workdir: Path) -> None:
+    """Stop a run that is no longer wanted (the test failed beside it), and its queued jobs."""
+    if proc.poll() is None:
+        # `timeout` passes SIGINT on; Snakemake then cancels its jobs (SIGTERM would wait for them).
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # `timeout` leads a process group of its own
+            proc.wait()
+    _cancel_jobs_of(workdir)  # whatever it left in the queue
 
 
 def _cancel_jobs_of(workdir: Path) -> None:
@@ -177,24 +202,28 @@ def _sacct(ids: list[str], want: int, timeout: float = 30) -> dict[str, dict]:
         time.sleep(1)
 
 
-def check_slurm_run(via_slurm: Path, out: str, local: Path, local_out: str) -> int:
-    """The SLURM run's jobs, their accounting and GPU requests, and its outputs against the local
-    run's. Returns the number of SLURM jobs."""
-    assert "100%) done" in local_out
+def _rules(workdir: Path) -> list[str]:
+    """The rules the workflow declares for this working directory's config."""
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                           "--list-rules"], capture_output=True, text=True, env=_env(), check=True).stdout.split()
 
+
+def check_slurm_run(via_slurm: Path, out: str, rules: list[str], by_hand: Path, reference: list) -> int:
+    """The SLURM run's jobs, their accounting and GPU requests, and its outputs against the by-hand
+    build of the same config (``reference``: its plan's jobs, each run once by hand; ``rules``:
+    what the workflow declares). Returns the number of SLURM jobs."""
     # Every job of the DAG but the local `all` ran as a SLURM job, and sacct lists it as completed.
     jobs, submitted = _jobs_of_run(out)
     remote = {jid: job for jid, job in jobs.items() if not job["local"]}
     assert len(remote) >= 8 and set(submitted) == set(remote), (sorted(remote), sorted(submitted))
-    # ... the same jobs as the local run's, and every rule of the workflow but `all` among them.
+    # ... the same jobs as the plan's (what `rule all` needs, run by hand; a rule per stage), and
+    # every rule of the workflow but `all` among them.
     assert {job["rule"] for job in jobs.values() if job["local"]} == {"all"}
-    local_jobs = sorted(job["rule"] for job in _jobs_of_run(local_out)[0].values() if job["rule"] != "all")
-    assert sorted(job["rule"] for job in remote.values()) == local_jobs
-    rules = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(via_slurm),
-                            "--list-rules"], capture_output=True, text=True, env=_env(), check=True).stdout.split()
+    planned = sorted(job.stage for job in reference)
+    assert sorted(job["rule"] for job in remote.values()) == planned
     # downstream (lm-eval tasks) is declared but idle without downstream.tasks (tests/test_downstream.py)
     optional = {"all", "downstream", "downstream_report"}
-    assert set(rules) - optional <= set(local_jobs), "one_job_per_rule() left a rule out"
+    assert set(rules) - optional <= set(planned), "one_job_per_rule() left a rule out"
     rows = _sacct(list(submitted.values()), want=len(submitted))
     for jid, slurm_id in submitted.items():
         rule = remote[jid]["rule"]
@@ -211,9 +240,9 @@ def check_slurm_run(via_slurm: Path, out: str, local: Path, local_out: str) -> i
     assert {"demo_pretrain", "extract", "evaluate"} <= gpu_rules
     assert {"demo_corpus", "report"}.isdisjoint(gpu_rules)
 
-    # The same tables and model as the local run (the tiny DAG is deterministic; train_log.parquet
-    # records tokens/s, wall-clock).
-    tables = sorted(p.relative_to(local) for p in local.glob("results/**/*.parquet") if p.name != "train_log.parquet")
+    # The same tables and model as the by-hand build (the tiny DAG is deterministic;
+    # train_log.parquet records tokens/s, wall-clock).
+    tables = sorted(p.relative_to(by_hand) for p in by_hand.glob("results/**/*.parquet") if p.name != "train_log.parquet")
     assert len(tables) >= 12
     assert tables == sorted(
         p.relative_to(via_slurm) for p in via_slurm.glob("results/**/*.parquet") if p.name != "train_log.parquet"
@@ -223,36 +252,43 @@ def check_slurm_run(via_slurm: Path, out: str, local: Path, local_out: str) -> i
             # the masks tables carry each edit's measured wall time (the cost column): the rest must match
             import pandas as pd
 
-            a, b = pd.read_parquet(via_slurm / rel), pd.read_parquet(local / rel)
+            a, b = pd.read_parquet(via_slurm / rel), pd.read_parquet(by_hand / rel)
             timed = [c for c in a.columns if c.startswith("wall_time")]
             pd.testing.assert_frame_equal(a.drop(columns=timed), b.drop(columns=timed), obj=str(rel))
             continue
-        assert hash_path(via_slurm / rel) == hash_path(local / rel), rel
-    (model,) = (p.relative_to(local) for p in local.glob("results/demo/model-*") if p.is_dir())
-    assert hash_path(local / model / "model.safetensors") == hash_path(via_slurm / model / "model.safetensors")
+        assert hash_path(via_slurm / rel) == hash_path(by_hand / rel), rel
+    (model,) = (p.relative_to(by_hand) for p in by_hand.glob("results/demo/model-*") if p.is_dir())
+    assert hash_path(by_hand / model / "model.safetensors") == hash_path(via_slurm / model / "model.safetensors")
     assert (via_slurm / "results" / "tables" / "results.md").read_text() == (
-        local / "results" / "tables" / "results.md").read_text()
+        by_hand / "results" / "tables" / "results.md").read_text()
 
     return len(submitted)
 
 
-def test_tiny_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path, capsys):
+def test_tiny_dag_through_slurm_equals_a_by_hand_build(slurm_cluster, tmp_path, capsys):
     via_slurm = _workdir(tmp_path / "slurm")
-    local = _workdir(tmp_path / "local")
-    # Both at once: the SLURM run mostly waits on the scheduler and status checks.
+    by_hand = tmp_path / "by_hand"
+    # Both at once: the SLURM run mostly waits on the scheduler and status checks, while the
+    # reference, the same config's plan, is built by hand in this process.
     t0 = time.monotonic()
-    slurm_proc = _start(via_slurm, "--profile", str(REPO / "profiles" / "slurm"))
-    local_proc = _start(local, "--cores", "2")
-    local_out = _finish(local_proc, local, "local run")
-    local_s = time.monotonic() - t0
+    slurm_proc = _start(via_slurm, "--profile", str(REPO / "profiles" / "slurm"), *FAST_STATUS_CHECKS)
+    try:
+        seconds = tiny_store.build(by_hand, _config())
+        by_hand_s = time.monotonic() - t0
+        reference = tiny_store.needed(tiny_store.plan_of(by_hand))
+        assert len(seconds) == len(reference)
+        rules = _rules(via_slurm)  # (--list-rules runs no onstart: it leaves the run alone)
+    except BaseException:
+        _abort(slurm_proc, via_slurm)
+        raise
     out = _finish(slurm_proc, via_slurm, "SLURM run")
     slurm_s = time.monotonic() - t0
-    n_jobs = check_slurm_run(via_slurm, out, local, local_out)
+    n_jobs = check_slurm_run(via_slurm, out, rules, by_hand, reference)
 
     with capsys.disabled():
         print(f"\n[slurm] install {slurm_cluster['install_s']:.1f} s, start {slurm_cluster['start_s']:.1f} s"
               f"{' (was up)' if slurm_cluster['was_up'] else ''}; tiny DAG ({n_jobs} SLURM jobs): "
-              f"via SLURM {slurm_s:.0f} s, local {local_s:.0f} s (run side by side)")
+              f"via SLURM {slurm_s:.0f} s, by hand {by_hand_s:.0f} s (run side by side)")
 
 
 NOACCT_SNAKEFILE = """
