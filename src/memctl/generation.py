@@ -36,6 +36,24 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.n
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _cache_keyword(model) -> str:
+    """The forward argument that takes the key/value cache: ``cache`` (transformers >= 5.2x; the
+    old ``past_key_values`` is deprecated and goes in 5.40), else ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    """The key/value cache of a forward's output (``cache``, formerly ``past_key_values``)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.inference_mode()
 def greedy_generate_batch(model, prompts: Sequence[Sequence[int]], n_new: int, pad_id: int) -> np.ndarray:
     """Greedy continuation of one batch of prompts: an int64 array of shape (batch, n_new)."""
@@ -44,7 +62,7 @@ def greedy_generate_batch(model, prompts: Sequence[Sequence[int]], n_new: int, p
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id, device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
-    past = out.past_key_values
+    past, cache_kw = _cache_of(out), _cache_keyword(model)
     next_tok = out.logits[:, -1, :].argmax(-1)
     generated = [next_tok]
     positions = _positions(mask)[:, -1]
@@ -55,10 +73,10 @@ def greedy_generate_batch(model, prompts: Sequence[Sequence[int]], n_new: int, p
             input_ids=next_tok[:, None],
             attention_mask=mask,
             position_ids=positions[:, None],
-            past_key_values=past,
             use_cache=True,
+            **{cache_kw: past},
         )
-        past = out.past_key_values
+        past = _cache_of(out)
         next_tok = out.logits[:, -1, :].argmax(-1)
         generated.append(next_tok)
     return torch.stack(generated, dim=1).cpu().numpy()
