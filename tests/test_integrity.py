@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -97,29 +96,9 @@ def wait_for_pause(proc: subprocess.Popen, expected: str) -> None:
 
 
 def memctl(*argv, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``memctl ARGV`` (in ``cwd``): its exit status, stdout and stderr. It runs in this process,
-    through the console script's ``memctl.cli.main``: the same arguments and code, without paying
-    the import of torch and transformers per call. Only what is about processes (kills, concurrent
-    writers and runs) runs a process of its own."""
-    import torch
-
-    from memctl import cli
-
-    umask, threads = os.umask(0o022), torch.get_num_threads()
-    os.umask(umask)
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with ts.inside(cwd) if cwd else contextlib.nullcontext(), contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err):  # fmt: skip
-        try:
-            cli.main([str(a) for a in argv])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-            if isinstance(exit_.code, str):
-                print(exit_.code, file=sys.stderr)
-        finally:
-            os.umask(umask)  # memctl.cli.main shares what it writes with the group (umask 002)
-            torch.set_num_threads(threads)
-    return subprocess.CompletedProcess(["memctl", *map(str, argv)], code, out.getvalue(), err.getvalue())
+    """``memctl ARGV`` (in ``cwd``) in this process (``tiny_store.memctl_in_process``). Only what is
+    about processes (kills, concurrent writers and runs) runs a process of its own."""
+    return ts.memctl_in_process(*argv, cwd=cwd)
 
 
 def memctl_verify(path) -> subprocess.CompletedProcess:

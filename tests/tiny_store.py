@@ -6,9 +6,9 @@ it with the package's planner (what ``workflow/rules/common.smk`` does) and runs
 command, the command line its rule runs (:meth:`memctl.plan.Job.command`), in dependency order.
 The commands run in this Python process through the ``memctl`` dispatcher (:func:`memctl.cli.main`),
 each with its log file as stdout/stderr: the same arguments, the same code, without paying the
-import of torch and transformers once per job. ``tests/test_workflow.py`` builds the same working
-directory with Snakemake (subprocesses) and checks the artifacts are the same byte for byte, so
-this store is what a user's ``snakemake`` writes.
+import of torch and transformers once per job. ``tests/test_contracts.py`` holds it to what a user's
+``snakemake`` writes: Snakemake finds it complete and its rules print exactly these command lines;
+``tests/test_slurm.py`` compares a SLURM run's tables with a by-hand build byte for byte.
 
 ``conftest.py`` builds it once per session (fixture ``tiny_store``); tests that only read it use it
 in place, tests that change it take a copy (fixture ``tiny_store_copy``, :func:`copy`).
