@@ -127,7 +127,7 @@ def tiny_tokenizer(tiny_model_dir):
 
 
 def _fingerprint(store):
-    """Every file of the store but logs, benchmarks and Snakemake's own records: (path, size, mtime)."""
+    """Every file of the store but Snakemake's own records (``.snakemake/``): path -> (size, mtime)."""
     return {
         str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns)
         for p in store.rglob("*")
@@ -140,11 +140,13 @@ def tiny_store(tmp_path_factory):
     """The tiny config's whole plan, every job run by hand once per session (``tests/tiny_store.py``):
     a working directory with ``config/config.yaml`` and ``results/``. Read it in place, never change
     it (the session checks at its end); copy it (fixture ``tiny_store_copy``) to change anything."""
+    import json
+
     import tiny_store as ts
 
     work = tmp_path_factory.mktemp("tiny_store") / "work"
     seconds = ts.build(work)
-    (work / "build_seconds.json").write_text(__import__("json").dumps(seconds, indent=1))
+    (work / "build_seconds.json").write_text(json.dumps(seconds, indent=1))
     before = _fingerprint(work)
     yield work
     after = _fingerprint(work)
