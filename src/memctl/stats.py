@@ -45,7 +45,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as sps
+
+
+def _sps():
+    """``scipy.stats``, imported when a test or interval is computed: it takes about a second to
+    import, and every ``memctl`` command (``memctl verify`` included) builds its parser from modules
+    that import this one."""
+    from scipy import stats
+
+    return stats
 
 #: Significance level of every verdict.
 ALPHA = 0.05
@@ -103,10 +111,10 @@ def rate_interval(k: float, n: int, level: float = LEVEL) -> tuple[float, float]
         return math.nan, math.nan
     k = float(k)
     if k.is_integer():
-        ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
+        ci = _sps().binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
         return float(ci.low), float(ci.high)
     a = (1 - level) / 2
-    return float(sps.beta.ppf(a, k, n - k + 1)), float(sps.beta.ppf(1 - a, k + 1, n - k))
+    return float(_sps().beta.ppf(a, k, n - k + 1)), float(_sps().beta.ppf(1 - a, k + 1, n - k))
 
 
 def per_unit(values) -> tuple[np.ndarray, int]:
@@ -140,7 +148,7 @@ def mcnemar(row, ref) -> Comparison:
     if x.shape != y.shape:
         raise ValueError(f"paired outcomes differ in shape: {x.shape} vs {y.shape}")
     b, c = int((x & ~y).sum()), int((~x & y).sum())
-    p = float(sps.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
+    p = float(_sps().binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
     return Comparison("exact McNemar", (b - c) / len(x) if len(x) else math.nan, p if len(x) else math.nan,
                       int(len(x)), row_only=b, ref_only=c)
 
@@ -162,7 +170,7 @@ def compare_rates(row, ref, seed: int = SEED) -> Comparison:
     nonzero = d[np.abs(d) > 1e-12]
     if len(nonzero) == 0:
         return Comparison("sign-flip permutation", 0.0, 1.0, n)
-    res = sps.permutation_test((nonzero,), lambda v, axis=-1: np.sum(v, axis=axis), vectorized=True,
+    res = _sps().permutation_test((nonzero,), lambda v, axis=-1: np.sum(v, axis=axis), vectorized=True,
                                permutation_type="samples", n_resamples=N_PERMUTATIONS,
                                rng=np.random.default_rng(seed))
     return Comparison("sign-flip permutation", float(d.mean()), min(1.0, float(res.pvalue)), n)
@@ -172,7 +180,7 @@ def _bootstrap(data: Sequence[np.ndarray], statistic, n_boot: int, seed: int,
                level: float) -> tuple[float, float, float, np.ndarray]:
     """(point, lo, hi, resampled statistics) of a paired percentile bootstrap over the last axis."""
     point = float(statistic(*data, axis=-1))
-    res = sps.bootstrap(tuple(data), statistic, paired=True, vectorized=True, axis=-1, n_resamples=n_boot,
+    res = _sps().bootstrap(tuple(data), statistic, paired=True, vectorized=True, axis=-1, n_resamples=n_boot,
                         method="percentile", confidence_level=level, rng=np.random.default_rng(seed))
     ci = res.confidence_interval
     return point, float(ci.low), float(ci.high), np.asarray(res.bootstrap_distribution)
@@ -291,7 +299,7 @@ def min_n_for_width(width: float = TARGET_WIDTH, level: float = LEVEL) -> int:
     between 1 and a bound from the normal approximation finds it."""
     if not 0 < width <= 1:
         raise ValueError(f"interval width {width!r} is not in (0, 1]")
-    z = float(sps.norm.ppf(1 - (1 - level) / 2))
+    z = float(_sps().norm.ppf(1 - (1 - level) / 2))
     lo, hi = 1, max(2, int(math.ceil((2 * z * 0.5 / width) ** 2 * 2)) + 10)
     while worst_case_width(hi, level) >= width:
         hi *= 2
