@@ -41,7 +41,28 @@ def _lm_eval():
         raise FileNotFoundError(
             "downstream tasks need the lm-eval package: pip install 'memctl[downstream]' (or pip install lm-eval)"
         ) from err
+    _env_info_once()
     return lm_eval, HFLM, TaskManager
+
+
+def _env_info_once() -> None:
+    """lm-eval's ``simple_evaluate`` adds the environment to every result it returns, through
+    torch's ``collect_env``, which runs ``pip list``, ``nvidia-smi`` and others as subprocesses: ~1 s
+    on a CPU for each (edit, task list) evaluated. The environment does not change within a job, so
+    it is collected for the first evaluation and copied into the later ones."""
+    from lm_eval import evaluator
+
+    if getattr(evaluator.add_env_info, "memctl_once", False):
+        return
+    collect, collected = evaluator.add_env_info, {}
+
+    def add_env_info(storage: dict) -> None:
+        if not collected:
+            collect(collected)
+        storage.update(collected)
+
+    add_env_info.memctl_once = True
+    evaluator.add_env_info = add_env_info
 
 
 def task_manager(include_path: str | None, tasks: Sequence[str] = ()):
