@@ -9,6 +9,42 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N: N worker processes share the cores; torch's own threads on top of them would
+    # oversubscribe (set before anything imports torch).
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_threads))
+
+#: SLURM_CONF that :func:`_slurm_down_fast` points this session at (``tests/test_slurm.py`` removes it).
+SLURM_DOWN_CONF_VAR = "MEMCTL_TEST_SLURM_DOWN_CONF"
+
+
+def _slurm_down_fast() -> None:
+    """Every ``snakemake`` the tests start imports the SLURM executor plugin, whose import asks
+    ``scontrol show config`` for MinJobAge. Where SLURM's client is installed but no controller
+    runs (a machine after ``tests/test_slurm.py`` stopped its local cluster), scontrol retries for
+    its MessageTimeout: 9 s of every Snakemake start. The tests' runs outside that module use a copy
+    of the SLURM config that gives up after 1 s; ``tests/test_slurm.py`` removes it for its cluster."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    if shutil.which("scontrol") is None or not conf.is_file() or SLURM_DOWN_CONF_VAR in os.environ:
+        return
+    import atexit
+
+    tmp = tempfile.mkdtemp(prefix="memctl-tests-slurm-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    down = Path(tmp) / "slurm.conf"
+    down.write_text(conf.read_text(encoding="utf-8") + "\n# tests/conftest.py: give up on a stopped controller\n"
+                    "MessageTimeout=2\n", encoding="utf-8")
+    os.environ[SLURM_DOWN_CONF_VAR] = str(down)
+    os.environ["SLURM_CONF"] = str(down)
+
+
+_slurm_down_fast()
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. " * 3
@@ -135,18 +171,38 @@ def _fingerprint(store):
     }
 
 
+def _shared_root(tmp_path_factory):
+    """Where session-wide artifacts live: this session's temporary directory, or under pytest-xdist
+    (``pytest -n 2``) the directory its workers' temporary directories share, so that they build
+    the tiny store once between them."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     """The tiny config's whole plan, every job run by hand once per session (``tests/tiny_store.py``):
     a working directory with ``config/config.yaml`` and ``results/``. Read it in place, never change
-    it (the session checks at its end); copy it (fixture ``tiny_store_copy``) to change anything."""
+    it (the session checks at its end); copy it (fixture ``tiny_store_copy``) to change anything.
+
+    Under pytest-xdist the first worker that asks builds it while the others wait on a file lock; a
+    build that failed half way (no ``build_seconds.json``) is removed and built again."""
     import json
+    import shutil
+
+    from filelock import FileLock
 
     import tiny_store as ts
 
-    work = tmp_path_factory.mktemp("tiny_store") / "work"
-    seconds = ts.build(work)
-    (work / "build_seconds.json").write_text(json.dumps(seconds, indent=1))
+    root = _shared_root(tmp_path_factory)
+    work = root / "tiny_store" / "work"
+    done = work / "build_seconds.json"
+    with FileLock(str(root / "tiny_store.lock")):
+        if not done.exists():
+            shutil.rmtree(work.parent, ignore_errors=True)  # this fixture's own half-built store
+            work.parent.mkdir(parents=True)
+            seconds = ts.build(work)
+            done.write_text(json.dumps(seconds, indent=1))
     before = _fingerprint(work)
     yield work
     after = _fingerprint(work)

@@ -96,6 +96,12 @@ def slurm_cluster():
     """A running cluster with accounting. Yields the seconds that install and start took."""
     import snakemake_executor_plugin_slurm  # noqa: F401  (pip install -e ".[test]" brings it)
 
+    # The cluster's own config, not the quick-failing copy conftest gives the other tests' runs.
+    from conftest import SLURM_DOWN_CONF_VAR
+
+    patch = pytest.MonkeyPatch()
+    if os.environ.get(SLURM_DOWN_CONF_VAR) and os.environ.get("SLURM_CONF") == os.environ[SLURM_DOWN_CONF_VAR]:
+        patch.delenv("SLURM_CONF")
     # A shared lock for as long as this session uses the cluster: the last user stops it.
     STATE.mkdir(parents=True, exist_ok=True)
     users = open(STATE / "users.lock", "w")  # noqa: SIM115
@@ -114,6 +120,7 @@ def slurm_cluster():
             _script("stop.sh", timeout=120)
     finally:
         users.close()
+        patch.undo()
 
 
 def _config() -> dict:
