@@ -56,6 +56,18 @@ def test_clopper_pearson_at_zero_and_one_and_inside():
     assert stats.rate_interval(36.0000001, 81) == pytest.approx(stats.rate_interval(36, 81), abs=1e-6)
 
 
+def test_clopper_pearson_is_scipys_exact_interval_for_every_count():
+    """The beta-quantile form equals scipy's own exact interval (root search on the binomial) for every
+    k of several n, and at another level."""
+    from scipy.stats import binomtest
+
+    for n in (1, 2, 5, 12, 81):
+        for k in range(n + 1):
+            for level in (0.95, 0.9):
+                ci = binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
+                assert stats.rate_interval(k, n, level) == pytest.approx((ci.low, ci.high), abs=1e-9), (k, n, level)
+
+
 def test_rates_pool_seeds_per_example():
     """Three seeds of 4 examples: per-example shares (1, 2/3, 0, 0) -> rate 5/12, counted out of 4
     examples (not 12), with an interval at least as wide as the single-seed one at the same rate."""
