@@ -582,10 +582,10 @@ class _Builder:
              "--nonmemorized", self.tables["nonmemorized"], "--settings", as_json(curv["spectrum"]), "--out", spectrum),
             self.log("kfac_spectrum", spectrum_hash), self.bench("kfac_spectrum", spectrum_hash), curv["spectrum"],
         )])
-        report = {"markdown": "curvature.md", "sweep": "curvature_sweep.png", "table": "curvature_edits.parquet",
-                  "html": "curvature.html"}
+        report = {"markdown": "curvature.md", "sweep": "curvature_sweep.png", "sweep_svg": "curvature_sweep.svg",
+                  "table": "curvature_edits.parquet", "html": "curvature.html"}
         if curv["spectrum"]["enabled"]:
-            report["spectrum"] = "curvature_spectrum.png"
+            report.update(spectrum="curvature_spectrum.png", spectrum_svg="curvature_spectrum.svg")
         report = {k: f"{self.results}/{v}" for k, v in report.items()}
         metrics = [self.metrics(e) for e in ["none", *self.curvature_edits]]
         scores = [m.replace("/metrics.parquet", "/scores.parquet") for m in metrics]
@@ -689,7 +689,7 @@ class _Builder:
         outputs = {"markdown": f"{out}/table.md", "table": f"{out}/table.parquet", "html": f"{out}/table.html"}
         for table in ("sparsity", "threshold"):
             if any(table in e["tables"] for e in self.masks_spec.values()):
-                outputs.update({f"{table}_{ext}": f"{out}/ablation_{table}.{ext}" for ext in ("md", "parquet", "png")})
+                outputs.update({f"{table}_{ext}": f"{out}/ablation_{table}.{ext}" for ext in ("md", "parquet", "png", "svg")})
         if self.mask_ablation_rows:
             outputs.update({f"ablations_{ext}": f"{out}/ablations.{ext}" for ext in ("md", "parquet")})
         metrics = [self.metrics(e) for e in self.masks_spec]
@@ -958,9 +958,9 @@ class _Builder:
         with_spectrum = bool(vis["spectrum"]["enabled"])
         out = f"{self.results}/vision"
         report = {"markdown": "vision.md", "html": "vision.html", "table": "vision_edits.parquet",
-                  "best": "vision_best.parquet", "blocks": "vision_blocks.png"}
+                  "best": "vision_best.parquet", "blocks": "vision_blocks.png", "blocks_svg": "vision_blocks.svg"}
         if with_spectrum:
-            report["spectrum"] = "vision_spectrum.png"
+            report.update(spectrum="vision_spectrum.png", spectrum_svg="vision_spectrum.svg")
         report = {k: f"{out}/{v}" for k, v in report.items()}
         name = settings_hash(eval_hash, spectrum_hash if with_spectrum else None, vis["report"])
         self.add("vision_report", [Job(

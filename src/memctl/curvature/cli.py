@@ -241,7 +241,7 @@ def cmd_report(args) -> None:
     from memctl.curvature import report
     from memctl.curvature.spectrum import plot_spectrum
     from memctl.report import markdown_html
-    from memctl.store import atomic_path, write_parquet, write_text
+    from memctl.store import write_parquet, write_text
 
     settings = validate_section("curvature.report", parse_settings(args.settings))
     report.selection.Rule.from_settings(settings)  # the declared rule, checked before any input is read
@@ -279,11 +279,10 @@ def cmd_report(args) -> None:
         write_text(out / "curvature.md", text, provenance=prov)
         write_text(out / "curvature.html", markdown_html(text, "Curvature edits (K-FAC vs SVD)"), provenance=prov)
         write_parquet(table, out / "curvature_edits.parquet", provenance=prov)
-        with atomic_path(out / "curvature_sweep.png", provenance=prov) as tmp:
-            report.plot_frontier(table, choice, tmp)  # the frontier per track, chosen and paper points marked
+        # the frontier per track, chosen and paper points marked (PNG + SVG, memctl.plots.save)
+        report.plot_frontier(table, choice, out / "curvature_sweep.png", provenance=prov)
         if spectrum is not None:
-            with atomic_path(out / "curvature_spectrum.png", provenance=prov) as tmp:
-                plot_spectrum(spectrum, tmp)
+            plot_spectrum(spectrum, out / "curvature_spectrum.png", provenance=prov)
     print(text)
 
 

@@ -486,16 +486,16 @@ def _ratio_ticks(limits: tuple[float, float], budget: float | None) -> list[floa
     return sorted(ticks)
 
 
-def plot_frontier(table: pd.DataFrame, choice: selection.Choice, path) -> None:
+def plot_frontier(table: pd.DataFrame, choice: selection.Choice, path, provenance=None) -> None:
     """Memorization against held-out perplexity ratio, every edit: the validation slice against the
     selection windows (what the rule reads, its budget drawn), then each test track (memorized,
     extraction-rate) against the report windows; each method's lower frontier drawn, the chosen
-    points circled, the paper's setting marked (squares: its reported setting, rings: its SVD grid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    points circled, the paper's setting marked (squares: its reported setting, rings: its SVD grid).
+    K-FAC and SVD in their colours of :mod:`memctl.plots` (the forms of K-FAC by marker). Writes
+    ``path`` (PNG) and the SVG beside it (with ``provenance``: their sidecars)."""
     import matplotlib.ticker
+
+    from memctl import plots
 
     panels = [("val_exact_er", "sel_ppl_ratio", "validation slice (selection)", "selection windows")]
     for track, prefix, heading in TEST_TRACKS:
@@ -503,58 +503,61 @@ def plot_frontier(table: pd.DataFrame, choice: selection.Choice, path) -> None:
         n = f"{prefix}n_examples"
         if col in table and (n not in table or (table[n].fillna(0) > 0).any()):
             panels.append((col, "report_ppl_ratio", heading, "report windows"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), dpi=120, squeeze=False)
-    styles = {("kfac", "projector"): ("tab:red", "o", "K-FAC (projector)"),
-              ("kfac", "per-factor"): ("tab:purple", "D", "K-FAC (per factor)"),
-              ("kfac", "pairwise"): ("tab:orange", "s", "K-FAC (pairwise)"),
-              ("svd", "svd"): ("tab:blue", "^", "SVD"), ("none", "-"): ("black", "*", "unedited")}
+    kfac, svd, origin = plots.FAMILIES["kfac"], plots.FAMILIES["svd"], plots.FAMILIES["origin"]
+    styles = {("kfac", "projector"): (kfac.color, "o", "K-FAC (projector)"),
+              ("kfac", "per-factor"): (kfac.color, "D", "K-FAC (per factor)"),
+              ("kfac", "pairwise"): (kfac.color, "p", "K-FAC (pairwise)"),
+              ("svd", "svd"): (svd.color, svd.marker, "SVD"), ("none", "-"): (origin.color, origin.marker, "unedited")}
+    paper_color = plots.PALETTE["bluish_green"]
     chosen = {r["edit"]: f"chosen {selection.KIND_NAMES[k]}" for k, r in choice.chosen.items() if r is not None}
     budget = choice.rule.max_ppl_ratio
-    for ax, (ycol, xcol, title, windows) in zip(axes[0], panels):
-        if ycol not in table or xcol not in table:
-            ax.set_visible(False)
-            continue
-        data = table[table[xcol].notna() & table[ycol].notna()]
-        if "calibration" in data:  # ablation rows (other factors): grey crosses, outside the frontiers
-            other = data[data["calibration"].fillna("").astype(str) != ""]
-            data = data[data["calibration"].fillna("").astype(str) == ""]
-            if not other.empty:
-                ax.scatter(other[xcol], other[ycol], c="grey", marker="x", s=24, alpha=0.7, zorder=3,
-                           label="K-FAC, ablation factors (" + ", ".join(sorted(set(other["calibration"]))) + ")")
-        for (kind, form), (color, marker, label) in styles.items():
-            part = data[(data["kind"] == kind) & (data["form"] == form)]
-            if not part.empty:
-                ax.scatter(part[xcol], part[ycol], c=color, marker=marker, s=70 if kind == "none" else 28, label=label,
-                           alpha=0.85, edgecolors="none", zorder=3)
-        for kind, color in (("kfac", "tab:red"), ("svd", "tab:blue")):  # lower frontier: least memorization so far
-            part = data[data["kind"].isin([kind, "none"])].sort_values(xcol)
-            if len(part) > 1:
-                ax.step(part[xcol], part[ycol].cummin(), where="post", color=color, alpha=0.35, lw=1, zorder=2)
-        paper = data[data.get("paper", pd.Series("", index=data.index)).fillna("") != ""]
-        for rec in paper.to_dict("records"):
-            square = rec["paper"] == "setting"
-            ax.scatter([rec[xcol]], [rec[ycol]], s=150 if square else 90, marker="s" if square else "o",
-                       facecolors="none", edgecolors="tab:green", linewidths=1.5, zorder=4,
-                       label="paper's setting" if square else "paper's SVD grid")
-        for rec in data[data["edit"].isin(chosen)].to_dict("records"):
-            ax.scatter([rec[xcol]], [rec[ycol]], s=260, marker="o", facecolors="none", edgecolors="black",
-                       linewidths=1.8, zorder=5)
-            ax.annotate(chosen[rec["edit"]], (rec[xcol], rec[ycol]), textcoords="offset points", xytext=(8, 8), fontsize=8)
-        if budget is not None:
-            ax.axvline(budget, color="grey", ls="--", lw=1, label=f"PPL budget {budget:g} (selection windows)")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(_ratio_ticks(ax.get_xlim(), budget)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(f"held-out PPL / unedited, {windows} (log scale)")
-        ax.set_ylabel(f"Exact ER, {title}")
-        ax.set_title(title, fontsize=10)
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    seen = dict(zip(labels, handles))
-    axes[0][0].legend(seen.values(), seen.keys(), fontsize=7)
-    fig.suptitle("Memorization against utility, every curvature edit (lower left is better)")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    with plots.style():
+        fig, axes = plots.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+        for ax, (ycol, xcol, title, windows) in zip(axes[0], panels):
+            if ycol not in table or xcol not in table:
+                ax.set_visible(False)
+                continue
+            data = table[table[xcol].notna() & table[ycol].notna()]
+            if "calibration" in data:  # ablation rows (other factors): grey crosses, outside the frontiers
+                other = data[data["calibration"].fillna("").astype(str) != ""]
+                data = data[data["calibration"].fillna("").astype(str) == ""]
+                if not other.empty:
+                    ax.scatter(other[xcol], other[ycol], c=plots.PALETTE["grey"], marker="x", s=24, alpha=0.8,
+                               zorder=3, label="K-FAC, ablation factors ("
+                               + ", ".join(sorted(set(other["calibration"]))) + ")")
+            for (kind, form), (color, marker, label) in styles.items():
+                part = data[(data["kind"] == kind) & (data["form"] == form)]
+                if not part.empty:
+                    ax.scatter(part[xcol], part[ycol], c=color, marker=marker, s=70 if kind == "none" else 28,
+                               label=label, alpha=0.9, edgecolors="none", zorder=3)
+            for kind, color in (("kfac", kfac.color), ("svd", svd.color)):  # lower frontier: least memorization so far
+                part = data[data["kind"].isin([kind, "none"])].sort_values(xcol)
+                if len(part) > 1:
+                    ax.step(part[xcol], part[ycol].cummin(), where="post", color=color, alpha=0.45, lw=1, zorder=2)
+            paper = data[data.get("paper", pd.Series("", index=data.index)).fillna("") != ""]
+            for rec in paper.to_dict("records"):
+                square = rec["paper"] == "setting"
+                ax.scatter([rec[xcol]], [rec[ycol]], s=150 if square else 90, marker="s" if square else "o",
+                           facecolors="none", edgecolors=paper_color, linewidths=1.5, zorder=4,
+                           label="paper's setting" if square else "paper's SVD grid")
+            for rec in data[data["edit"].isin(chosen)].to_dict("records"):
+                ax.scatter([rec[xcol]], [rec[ycol]], s=260, marker="o", facecolors="none", edgecolors="black",
+                           linewidths=1.8, zorder=5)
+                ax.annotate(chosen[rec["edit"]], (rec[xcol], rec[ycol]), textcoords="offset points", xytext=(8, 8),
+                            fontsize=8)
+            if budget is not None:
+                ax.axvline(budget, color=plots.REFERENCE, ls="--", lw=1, label=f"PPL budget {budget:g} (selection windows)")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(_ratio_ticks(ax.get_xlim(), budget)))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel(f"held-out PPL / unedited, {windows} (log scale)")
+            ax.set_ylabel(f"Exact ER, {title}")
+            ax.set_title(title, fontsize=10)
+            ax.set_ylim(-0.03, 1.03)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        seen = dict(zip(labels, handles))
+        axes[0][0].legend(seen.values(), seen.keys(), fontsize=7)
+        fig.suptitle("Memorization against utility, every curvature edit (lower left is better)")
+        fig.tight_layout()
+        plots.save(fig, path, provenance)

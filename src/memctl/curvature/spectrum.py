@@ -195,36 +195,39 @@ def band_table(model, eig, targets, memorized: Mapping[str, torch.Tensor], other
     return pd.DataFrame(rows, columns=SPECTRUM_COLUMNS)
 
 
-def plot_spectrum(df: pd.DataFrame, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_spectrum(df: pd.DataFrame, path, provenance=None) -> None:
+    """Paper Fig. 2: per matrix, the memorized / non-memorized ratio of mean projection norms in each
+    band of K-FAC and of SVD eigen-directions (bars in the two methods' colours of
+    :mod:`memctl.plots`, hatched for SVD). Writes ``path`` (PNG) and the SVG beside it."""
+    from memctl import plots
 
     modules = list(dict.fromkeys(df["short"]))
     cols = min(4, max(1, len(modules)))
     nrows = math.ceil(len(modules) / cols) if modules else 1
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), dpi=120, squeeze=False)
-    for ax in axes.flat[len(modules):]:
-        ax.axis("off")
-    if not modules:
-        axes.flat[0].text(0.5, 0.5, "no memorized / non-memorized contrast to analyse", ha="center", va="center")
-    for ax, short in zip(axes.flat, modules):
-        part = df[df["short"] == short]
-        labels = list(dict.fromkeys(part.sort_values("band_index")["band"]))
-        x = np.arange(len(labels))
-        for k, (basis, color) in enumerate((("K-FAC", "tab:red"), ("SVD", "tab:gray"))):
-            sub = part[part["basis"] == basis].sort_values("band_index")
-            ax.bar(x + (k - 0.5) * 0.38, sub["ratio_memorized_over_nonmemorized"], width=0.38, color=color, label=basis)
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(x, labels, fontsize=7)
-        ax.set_title(short, fontsize=9)
-        ax.set_ylabel("mean ||Zx||: memorized / non-memorized", fontsize=7)
-        ax.grid(alpha=0.3, axis="y")
-    if modules:
-        axes.flat[0].legend(fontsize=7)
-    fig.suptitle("Memorized vs non-memorized inputs per curvature band (paper Fig. 2)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    bases = (("K-FAC", plots.FAMILIES["kfac"].color, ""), ("SVD", plots.FAMILIES["svd"].color, "//"))
+    with plots.style():
+        fig, axes = plots.subplots(nrows, cols, figsize=(3.6 * cols, 3.0 * nrows), squeeze=False)
+        for ax in axes.flat[len(modules):]:
+            ax.axis("off")
+        if not modules:
+            axes.flat[0].text(0.5, 0.5, "no memorized / non-memorized contrast to analyse", ha="center", va="center")
+        for ax, short in zip(axes.flat, modules):
+            part = df[df["short"] == short]
+            labels = list(dict.fromkeys(part.sort_values("band_index")["band"]))
+            x = np.arange(len(labels))
+            for k, (basis, color, hatch) in enumerate(bases):
+                sub = part[part["basis"] == basis].sort_values("band_index")
+                ax.bar(x + (k - 0.5) * 0.38, sub["ratio_memorized_over_nonmemorized"], width=0.38, color=color,
+                       hatch=hatch, edgecolor="white" if hatch else color, linewidth=0, label=basis)
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_yscale("log")
+            ax.set_xticks(x, labels, fontsize=7)
+            ax.set_title(short, fontsize=9)
+            ax.set_ylabel("mean ||Zx||: memorized / non-memorized", fontsize=7)
+            ax.grid(alpha=0.3, axis="y")
+            ax.grid(False, axis="x")
+        if modules:
+            axes.flat[0].legend(fontsize=7)
+        fig.suptitle("Memorized vs non-memorized inputs per curvature band (paper Fig. 2)", fontsize=10)
+        fig.tight_layout()
+        plots.save(fig, path, provenance)

@@ -211,7 +211,7 @@ def cmd_report(args) -> None:
     from memctl.config import parse_settings
     from memctl.masks import report
     from memctl.report import markdown_html
-    from memctl.store import atomic_path, write_parquet, write_text
+    from memctl.store import write_parquet, write_text
 
     spec = parse_settings(args.spec)
     entries = spec.get("edits", [])
@@ -271,8 +271,8 @@ def cmd_report(args) -> None:
                 page += "\n" + report.CSP_THRESHOLD_NOTE
             write_text(out / f"ablation_{table}.md", page, provenance=prov)
             write_parquet(df, out / f"ablation_{table}.parquet", provenance=prov)
-            with atomic_path(out / f"ablation_{table}.png", provenance=prov) as tmp:
-                report.plot_ablation(df, x, panels, tmp, heading, origin, vlines)
+            report.plot_ablation(df, x, panels, out / f"ablation_{table}.png", heading, origin, vlines,
+                                 provenance=prov)  # PNG + SVG
             pages.append(page)
         if spec.get("ablations"):  # masks.ablations: paper Table 5, appendices A and D
             df = report.ablations_table(metrics, entries, spec["ablations"])

@@ -733,39 +733,43 @@ def _panel_label(df: pd.DataFrame, col: str, label: str) -> str:
 
 def plot_ablation(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], path, title: str,
                   origin: Mapping[str, float] | None = None,
-                  vlines: Sequence[tuple[float, str]] = ()) -> None:
-    """One panel per ``(column, label)`` of ``panels`` against ``x``, one line per method; the
-    default panels (:data:`SPARSITY_PANELS`, :data:`THRESHOLD_PANELS`) plot the extraction-rate
-    track's rates, as the paper's Figs. 3-4 do."""
-    import matplotlib
+                  vlines: Sequence[tuple[float, str]] = (), provenance=None) -> None:
+    """One panel per ``(column, label)`` of ``panels`` against ``x``, one line per method in its
+    family's colour and marker (:mod:`memctl.plots`; the methods of one family told apart by the
+    dash); the default panels (:data:`SPARSITY_PANELS`, :data:`THRESHOLD_PANELS`) plot the
+    extraction-rate track's rates, as the paper's Figs. 3-4 do. Writes ``path`` (PNG) and the SVG
+    beside it (with ``provenance``: their sidecars)."""
+    from memctl import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     flagged = df["converged"].map(unconverged) if "converged" in df.columns else pd.Series(False, index=df.index)
-    for ax, (col, label) in zip(axes, panels, strict=True):
-        crossed = False
-        for method, group in df.groupby("method", sort=True):
-            group = group.sort_values(x)
-            bad = flagged.loc[group.index]
-            ax.plot(group[x], group[col], marker="o", label=f"{method} ({UNCONVERGED}: x)" if bad.any() else method)
-            if bad.any():  # a red cross over every point that did not converge
-                ax.scatter(group[x][bad], group[col][bad], marker="x", s=90, color="red", zorder=5,
-                           label=None if crossed else UNCONVERGED)
-                crossed = True
-        if origin and col in origin and _given(origin[col]):
-            ax.axhline(origin[col], color="grey", linestyle="--", linewidth=1, label="Origin")
-        for value, text in vlines:  # e.g. the unpruned L_mem on the threshold axis
-            ax.axvline(value, color="black", linestyle=":", linewidth=1.2, label=text)
-        ax.set_xlabel("target sparsity" if x == "target_sparsity" else "learning threshold t")
-        ax.set_ylabel(_panel_label(df, col, label), fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    dashes = ["-", "--", ":", "-."]
+    with plots.style():
+        fig, axes = plots.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, (col, label) in zip(axes[0], panels, strict=True):
+            crossed = False
+            seen: dict[str, int] = {}
+            for method, group in df.groupby("method", sort=True):
+                group = group.sort_values(x)
+                family = plots.family_of(df.loc[group.index[0]].to_dict(), str(method))
+                style = plots.family_style(family)
+                k = seen[family] = seen.get(family, -1) + 1
+                bad = flagged.loc[group.index]
+                ax.plot(group[x], group[col], linestyle=dashes[k % len(dashes)], **style.line_kwargs(),
+                        label=f"{method} ({UNCONVERGED}: x)" if bad.any() else method)
+                if bad.any():  # a cross over every point that did not converge
+                    ax.scatter(group[x][bad], group[col][bad], marker="x", s=90, color=plots.PALETTE["vermillion"],
+                               zorder=5, label=None if crossed else UNCONVERGED)
+                    crossed = True
+            if origin and col in origin and _given(origin[col]):
+                ax.axhline(origin[col], color=plots.REFERENCE, linestyle="--", linewidth=1, label="Origin")
+            for value, text in vlines:  # e.g. the unpruned L_mem on the threshold axis
+                ax.axvline(value, color="black", linestyle=":", linewidth=1.2, label=text)
+            ax.set_xlabel("target sparsity" if x == "target_sparsity" else "learning threshold t")
+            ax.set_ylabel(_panel_label(df, col, label), fontsize=8)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        plots.save(fig, path, provenance)
 
 
 #: The ablation plots' panels: the extraction-rate track's rates (the paper's Figs. 3-4 split), then

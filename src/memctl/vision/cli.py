@@ -234,7 +234,7 @@ def cmd_report(args) -> None:
 
     from memctl.curvature.spectrum import plot_spectrum
     from memctl.report import markdown_html
-    from memctl.store import atomic_path, write_parquet, write_text
+    from memctl.store import write_parquet, write_text
     from memctl.vision import report
 
     settings = _settings(args, "report")
@@ -257,11 +257,9 @@ def cmd_report(args) -> None:
                                  report.tradeoff(table, settings["tolerance"]).assign(unit="trade-off")],
                                 ignore_index=True),
                       out / "vision_best.parquet", provenance=prov)
-        with atomic_path(out / "vision_blocks.png", provenance=prov) as tmp:
-            report.plot_blocks(best, pairs, base, tmp)
+        report.plot_blocks(best, pairs, base, out / "vision_blocks.png", provenance=prov)  # PNG + SVG
         if spectrum is not None:
-            with atomic_path(out / "vision_spectrum.png", provenance=prov) as tmp:
-                plot_spectrum(spectrum, tmp)
+            plot_spectrum(spectrum, out / "vision_spectrum.png", provenance=prov)
     print(text)
 
 

@@ -225,42 +225,49 @@ def vision_markdown(table: pd.DataFrame, best: pd.DataFrame, pairs: pd.DataFrame
     return "\n".join(out)
 
 
-def plot_blocks(best: pd.DataFrame, pairs: pd.DataFrame, base: dict, path) -> None:
-    """Fig. 4 style: per block (top) and best pair (bottom), K-FAC vs SVD, three accuracies."""
-    import matplotlib
+def plot_blocks(best: pd.DataFrame, pairs: pd.DataFrame, base: dict, path, provenance=None) -> None:
+    """Fig. 4 style: per block (top) and best pair (bottom), K-FAC vs SVD in their colours of
+    :mod:`memctl.plots`, the three accuracies told apart by hatching; lines mark the unedited model.
+    Writes ``path`` (PNG) and the SVG beside it (with ``provenance``: their sidecars)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from memctl import plots
 
     blocks = best[best["unit"] == "block"]
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6.5), dpi=120)
-    colors = {"kfac": "tab:red", "svd": "tab:gray"}
+    colors = {"kfac": plots.FAMILIES["kfac"].color, "svd": plots.FAMILIES["svd"].color}
     names = {"kfac": "K-FAC", "svd": "SVD"}
-    for ax, part, title in ((axes[0], blocks, "per MLP block (strength chosen on the selection slice)"),
-                            (axes[1], pairs, "best pair of blocks")):
-        units = list(dict.fromkeys(part["blocks"])) if len(part) else []
-        groups = [(u, m) for u in units for m in ("kfac", "svd") if len(part[(part["blocks"] == u) & (part["method"] == m)])]
-        if not groups:
-            ax.text(0.5, 0.5, "no edits", ha="center", va="center")
-            ax.axis("off")
-            continue
-        width = 0.8 / len(PLOT_METRICS)
-        for k, (metric, label) in enumerate(PLOT_METRICS):
-            x = np.arange(len(groups)) + (k - (len(PLOT_METRICS) - 1) / 2) * width
-            vals = [float(part[(part["blocks"] == u) & (part["method"] == m)][metric].iloc[0]) for u, m in groups]
-            ax.bar(x, vals, width=width, color=[colors[m] for _, m in groups], alpha=[1.0, 0.6, 0.3][k],
-                   edgecolor="black", linewidth=0.4, label=label if k < 3 else None)
-            ax.axhline(base[metric], color="black", lw=0.8, ls=[":", "--", "-"][k])
-        ax.set_xticks(np.arange(len(groups)), [f"{names[m]}\nblocks {u}" for u, m in groups], fontsize=7)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("accuracy")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    handles = [plt.Rectangle((0, 0), 1, 1, color="tab:gray", alpha=a) for a in (1.0, 0.6, 0.3)]
-    handles += [plt.Line2D([0], [0], color="black", lw=0.8, ls=ls) for ls in (":", "--", "-")]
-    names = [lab for _, lab in PLOT_METRICS] + [f"unedited {lab}" for _, lab in PLOT_METRICS]
-    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=6, frameon=False)
-    fig.suptitle("ViT edits: K-FAC (red) vs SVD (gray) (paper Fig. 4)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    hatches = ["", "///", "..."]
+    styles = [":", "--", "-"]
+    with plots.style():
+        fig, axes = plots.subplots(2, 1, figsize=(8, 6.8))
+        for ax, part, title in ((axes[0], blocks, "per MLP block (strength chosen on the selection slice)"),
+                                (axes[1], pairs, "best pair of blocks")):
+            units = list(dict.fromkeys(part["blocks"])) if len(part) else []
+            groups = [(u, m) for u in units for m in ("kfac", "svd")
+                      if len(part[(part["blocks"] == u) & (part["method"] == m)])]
+            if not groups:
+                ax.text(0.5, 0.5, "no edits", ha="center", va="center")
+                ax.axis("off")
+                continue
+            width = 0.8 / len(PLOT_METRICS)
+            for k, (metric, _) in enumerate(PLOT_METRICS):
+                x = np.arange(len(groups)) + (k - (len(PLOT_METRICS) - 1) / 2) * width
+                vals = [float(part[(part["blocks"] == u) & (part["method"] == m)][metric].iloc[0]) for u, m in groups]
+                ax.bar(x, vals, width=width, color=[colors[m] for _, m in groups], hatch=hatches[k % len(hatches)],
+                       edgecolor="white", linewidth=0.4)
+                ax.axhline(base[metric], color="black", lw=0.8, ls=styles[k % len(styles)])
+            ax.set_xticks(np.arange(len(groups)), [f"{names[m]}\nblocks {u}" for u, m in groups], fontsize=7)
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("accuracy")
+            ax.set_title(title, fontsize=9)
+            ax.grid(False, axis="x")
+        handles = [Patch(facecolor=colors[m], label=names[m]) for m in ("kfac", "svd")]
+        handles += [Patch(facecolor=plots.PALETTE["grey"], edgecolor="white", hatch=hatches[k], label=lab)
+                    for k, (_, lab) in enumerate(PLOT_METRICS)]
+        handles += [Line2D([0], [0], color="black", lw=0.8, ls=styles[k], label=f"unedited {lab}")
+                    for k, (_, lab) in enumerate(PLOT_METRICS)]
+        fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=4, frameon=False)
+        fig.suptitle("ViT edits: K-FAC vs SVD per block and best pair (paper Fig. 4)", fontsize=10)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        plots.save(fig, path, provenance)
