@@ -279,3 +279,196 @@ def test_every_row_shows_what_distinguishes_it():
     assert "| Method | Settings | Exact ER | N | Edit id |" in md
     assert "| K-FAC | strength 0.3, layers 0-2 | 0.500 | 10 | kfac-aaa |" in md
     assert "| K-FAC | strength 0.5, layers 0, 2 | 0.500 | 10 | kfac-bbb |" in md
+
+
+# ------------------------------------------------------------------- plots and the results page
+
+
+def _page_metrics():
+    """Origin and three edits of three families, with intervals and paired tests (8 examples a track)."""
+    exact = {"none": [1, 1, 1, 1, 0, 0, 0, 0], "kfac-a": [0] * 8, "mask-up-b": [1] * 7 + [0], "svd-c": [1, 1, 1, 0, 0, 0, 0, 0]}
+    nll = {"none": [100.0, 110, 90, 105], "kfac-a": [120.0, 131, 108, 126], "mask-up-b": [99.0, 111, 90, 104],
+           "svd-c": [101.0, 111, 91, 106]}
+    scores = {e: pd.concat([_scores("extraction_rate", x), _scores("memorized", x), _heldout(nll[e])])
+              for e, x in exact.items()}
+    for table in scores.values():
+        table["copies"] = [1, 2, 4, 8] * 4 + [float("nan")] * 4
+    labels = {"none": "Origin", "kfac-a": "K-FAC", "mask-up-b": "Ours (up)", "svd-c": "SVD"}
+    metrics = pd.DataFrame([{"model": "demo-abc", "edit": e, "method": labels[e], "n_examples": 8, "er_n_examples": 8,
+                             "exact_er": sum(x) / 8, "er_exact_er": sum(x) / 8, "heldout_ppl": 30.0}
+                            for e, x in exact.items()])
+    records = [{"edit": "none", "family": "origin"}, {"edit": "kfac-a", "family": "curvature", "method": "kfac",
+                                                      "strength": 0.8, "layers": [0]},
+               {"edit": "mask-up-b", "family": "ours", "mode": "up", "sparsity": 0.3, "seed": 0},
+               {"edit": "svd-c", "family": "curvature", "method": "svd", "strength": 0.5, "layers": [0]}]
+    metrics = report.with_settings(report.mark_underpowered(report.with_intervals(metrics, scores)), records)
+    return metrics, scores, records
+
+
+RUN = {"model": "demo-abc", "source": "demo", "prefix_len": 32, "suffix_len": 32, "er_test_fraction": 0.25,
+       "test_fraction": 0.25, "split_seed": 42,
+       "masks": {"modes": ["none", "up"], "sparsity": 0.3, "threshold": 4.0, "steps": 60, "seeds": [0],
+                 "sweep": {"sparsities": [0.3, 0.4], "sparsity_modes": ["up"], "thresholds": []}}}
+
+
+def test_every_method_family_has_its_own_colour_and_marker_from_a_colour_blind_safe_palette():
+    from memctl import plots
+
+    styles = {k: v for k, v in plots.FAMILIES.items() if k != "other"}
+    assert {"origin", "kfac", "svd", "down", "up", "reciprocal", "none", "baseline", "csp",
+            "balanced_subnet"} == set(styles)
+    assert len({s.color for s in styles.values()}) == len(styles)  # one colour per family
+    assert len({s.marker for s in styles.values()}) == len(styles)  # and one marker: never colour alone
+    okabe_ito = {"#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7"}
+    assert okabe_ito <= set(plots.PALETTE.values())
+    assert all(s.color in plots.PALETTE.values() or s.color == plots.DARK_GREY for s in styles.values())
+    fam = plots.family_of
+    assert fam({"family": "curvature", "method": "kfac_pairwise"}) == "kfac"
+    assert fam({"family": "curvature", "method": "svd"}) == "svd"
+    assert fam({"family": "ours", "mode": "reciprocal"}) == "reciprocal"
+    assert fam({"family": "baseline", "method": "balanced_subnet"}) == "balanced_subnet"
+    assert fam({"family": "baseline", "method": "wanda"}) == "baseline"
+    assert fam({"family": "csp", "method": "csp", "mode": "up"}) == "csp"
+    assert fam({"edit": "none"}) == "origin"
+    assert fam(None, "Ours (down), seed 1") == "down" and fam(None, "SparseGPT, sparsity 0.40") == "baseline"
+
+
+def test_a_plot_is_written_as_png_and_svg_atomically_with_sidecars_and_reproducibly(tmp_path):
+    from memctl.store import Provenance, sidecar_path, verify
+
+    metrics, scores, records = _page_metrics()
+    prov = Provenance("report", {}, {})
+    families = report.edit_families(metrics, records)
+    report.plot_memorization_frontier(metrics, tmp_path / "f.png", families, "config line", prov)
+    png, svg = tmp_path / "f.png", tmp_path / "f.svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in svg.read_bytes()[:2000]
+    assert verify(png) == [] and verify(svg) == []  # each with a sidecar whose checksum holds
+    assert sidecar_path(svg).exists()
+    first = svg.read_bytes()
+    report.plot_memorization_frontier(metrics, tmp_path / "f.png", families, "config line", prov)
+    assert svg.read_bytes() == first  # no date, fixed ids: the same figure gives the same file
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "f.png", "f.png.meta.json", "f.svg", "f.svg.meta.json"]  # no temporary left behind
+
+
+def test_the_results_page_opens_on_a_summary_with_intervals_then_captioned_embedded_figures(tmp_path):
+    import base64
+    from html.parser import HTMLParser
+
+    metrics, scores, records = _page_metrics()
+    by_edit = report.edits_by_copies(scores, dict(zip(metrics["edit"], metrics["method"])))
+    by_copies = report.bucket_copies(pd.DataFrame({"group": ["w", "w"], "copies": [1, 4], "n": [3, 5],
+                                                   "exact_er": [0.0, 0.6], "fractional_er": [0.1, 0.7],
+                                                   "loose_accuracy": [0.0, 0.6]}))
+    figures = report.report_figures(tmp_path, metrics, records, RUN, by_edit, by_copies)
+    assert [f.key for f in figures] == ["frontier", "edits-by-copies", "extraction-by-copies"]
+    for name in ("frontier", "edits_by_copies", "extraction_by_copies"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000 and (tmp_path / f"{name}.svg").stat().st_size > 5000
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "table.md").write_text("## Masks at sparsity 0.3\n\n| Method | Exact ER | vs Origin |\n"
+                                                 "|---|---:|---:|\n| Origin | 0.5 | - |\n| Ours (up) | 0.9 | higher (p=0.01) |\n")
+    (tmp_path / "masks" / "ablation_sparsity.svg").write_bytes(figures[0].svg)
+    masks = report.masks_section(tmp_path / "masks" / "table.md", [tmp_path / "masks" / "ablation_sparsity.svg"],
+                                 RUN, metrics)
+    page = report.results_html(metrics, "", figures, masks, RUN)
+
+    class Tree(HTMLParser):
+        """The page's elements in document order: ids, images, the summary table's cells, verdict
+        classes, figure captions (an end tag closes up to its start tag; void elements have none)."""
+
+        VOID = {"img", "meta", "br", "hr", "link", "input"}
+
+        def __init__(self):
+            super().__init__()
+            self.order, self.stack, self.imgs, self.rows, self.verdicts, self.captions = [], [], [], [], [], []
+
+        def inside(self, what):
+            return any(what in (tag, id_) for tag, id_ in self.stack)
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if a.get("id"):
+                self.order.append(a["id"])
+            if tag == "img":
+                self.imgs.append(a)
+            if tag == "tr" and self.inside("summary-table"):
+                self.rows.append([])
+            if tag == "td" and self.inside("summary-table"):
+                self.rows[-1].append("")
+            if tag == "td" and "verdict" in (a.get("class") or ""):
+                self.verdicts.append(a["class"])
+            if tag == "figcaption":
+                self.captions.append("")
+            if tag not in self.VOID:
+                self.stack.append((tag, a.get("id")))
+
+        def handle_endtag(self, tag):
+            while self.stack and self.stack.pop()[0] != tag:
+                pass
+
+        def handle_data(self, data):
+            if self.inside("summary-table") and self.inside("td"):
+                self.rows[-1][-1] += data
+            if self.inside("figcaption"):
+                self.captions[-1] += data
+
+    tree = Tree()
+    tree.feed(page)
+    # opens on the results: configuration, (warnings), summary, then figures, masks, the detailed tables
+    ids = [i for i in tree.order if i in ("configuration", "summary", "figures", "masks", "details")]
+    assert ids == ["configuration", "summary", "figures", "masks", "details"]
+    body = [r for r in tree.rows if r]
+    assert [r[1] for r in body] == ["Origin", "K-FAC", "Ours (up)", "SVD"]
+    kfac = body[1]
+    assert kfac[0] == "2" and kfac[2] == "strength 0.8, layers 0"
+    assert kfac[3] == "0.000 (0/8)" and kfac[4].startswith("[0.000, 0.3")  # Exact ER, k/N, exact 95% interval
+    # held-out perplexity over Origin's: exp((485 - 405) nats / (4 windows x 63 tokens)) = 1.374, and its interval
+    assert float(kfac[-3]) == pytest.approx(math.exp(80 / 252), abs=5e-4) and kfac[-2].startswith("[")
+    assert any(c.startswith("verdict lower") for c in tree.verdicts)
+    assert any(c.startswith("verdict higher") for c in tree.verdicts)
+    # four figures, each an embedded SVG (the file is self-contained), each captioned with the configuration
+    assert len(tree.imgs) == 4
+    for img in tree.imgs:
+        assert img["src"].startswith("data:image/svg+xml;base64,")
+        assert base64.b64decode(img["src"].split(",", 1)[1]).lstrip().startswith((b"<?xml", b"<svg"))
+    assert len(tree.captions) == 4
+    for caption in tree.captions:
+        assert "demo-abc" in caption and "N=8" in caption and "32-token prefixes" in caption
+    assert "target sparsity 0.3" in tree.captions[-1] and "sparsity sweep 0.3, 0.4" in tree.captions[-1]
+    assert "src='http" not in page and "<link" not in page and "<script" not in page
+
+
+def _tiny_plan(change=None):
+    """The plan of tests/tiny_config.yaml (``change`` edits the raw config first)."""
+    from pathlib import Path
+
+    import yaml
+
+    from memctl import lab
+    from memctl.config import validate_config
+    from memctl.plan import build_plan
+
+    raw = yaml.safe_load((Path(__file__).with_name("tiny_config.yaml")).read_text())
+    if change:
+        change(raw)
+    cfg = validate_config(raw)
+    return build_plan(cfg, lab.workflow_model_dims(cfg), python_version="3.11")
+
+
+def test_the_report_job_reads_the_masks_table_and_ablation_plots_only_where_masks_run():
+    plan = _tiny_plan()
+    job, masks = plan.job("report"), plan.job("masks_report")
+    assert job.inputs["masks_table"] == masks.outputs["markdown"]
+    assert job.inputs["masks_figures"] == [masks.outputs["sparsity_svg"], masks.outputs["threshold_svg"]]
+    assert "--masks-table" in job.args and job.settings["run"]["masks"]["sparsity"] == plan.config["masks"]["sparsity"]
+    off = _tiny_plan(lambda c: c["masks"].update(enabled=False))
+    assert "masks_table" not in off.job("report").inputs and "--masks-table" not in off.job("report").args
+
+
+def test_every_planned_plot_has_its_svg_beside_it():
+    plan = _tiny_plan()
+    outputs = {p for job in plan.jobs() for p in job.outputs.values()}
+    pngs = sorted(p for p in outputs if p.endswith(".png"))
+    assert len(pngs) >= 7  # frontier, by copies (2), curvature (2), masks ablations (2)
+    assert [p for p in pngs if p[:-4] + ".svg" not in outputs] == []

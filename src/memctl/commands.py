@@ -426,16 +426,22 @@ def cmd_report(args) -> None:
     import pandas as pd
 
     from memctl import report
-    from memctl.store import atomic_path, write_parquet, write_text
+    from memctl.store import write_parquet, write_text
 
     out = Path(args.out_dir)
     scores_paths = list(args.scores or [])
     if scores_paths and len(scores_paths) != len(args.metrics):
         raise ConfigError(f"--scores: {len(scores_paths)} files for {len(args.metrics)} --metrics files (one per edit)")
+    masks_figures = list(args.masks_figures or [])
     inputs = {**{f"metrics[{i}]": m for i, m in enumerate(args.metrics)},
-              **{f"scores[{i}]": m for i, m in enumerate(scores_paths)}}
+              **{f"scores[{i}]": m for i, m in enumerate(scores_paths)},
+              **({"masks_table": args.masks_table} if args.masks_table else {}),
+              **{f"masks_figures[{i}]": m for i, m in enumerate(masks_figures)}}
     with stage("report", {}, inputs, outputs=[out]) as prov:
         metrics = pd.concat([pd.read_parquet(m) for m in args.metrics], ignore_index=True)
+        spec = json.loads(args.spec) if args.spec else {}
+        records, run = spec.get("edits", []), spec.get("run", {})
+        by_edit = None
         if scores_paths:
             scores = {edit: pd.read_parquet(path) for edit, path in zip(metrics["edit"], scores_paths)}
             metrics = report.with_intervals(metrics, scores)
@@ -443,20 +449,18 @@ def cmd_report(args) -> None:
             by_edit = report.edits_by_copies(scores, labels)
             write_text(out / "edits_by_copies.md", report.edits_by_copies_markdown(by_edit), provenance=prov)
             write_parquet(by_edit, out / "edits_by_copies.parquet", provenance=prov)
-            with atomic_path(out / "edits_by_copies.png", provenance=prov) as tmp:
-                report.plot_edits_by_copies(by_edit, tmp)
         metrics = report.mark_underpowered(metrics)  # verdicts of too-small splits, in the table too
-        spec = json.loads(args.spec) if args.spec else {}
-        metrics = report.with_settings(metrics, spec.get("edits", []))  # strength, layers, sparsity, seed
+        metrics = report.with_settings(metrics, records)  # strength, layers, sparsity, seed
+        by_copies = report.bucket_copies(pd.read_parquet(args.by_copies)) if args.by_copies else None
+        if by_copies is not None:
+            write_text(out / "extraction_by_copies.md", report.extraction_markdown(by_copies), provenance=prov)
+        # the frontier and the by-copies plots (PNG + SVG), captioned with the configuration
+        figures = report.report_figures(out, metrics, records, run, by_edit, by_copies, provenance=prov)
         data = report.data_markdown(_sidecars(args.data_provenance))
         write_text(out / "results.md", report.results_markdown(metrics, data), provenance=prov)
         write_parquet(metrics, out / "results.parquet", provenance=prov)
-        write_text(out / "results.html", report.results_html(metrics, data), provenance=prov)
-        if args.by_copies:
-            by_copies = report.bucket_copies(pd.read_parquet(args.by_copies))
-            write_text(out / "extraction_by_copies.md", report.extraction_markdown(by_copies), provenance=prov)
-            with atomic_path(out / "extraction_by_copies.png", provenance=prov) as tmp:
-                report.plot_extraction(by_copies, tmp)
+        masks = report.masks_section(args.masks_table, masks_figures, run, metrics) if args.masks_table else None
+        write_text(out / "results.html", report.results_html(metrics, data, figures, masks, run), provenance=prov)
     print(report.results_markdown(metrics, data))
 
 
@@ -635,8 +639,13 @@ def register(subparsers) -> None:
     p.add_argument("--scores", nargs="*", default=[],
                    help="scores.parquet of each edit, in the order of --metrics (intervals, copy-count buckets)")
     p.add_argument("--spec", default=None,
-                   help='JSON {"edits": [{"edit", "label", "method", "strength", "layers", "sparsity", "seed", ...}]}: '
-                        "what tells the rows apart (the plan's edit records)")
+                   help='JSON {"edits": [{"edit", "label", "method", "strength", "layers", "sparsity", "seed", ...}], '
+                        '"run": {"model", "prefix_len", "suffix_len", ...}}: what tells the rows apart (the plan\'s '
+                        "edit records) and the configuration the figures' captions name")
+    p.add_argument("--masks-table", default=None,
+                   help="the masks report's table.md: the results page shows it (where the config runs masks)")
+    p.add_argument("--masks-figures", nargs="*", default=[],
+                   help="the masks report's ablation plots (.svg), embedded in the results page")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_report)
 

@@ -203,10 +203,12 @@ def results_summary(plan: Plan) -> str:
     """What ``snakemake`` prints when a run succeeds: where the tables, plots and reports are."""
     from pathlib import Path
 
-    names = [("results.md", "both evaluation tracks, every edit, with intervals"),
-             ("results.html", "the same, for a browser"),
-             ("extraction_by_copies.png", "extraction rate vs copy count"),
-             ("edits_by_copies.png", "every edit per copy-count bucket"),
+    names = [("results.html", "start here: the summary table with intervals, the frontier, by-copies and masks "
+                               "plots, every table, in one page"),
+             ("results.md", "both evaluation tracks, every edit, with intervals"),
+             ("frontier.png", "memorization against perplexity, every edit (and .svg)"),
+             ("extraction_by_copies.png", "extraction rate vs copy count (and .svg)"),
+             ("edits_by_copies.png", "every edit per copy-count bucket (and .svg)"),
              ("curvature.md", "K-FAC vs SVD at matched perplexity"),
              ("masks/table.md", "masks and pruning baselines, the paper's table"),
              ("vision.md", "the vision track")]
@@ -215,7 +217,7 @@ def results_summary(plan: Plan) -> str:
         path = Path(plan.results) / name
         if path.exists():
             lines.append(f"  {path}  ({what})")
-    lines.append("  snakemake --report report.html  gathers them with the plots into one page")
+    lines.append("  snakemake --report report.html  gathers them with every stage's plots (its first page links results.html)")
     return "\n".join(lines)
 
 
@@ -1009,10 +1011,14 @@ class _Builder:
         metrics = [self.metrics(e) for e in self.edits]
         scores = [f"{self.eval_dir}/{e}/scores.parquet" for e in self.edits]
         r = self.results
+        # every plot as PNG and SVG (memctl.plots.save); results.html embeds the SVGs
         outputs = {"results": f"{r}/results.md", "table": f"{r}/results.parquet", "html": f"{r}/results.html",
+                   "frontier": f"{r}/frontier.png", "frontier_svg": f"{r}/frontier.svg",
                    "by_copies": f"{r}/extraction_by_copies.md", "plot": f"{r}/extraction_by_copies.png",
+                   "plot_svg": f"{r}/extraction_by_copies.svg",
                    "edits_by_copies": f"{r}/edits_by_copies.md", "edits_by_copies_table": f"{r}/edits_by_copies.parquet",
-                   "edits_by_copies_plot": f"{r}/edits_by_copies.png"}
+                   "edits_by_copies_plot": f"{r}/edits_by_copies.png",
+                   "edits_by_copies_svg": f"{r}/edits_by_copies.svg"}
         # their sidecars: what was dropped (the report's data section: one row per calibration text)
         data = [self.candidates, self.tables["er_train"],
                 *dict.fromkeys([*(p for c, p in self.calibration_used.items() if c != "kfac"), self.calibration_used["kfac"]])]
@@ -1025,17 +1031,42 @@ class _Builder:
                 spec = curvature_specs[e.id].settings
                 rec.update({k: spec[k] for k in ("layers", "strength") if spec.get(k) is not None})
             records.append({"edit": e.id, "label": e.label, **rec})
-        report_spec = {"edits": records}
+        report_spec = {"edits": records, "run": self.report_run()}
+        # the results page shows the masks table and its ablation plots where the config runs masks
+        masks_inputs: dict[str, Any] = {}
+        masks_args: tuple[str, ...] = ()
+        if self.cfg["masks"]["enabled"]:
+            masks_out = self.stages["masks_report"].outputs
+            figures = [masks_out[f"{t}_svg"] for t in ("sparsity", "threshold") if f"{t}_svg" in masks_out]
+            masks_inputs = {"masks_table": masks_out["markdown"], "masks_figures": figures}
+            masks_args = ("--masks-table", masks_out["markdown"], *(("--masks-figures", *figures) if figures else ()))
         self.add("report", [Job(
-            "report", "", {"metrics": metrics, "scores": scores, "by_copies": self.tables["by_copies"], "data": data},
+            "report", "", {"metrics": metrics, "scores": scores, "by_copies": self.tables["by_copies"], "data": data,
+                           **masks_inputs},
             outputs,
             ("--metrics", *metrics, "--scores", *scores, "--by-copies", self.tables["by_copies"],
-             "--data-provenance", *data, "--spec", as_json(report_spec), "--out-dir", r),
+             "--data-provenance", *data, *masks_args, "--spec", as_json(report_spec), "--out-dir", r),
             self.log("report", self.eval_hash), self.bench("report", self.eval_hash), report_spec,
-        )], shown={"html": ("1. Results", "results.rst"), "plot": ("2. Extraction by copies", "extraction_by_copies.rst"),
+        )], shown={"html": ("1. Results", "results.rst"), "frontier": ("1. Results", "frontier.rst"),
+                   "plot": ("2. Extraction by copies", "extraction_by_copies.rst"),
                    "edits_by_copies_plot": ("2. Extraction by copies", "edits_by_copies.rst")})
-        self.targets = [outputs["results"], outputs["by_copies"], outputs["plot"], outputs["edits_by_copies"],
-                        outputs["edits_by_copies_plot"], *self.targets]
+        self.targets = [outputs["html"], outputs["results"], outputs["frontier"], outputs["by_copies"], outputs["plot"],
+                        outputs["edits_by_copies"], outputs["edits_by_copies_plot"], *self.targets]
+
+    def report_run(self) -> dict[str, Any]:
+        """The configuration the results page's captions name (the report job's ``--spec`` ``run``):
+        the model, the extraction window and splits, and the masks' settings where they run. Every
+        value is upstream of an artifact the report reads, so it adds no rerun of its own."""
+        model, ext = self.cfg["model"], self.cfg["extract"]
+        run: dict[str, Any] = {"model": self.model.tag, "source": model["source"],
+                               "name_or_path": model.get("name_or_path"), "revision": model.get("revision")}
+        run.update({k: ext.get(k) for k in ("prefix_len", "suffix_len", "er_test_fraction", "test_fraction",
+                                            "split_seed")})
+        masks = self.cfg["masks"]
+        if masks["enabled"]:
+            run["masks"] = {k: masks.get(k) for k in ("modes", "sparsity", "threshold", "steps", "seeds")}
+            run["masks"]["sweep"] = {k: masks["sweep"].get(k) for k in ("sparsities", "sparsity_modes", "thresholds")}
+        return run
 
     def downstream(self) -> None:
         """lm-eval downstream tasks (config section ``downstream``): the chosen edits in jobs of

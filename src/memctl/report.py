@@ -1,16 +1,21 @@
 """Tables and plots that read like the papers' tables.
 
 ``results.md`` holds one row per (model, edit); later methods add rows by adding metrics files.
-The extraction curve (exact extraction by exposure count) is a table and a plot.
+The extraction curve (exact extraction by exposure count) is a table and a plot. ``results.html``
+(:func:`results_html`) is the page a user opens first: one self-contained file with the summary
+table, the frontier plot, the by-copies plots and the masks table and plots, every figure embedded
+and captioned with the configuration; the figures are drawn in the style of :mod:`memctl.plots`.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +228,8 @@ def with_intervals(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame], n_boo
     tests against the unedited model (edit ``none``) on the same examples: ``vs_origin`` (exact
     McNemar on Exact ER), ``frac_vs_origin``, ``lev_vs_origin`` (paired bootstrap), with their
     p-values (``*_p``); the held-out perplexity ratio with its paired bootstrap interval over the
-    same windows and ``ppl_vs_origin``; and ``paper_tests`` (JSON), the comparisons the papers draw
+    same windows (``ppl_ratio_lo`` / ``ppl_ratio_hi``, over ``ppl_windows`` windows) and
+    ``ppl_vs_origin``; and ``paper_tests`` (JSON), the comparisons the papers draw
     (:func:`paper_pairs`). Columns carry the track's prefix (``er_``, ``ood_``; none for the
     memorized track). Methods: :mod:`memctl.stats`."""
     del n_boot  # kept for callers; every bootstrap uses memctl.stats.N_BOOT and its seed
@@ -252,13 +258,17 @@ def with_intervals(metrics: pd.DataFrame, scores: dict[str, pd.DataFrame], n_boo
         for col, values in cols.items():
             out[f"{prefix}{col}"] = values
     out["ppl_ratio"], out["ppl_ratio_ci"], out["ppl_vs_origin"], out["ppl_vs_origin_p"] = math.nan, "-", "-", math.nan
+    out["ppl_ratio_lo"], out["ppl_ratio_hi"], out["ppl_windows"] = math.nan, math.nan, 0
     base = scores.get("none")
     for i, edit in enumerate(edits):
         test = perplexity_test(scores.get(edit), base)
         if test is None:
             continue
         out.loc[out.index[i], "ppl_ratio"] = test.estimate
+        windows = track_part(scores.get(edit), "heldout")
+        out.loc[out.index[i], "ppl_windows"] = 0 if windows is None else int(windows["window"].nunique())
         if edit != "none":
+            out.loc[out.index[i], "ppl_ratio_lo"], out.loc[out.index[i], "ppl_ratio_hi"] = test.lo, test.hi
             out.loc[out.index[i], "ppl_ratio_ci"] = _ci_text(test.lo, test.hi)
             out.loc[out.index[i], "ppl_vs_origin"] = stats.verdict(test)
             out.loc[out.index[i], "ppl_vs_origin_p"] = test.pvalue
@@ -562,29 +572,34 @@ def warnings_markdown(metrics: pd.DataFrame) -> str:
     return "\n".join(["## Warnings", "", *(f"- **{w.split(':', 1)[0]}:**{w.split(':', 1)[1]}" for w in lines)])
 
 
-def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
-    """Both evaluation tracks per model (intervals and paired tests where :func:`with_intervals`
-    added them), the comparisons the papers draw, then ``data`` (:func:`data_markdown`)."""
-    parts = ["# memctl results", ""]
-    parts.append(
-        "Two evaluation tracks. Extraction-rate track (weight-pruning paper Sec. 4.1): greedy generation on a "
-        "held-out split of all candidates, stratified by group and copy count, whatever the unedited model "
-        "extracts. Memorized track (loss-curvature paper Sec. 4.2): held-out sequences the unedited model "
-        "extracts exactly (so its Exact ER there is 1 by construction). Exact ER = strict accuracy; Fractional "
-        "ER = matching suffix positions pooled; loose = token Levenshtein similarity >= 0.75. Held-out PPL is "
-        "corpus perplexity over non-overlapping context-length windows; Mem. loss/PPL is teacher-forced on the "
-        "memorized suffixes. nDCG@10 compares each position's top-10 next tokens with the unedited model's "
-        "(1 = unchanged): on non-memorized held-out sequences (the loss-curvature paper's column) and on held-out "
-        "text windows (text)."
-    )
+#: Said first under the results' title: what the two tracks are and what each metric means.
+TRACKS_NOTE = (
+    "Two evaluation tracks. Extraction-rate track (weight-pruning paper Sec. 4.1): greedy generation on a "
+    "held-out split of all candidates, stratified by group and copy count, whatever the unedited model "
+    "extracts. Memorized track (loss-curvature paper Sec. 4.2): held-out sequences the unedited model "
+    "extracts exactly (so its Exact ER there is 1 by construction). Exact ER = strict accuracy; Fractional "
+    "ER = matching suffix positions pooled; loose = token Levenshtein similarity >= 0.75. Held-out PPL is "
+    "corpus perplexity over non-overlapping context-length windows; Mem. loss/PPL is teacher-forced on the "
+    "memorized suffixes. nDCG@10 compares each position's top-10 next tokens with the unedited model's "
+    "(1 = unchanged): on non-memorized held-out sequences (the loss-curvature paper's column) and on held-out "
+    "text windows (text)."
+)
+
+
+def _prepared(metrics: pd.DataFrame) -> pd.DataFrame:
+    """``metrics`` with the underpowered marks and the Settings column (each added once)."""
     if "er_" + UNDERPOWERED not in metrics:
         metrics = mark_underpowered(metrics)
     if "settings" not in metrics:
         metrics = with_settings(metrics)
-    warn = warnings_markdown(metrics)
-    if warn:
-        parts[2:2] = [warn, ""]
-    parts += ["", STATS_NOTE]
+    return metrics
+
+
+def results_details_markdown(metrics: pd.DataFrame) -> str:
+    """The body of :func:`results_markdown` after its title and warnings: the notes, then per model
+    both tracks, the out-of-domain family and the papers' paired comparisons."""
+    metrics = _prepared(metrics)
+    parts = [TRACKS_NOTE, "", STATS_NOTE]
     for model, part in metrics.groupby("model", sort=True):
         parts += ["", f"## {model}"]
         if "er_n_examples" in part and (part["er_n_examples"].fillna(0) > 0).any():
@@ -607,6 +622,18 @@ def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
                       "edits, curvature.md compares the points a declared rule chooses on the validation slice, "
                       "our addition, and the paper's own setting). Verdicts are the row's against the "
                       "reference's on the examples both scored.", "", paper]
+    return "\n".join(parts)
+
+
+def results_markdown(metrics: pd.DataFrame, data: str = "") -> str:
+    """Both evaluation tracks per model (intervals and paired tests where :func:`with_intervals`
+    added them), the comparisons the papers draw, then ``data`` (:func:`data_markdown`)."""
+    metrics = _prepared(metrics)
+    parts = ["# memctl results", ""]
+    warn = warnings_markdown(metrics)
+    if warn:
+        parts += [warn, ""]
+    parts.append(results_details_markdown(metrics))
     return "\n".join(parts) + "\n" + data
 
 
@@ -676,32 +703,135 @@ def edits_by_copies_markdown(table: pd.DataFrame) -> str:
     return "\n".join([*head, "", markdown_table(wide, cols)]) + "\n"
 
 
-def plot_edits_by_copies(table: pd.DataFrame, path: Path) -> None:
-    """Extraction rate vs copies, one line per edit."""
-    import matplotlib
+def edit_families(metrics: pd.DataFrame, records: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
+    """edit id -> method family (:func:`memctl.plots.family_of`) of each row: from its plan record
+    (the report job's ``--spec``), else from its label."""
+    from memctl.plots import family_of
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    by_edit = {str(r.get("edit")): r for r in records}
+    labels = dict(zip(metrics["edit"].astype(str), metrics["method"].astype(str))) if "method" in metrics else {}
+    return {str(e): family_of(by_edit.get(str(e), {"edit": str(e)}), labels.get(str(e), "")) for e in metrics["edit"]}
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    known = table[table["copies"] > 0]
-    if known.empty:
-        ax.text(0.5, 0.5, "no exposure counts for these candidates", ha="center", va="center")
-    for (edit, method), part in known.groupby(["edit", "method"], sort=False):
-        part = part.sort_values("copies")
-        style = {"color": "black", "linewidth": 2.5} if edit == "none" else {"linewidth": 1, "alpha": 0.8}
-        ax.plot(part["copies"], part["exact_er"], marker="o", markersize=3, label=method, **style)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("copies in the training stream (<= bucket)")
-    ax.set_ylabel("exact extraction rate (extraction-rate track)")
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    if not known.empty:
-        ax.legend(fontsize=6, ncol=2, loc="upper left")
-    ax.set_title("Exact extraction by exposure count, per edit")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+
+def _footnote(fig, note: str) -> None:
+    """The configuration under a figure (a PNG or SVG read alone still says what it shows)."""
+    if note:
+        import textwrap
+
+        text = note.replace("`", "").replace("**", "")
+        fig.text(0.01, 0.005, "\n".join(textwrap.wrap(text, 150)), fontsize=6, color="#555555", va="bottom")
+
+
+def plot_edits_by_copies(table: pd.DataFrame, path: Path, families: Mapping[str, str] | None = None,
+                         note: str = "", provenance=None) -> None:
+    """Extraction rate vs copies, one line per edit: each method family in its colour and marker
+    (:mod:`memctl.plots`), the edits of one family told apart by the line's dash; the unedited
+    model thick and black. Writes ``path`` (PNG) and the SVG beside it."""
+    from memctl import plots
+
+    families = dict(families or {})
+    with plots.style():
+        fig, ax = plots.subplots(figsize=(7.5, 4.8))
+        known = table[table["copies"] > 0]
+        if known.empty:
+            ax.text(0.5, 0.5, "no exposure counts for these candidates", ha="center", va="center")
+        dashes = ["-", "--", ":", "-."]
+        seen: dict[str, int] = {}
+        for (edit, method), part in known.groupby(["edit", "method"], sort=False):
+            part = part.sort_values("copies")
+            family = families.get(str(edit)) or plots.family_of({"edit": str(edit)}, str(method))
+            style = plots.family_style(family)
+            k = seen[family] = seen.get(family, -1) + 1
+            ax.plot(part["copies"], part["exact_er"], label=method, markersize=7 if family == "origin" else 4,
+                    linewidth=2.5 if family == "origin" else 1.2, linestyle=dashes[k % len(dashes)],
+                    alpha=1.0 if family == "origin" else 0.85, zorder=3 if family == "origin" else 2,
+                    **style.line_kwargs())
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("copies in the training stream (<= bucket)")
+        ax.set_ylabel("Exact ER (extraction-rate track)")
+        ax.set_ylim(-0.03, 1.03)
+        if not known.empty:
+            ax.legend(ncol=2, loc="upper left", fontsize=6)
+        ax.set_title("Exact extraction by exposure count, per edit")
+        fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
+        _footnote(fig, note)
+        plots.save(fig, path, provenance)
+
+
+def plot_memorization_frontier(metrics: pd.DataFrame, path: Path, families: Mapping[str, str] | None = None,
+                               note: str = "", provenance=None) -> list[str]:
+    """The results' frontier: memorization against utility, every edit. One panel per test track
+    with examples (extraction-rate, memorized): Exact ER (exact 95% interval) against the held-out
+    perplexity ratio to Origin (paired bootstrap 95% interval), each method family in its colour and
+    marker, each point numbered as its row (#) in the summary table; Origin's rate dashed, ratio 1
+    dotted. Lower left is better for suppression (less recitation at the same perplexity), upper left
+    for amplification. Writes ``path`` (PNG) and the SVG beside it; returns the panels' titles."""
+    from memctl import plots
+
+    families = dict(families or {})
+    panels = []
+    for prefix, name in (("er_", "extraction-rate track"), ("", "memorized track")):
+        col, n = f"{prefix}exact_er", f"{prefix}n_examples"
+        if col in metrics and n in metrics and (metrics[n].fillna(0) > 0).any():
+            size = int(metrics[n].fillna(0).max())
+            panels.append((prefix, col, f"Exact ER, {name} (N={size})"))
+    with plots.style():
+        fig, axes = plots.subplots(1, max(1, len(panels)), figsize=(5.6 * max(1, len(panels)), 5.4), squeeze=False)
+        if not panels or "ppl_ratio" not in metrics:
+            axes[0][0].text(0.5, 0.5, "no test track with examples, or no held-out perplexity", ha="center", va="center")
+        rows = metrics.reset_index(drop=True)
+        for ax, (prefix, col, title) in zip(axes[0], panels):
+            for i, rec in rows.iterrows():
+                x, y = rec.get("ppl_ratio"), rec.get(col)
+                if not _given(x) or not _given(y):
+                    continue
+                family = families.get(str(rec["edit"])) or plots.family_of({"edit": str(rec["edit"])}, str(rec["method"]))
+                style = plots.family_style(family)
+                xerr = _err(x, rec.get("ppl_ratio_lo"), rec.get("ppl_ratio_hi"))
+                yerr = _err(y, rec.get(f"{prefix}exact_er_lo"), rec.get(f"{prefix}exact_er_hi"))
+                ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor=style.edge or style.color,
+                            elinewidth=0.8, alpha=0.6, capsize=2, zorder=2)
+                ax.scatter([x], [y], s=110 if family == "origin" else 42, zorder=4, label=style.family,
+                           **style.scatter_kwargs())
+                ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6, color="#333333")
+            origin = rows[rows["edit"] == "none"]
+            if len(origin) and _given(origin[col].iloc[0]):
+                ax.axhline(float(origin[col].iloc[0]), color=plots.REFERENCE, ls="--", lw=0.8, zorder=1,
+                           label="Origin's rate")
+            ax.axvline(1.0, color=plots.REFERENCE, ls=":", lw=0.8, zorder=1)
+            ax.set_xlabel("held-out perplexity / Origin's (95% CI)")
+            ax.set_ylabel("Exact ER (exact 95% CI)")
+            ax.set_title(title)
+            ax.set_ylim(-0.05, 1.05)
+        seen: dict[str, Any] = {}
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                seen.setdefault(label, handle)
+        order = {s.family: k for k, s in enumerate(plots.FAMILIES.values())}
+        keys = sorted(seen, key=lambda k: order.get(k, len(order)))
+        bottom = (0.07 if note else 0.0) + (0.06 * math.ceil(len(keys) / 5) if keys else 0.0)
+        if keys:  # below the panels: the points stay visible
+            fig.legend([seen[k] for k in keys], keys, loc="lower center", ncol=min(5, len(keys)), fontsize=7,
+                       frameon=False, bbox_to_anchor=(0.5, 0.07 if note else 0.0))
+        fig.suptitle("Memorization against utility, every edit (numbers: rows of the summary table)")
+        fig.tight_layout(rect=(0, bottom, 1, 1))
+        _footnote(fig, note)
+        plots.save(fig, path, provenance)
+    return [t for _, _, t in panels]
+
+
+def _given(value) -> bool:
+    try:
+        return value is not None and not math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _err(value, lo, hi):
+    """Error bar lengths ([[below], [above]]) of an interval around ``value`` (None without one)."""
+    if not (_given(lo) and _given(hi)):
+        return None
+    return [[max(float(value) - float(lo), 0.0)], [max(float(hi) - float(value), 0.0)]]
 
 
 def extraction_markdown(by_copies: pd.DataFrame) -> str:
@@ -742,30 +872,31 @@ def bucket_copies(by_copies: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["group", "copies", "n", "exact_er", "fractional_er", "loose_accuracy"])
 
 
-def plot_extraction(by_copies: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+def plot_extraction(by_copies: pd.DataFrame, path: Path, note: str = "", provenance=None) -> None:
+    """The unedited model's exact extraction rate by copy-count bucket, one line per candidate
+    group (each its own colour and marker). Writes ``path`` (PNG) and the SVG beside it."""
+    from memctl import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    known = by_copies[by_copies["copies"] > 0]
-    if known.empty:
-        ax.text(0.5, 0.5, "no exposure counts for these candidates", ha="center", va="center")
-    for group, part in known.groupby("group", sort=True):
-        part = part.sort_values("copies")
-        ax.plot(part["copies"], part["exact_er"], marker="o", label=f"{group} (n={int(part['n'].sum())})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("copies in the training stream (<= bucket)")
-    ax.set_ylabel("exact extraction rate")
-    ax.set_ylim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    if not known.empty:
-        ax.legend(fontsize=8)
-    ax.set_title("Greedy exact extraction by exposure count")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    markers = ["o", "s", "^", "D", "v", "P", "X", "h"]
+    with plots.style():
+        fig, ax = plots.subplots(figsize=(6.5, 4.3))
+        known = by_copies[by_copies["copies"] > 0]
+        if known.empty:
+            ax.text(0.5, 0.5, "no exposure counts for these candidates", ha="center", va="center")
+        for k, (group, part) in enumerate(known.groupby("group", sort=True)):
+            part = part.sort_values("copies")
+            ax.plot(part["copies"], part["exact_er"], marker=markers[k % len(markers)],
+                    label=f"{group} (n={int(part['n'].sum())})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("copies in the training stream (<= bucket)")
+        ax.set_ylabel("exact extraction rate")
+        ax.set_ylim(-0.03, 1.03)
+        if not known.empty:
+            ax.legend(fontsize=8)
+        ax.set_title("Greedy exact extraction by exposure count")
+        fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
+        _footnote(fig, note)
+        plots.save(fig, path, provenance)
 
 
 def formatted_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -> pd.DataFrame:
@@ -776,15 +907,331 @@ def formatted_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) -
 
 def html_page(title: str, sections: Sequence[tuple[str, pd.DataFrame]], note: str = "") -> str:
     """A small standalone HTML page of tables (for ``snakemake --report`` and browsers)."""
-    body = [f"<h1>{title}</h1>", f"<p>{note}</p>" if note else ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(note)}</p>" if note else ""]
     for heading, table in sections:
-        body += [f"<h2>{heading}</h2>", table.to_html(index=False, border=0, classes="memctl")]
+        body += [f"<h2>{html.escape(heading)}</h2>",
+                 f"<div class='table-wrap'>{table.to_html(index=False, border=0, classes='memctl')}</div>"]
     return _page(title, body)
 
 
-def results_html(metrics: pd.DataFrame, data: str = "") -> str:
-    """The results page: both tracks per model, as :func:`results_markdown` writes them."""
-    return markdown_html(results_markdown(metrics, data), "memctl results")
+# ------------------------------------------------------------------------------ the results page
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure of the results page: its SVG embedded (the page is one self-contained file), a
+    title and a caption that says what it shows and for which configuration."""
+
+    key: str  #: the element id is ``fig-<key>``
+    title: str
+    svg: bytes
+    caption: str  #: plain text with the inline markup of :func:`_inline`
+    files: tuple[str, ...] = ()  #: the figure's files, relative to the page
+
+
+#: (column prefix, heading, N column) of the tracks the summary table shows, where they have examples.
+SUMMARY_TRACKS = (("er_", "Extraction-rate track", "er_n_examples"), ("", "Memorized track", "n_examples"),
+                  ("ood_", "Out-of-domain family", "ood_n_examples"))
+
+
+def _size(metrics: pd.DataFrame, column: str) -> int:
+    """A track's N as the evaluation saw it (the unedited model's row, else the largest)."""
+    if column not in metrics or not len(metrics):
+        return 0
+    origin = metrics[metrics["edit"] == "none"] if "edit" in metrics else metrics.iloc[0:0]
+    values = (origin if len(origin) else metrics)[column].fillna(0)
+    return int(values.max()) if len(values) else 0
+
+
+def configuration_text(run: Mapping[str, Any] | None, metrics: pd.DataFrame) -> str:
+    """One sentence naming the configuration behind the results (the report job's ``run`` record,
+    planned from the config, and the sizes the evaluation saw): the model, the extraction window,
+    each test track's N and how its split was drawn, the held-out windows, the number of edits."""
+    run = dict(run or {})
+    model = run.get("model") or (str(metrics["model"].iloc[0]) if "model" in metrics and len(metrics) else "?")
+    if run.get("source") == "demo":
+        what = "the embedded demo model"
+    elif run.get("name_or_path"):
+        what = f"{run['source']} model `{run['name_or_path']}`" + (f" at revision {run['revision']}"
+                                                                   if run.get("revision") else "")
+    else:
+        what = ""
+    parts = [f"Model `{model}`" + (f" ({what})" if what else "")]
+    if run.get("prefix_len") and run.get("suffix_len"):
+        parts.append(f"{run['prefix_len']}-token prefixes, {run['suffix_len']}-token suffixes decoded greedily")
+    tracks = []
+    er, mem, ood = (_size(metrics, c) for c in ("er_n_examples", "n_examples", "ood_n_examples"))
+    if er:
+        how = (f" (extract.er_test_fraction {run['er_test_fraction']:g}, split seed {run.get('split_seed', '?')})"
+               if run.get("er_test_fraction") is not None else "")
+        tracks.append(f"extraction-rate test split N={er}{how}")
+    if mem or "n_examples" in metrics:
+        how = f" (extract.test_fraction {run['test_fraction']:g})" if run.get("test_fraction") is not None else ""
+        tracks.append(f"memorized test split N={mem}{how}")
+    if ood:
+        tracks.append(f"out-of-domain family N={ood}")
+    if tracks:
+        parts.append(", ".join(tracks))
+    windows = _size(metrics, "ppl_windows")
+    if windows:
+        parts.append(f"held-out perplexity over {windows} windows")
+    if len(metrics):
+        edits = int((metrics["edit"] != "none").sum()) if "edit" in metrics else len(metrics)
+        parts.append(f"{edits} edit{'s' if edits != 1 else ''} against Origin")
+    return "; ".join(parts) + "."
+
+
+def masks_configuration_text(masks: Mapping[str, Any] | None) -> str:
+    """The masks' settings that shape the masks table and its ablation plots (the ``run`` record's
+    ``masks``), as one sentence; '' without them."""
+    if not masks:
+        return ""
+    parts = [f"masks ({', '.join(masks.get('modes') or [])}) at target sparsity {masks.get('sparsity', '?'):g}"]
+    if masks.get("threshold") is not None:
+        parts.append(f"learning threshold t={masks['threshold']:g}")
+    if masks.get("steps"):
+        parts.append(f"{masks['steps']} steps")
+    if masks.get("seeds"):
+        parts.append("seed" + ("s " if len(masks["seeds"]) > 1 else " ") + ", ".join(map(str, masks["seeds"])))
+    sweep = masks.get("sweep") or {}
+    if sweep.get("sparsities"):
+        parts.append("sparsity sweep " + ", ".join(f"{v:g}" for v in sweep["sparsities"])
+                     + (f" (modes {', '.join(sweep.get('sparsity_modes') or [])})" if sweep.get("sparsity_modes") else ""))
+    if sweep.get("thresholds"):
+        parts.append("threshold sweep t=" + ", ".join(f"{v:g}" for v in sweep["thresholds"]))
+    return "Masks: " + ", ".join(parts) + "."
+
+
+def _verdict_class(text: str) -> str:
+    """CSS classes of a verdict cell ('lower / higher / no evidence of a difference (p=...)'), ''
+    for any other cell. The text stays: colour is never the only cue."""
+    m = re.match(r"(lower|higher|no evidence of a difference)\b", text)
+    if not m:
+        return ""
+    kind = m[1] if m[1] in ("lower", "higher") else "same"
+    return f"verdict {kind}" + (f" {UNDERPOWERED}" if UNDERPOWERED in text else "")
+
+
+#: Columns of words, not numbers: left-aligned (the first column always is).
+TEXT_COLUMNS = frozenset({"Method", "Settings", "Row", "Against", "Track", "Stage", "Kept", "Why", "Group", "Device",
+                          "Edit", "Edit id", "Ablation", "Matrix", "Basis", "Band"})
+
+
+def _cell(text: str, tag: str = "td", text_column: bool = False) -> str:
+    cls = _verdict_class(text) if tag == "td" else ""
+    cls = cls or ("text" if text_column else "")
+    return f"<{tag} class='{cls}'>{_inline(text)}</{tag}>" if cls else f"<{tag}>{_inline(text)}</{tag}>"
+
+
+def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    text = [i > 0 and h in TEXT_COLUMNS for i, h in enumerate(header)]
+    head = "".join(_cell(c, "th", t) for c, t in zip(header, text))
+    cells = "".join("<tr>" + "".join(_cell(c, "td", i < len(text) and text[i]) for i, c in enumerate(r)) + "</tr>"
+                    for r in rows)
+    return (f"<div class='table-wrap'><table class='memctl'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{cells}</tbody></table></div>")
+
+
+def _text(value, pattern: str = "{}") -> str:
+    """A value as a cell's text (``-`` where missing), unescaped: the cells are HTML here."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return pattern.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def summary_html(metrics: pd.DataFrame, caption: str = "") -> str:
+    """The summary table: one row per edit (numbered as the frontier plot's points), Exact ER with
+    its count and exact 95% interval and the paired test against Origin on each test track with
+    examples, then the held-out perplexity ratio to Origin with its interval and test. Verdict cells
+    carry their direction as a class (coloured, with a glyph) and keep their words."""
+    metrics = _prepared(metrics).reset_index(drop=True)
+    tracks = [t for t in SUMMARY_TRACKS if t[2] in metrics and (metrics[t[2]].fillna(0) > 0).any()]
+    top = ["<th rowspan='2'>#</th><th rowspan='2' class='text'>Method</th><th rowspan='2' class='text'>Settings</th>"]
+    sub = []
+    for _, heading, n in tracks:
+        top.append(f"<th colspan='3' class='group'>{html.escape(heading)} (N={_size(metrics, n)})</th>")
+        sub += ["Exact ER (k/N)", "95% CI", "vs Origin"]
+    top.append("<th colspan='3' class='group'>Held-out perplexity / Origin</th>")
+    sub += ["ratio", "95% CI", "vs Origin"]
+    body = []
+    for i, rec in metrics.iterrows():
+        method = _text(rec.get("method", rec.get("edit")))
+        converged = rec.get("converged")
+        unconverged = converged is not None and _given(converged) and not bool(converged)
+        cells = [str(i + 1), method + (" (did not converge)" if unconverged else ""), _text(rec.get("settings", "-"))]
+        for prefix, _, _ in tracks:
+            value = _text(rec.get(f"{prefix}exact_er"), "{:.3f}")
+            count = rec.get(f"{prefix}exact_count")
+            cells += [value + (f" ({count})" if count not in (None, "-") and value != "-" else ""),
+                      _text(rec.get(f"{prefix}exact_ci", "-")), _text(rec.get(f"{prefix}vs_origin", "-"))]
+        cells += [_text(rec.get("ppl_ratio"), "{:.3f}"), _text(rec.get("ppl_ratio_ci", "-")),
+                  _text(rec.get("ppl_vs_origin", "-"))]
+        cls = " class='origin'" if rec.get("edit") == "none" else ""
+        body.append(f"<tr{cls}>" + "".join(_cell(c, "td", k in (1, 2)) for k, c in enumerate(cells)) + "</tr>")
+    cap = f"<p class='caption' id='summary-caption'>{_inline(caption)}</p>" if caption else ""
+    return (f"<div class='table-wrap'><table id='summary-table' class='memctl summary'><thead><tr>{''.join(top)}</tr>"
+            f"<tr>{''.join(_cell(c, 'th') for c in sub)}</tr></thead><tbody>{''.join(body)}</tbody></table></div>{cap}")
+
+
+#: What each ablation plot of the masks report shows (its file ``ablation_<name>.svg``).
+ABLATION_CAPTIONS = {
+    "sparsity": ("Sparsity ablation of the masks (weight-pruning paper Fig. 3)",
+                 "Exact ER and Fractional ER on the extraction-rate test split and held-out perplexity of the swept "
+                 "mask modes (and baselines, where swept) at each target sparsity; the dashed line is Origin, a cross "
+                 "a mask that did not converge."),
+    "threshold": ("Learning-threshold ablation of the masks (weight-pruning paper Fig. 4)",
+                  "The down mode (and CSP down, where swept) trained with each threshold t: Exact ER and Fractional "
+                  "ER on the extraction-rate test split, memorized-suffix loss and held-out loss against t; the "
+                  "dashed horizontal line is Origin, the dotted vertical line the unpruned model's loss on the "
+                  "masks' training memories."),
+}
+
+
+def report_figures(out: Path, metrics: pd.DataFrame, records: Sequence[dict[str, Any]] = (),
+                   run: Mapping[str, Any] | None = None, by_edit: pd.DataFrame | None = None,
+                   by_copies: pd.DataFrame | None = None, provenance=None) -> list[Figure]:
+    """Write the report stage's figures into ``out`` (PNG and SVG each: :func:`memctl.plots.save`)
+    and return them for the page, captioned with the configuration (:func:`configuration_text`):
+    the frontier plot (``frontier``), every edit by copy count (``edits_by_copies``, with
+    ``by_edit``), the unedited model by copy count (``extraction_by_copies``, with ``by_copies``)."""
+    from memctl.plots import svg_path
+
+    metrics = _prepared(metrics)
+    config = configuration_text(run, metrics)
+    families = edit_families(metrics, records)
+    figures = []
+    panels = plot_memorization_frontier(metrics, out / "frontier.png", families, config, provenance)
+    figures.append(Figure(
+        "frontier", "Memorization against utility, every edit",
+        svg_path(out / "frontier.png").read_bytes(),
+        f"{' and '.join(panels) or 'Exact ER'} (exact Clopper-Pearson 95% intervals) against held-out perplexity over "
+        "Origin's on the same windows (paired bootstrap 95% intervals); one colour and marker per method family "
+        "(Okabe-Ito palette), each point numbered as its row in Table 1; dashed: Origin's rate, dotted: Origin's "
+        "perplexity. Lower left suppresses memorization at little cost in perplexity; an amplifying edit (up) "
+        "should sit above the dashed line. " + config,
+        ("frontier.png", "frontier.svg")))
+    if by_edit is not None:
+        plot_edits_by_copies(by_edit, out / "edits_by_copies.png", families, config, provenance)
+        n = ", ".join(f"{'unknown' if b == -1 else f'<={b}'}: {int(k)}"
+                      for b, k in by_edit.groupby("copies")["n"].first().items()) if len(by_edit) else "none"
+        figures.append(Figure(
+            "edits-by-copies", "Extraction by copy count, every edit",
+            svg_path(out / "edits_by_copies.png").read_bytes(),
+            "Exact ER of each edit per bucket of copies in the training stream, on the extraction-rate test split "
+            f"(N per bucket: {n}); Origin thick and black, each method family in its colour and marker, the edits "
+            "of one family told apart by the dash. Table: `edits_by_copies.md`. " + config,
+            ("edits_by_copies.png", "edits_by_copies.svg")))
+    if by_copies is not None:
+        plot_extraction(by_copies, out / "extraction_by_copies.png", config, provenance)
+        total = int(by_copies["n"].sum()) if len(by_copies) else 0
+        figures.append(Figure(
+            "extraction-by-copies", "Extraction by copy count, the unedited model",
+            svg_path(out / "extraction_by_copies.png").read_bytes(),
+            f"Greedy exact extraction rate of the unedited model on all {total} candidates, by how often each "
+            "occurs in the training data (buckets 1, 2, 3-4, 5-8, ...), one line per candidate group: "
+            "memorization grows with duplication. Table: `extraction_by_copies.md`. " + config,
+            ("extraction_by_copies.png", "extraction_by_copies.svg")))
+    return figures
+
+
+def masks_section(table: str | Path, figures: Sequence[str | Path] = (), run: Mapping[str, Any] | None = None,
+                  metrics: pd.DataFrame | None = None) -> tuple[str, list[Figure]]:
+    """The masks report's main table (its ``table.md``) and its ablation plots (``ablation_*.svg``)
+    for the results page, each plot captioned with the masks' settings and the configuration."""
+    config = configuration_text(run, metrics if metrics is not None else pd.DataFrame())
+    masks_config = masks_configuration_text((run or {}).get("masks"))
+    text = Path(table).read_text(encoding="utf-8")
+    if masks_config:
+        text = masks_config + "\n\n" + text
+    out = []
+    for path in map(Path, figures):
+        name = path.stem.removeprefix("ablation_")
+        title, what = ABLATION_CAPTIONS.get(name, (f"Masks: {name}", ""))
+        out.append(Figure(f"masks-{name}", title, path.read_bytes(), " ".join(p for p in (what, masks_config, config) if p),
+                          (f"masks/{path.with_suffix('.png').name}", f"masks/{path.name}")))
+    return text, out
+
+
+VERDICT_LEGEND = (
+    "<p class='legend'>Verdicts against Origin (paired tests, alpha 0.05): "
+    "<span class='verdict lower'>lower</span> <span class='verdict higher'>higher</span> "
+    "<span class='verdict same'>no evidence of a difference</span> "
+    f"<span class='verdict same {UNDERPOWERED}'>{UNDERPOWERED}</span> (a track too small for its 'no evidence' "
+    "to mean much). The words are in every cell; colour and glyph only repeat them.</p>")
+
+
+def figure_html(fig: Figure, number: int) -> str:
+    """A figure of the page: the SVG as a data URI (self-contained), its number, title and caption."""
+    data = base64.b64encode(fig.svg).decode("ascii")
+    files = (" Files: " + ", ".join(f"<code>{html.escape(f)}</code>" for f in fig.files) + ".") if fig.files else ""
+    return (f"<figure id='fig-{html.escape(fig.key)}' class='figure'>"
+            f"<img src='data:image/svg+xml;base64,{data}' alt='{html.escape(fig.title, quote=True)}'>"
+            f"<figcaption><b>Figure {number}. {_inline(fig.title)}.</b> {_inline(fig.caption)}{files}</figcaption>"
+            f"</figure>")
+
+
+def results_html(metrics: pd.DataFrame, data: str = "", figures: Sequence[Figure] = (),
+                 masks: tuple[str, Sequence[Figure]] | None = None, run: Mapping[str, Any] | None = None) -> str:
+    """The results page, one self-contained HTML file that opens on the results: the configuration,
+    the split-size warnings, the summary table (:func:`summary_html`), the figures (embedded SVG,
+    numbered, captioned), the masks table and its ablation plots (``masks``: the masks report's
+    markdown and figures, where the config runs masks), then every detailed table of
+    :func:`results_markdown` and the data section."""
+    metrics = _prepared(metrics)
+    config = configuration_text(run, metrics)
+    models = list(dict.fromkeys(metrics["model"])) if "model" in metrics else []
+    title = "memctl results" + (f": {', '.join(map(str, models))}" if models else "")
+    nav = [("summary", "Summary")]
+    if figures:
+        nav.append(("figures", "Figures"))
+    if masks:
+        nav.append(("masks", "Masks and pruning"))
+    nav.append(("details", "Detailed tables"))
+    if data:
+        nav.append(("data", "Data"))
+    body = [f"<header><h1>{_inline(title)}</h1><p class='config' id='configuration'>{_inline(config)}</p>",
+            "<nav class='toc'>" + " ".join(f"<a href='#{k}'>{v}</a>" for k, v in nav) + "</nav></header>"]
+    warn = split_warnings(split_sizes(metrics))
+    if warn:
+        items = "".join(f"<li><b>{_inline(w.split(':', 1)[0])}:</b>{_inline(w.split(':', 1)[1])}</li>" for w in warn)
+        body.append(f"<section id='warnings' class='warnings'><h2>Warnings</h2><ul>{items}</ul></section>")
+    caption = ("**Table 1.** Every edit against the unedited model (Origin), scored on the same examples and "
+               "held-out windows: Exact ER with its count and exact Clopper-Pearson 95% interval, the exact McNemar "
+               "test against Origin; held-out perplexity over Origin's with a paired bootstrap interval and test. "
+               "Rows numbered as the frontier plot's points. " + config)
+    body.append("<section id='summary'><h2>Summary</h2>" + VERDICT_LEGEND)
+    for model in models or [None]:
+        part = metrics if model is None else metrics[metrics["model"] == model]
+        if len(models) > 1:
+            body.append(f"<h3>{_inline(str(model))}</h3>")
+        body.append(summary_html(part, caption))
+    body.append("</section>")
+    number = 0
+    if figures:
+        body.append("<section id='figures'><h2>Figures</h2>")
+        for fig in figures:
+            number += 1
+            body.append(figure_html(fig, number))
+        body.append("</section>")
+    if masks:
+        text, mask_figures = masks
+        body.append("<section id='masks'><h2>Masks and pruning</h2>")
+        body += markdown_body(text, shift=1)
+        for fig in mask_figures:
+            number += 1
+            body.append(figure_html(fig, number))
+        body.append("</section>")
+    body.append("<section id='details'><h2>Detailed tables</h2>")
+    body += markdown_body(results_details_markdown(metrics), shift=1)
+    body.append("</section>")
+    if data:
+        body.append("<section id='data'>")
+        body += markdown_body(data)
+        body.append("</section>")
+    return _page(title, body)
 
 
 def _inline(text: str) -> str:
@@ -794,12 +1241,9 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
 
 
-def markdown_html(text: str, title: str) -> str:
-    """The markdown that memctl's report commands write, as a standalone HTML page.
-
-    Covers what those commands emit (``#`` headings, pipe tables, ``-`` lists, paragraphs), so the
-    same tables appear in ``snakemake --report`` without another dependency.
-    """
+def markdown_body(text: str, shift: int = 0) -> list[str]:
+    """The HTML elements of the markdown that memctl's report commands write (``#`` headings, moved
+    ``shift`` levels down; pipe tables, verdict cells classed; ``-`` lists; paragraphs)."""
     body: list[str] = []
     lines = text.splitlines()
     i = 0
@@ -808,18 +1252,19 @@ def markdown_html(text: str, title: str) -> str:
         if not line:
             i += 1
         elif line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 6)
-            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+            hashes = len(line) - len(line.lstrip("#"))
+            level = min(hashes + shift, 6)
+            body.append(f"<h{level}>{_inline(line[hashes:].strip())}</h{level}>")
             i += 1
         elif line.startswith("|"):
             block = []
             while i < len(lines) and lines[i].startswith("|"):
                 block.append(split_row(lines[i]))
                 i += 1
-            header, rows = block[0], [r for r in block[1:] if not all(set(c) <= set("-:") for c in r)]
-            head = "".join(f"<th>{_inline(c)}</th>" for c in header)
-            cells = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-            body.append(f"<table class='memctl'><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+            rows = block[1:]
+            if rows and all(c and set(c) <= set("-:") for c in rows[0]):
+                rows = rows[1:]  # the separator row under the header
+            body.append(_table_html(block[0], rows))
         elif line.startswith("- "):
             items = []
             while i < len(lines) and lines[i].startswith("- "):
@@ -832,10 +1277,65 @@ def markdown_html(text: str, title: str) -> str:
                 para.append(lines[i].strip())
                 i += 1
             body.append(f"<p>{_inline(' '.join(para))}</p>")
-    return _page(title, body)
+    return body
+
+
+def markdown_html(text: str, title: str) -> str:
+    """The markdown that memctl's report commands write, as a standalone, styled HTML page.
+
+    Covers what those commands emit (``#`` headings, pipe tables, ``-`` lists, paragraphs), so the
+    same tables appear in ``snakemake --report`` without another dependency.
+    """
+    return _page(title, markdown_body(text))
+
+
+#: The pages' stylesheet, embedded (each page is one self-contained file). Verdict colours are
+#: tints of the plots' Okabe-Ito blue (lower) and vermillion (higher), with a glyph, beside the words.
+CSS = r"""
+:root{--fg:#1b1b1b;--muted:#4a4a4a;--line:#d4d7dc;--head:#f1f3f5;--accent:#0072B2;
+--lower:#d3e6f3;--higher:#f9dcc6;--same:#ececec}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:var(--fg);
+background:#fff;max-width:1800px;margin:0 auto;padding:1.2rem 2rem 4rem}
+h1{font-size:1.55rem;margin:.2rem 0 .3rem}
+h2{font-size:1.22rem;margin:2.2rem 0 .6rem;padding-bottom:.2rem;border-bottom:2px solid var(--accent)}
+h3{font-size:1.05rem;margin:1.5rem 0 .4rem}h4{font-size:.95rem;margin:1.2rem 0 .3rem}
+p,li,figcaption{max-width:80em}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.88em;background:#f1f3f5;
+padding:0 .25em;border-radius:3px}
+header .config{color:var(--muted);margin:.2rem 0 .5rem}
+nav.toc a{margin-right:1em;color:var(--accent);text-decoration:none;font-weight:600}
+nav.toc a:hover{text-decoration:underline}
+.warnings{border-left:5px solid #E69F00;background:#fff7e0;padding:.2rem 1rem .4rem;margin:1rem 0}
+.warnings h2{border:none;margin:.6rem 0 .2rem;font-size:1.05rem}
+.table-wrap{overflow-x:auto;margin:.5rem 0 1.2rem;border:1px solid var(--line);border-radius:4px}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:13px;min-width:100%}
+p.caption{color:var(--muted);font-size:13px;margin:-.6rem 0 1.2rem}
+th,td{padding:4px 9px;border-bottom:1px solid var(--line);text-align:right;vertical-align:top;white-space:nowrap}
+td:first-child,th:first-child,td.text,th.text{text-align:left}
+th{background:var(--head);font-weight:600}
+th.group{text-align:center;border-left:1px solid var(--line)}
+table.summary{font-size:12.5px}table.summary td,table.summary th{padding:3px 7px}
+table.summary .verdict{min-width:8.5em}
+tbody tr:nth-child(even){background:#fafbfc}
+tbody tr:hover{background:#eef5fb}
+tr.origin td{font-weight:600;background:#f6f6f6}
+.verdict{text-align:left;white-space:normal;min-width:10em}
+.verdict.lower{background:var(--lower)}
+.verdict.higher{background:var(--higher)}
+.verdict.same{background:var(--same);color:#333}
+.verdict.lower::before{content:"\25BC\00a0";color:var(--accent)}
+.verdict.higher::before{content:"\25B2\00a0";color:#D55E00}
+.verdict.underpowered{font-style:italic;outline:1px dashed #777;outline-offset:-3px}
+p.legend span.verdict{display:inline-block;padding:0 .45em;border-radius:3px;min-width:0}
+figure{margin:1.6rem 0}
+figure img{display:block;max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px;background:#fff}
+figcaption{color:#333;margin-top:.45rem}
+@media print{body{max-width:none;padding:0}.table-wrap{overflow:visible;border:none}nav.toc{display:none}}
+"""
 
 
 def _page(title: str, body: Sequence[str]) -> str:
-    style = "table{border-collapse:collapse}td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}"
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
