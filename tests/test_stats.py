@@ -137,3 +137,17 @@ def test_p_values_print_as_the_tables_show_them():
     assert stats.format_p(0.0214) == "p=0.021" and stats.format_p(0.41) == "p=0.41"
     assert stats.format_p(0.00031) == "p<0.001" and stats.format_p(1.0) == "p=1"
     assert stats.verdict(None) == "-"
+
+
+def test_fractional_er_at_zero_and_one_has_an_interval_not_a_point():
+    """No suffix position matched in 81 examples of 32 tokens: the bootstrap would print [0, 0]; the
+    fraction is at most the share of examples with any match, 0/81, whose exact upper bound is
+    1 - 0.025^(1/81) = 0.0445. Every position matched mirrors it; unequal lengths keep the bootstrap."""
+    value, lo, hi = stats.fraction_interval(np.zeros(81), np.full(81, 32))
+    assert (value, lo) == (0.0, 0.0) and hi == pytest.approx(1 - 0.025 ** (1 / 81), rel=1e-9)
+    value, lo, hi = stats.fraction_interval(np.full(81, 32), np.full(81, 32))
+    assert (value, hi) == (1.0, 1.0) and lo == pytest.approx(0.025 ** (1 / 81), rel=1e-9)
+    value, lo, hi = stats.fraction_interval(np.zeros(81), np.r_[np.full(40, 32), np.full(41, 16)])
+    assert (value, lo, hi) == (0.0, 0.0, 0.0)
+    value, lo, hi = stats.fraction_interval(np.r_[np.ones(10), np.zeros(71)], np.full(81, 32))
+    assert value == pytest.approx(10 / (81 * 32)) and lo < value < hi

@@ -22,7 +22,9 @@ test of a difference nor sensitive where most examples agree). The choices, used
   is the two-sided bootstrap p-value of that distribution against 0, ``2 min(#{d* <= 0}, #{d* >= 0})``
   with the usual ``+1`` correction, capped at 1: the difference's (1 - alpha) percentile interval
   excludes 0 exactly when p < alpha. A row's own fractional ER / Levenshtein interval is the same
-  bootstrap over its examples.
+  bootstrap over its examples; a fractional ER of exactly 0 (or 1) over equal-length suffixes, where
+  every resample repeats the point, gets the exact interval of 0/N (N/N) examples instead, which
+  bounds it (:func:`fraction_interval`).
 - **Several seeds** (``masks.seeds``: the same mode trained with several seeds, one table row): the
   unit stays the example. Each example's outcome is averaged over the seeds (the share of seeds
   that extract it; the mean matched positions, the mean Levenshtein distance), so the pooled rate
@@ -214,6 +216,13 @@ def fraction_interval(n_match, n_suffix, n_boot: int = N_BOOT, seed: int = SEED,
         return math.nan, math.nan, math.nan
     if n < 2:
         return float(_frac(m, s)), math.nan, math.nan
+    if np.all(s == s[0]) and (m.sum() == 0 or np.all(m == s)):
+        # No position matched (or every one did): every resample repeats it and the percentile
+        # interval collapses to a point. With equal suffix lengths the fraction is the mean of
+        # per-example fractions, which is at most the share of examples with any matching position
+        # (at least the share matching whole): the exact interval of that share, 0/n (n/n), bounds it.
+        point = float(_frac(m, s))
+        return (point, 0.0, rate_interval(0, n, level)[1]) if point == 0 else (point, rate_interval(n, n, level)[0], 1.0)
     point, lo, hi, _ = _bootstrap((m, s), _frac, n_boot, seed, level)
     return point, lo, hi
 
