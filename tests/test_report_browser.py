@@ -79,9 +79,12 @@ def test_the_page_opens_on_the_configuration_and_the_summary_table(page, tiny_pl
     assert 0 < top < page.execute_script("return window.innerHeight")
     headers = [th.text for th in summary.find_elements("css selector", "thead th")]
     assert headers[:3] == ["#", "Method", "Settings"]
-    assert any(h.startswith("Extraction-rate track (N=") for h in headers)
-    assert any(h.startswith("Memorized track (N=") for h in headers)
-    assert "95% CI" in headers and "Held-out perplexity / Origin" in headers
+    groups = [h.split(" (N=")[0] for h in headers if h.startswith(("Extraction-rate", "Memorized", "Held-out",
+                                                                     "Out-of-domain"))]
+    # both test tracks, the utility beside them (the frontier's axes), the out-of-domain family last
+    assert groups == ["Extraction-rate track", "Memorized track", "Held-out perplexity / Origin",
+                      "Out-of-domain family"]
+    assert headers.count("95% CI") == 4 and headers.count("vs Origin") == 4
     rows = summary.find_elements("css selector", "tbody tr")
     labels = [r.find_elements("css selector", "td")[1].text for r in rows]
     assert labels[0] == "Origin" and len(rows) == len(tiny_plan.edits)

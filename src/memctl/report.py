@@ -932,6 +932,8 @@ class Figure:
 #: (column prefix, heading, N column) of the tracks the summary table shows, where they have examples.
 SUMMARY_TRACKS = (("er_", "Extraction-rate track", "er_n_examples"), ("", "Memorized track", "n_examples"),
                   ("ood_", "Out-of-domain family", "ood_n_examples"))
+#: The summary table's utility columns (held-out perplexity over Origin's), after the two test tracks.
+PPL_GROUP = ("ppl", "Held-out perplexity / Origin", None)
 
 
 def _size(metrics: pd.DataFrame, column: str) -> int:
@@ -1045,30 +1047,37 @@ def _text(value, pattern: str = "{}") -> str:
 def summary_html(metrics: pd.DataFrame, caption: str = "") -> str:
     """The summary table: one row per edit (numbered as the frontier plot's points), Exact ER with
     its count and exact 95% interval and the paired test against Origin on each test track with
-    examples, then the held-out perplexity ratio to Origin with its interval and test. Verdict cells
+    examples, the held-out perplexity ratio to Origin with its interval and test after the
+    extraction-rate and memorized tracks, the out-of-domain family last. Verdict cells
     carry their direction as a class (coloured, with a glyph) and keep their words."""
     metrics = _prepared(metrics).reset_index(drop=True)
     tracks = [t for t in SUMMARY_TRACKS if t[2] in metrics and (metrics[t[2]].fillna(0) > 0).any()]
     top = ["<th rowspan='2'>#</th><th rowspan='2' class='text'>Method</th><th rowspan='2' class='text'>Settings</th>"]
     sub = []
-    for _, heading, n in tracks:
-        top.append(f"<th colspan='3' class='group'>{html.escape(heading)} (N={_size(metrics, n)})</th>")
-        sub += ["Exact ER (k/N)", "95% CI", "vs Origin"]
-    top.append("<th colspan='3' class='group'>Held-out perplexity / Origin</th>")
-    sub += ["ratio", "95% CI", "vs Origin"]
+    # the utility beside the two test tracks (the frontier's axes), the out-of-domain family last
+    groups = [t for t in tracks if t[0] != "ood_"] + [PPL_GROUP] + [t for t in tracks if t[0] == "ood_"]
+    for prefix, heading, n in groups:
+        if prefix == PPL_GROUP[0]:
+            top.append(f"<th colspan='3' class='group'>{html.escape(heading)}</th>")
+            sub += ["ratio", "95% CI", "vs Origin"]
+        else:
+            top.append(f"<th colspan='3' class='group'>{html.escape(heading)} (N={_size(metrics, n)})</th>")
+            sub += ["Exact ER (k/N)", "95% CI", "vs Origin"]
     body = []
     for i, rec in metrics.iterrows():
         method = _text(rec.get("method", rec.get("edit")))
         converged = rec.get("converged")
         unconverged = converged is not None and _given(converged) and not bool(converged)
         cells = [str(i + 1), method + (" (did not converge)" if unconverged else ""), _text(rec.get("settings", "-"))]
-        for prefix, _, _ in tracks:
+        for prefix, _, _ in groups:
+            if prefix == PPL_GROUP[0]:
+                cells += [_text(rec.get("ppl_ratio"), "{:.3f}"), _text(rec.get("ppl_ratio_ci", "-")),
+                          _text(rec.get("ppl_vs_origin", "-"))]
+                continue
             value = _text(rec.get(f"{prefix}exact_er"), "{:.3f}")
             count = rec.get(f"{prefix}exact_count")
             cells += [value + (f" ({count})" if count not in (None, "-") and value != "-" else ""),
                       _text(rec.get(f"{prefix}exact_ci", "-")), _text(rec.get(f"{prefix}vs_origin", "-"))]
-        cells += [_text(rec.get("ppl_ratio"), "{:.3f}"), _text(rec.get("ppl_ratio_ci", "-")),
-                  _text(rec.get("ppl_vs_origin", "-"))]
         cls = " class='origin'" if rec.get("edit") == "none" else ""
         body.append(f"<tr{cls}>" + "".join(_cell(c, "td", k in (1, 2)) for k, c in enumerate(cells)) + "</tr>")
     cap = f"<p class='caption' id='summary-caption'>{_inline(caption)}</p>" if caption else ""
