@@ -23,6 +23,7 @@ Outputs (one directory per model + candidates + settings):
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -182,24 +183,47 @@ def drop_test_overlap(splits: dict[str, pd.DataFrame], n: int) -> dict[str, pd.D
     return splits
 
 
+#: Groups that are families of related memories (the demo's ``canary-records-3``, ...:
+#: ``canary-<kind>-<family>``): split within the family, never by copy count.
+FAMILY_GROUP = re.compile(r"^canary-[a-z_]+-\d+$")
+
+
+def is_family_group(group: str) -> bool:
+    """Is ``group`` a family of related memories (:data:`FAMILY_GROUP`)?"""
+    return bool(FAMILY_GROUP.match(str(group)))
+
+
 def split_extraction_rate(candidates: pd.DataFrame, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, test) of the extraction-rate track: within each stratum (group, copy
     count; one stratum per group where counts are unknown) a seeded permutation of the rows in
     ``candidate_id`` order puts ``round(n * test_fraction)`` of them on the test side. Reads the
-    candidates' identity columns only, never an extraction outcome."""
+    candidates' identity columns only, never an extraction outcome.
+
+    A family group (:func:`is_family_group`: the demo's structured canaries, members sharing a
+    frame) is one stratum whatever its members' copy counts, and a family of ``n >= 2`` members
+    puts ``round(n * test_fraction)`` of them on the test side but at least one and at most
+    ``n - 1``: its members sit on both sides, so what a mask learns from a family's training
+    members can be measured on the family's held-out members (at 1/15 a family of 5 gives 1 of
+    5 to the test side, a larger share than the other groups'). A one-member family stays on the
+    train side."""
     cols = [c for c in ("candidate_id", "group", "copies") if c in candidates.columns]
     table = candidates[cols].reset_index(drop=True)
     if "group" not in table:
         table["group"] = "all"
     copies = table["copies"] if "copies" in table else pd.Series(-1, index=table.index)
     table["stratum_copies"] = copies.fillna(-1).astype(np.int64)
+    family = table["group"].map(is_family_group).astype(bool)
+    table.loc[family, "stratum_copies"] = -1
     order = table.sort_values(["group", "stratum_copies", "candidate_id"] if "candidate_id" in table
                               else ["group", "stratum_copies"], kind="stable")
     test: list[int] = []
-    for i, (_stratum, part) in enumerate(order.groupby(["group", "stratum_copies"], sort=True)):
+    for i, (stratum, part) in enumerate(order.groupby(["group", "stratum_copies"], sort=True)):
         rng = np.random.default_rng([int(seed), i])
         idx = part.index.to_numpy()[rng.permutation(len(part))]
-        test.extend(idx[: int(round(len(part) * float(test_fraction)))].tolist())
+        n_test = int(round(len(part) * float(test_fraction)))
+        if is_family_group(stratum[0]) and len(part) >= 2:
+            n_test = min(max(n_test, 1), len(part) - 1)
+        test.extend(idx[:n_test].tolist())
     test_idx = np.sort(np.asarray(test, dtype=np.int64))
     train_idx = np.setdiff1d(np.arange(len(table)), test_idx)
     return train_idx, test_idx

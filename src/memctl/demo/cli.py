@@ -82,7 +82,10 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def _length_summary(canaries: pd.DataFrame, lengths: list[int]) -> dict:
-    df = canaries.assign(n_tokens=lengths)
+    from memctl.demo.corpus import kind_of
+
+    # families (kind ``records-3``) are summarised by their kind (``records``)
+    df = canaries.assign(n_tokens=lengths, kind=canaries["kind"].map(kind_of))
     summary: dict = {}
     for kind, grp in df.groupby("kind", sort=True):
         vals = grp["n_tokens"].tolist()

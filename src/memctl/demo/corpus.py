@@ -32,8 +32,40 @@ Canaries
       weight-pruning paper's quotes): nothing the edits train on shares its form or its words.
 
     ``per_count`` is one number for every kind, or a mapping ``{kind: number}`` (kinds left out
-    of the mapping get none). A canary must not occur in any stdlib document (train, held-out or unselected) nor inside
-    another canary; a draw that does is redrawn. Each canary is inserted ``copies`` times between
+    of the mapping get none). These three are the independent canaries: each one random text, sharing
+    nothing with any other, the control group of the structured kinds below.
+
+Canary families (issue 23: memories that share structure, as licences, templated records and
+near-duplicates do in real training data)
+    For each structured kind in ``kinds``, ``families`` families (one number, or ``{kind: n}``) of
+    ``family_members`` members each. A family has one frame and its members vary the fields:
+
+    * ``records``: ``"<Title> <word> register. <label>: <value>; <label>: <value>; ... ."`` with
+      ``record_fields`` fields; the title, the labels (distinct words of the word list) and each
+      field's type (a made-up name, a 4-digit number, a word, a code like ``KV-482``) are the
+      family's, the values the member's;
+    * ``near_dups``: one base text of ``near_dup_words`` words (like ``words``); every member
+      replaces the word at every ``near_dup_edit_every``-th position (one phase per family) by
+      another word (case and trailing punctuation kept);
+    * ``boilerplate``: a comment-header / licence-like block of ``boilerplate_lines`` lines drawn
+      per family from :data:`BOILERPLATE_LINES` (copyright, author, licence, version, dates...),
+      whose slots (years, names, e-mail addresses, versions...) the members fill.
+
+    At every varied slot the members of a family take pairwise distinct values (for boilerplate:
+    the first slot of each line), so two members never share more than the frame text between two
+    slots (a few tokens: at most ``near_dup_edit_every - 1`` words for near_dups, one label or one
+    header line's fixed words for the others). That keeps every member a distinct evaluated
+    sequence under the 16-token disjointness filter (``extract.disjoint_ngram``: a training-side
+    row sharing a 16-token run with a test sequence is dropped), while the frame is shared and
+    seen ``members x copies`` times. Member ``j`` of family ``i`` is planted
+    ``family_copies[(i + j) % len(family_copies)]`` times. The ``kind`` column of the canary table
+    holds the family name ``<kind>-<i>`` (e.g. ``records-3``), so the candidates' group is
+    ``canary-records-3`` (:func:`kind_of` gives the kind back); ``canary_id`` is
+    ``<kind>-<i>-<copies:03d>-<member:03d>``. Each structured kind draws from its own seeded stream
+    (``seed`` and the kind), so adding or resizing families leaves the control canaries unchanged.
+
+    A canary (member or not) must not occur in any stdlib document (train, held-out or unselected)
+    nor inside another canary; a draw that does is redrawn (a whole family at once). Each canary is inserted ``copies`` times between
     training documents at seeded random gaps (distinct gaps while there are enough), never into the
     held-out slice. ``canary_id`` is ``<kind>-<copies:03d>-<index:03d>``.
 
@@ -65,6 +97,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memctl.config import ConfigError
 from memctl.demo import resolve_settings
 
 #: Files longer than this many characters are cut at blank lines into parts of at most this size.
@@ -75,6 +108,10 @@ SKIP_DIRS = frozenset(
 )
 #: Size of the word list canary sentences are drawn from.
 WORD_LIST_SIZE = 2000
+#: Independent canaries (each one random text): the control group.
+CONTROL_KINDS = ("words", "digits", "quotes")
+#: Canaries planted as families whose members share a frame.
+STRUCTURED_KINDS = ("records", "near_dups", "boilerplate")
 _WORD_RE = re.compile(r"(?<![A-Za-z0-9_])[a-z]{3,12}(?![A-Za-z0-9_])")
 
 
@@ -246,6 +283,182 @@ def _quote_canary(rng: np.random.Generator, words: list[str], n_words: int) -> s
     return f'"{_words_canary(rng, words, n_words)}" -- {_name(rng)} {_name(rng)}'
 
 
+# ------------------------------------------------------------------------------ canary families
+
+def _distinct(rng: np.random.Generator, draw, n: int, avoid: frozenset[str] = frozenset()) -> list[str]:
+    """``n`` pairwise distinct values of ``draw(rng)``, none in ``avoid``."""
+    out: list[str] = []
+    for _attempt in range(1000 * n):
+        value = draw(rng)
+        if value not in avoid and value not in out:
+            out.append(value)
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"could not draw {n} distinct values")  # pragma: no cover - pools are large
+
+
+def _full_name(rng: np.random.Generator) -> str:
+    return f"{_name(rng)} {_name(rng)}"
+
+
+def _code(rng: np.random.Generator) -> str:
+    letters = "".join(chr(ord("A") + int(i)) for i in rng.integers(0, 26, size=2))
+    return f"{letters}-{int(rng.integers(100, 1000))}"
+
+
+def _slot_drawers(words: list[str]) -> dict[str, Any]:
+    def word(r):
+        return words[int(r.integers(len(words)))]
+
+    return {
+        "name": _full_name,
+        "number": lambda r: str(int(r.integers(1000, 10000))),
+        "word": word,
+        "Word": lambda r: word(r).capitalize(),
+        "code": _code,
+        "year": lambda r: str(int(r.integers(1970, 2040))),
+        "num": lambda r: str(int(r.integers(2, 1000))),
+        "ver": lambda r: ".".join(str(int(v)) for v in r.integers(0, 20, size=3)),
+        "date": lambda r: f"{int(r.integers(1970, 2040))}-{int(r.integers(1, 13)):02d}-{int(r.integers(1, 29)):02d}",
+        "email": lambda r: f"{word(r)}@{word(r)}.org",
+        "file": lambda r: f"{word(r)}_{word(r)}.py",
+    }
+
+
+#: Field types of ``records`` (one per label, fixed per family).
+RECORD_FIELD_TYPES = ("name", "number", "word", "code")
+#: Header-line templates of ``boilerplate`` (each family draws ``boilerplate_lines`` of them).
+#: Every line has a varied slot (its first takes distinct values across a family's members) and
+#: at most ~10 tokens of fixed text between slots.
+BOILERPLATE_LINES = (
+    "# Copyright (c) {year} {name}",
+    "# Author: {name} <{email}>",
+    "# Licensed under the {Word} License, version {ver}",
+    "# File: {file}",
+    "# Project: {Word} {Word}",
+    "# Created: {date}",
+    "# Version: {ver} ({word})",
+    "# Maintainer: {name}",
+    "# Contact: {email}",
+    "# Revision {num} of the {word} module",
+    "# All rights reserved by {Word} {Word} Ltd.",
+    "# You may not use this file except under the {Word} terms.",
+    "# Distributed without any warranty; see {file} for details.",
+    "# Issue tracker: https://{word}.org/{word}/{num}",
+    "# Part of the {word} {word} toolkit, release {num}.",
+    "# Reviewed by {name} on {date}.",
+)
+_SLOT_RE = re.compile(r"\{(\w+)\}")
+
+
+def _records_family(rng: np.random.Generator, words: list[str], n_members: int, n_fields: int) -> list[str]:
+    drawers = _slot_drawers(words)
+    title = f"{words[int(rng.integers(len(words)))].capitalize()} {words[int(rng.integers(len(words)))]} register"
+    labels = [words[int(i)] for i in rng.choice(len(words), size=n_fields, replace=False)]
+    types = [RECORD_FIELD_TYPES[int(rng.integers(len(RECORD_FIELD_TYPES)))] for _ in range(n_fields)]
+    values = [_distinct(rng, drawers[t], n_members) for t in types]
+    return [f"{title}. " + "; ".join(f"{labels[k]}: {values[k][j]}" for k in range(n_fields)) + "."
+            for j in range(n_members)]
+
+
+def _near_dups_family(rng: np.random.Generator, words: list[str], n_members: int, n_words: int,
+                      every: int) -> list[str]:
+    base = _words_canary(rng, words, n_words).split(" ")
+    members = [list(base) for _ in range(n_members)]
+    phase = int(rng.integers(every))
+    for pos in range(phase, len(base), every):
+        token = base[pos]
+        core = token.rstrip(",.")
+        tail = token[len(core):]
+        capital = core[:1].isupper()
+        repl = _distinct(rng, lambda r: words[int(r.integers(len(words)))], n_members, frozenset({core.lower()}))
+        for j, word in enumerate(repl):
+            members[j][pos] = (word.capitalize() if capital else word) + tail
+    return [" ".join(m) for m in members]
+
+
+def _boilerplate_family(rng: np.random.Generator, words: list[str], n_members: int, n_lines: int) -> list[str]:
+    drawers = _slot_drawers(words)
+    chosen = [BOILERPLATE_LINES[int(i)] for i in rng.choice(len(BOILERPLATE_LINES), size=n_lines, replace=False)]
+    lines: list[list[str]] = [[] for _ in range(n_members)]
+    for template in chosen:
+        slots = _SLOT_RE.findall(template)
+        # the first slot is distinct across members, the others are drawn freely
+        values = [_distinct(rng, drawers[slots[0]], n_members)]
+        values += [[drawers[s](rng) for _ in range(n_members)] for s in slots[1:]]
+        for j in range(n_members):
+            it = iter([v[j] for v in values])
+            lines[j].append(_SLOT_RE.sub(lambda _m, it=it: next(it), template))
+    return ["\n".join(m) for m in lines]
+
+
+def kind_of(kind: str) -> str:
+    """The canary kind of a canary table's ``kind`` value: itself for the control kinds, the kind
+    of a family name (``records-3`` -> ``records``)."""
+    base, _, index = str(kind).rpartition("-")
+    return base if base in STRUCTURED_KINDS and index.isdigit() else str(kind)
+
+
+def families_of(canary_settings: Mapping[str, Any], kind: str) -> int:
+    """Families of structured ``kind``: ``families`` itself, or its entry for ``kind``."""
+    families = canary_settings["families"]
+    if isinstance(families, Mapping):
+        return int(families.get(kind, 0))
+    return int(families)
+
+
+def family_copies_of(canary_settings: Mapping[str, Any], family: int, member: int) -> int:
+    """Copy count of member ``member`` of family ``family``."""
+    counts = [int(c) for c in canary_settings["family_copies"]]
+    return counts[(family + member) % len(counts)]
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_family_settings(cfg: Mapping[str, Any]) -> None:
+    """The family settings (also checked by the schema where a config is loaded): a
+    :class:`ConfigError` naming ``demo.canaries.<key>``."""
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"demo.canaries.{key}: {why}")
+
+    families = cfg["families"]
+    if isinstance(families, Mapping):
+        unknown = sorted(set(families) - set(STRUCTURED_KINDS))
+        if unknown:
+            raise bad("families", f"{', '.join(unknown)}: not a structured kind ({', '.join(STRUCTURED_KINDS)}); "
+                      "independent canaries are sized by per_count")
+        missing = sorted(set(families) - set(cfg["kinds"]))
+        if missing:
+            raise bad("families", f"kind(s) {', '.join(missing)} not in kinds {cfg['kinds']}")
+        sizes = list(families.values())
+    else:
+        sizes = [families]
+    if any(not _whole(v) or v < 0 for v in sizes):
+        raise bad("families", f"expected a whole number >= 0 (or {{kind: number}}), got {families!r}")
+    for key, low, high in (("family_members", 2, 40), ("record_fields", 4, 1000), ("near_dup_words", 8, 100000),
+                           ("near_dup_edit_every", 2, 8), ("boilerplate_lines", 3, len(BOILERPLATE_LINES))):
+        value = cfg[key]
+        if not _whole(value) or not low <= value <= high:
+            raise bad(key, f"expected a whole number in [{low}, {high}], got {value!r}")
+    copies = cfg["family_copies"]
+    if not isinstance(copies, (list, tuple)) or not copies or any(not _whole(c) or c < 1 for c in copies):
+        raise bad("family_copies", f"expected a non-empty list of whole numbers >= 1, got {copies!r}")
+    if cfg["near_dup_edit_every"] >= cfg["near_dup_words"]:
+        raise bad("near_dup_edit_every", f"{cfg['near_dup_edit_every']} leaves at most one edit in a "
+                  f"{cfg['near_dup_words']}-word text (demo.canaries.near_dup_words)")
+
+
+def _family_texts(kind: str, rng: np.random.Generator, cfg: Mapping[str, Any], words: list[str]) -> list[str]:
+    n = int(cfg["family_members"])
+    if kind == "records":
+        return _records_family(rng, words, n, int(cfg["record_fields"]))
+    if kind == "near_dups":
+        return _near_dups_family(rng, words, n, int(cfg["near_dup_words"]), int(cfg["near_dup_edit_every"]))
+    return _boilerplate_family(rng, words, n, int(cfg["boilerplate_lines"]))
+
+
 def per_count_of(canary_settings: Mapping[str, Any], kind: str) -> int:
     """Canaries of ``kind`` per copy count: ``per_count`` itself, or its entry for ``kind``."""
     per_count = canary_settings["per_count"]
@@ -271,9 +484,28 @@ def make_canaries(
             raise ValueError(f"demo.canaries.per_count: kind(s) {', '.join(unknown)} not in kinds {cfg['kinds']}")
     if "quotes" in cfg["kinds"] and not quote_word_list:
         raise ValueError("demo.canaries.kinds: quotes need a quote word list")
+    _check_family_settings(cfg)
     rows = []
     texts: list[str] = []
     for kind in cfg["kinds"]:
+        if kind in STRUCTURED_KINDS:
+            # its own stream: families never shift the control canaries' draws
+            frng = np.random.default_rng([int(cfg["seed"]), 0xFA5, STRUCTURED_KINDS.index(kind)])
+            for family in range(families_of(cfg, kind)):
+                name = f"{kind}-{family}"
+                for _attempt in range(1000):
+                    members = _family_texts(kind, frng, cfg, word_list)
+                    clash = any(m in forbidden_text or any(m in t or t in m for t in texts) for m in members)
+                    if not clash:
+                        break
+                else:  # pragma: no cover - astronomically unlikely
+                    raise RuntimeError(f"could not draw a unique {kind} family")
+                for member, text in enumerate(members):
+                    copies = family_copies_of(cfg, family, member)
+                    texts.append(text)
+                    rows.append({"canary_id": f"{name}-{copies:03d}-{member:03d}", "kind": name,
+                                 "copies": copies, "text": text, "n_chars": len(text)})
+            continue
         for copies in sorted(set(int(c) for c in cfg["copies"])):
             for index in range(per_count_of(cfg, kind)):
                 for _attempt in range(1000):
@@ -409,8 +641,15 @@ __all__ = [
     "MAX_DOC_CHARS",
     "Document",
     "build_corpus",
+    "BOILERPLATE_LINES",
+    "CONTROL_KINDS",
+    "RECORD_FIELD_TYPES",
+    "STRUCTURED_KINDS",
     "build_word_list",
     "dedup_key",
+    "families_of",
+    "family_copies_of",
+    "kind_of",
     "load_stdlib_documents",
     "make_canaries",
     "normalize_text",
