@@ -158,9 +158,17 @@ def test_the_papers_comparisons_are_paired_tests():
     assert ("Ours (up), seed 1", "Ours (none), seed 1", "extraction-rate") in rows
     assert rows[("K-FAC", "SVD", "memorized")][4] == "lower (p<0.001)"  # 20 discordant: 2 / 2^20
     assert rows[("SVD", "BalancedSubnet", "memorized")][4] == "no evidence of a difference (p=1); underpowered"
-    # two K-FAC rows (a sweep): not compared here; the curvature report compares its chosen pair
+    # two K-FAC rows (a sweep) and no row of the paper's setting: K-FAC is not compared here (the
+    # curvature report compares its chosen pair)
     more = pd.concat([metrics, pd.DataFrame({"model": "m", "edit": ["k2"], "method": ["K-FAC (pairwise)"]})])
     assert not any("K-FAC" in why for *_, why in report.paper_pairs(more))
+    # sweeps with the paper's own setting among them: that row stands for its method (the paper grid's
+    # other SVD points do not), against the other methods' rows
+    sweep = pd.DataFrame({"model": "m", "edit": ["k", "k2", "kp", "s", "s2", "sp", "bsn"],
+                          "method": ["K-FAC", "K-FAC (pairwise)", "K-FAC (paper: 80% energy, MLPs 0-2)", "SVD",
+                                     "SVD (paper grid: top 10%, MLPs 0-2)", "SVD (paper: top 20%, MLPs 0-2)",
+                                     "BalancedSubnet"]})
+    assert {(r, f) for r, f, tracks, _ in report.paper_pairs(sweep)} == {("kp", "sp"), ("kp", "bsn"), ("sp", "bsn")}
 
 
 def test_the_data_section_counts_what_was_dropped():
