@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from memctl.masks.data import sequences_from_pairs
-from memctl.masks.training import (
-    CHECKPOINT,
-    CHECKPOINT_STATE,
-    CHECKPOINT_TENSORS,
-    LEGACY_CHECKPOINT,
-    train_mask,
-)
+from memctl.masks.checkpoint import CHECKPOINT, CHECKPOINT_STATE, CHECKPOINT_TENSORS, LEGACY_CHECKPOINT
+from memctl.masks.training import train_mask
 
 LOGGER = "memctl.masks.training"
 # 12 iterations do not train a mask to its target (on_unconverged: flag writes it anyway): these tests
@@ -259,6 +254,7 @@ CORRUPTIONS = {
     "bad optimizer group": _bad_group,
     "bad cost": _edit_json(cost={"tokens_processed": -1}),
     "no cost (format /2)": _edit_json(format="memctl-mask-checkpoint/2", cost=None),
+    "format /3 (settings hashed the old way)": _edit_json(format="memctl-mask-checkpoint/3"),
     "a file": _a_file,
 }
 

@@ -25,11 +25,9 @@ that did not fails its job with what to change (:class:`NotConvergedError`), or 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,16 +42,14 @@ from memctl.progress import tqdm
 
 from memctl.architectures import LinearTarget, linear_targets
 from memctl.config import ConfigError
-from memctl.masks import gates
+from memctl.masks import checkpoint, gates
+from memctl.masks.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError
 from memctl.masks.data import Sequences, cycling_indices, sequence_loss, window_loss
 from memctl.masks.regularizers import memorization_term, sparsity_regularizer
 from memctl.masks.settings import has_sparsity_term, resolve_mask_job
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint"  #: a directory: see _save_checkpoint
-LEGACY_CHECKPOINT = "checkpoint.pt"  #: pickle of older versions: never loaded
-CHECKPOINT_FORMAT = "memctl-mask-checkpoint/3"  #: /3: the cost so far is in state.json
 LOG_COLUMNS = [
     "iteration", "lr", "loss", "calib_loss", "mem_loss", "mem_term", "r_s", "train_sparsity", "eval_sparsity",
 ]
@@ -304,14 +300,14 @@ def train_mask(
 
     rows: list[dict[str, float]] = []
     start = 0
-    earlier = dict(_NO_COST)  # the cost of the segments before this one (from the checkpoint)
+    earlier = dict(checkpoint.NO_COST)  # the cost of the segments before this one (from the checkpoint)
     ckpt_path = Path(work_dir) / CHECKPOINT if work_dir else None
     if work_dir is not None and (Path(work_dir) / LEGACY_CHECKPOINT).exists():
         log.warning("ignoring %s: pickle checkpoints of older versions are never loaded",
                     Path(work_dir) / LEGACY_CHECKPOINT)
     if ckpt_path is not None and ckpt_path.exists():
         try:
-            saved = _read_checkpoint(ckpt_path, s, mask_gates, optimizer)
+            saved = checkpoint.read(ckpt_path, s, mask_gates, optimizer, LOG_COLUMNS)
         except CheckpointError as err:
             log.warning("ignoring checkpoint %s (%s): training from scratch", ckpt_path, err)
         else:
@@ -382,7 +378,7 @@ def train_mask(
                     "eval_sparsity": mask_sparsity(mask_gates.eval_masks(s["offset"])),
                 })
             if ckpt_path is not None and s["checkpoint_every"] and ((it + 1) % s["checkpoint_every"] == 0 or last):
-                _save_checkpoint(ckpt_path, s, it + 1, mask_gates, optimizer, rows, cost_so_far())
+                checkpoint.save(ckpt_path, s, it + 1, mask_gates, optimizer, rows, cost_so_far())
             if stop_after is not None and it + 1 >= stop_after and not last:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped after {it + 1} iterations")
@@ -398,7 +394,7 @@ def train_mask(
     stats["converged"] = report["converged"]
     stats["convergence"] = {k: v for k, v in report.items() if k not in ("converged", "message")}
     if ckpt_path is not None and not s["keep_checkpoint"]:
-        _remove_checkpoint(ckpt_path)
+        checkpoint.remove(ckpt_path)
     if not report["converged"]:
         if s["on_unconverged"] == "fail":
             raise NotConvergedError(report["message"])
@@ -574,206 +570,6 @@ def final_masks(mask_gates: MaskGates, s: Mapping[str, Any]) -> tuple[dict[str, 
 # hyperparameters, non-tensor optimizer state, log rows, and the sha256 of the tensors file). Nothing
 # in it is executable: no pickle is ever read. There is no RNG state to keep: noise seeds and batch
 # order are pure functions of (seed, iteration).
-
-CHECKPOINT_TENSORS = "tensors.safetensors"
-CHECKPOINT_STATE = "state.json"
-_SCALAR = (int, float, bool, type(None))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (unreadable, incomplete, or written for other settings)."""
-
-
-@dataclass
-class _SavedState:
-    iteration: int
-    rows: list[dict[str, Any]]
-    gates: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    cost: dict[str, Any]
-
-
-#: The cost before the first segment of a job.
-_NO_COST: dict[str, Any] = {"tokens_processed": 0, "forward_calls": 0, "wall_time_s": 0.0, "segments": 0,
-                            "devices": []}
-
-
-def _checked_cost(cost: Any) -> dict[str, Any]:
-    """The ``cost`` record of a checkpoint (:func:`train_mask`), or :class:`CheckpointError`."""
-    ok = (isinstance(cost, dict) and set(cost) == set(_NO_COST)
-          and all(type(cost[k]) is int and cost[k] >= 0 for k in ("tokens_processed", "forward_calls"))
-          and type(cost["segments"]) is int and cost["segments"] >= 1
-          and isinstance(cost["wall_time_s"], (int, float)) and not isinstance(cost["wall_time_s"], bool)
-          and math.isfinite(cost["wall_time_s"]) and cost["wall_time_s"] >= 0
-          and isinstance(cost["devices"], list) and all(isinstance(d, str) for d in cost["devices"]))
-    if not ok:
-        raise CheckpointError("bad cost record")
-    return {**cost, "wall_time_s": float(cost["wall_time_s"]), "devices": list(cost["devices"])}
-
-
-def _canonical(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists), for comparing settings."""
-    return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def settings_hash(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(_canonical(dict(settings)), sort_keys=True).encode()).hexdigest()
-
-
-def _same_kind(value: Any, like: Any) -> bool:
-    """A JSON scalar that may stand for ``like`` (numbers for numbers, bools for bools; None is open)."""
-    if not isinstance(value, _SCALAR):
-        return False
-    if like is None or value is None:
-        return like is None or value is None
-    if isinstance(like, bool) or isinstance(value, bool):
-        return isinstance(like, bool) and isinstance(value, bool)
-    return isinstance(like, (int, float)) and isinstance(value, (int, float))
-
-
-def _save_checkpoint(path: Path, settings, iteration, mask_gates, optimizer, rows, cost) -> None:
-    from safetensors.torch import save_file
-
-    from memctl.store import atomic_path
-
-    tensors = {f"gates.{k}": v.detach().cpu().contiguous() for k, v in mask_gates.state_dict().items()}
-    opt = optimizer.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entries in opt["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-            elif isinstance(value, _SCALAR):
-                scalars.setdefault(str(index), {})[key] = value
-            else:
-                raise TypeError(f"optimizer state {index}.{key}: cannot checkpoint a {type(value).__name__}")
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
-    with atomic_path(path, directory=True) as tmp:
-        save_file(tensors, str(tmp / CHECKPOINT_TENSORS))
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "settings": _canonical(dict(settings)),
-            "settings_sha256": settings_hash(settings),
-            "iteration": int(iteration),
-            "gate_names": list(mask_gates.state_dict()),
-            "optimizer_param_groups": groups,
-            "optimizer_scalar_state": scalars,
-            "log": list(rows),
-            "cost": dict(cost),
-            "tensors_sha256": _sha256(tmp / CHECKPOINT_TENSORS),
-        }
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _read_checkpoint(path: Path, settings: Mapping[str, Any], mask_gates: MaskGates, optimizer) -> _SavedState:
-    """Read and check a checkpoint against this run; raises :class:`CheckpointError` if it is unusable."""
-    from safetensors.torch import load_file
-
-    for name in (CHECKPOINT_STATE, CHECKPOINT_TENSORS):
-        if not (path / name).is_file():  # missing, or a device / FIFO planted to hang the reader
-            raise CheckpointError(f"no regular file {name}")
-    try:
-        state = json.loads((path / CHECKPOINT_STATE).read_text(encoding="utf-8"))
-        tensors_sha256 = _sha256(path / CHECKPOINT_TENSORS)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"unreadable: {err}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"not a {CHECKPOINT_FORMAT} checkpoint")
-    if state.get("settings_sha256") != settings_hash(settings) or state.get("settings") != _canonical(dict(settings)):
-        raise CheckpointError("written with other settings")
-    if state.get("tensors_sha256") != tensors_sha256:
-        raise CheckpointError(f"{CHECKPOINT_TENSORS} does not match the checksum in {CHECKPOINT_STATE}")
-    device = next(iter(mask_gates.parameters())).device
-    try:  # straight onto the gates' device, as the training state lives there
-        tensors = load_file(str(path / CHECKPOINT_TENSORS), device=str(device))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-        raise CheckpointError(f"unreadable {CHECKPOINT_TENSORS}: {err}") from None
-
-    iteration = state.get("iteration")
-    if type(iteration) is not int or not 0 < iteration <= int(settings["steps"]):
-        raise CheckpointError(f"bad iteration {iteration!r}")
-    rows = state.get("log")
-    if not isinstance(rows, list) or not all(
-        isinstance(r, dict) and set(r) <= set(LOG_COLUMNS) and all(isinstance(v, _SCALAR) for v in r.values())
-        for r in rows
-    ):
-        raise CheckpointError("bad log rows")
-    cost = _checked_cost(state.get("cost"))
-
-    # Gate parameters: exactly this run's names, shapes and dtypes.
-    expected = mask_gates.state_dict()
-    gates_sd = {k[len("gates."):]: v for k, v in tensors.items() if k.startswith("gates.")}
-    if state.get("gate_names") != list(expected) or set(gates_sd) != set(expected):
-        raise CheckpointError("its gated matrices differ from this run's")
-    for name, value in expected.items():
-        if gates_sd[name].shape != value.shape or gates_sd[name].dtype != value.dtype:
-            raise CheckpointError(f"gate {name}: {tuple(gates_sd[name].shape)} {gates_sd[name].dtype}, "
-                                  f"expected {tuple(value.shape)} {value.dtype}")
-
-    # Optimizer: param groups with this optimizer's keys and scalar values; per-parameter state
-    # tensors shaped like their parameter (or scalars, such as AdamW's step count).
-    current = optimizer.state_dict()
-    groups = state.get("optimizer_param_groups")
-    if not isinstance(groups, list) or len(groups) != len(current["param_groups"]):
-        raise CheckpointError("bad optimizer param groups")
-    param_groups = []
-    for saved_group, group in zip(groups, current["param_groups"], strict=True):
-        keys = set(group) - {"params"}
-        if not isinstance(saved_group, dict) or set(saved_group) != keys:
-            raise CheckpointError("optimizer param groups with other keys")
-        restored = {"params": list(group["params"])}
-        for key in keys:
-            value, like = saved_group[key], group[key]
-            if isinstance(like, tuple):
-                if not isinstance(value, list) or len(value) != len(like) or not all(
-                        isinstance(v, (int, float)) for v in value):
-                    raise CheckpointError(f"bad optimizer setting {key}: {value!r}")
-                value = tuple(value)
-            elif not _same_kind(value, like):
-                raise CheckpointError(f"bad optimizer setting {key}: {value!r}")
-            restored[key] = value
-        param_groups.append(restored)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    scalars = state.get("optimizer_scalar_state", {})
-    if not isinstance(scalars, dict):
-        raise CheckpointError("bad optimizer scalar state")
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("gates."):
-            continue
-        parts = key.split(".")
-        if len(parts) != 3 or parts[0] != "optimizer" or not parts[1].isdigit() or int(parts[1]) >= len(params):
-            raise CheckpointError(f"unexpected tensor {key!r}")
-        index = int(parts[1])
-        if value.ndim and value.shape != params[index].shape:
-            raise CheckpointError(f"{key}: shape {tuple(value.shape)}, parameter {tuple(params[index].shape)}")
-        # Scalar state (AdamW's step count) stays on the CPU, where a fresh AdamW keeps it.
-        opt_state.setdefault(index, {})[parts[2]] = value.cpu() if value.ndim == 0 else value
-    for index, entries in scalars.items():
-        if not index.isdigit() or int(index) >= len(params) or not isinstance(entries, dict) or not all(
-                isinstance(v, _SCALAR) for v in entries.values()):
-            raise CheckpointError("bad optimizer scalar state")
-        opt_state.setdefault(int(index), {}).update(entries)
-    if set(opt_state) != set(range(len(params))):
-        raise CheckpointError("optimizer state does not cover every gate parameter")
-    return _SavedState(iteration, [dict(r) for r in rows], gates_sd, {"state": opt_state, "param_groups": param_groups},
-                       cost)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _remove_checkpoint(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
 
 def per_matrix_table(result: MaskResult) -> pd.DataFrame:
     """One row per gated matrix: where it is, its size and the share of pruned weights."""
