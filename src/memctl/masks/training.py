@@ -290,38 +290,12 @@ def train_mask(
         calibration = calibration[: s["calibration_windows"]]
     s, budget = resolve_budget(s, len(calibration))
     targets = linear_targets(model, groups=s["groups"])
-    mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
-    optimizer = torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     trainer = _Trainer(model, calibration, memorized, s, device)
     # measured before training and outside the cost count (a measurement, not the method's work)
     unpruned = trainer.unpruned_mem_loss() if memorized is not None and len(memorized) else None
+    mask_gates, optimizer, start, rows, earlier, ckpt_path = _start_or_resume(work_dir, s, model, targets)
     total = mask_gates.total
     gate_args = (s["gate"], s["tau"], s["offset"])
-
-    rows: list[dict[str, float]] = []
-    start = 0
-    earlier = dict(checkpoint.NO_COST)  # the cost of the segments before this one (from the checkpoint)
-    ckpt_path = Path(work_dir) / CHECKPOINT if work_dir else None
-    if work_dir is not None and (Path(work_dir) / LEGACY_CHECKPOINT).exists():
-        log.warning("ignoring %s: pickle checkpoints of older versions are never loaded",
-                    Path(work_dir) / LEGACY_CHECKPOINT)
-    if ckpt_path is not None and ckpt_path.exists():
-        try:
-            saved = checkpoint.read(ckpt_path, s, mask_gates, optimizer, LOG_COLUMNS)
-        except CheckpointError as err:
-            log.warning("ignoring checkpoint %s (%s): training from scratch", ckpt_path, err)
-        else:
-            try:
-                mask_gates.load_state_dict(saved.gates)
-                optimizer.load_state_dict(saved.optimizer)
-            except Exception as err:  # noqa: BLE001 - anything odd: never train on a half-loaded state
-                log.warning("ignoring checkpoint %s (cannot be applied: %s): training from scratch", ckpt_path, err)
-                mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
-                optimizer = torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
-            else:
-                start, rows, earlier = saved.iteration, saved.rows, saved.cost
-                log.info("resuming %s mask training at iteration %d / %d from %s", mode, start, s["steps"],
-                         ckpt_path)
 
     def step(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -367,14 +341,10 @@ def train_mask(
             last = it + 1 == s["steps"]
             if (it + 1) % s["log_every"] == 0 or last or it == 0:
                 rows.append({
-                    "iteration": it + 1,
-                    "lr": lr,
+                    "iteration": it + 1, "lr": lr,
                     "loss": float(loss.detach()) + (float(term.detach()) if mode == "down" else 0.0),
-                    "calib_loss": float(calib),
-                    "mem_loss": math.nan if mem is None else float(mem),
-                    "mem_term": math.nan if term is None else float(term.detach()),
-                    "r_s": float(r_s),
-                    "train_sparsity": train_sparsity,
+                    "calib_loss": float(calib), "mem_loss": _float(mem), "mem_term": _float(term),
+                    "r_s": float(r_s), "train_sparsity": train_sparsity,
                     "eval_sparsity": mask_sparsity(mask_gates.eval_masks(s["offset"])),
                 })
             if ckpt_path is not None and s["checkpoint_every"] and ((it + 1) % s["checkpoint_every"] == 0 or last):
@@ -390,19 +360,64 @@ def train_mask(
     if unpruned is not None:  # the masks report draws it on the threshold plot; t is read against it
         stats.update(unpruned_mem_loss=round(unpruned, 6), unpruned_mem_loss_tokens=s["mem_loss_tokens"],
                      unpruned_mem_sequences=len(memorized))
+    if ckpt_path is not None and not s["keep_checkpoint"]:
+        checkpoint.remove(ckpt_path)
+    _check_convergence(mask_gates, masks, s, stats, rows)
+    history = pd.DataFrame(rows, columns=LOG_COLUMNS)
+    return MaskResult({k: v.cpu() for k, v in masks.items()}, history, stats, targets, cost)
+
+
+def _float(value: torch.Tensor | None) -> float:
+    return math.nan if value is None else float(value.detach())
+
+
+def _fresh(model: nn.Module, targets, s: Mapping[str, Any]):
+    """(gates, AdamW over them) at their initial state."""
+    mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
+    return mask_gates, torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+
+
+def _start_or_resume(work_dir, s: Mapping[str, Any], model: nn.Module, targets):
+    """(gates, optimizer, first iteration, log rows, cost of earlier segments, checkpoint path or
+    None): fresh, or from a usable checkpoint in ``work_dir`` (an unusable one is ignored with a warning)."""
+    mask_gates, optimizer = _fresh(model, targets, s)
+    if work_dir is None:
+        return mask_gates, optimizer, 0, [], dict(checkpoint.NO_COST), None
+    ckpt_path = Path(work_dir) / CHECKPOINT
+    if (Path(work_dir) / LEGACY_CHECKPOINT).exists():
+        log.warning("ignoring %s: pickle checkpoints of older versions are never loaded",
+                    Path(work_dir) / LEGACY_CHECKPOINT)
+    if not ckpt_path.exists():
+        return mask_gates, optimizer, 0, [], dict(checkpoint.NO_COST), ckpt_path
+    try:
+        saved = checkpoint.read(ckpt_path, s, mask_gates, optimizer, LOG_COLUMNS)
+    except CheckpointError as err:
+        log.warning("ignoring checkpoint %s (%s): training from scratch", ckpt_path, err)
+        return mask_gates, optimizer, 0, [], dict(checkpoint.NO_COST), ckpt_path
+    try:
+        mask_gates.load_state_dict(saved.gates)
+        optimizer.load_state_dict(saved.optimizer)
+    except Exception as err:  # noqa: BLE001 - anything odd: never train on a half-loaded state
+        log.warning("ignoring checkpoint %s (cannot be applied: %s): training from scratch", ckpt_path, err)
+        return *_fresh(model, targets, s), 0, [], dict(checkpoint.NO_COST), ckpt_path
+    log.info("resuming %s mask training at iteration %d / %d from %s", s["mode"], saved.iteration, s["steps"],
+             ckpt_path)
+    return mask_gates, optimizer, saved.iteration, saved.rows, saved.cost, ckpt_path
+
+
+def _check_convergence(mask_gates: MaskGates, masks, s: Mapping[str, Any], stats: dict[str, Any],
+                       rows: list[dict[str, Any]]) -> None:
+    """Record :func:`convergence` in ``stats``; an unconverged mask fails (``on_unconverged: fail``)
+    or is flagged with a warning."""
     report = convergence(mask_gates, masks, s, stats, rows[-1]["train_sparsity"] if rows else math.nan)
     stats["converged"] = report["converged"]
     stats["convergence"] = {k: v for k, v in report.items() if k not in ("converged", "message")}
-    if ckpt_path is not None and not s["keep_checkpoint"]:
-        checkpoint.remove(ckpt_path)
     if not report["converged"]:
         if s["on_unconverged"] == "fail":
             raise NotConvergedError(report["message"])
         stats["unconverged_reason"] = report["reason"]
         log.warning("%s\n(masks.on_unconverged: flag: the mask is written, marked 'did not converge')",
                     report["message"])
-    history = pd.DataFrame(rows, columns=LOG_COLUMNS)
-    return MaskResult({k: v.cpu() for k, v in masks.items()}, history, stats, targets, cost)
 
 
 @torch.no_grad()
