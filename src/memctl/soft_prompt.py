@@ -58,6 +58,40 @@ def _position_limit(model) -> int | None:
     return getattr(config, key, None) if key else None
 
 
+def _shift_positions(kwargs: dict, n_prompt: int, length: int, first: bool) -> None:
+    """Make room for ``n_prompt`` prompt positions in ``kwargs`` (in place): the attention mask gets
+    ones in front, explicit position ids and cache positions move by ``n_prompt`` (and, on the first
+    forward pass of a generation, gain the prompt's own positions)."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], n_prompt)), mask], dim=1)
+    if kwargs.get("position_ids") is not None:
+        pos = kwargs["position_ids"] + n_prompt
+        if first:
+            lead = torch.arange(n_prompt, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], -1)
+            pos = torch.cat([lead, pos], dim=1)
+        kwargs["position_ids"] = pos
+    if kwargs.get("cache_position") is not None:
+        cache = kwargs["cache_position"]
+        kwargs["cache_position"] = (torch.arange(n_prompt + length, device=cache.device, dtype=cache.dtype)
+                                    if first else cache + n_prompt)
+
+
+def _prepend_prompt(module, kwargs: dict, embeddings: torch.Tensor) -> None:
+    """Replace the inputs in ``kwargs`` (in place) by their embeddings after the prompt's, and pad
+    the labels with -100 over the prompt."""
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = module.get_input_embeddings()(kwargs["input_ids"])
+    batch, n_prompt = embeds.shape[0], embeddings.shape[0]
+    prompt = embeddings.to(device=embeds.device, dtype=embeds.dtype)
+    kwargs["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
+    kwargs["input_ids"] = None
+    if kwargs.get("labels") is not None:
+        labels = kwargs["labels"]
+        kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
+
+
 def attach(model, embeddings: torch.Tensor):
     """Put the soft prompt ``embeddings`` ([P, hidden]) in front of every input of ``model``.
 
@@ -82,39 +116,18 @@ def attach(model, embeddings: torch.Tensor):
             raise ValueError("a soft-prompted model takes input_ids positionally and everything else by name")
         if args:
             kwargs["input_ids"] = args[0]
-        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 names it `cache`
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        mask = kwargs.get("attention_mask")
-        batch, length = (embeds.shape[:2] if embeds is not None else ids.shape[:2])
-        device = (embeds if embeds is not None else ids).device
-        first = _cache_length(past) == 0
-        if mask is not None:
-            kwargs["attention_mask"] = torch.cat([mask.new_ones((batch, n_prompt)), mask], dim=1)
-        if kwargs.get("position_ids") is not None:
-            pos = kwargs["position_ids"] + n_prompt
-            if first:
-                lead = torch.arange(n_prompt, device=pos.device, dtype=pos.dtype).expand(pos.shape[0], -1)
-                pos = torch.cat([lead, pos], dim=1)
-            kwargs["position_ids"] = pos
-        if kwargs.get("cache_position") is not None:
-            cache = kwargs["cache_position"]
-            kwargs["cache_position"] = (torch.arange(n_prompt + length, device=cache.device, dtype=cache.dtype)
-                                        if first else cache + n_prompt)
+        length = int((embeds if embeds is not None else ids).shape[1])
+        first = _cache_length(kwargs.get("cache", kwargs.get("past_key_values"))) == 0  # transformers 5: `cache`
+        _shift_positions(kwargs, n_prompt, length, first)
         if not first:
             state.trim.append(-1)
             return (), kwargs
         if limit is not None and n_prompt + length > limit:
             raise ValueError(f"soft prompt ({n_prompt} vectors) + input ({length} tokens) exceed the model's "
                              f"{limit} learned positions")
-        if embeds is None:
-            embeds = module.get_input_embeddings()(ids)
-        prompt = state.embeddings.to(device=device, dtype=embeds.dtype)
-        kwargs["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)
-        kwargs["input_ids"] = None
-        if kwargs.get("labels") is not None:
-            labels = kwargs["labels"]
-            kwargs["labels"] = torch.cat([labels.new_full((batch, n_prompt), -100), labels], dim=1)
-        state.trim.append(int(length))
+        _prepend_prompt(module, kwargs, state.embeddings)
+        state.trim.append(length)
         return (), kwargs
 
     def post(module, args, output):
