@@ -282,18 +282,23 @@ def _layer_text(layers: str, roles: str) -> str:
     return f"{layers}" + ("" if roles in ("all", "-", None) else f" ({roles})")
 
 
-def choose(table: pd.DataFrame, rule: Rule) -> Choice:
-    """Apply the rule (module docstring) to an edit table that carries the columns of :data:`READS`
-    (:func:`memctl.curvature.report.edit_table` + :func:`add_utility`)."""
-    cols = [c for c in READS if c in table.columns]
-    t = table[cols].copy()  # nothing else is read below
+def _search_space(table: pd.DataFrame, rule: Rule) -> pd.DataFrame:
+    """The rule's candidates: the columns of :data:`READS` (nothing else is read) of every K-FAC edit
+    of the rule's forms and every SVD edit, with their ``kind``; no ablation rows."""
+    t = table[[c for c in READS if c in table.columns]].copy()
     t = t[t["edit"] != "none"]
     if "spec_method" not in t:
         t["spec_method"] = None
     if "calibration" in t:  # ablation rows (curvature.ablations: other factors) are not in the search space
         t = t[t["calibration"].fillna("").astype(str) == ""]
     t["kind"] = t["spec_method"].map(lambda m: "svd" if m == "svd" else ("kfac" if m in rule.kfac_forms else None))
-    t = t[t["kind"].notna()].copy()
+    return t[t["kind"].notna()].copy()
+
+
+def choose(table: pd.DataFrame, rule: Rule) -> Choice:
+    """Apply the rule (module docstring) to an edit table that carries the columns of :data:`READS`
+    (:func:`memctl.curvature.report.edit_table` + :func:`add_utility`)."""
+    t = _search_space(table, rule)
     choice = Choice(rule)
     n_val = pd.to_numeric(t.get("val_n_examples", pd.Series(dtype=float)), errors="coerce").fillna(0)
     choice.n_validation = int(n_val.max()) if len(n_val) else 0
