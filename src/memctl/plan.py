@@ -612,10 +612,12 @@ class _Builder:
         return f"{self.eval_dir}/{edit}/metrics.parquet"
 
     def masks(self) -> None:
+        """Masks, pruning baselines, BalancedSubnet and CSP (main table, ablations and sweeps), the
+        sample of their training memories every one of them is scored on, and the masks report."""
         from memctl.masks import settings as mask_settings
 
-        cfg, m = self.cfg, self.model
-        masks, pruning = cfg["masks"], cfg["pruning"]
+        cfg = self.cfg
+        masks = cfg["masks"]
         self.mask_jobs: list[Job] = []
         self.prune_jobs: list[Job] = []
         self.bsn_jobs: list[Job] = []
@@ -626,62 +628,78 @@ class _Builder:
         self.own_memories = None
         sample_jobs: list[Job] = []
         if masks["enabled"]:
-            # the forget track: one seeded sample of the masks' training memories (er_train), scored by
-            # every edit trained on them, the `none` masks and Origin (the same rows for all)
-            own = mask_settings.resolve_own_memories(masks["own_memories"])
-            h = settings_hash(self.extract_hash, own)
-            self.own_memories = f"{m.dir}/memories-{h}/er_train.parquet"
-            sample_jobs.append(Job(
-                "sample_memories", h, {"table": self.tables["er_train"]}, {"sample": self.own_memories},
-                ("--table", self.tables["er_train"], "--settings", as_json(own), "--out", self.own_memories),
-                self.log("sample_memories", h), self.bench("sample_memories", h), own,
-            ))
-            origin = self.edits["none"]
-            self.edits["none"] = Edit(origin.id, origin.label, origin.stage, origin.delta,
-                                      {**origin.info, "forget": self.own_memories})
-            self.masks_spec["none"]["forget"] = self.own_memories
-            if pruning["second_moments"] == "kfac" and "sequential" in pruning["forms"]:
-                raise ConfigError(
-                    f"pruning.second_moments: 'kfac' works with pruning.forms: [one_pass] only (the K-FAC factors "
-                    f"are the unpruned model's statistics; the sequential form needs those of the pruned blocks "
-                    f"below); got pruning.forms: {pruning['forms']}"
-                )
-            r = masks["sparsity"]
-            for method in pruning["methods"]:
-                for form in (["sequential"] if method == "magnitude" else pruning["forms"]):
-                    self.baseline(method, form, r, "main", mask_settings)
-            bsn = pruning["balanced_subnet"]
-            if bsn["enabled"]:
-                self.balanced_subnet(mask_settings)
-            self.csp()
-            for mode in masks["modes"]:
-                for seed in masks["seeds"]:  # the first seed's mask is the mode's reference run
-                    self.mask(mode, r, masks["threshold"], "main", mask_settings,
-                              None if seed == masks["seeds"][0] else f"{MASK_MODE_LABELS[mode]}, seed {seed}",
-                              seed=seed)
-            self.mask_ablations(r, mask_settings)
-            sweep = masks["sweep"]
-            for s in sweep["sparsities"]:
-                for mode in sweep["sparsity_modes"]:
-                    self.mask(mode, s, masks["threshold"], "sparsity", mask_settings,
-                              f"{MASK_MODE_LABELS[mode]}, sparsity {s:.2f}")
-                if sweep["baselines"]:
-                    for method in pruning["methods"]:
-                        form = "sequential" if method == "magnitude" else pruning["forms"][0]
-                        self.baseline(method, form, s, "sparsity", mask_settings,
-                                      f"{BASELINE_LABELS[method]}, sparsity {s:.2f}")
-            for t in sweep["thresholds"]:
-                self.mask("down", r, t, "threshold", mask_settings, f"Ours (down), t={t:g}")
-            if sweep["thresholds"]:
-                self.mask("down", r, masks["threshold"], "threshold", mask_settings)
+            sample_jobs.append(self._own_memories_job(mask_settings))
+            self._main_masks(mask_settings)
+            self.mask_ablations(masks["sparsity"], mask_settings)
+            self._mask_sweeps(mask_settings)
         self.add("sample_memories", sample_jobs, wildcard="sample",
-                 outputs={"sample": f"{m.dir}/memories-{{sample}}/er_train.parquet"})
-        edit_pattern = {"delta": f"{m.dir}/edits/{{edit}}/delta.safetensors"}
-        log_pattern = {**edit_pattern, "log": f"{m.dir}/edits/{{edit}}/train_log.parquet"}
+                 outputs={"sample": f"{self.model.dir}/memories-{{sample}}/er_train.parquet"})
+        edit_pattern = {"delta": f"{self.model.dir}/edits/{{edit}}/delta.safetensors"}
+        log_pattern = {**edit_pattern, "log": f"{self.model.dir}/edits/{{edit}}/train_log.parquet"}
         self.add("train_mask", self.mask_jobs, wildcard="edit", outputs=log_pattern)
         self.add("prune_baseline", self.prune_jobs, wildcard="edit", outputs=edit_pattern)
         self.add("balanced_subnet", self.bsn_jobs, wildcard="edit", outputs=log_pattern)
         self.add("csp", self.csp_jobs, wildcard="edit", outputs=log_pattern)
+        self._masks_report()
+
+    def _own_memories_job(self, mask_settings) -> Job:
+        """The forget track: one seeded sample of the masks' training memories (er_train), scored by
+        every edit trained on them, the `none` masks and Origin (the same rows for all)."""
+        own = mask_settings.resolve_own_memories(self.cfg["masks"]["own_memories"])
+        h = settings_hash(self.extract_hash, own)
+        self.own_memories = f"{self.model.dir}/memories-{h}/er_train.parquet"
+        origin = self.edits["none"]
+        self.edits["none"] = Edit(origin.id, origin.label, origin.stage, origin.delta,
+                                  {**origin.info, "forget": self.own_memories})
+        self.masks_spec["none"]["forget"] = self.own_memories
+        return Job(
+            "sample_memories", h, {"table": self.tables["er_train"]}, {"sample": self.own_memories},
+            ("--table", self.tables["er_train"], "--settings", as_json(own), "--out", self.own_memories),
+            self.log("sample_memories", h), self.bench("sample_memories", h), own,
+        )
+
+    def _main_masks(self, mask_settings) -> None:
+        """The main table at ``masks.sparsity``: pruning baselines, BalancedSubnet, CSP, each mode per seed."""
+        masks, pruning = self.cfg["masks"], self.cfg["pruning"]
+        if pruning["second_moments"] == "kfac" and "sequential" in pruning["forms"]:
+            raise ConfigError(
+                f"pruning.second_moments: 'kfac' works with pruning.forms: [one_pass] only (the K-FAC factors "
+                f"are the unpruned model's statistics; the sequential form needs those of the pruned blocks "
+                f"below); got pruning.forms: {pruning['forms']}"
+            )
+        r = masks["sparsity"]
+        for method in pruning["methods"]:
+            for form in (["sequential"] if method == "magnitude" else pruning["forms"]):
+                self.baseline(method, form, r, "main", mask_settings)
+        if pruning["balanced_subnet"]["enabled"]:
+            self.balanced_subnet(mask_settings)
+        self.csp()
+        for mode in masks["modes"]:
+            for seed in masks["seeds"]:  # the first seed's mask is the mode's reference run
+                self.mask(mode, r, masks["threshold"], "main", mask_settings,
+                          None if seed == masks["seeds"][0] else f"{MASK_MODE_LABELS[mode]}, seed {seed}",
+                          seed=seed)
+
+    def _mask_sweeps(self, mask_settings) -> None:
+        """The sparsity sweep (paper Fig. 3; baselines too where asked) and the threshold sweep (Fig. 4)."""
+        masks, pruning = self.cfg["masks"], self.cfg["pruning"]
+        r, sweep = masks["sparsity"], masks["sweep"]
+        for s in sweep["sparsities"]:
+            for mode in sweep["sparsity_modes"]:
+                self.mask(mode, s, masks["threshold"], "sparsity", mask_settings,
+                          f"{MASK_MODE_LABELS[mode]}, sparsity {s:.2f}")
+            if sweep["baselines"]:
+                for method in pruning["methods"]:
+                    form = "sequential" if method == "magnitude" else pruning["forms"][0]
+                    self.baseline(method, form, s, "sparsity", mask_settings,
+                                  f"{BASELINE_LABELS[method]}, sparsity {s:.2f}")
+        for t in sweep["thresholds"]:
+            self.mask("down", r, t, "threshold", mask_settings, f"Ours (down), t={t:g}")
+        if sweep["thresholds"]:
+            self.mask("down", r, masks["threshold"], "threshold", mask_settings)
+
+    def _masks_report(self) -> None:
+        masks = self.cfg["masks"]
         spec = {"title": f"Masks and pruning baselines at sparsity {masks['sparsity']:g}",
                 "edits": list(self.masks_spec.values())}
         if self.mask_ablation_rows:
