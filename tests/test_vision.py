@@ -262,7 +262,7 @@ def test_kfac_factors_of_the_vit_match_an_independent_computation(digits_dir):
 
 
 def test_kfac_edit_and_pruning_baselines_on_the_vit(digits_dir, tmp_path):
-    from memctl.curvature.cli import make_edit
+    from memctl.curvature.edit import make_edit
     from memctl.curvature.decompose import decompose
     from memctl.edits import apply_delta, load_delta, save_delta
     from memctl.pruning.runner import prune_model

@@ -151,44 +151,9 @@ def cmd_decompose(args) -> None:
     log.info("eigenbases of %d modules (%s, %s) -> %s", len(result["summary"]), args.precision, device, out)
 
 
-def edit_targets(model, spec, eig=None):
-    """The matrices an edit spec touches: collected ones for K-FAC, any of the groups for SVD."""
-    from memctl import architectures as arch
-    from memctl.config import ConfigError
-
-    if spec["method"] == "svd":
-        try:
-            return arch.linear_targets(model, groups=spec["groups"], layers=spec["layers"], roles=spec["roles"])
-        except ValueError as err:
-            raise ConfigError(f"edit {spec}: {err}") from err
-    chosen = [t for t in eig.targets if t.layer in spec["layers"] and (spec["roles"] is None or t.role in spec["roles"])]
-    if not chosen:
-        raise ConfigError(f"edit {spec}: no collected matrix matches layers {spec['layers']} / roles {spec['roles']}")
-    return chosen
-
-
-def make_edit(model, spec, eig=None):
-    """(delta replace dict in storage layout, per-matrix stats)."""
-    import torch
-
-    from memctl import architectures as arch
-    from memctl.curvature.edit import edit_matrix
-
-    replace, stats = {}, []
-    for t in edit_targets(model, spec, eig):
-        W = arch.weight(model, t).detach().to("cpu", dtype=torch.float64)
-        eigA = eig.A[t.input_key] if eig is not None else None
-        eigG = eig.G[t.name] if eig is not None else None
-        W_hat, info = edit_matrix(spec["method"], W, float(spec["strength"]), eigA, eigG)
-        param = arch.module(model, t).weight
-        replace[t.param_name] = arch.to_storage(t, W_hat).to(param.dtype)
-        change = float((W_hat - W).norm() / W.norm()) if float(W.norm()) > 0 else 0.0
-        stats.append({"module": t.name, "short": t.short, "relative_change": change, **info})
-    return replace, stats
-
-
 def cmd_edit(args) -> None:
     from memctl.config import parse_settings
+    from memctl.curvature.edit import make_edit
     from memctl.curvature.store import load_eigen
     from memctl.edits import save_delta, write_edited_model
 

@@ -248,3 +248,38 @@ def edit_matrix(method: str, W: torch.Tensor, strength: float, eigA=None, eigG=N
     if method == "kfac_pairwise":
         return pairwise_edit(W, eigG.vectors, eigG.values, eigA.vectors, eigA.values, strength)
     raise ValueError(f"unknown edit method {method!r}; known: {METHODS}")
+
+
+def edit_targets(model, spec, eig=None):
+    """The matrices an edit spec touches: collected ones for K-FAC, any of the groups for SVD."""
+    from memctl import architectures as arch
+    from memctl.config import ConfigError
+
+    if spec["method"] == "svd":
+        try:
+            return arch.linear_targets(model, groups=spec["groups"], layers=spec["layers"], roles=spec["roles"])
+        except ValueError as err:
+            raise ConfigError(f"edit {spec}: {err}") from err
+    chosen = [t for t in eig.targets if t.layer in spec["layers"] and (spec["roles"] is None or t.role in spec["roles"])]
+    if not chosen:
+        raise ConfigError(f"edit {spec}: no collected matrix matches layers {spec['layers']} / roles {spec['roles']}")
+    return chosen
+
+
+def make_edit(model, spec, eig=None):
+    """One edit of ``model`` (a validated spec, memctl.curvature.settings; ``eig`` the eigenbases for
+    K-FAC): (delta replace dict in storage layout, per-matrix stats). The language-model and vision
+    tracks both build their deltas here."""
+    from memctl import architectures as arch
+
+    replace, stats = {}, []
+    for t in edit_targets(model, spec, eig):
+        W = arch.weight(model, t).detach().to("cpu", dtype=torch.float64)
+        eigA = eig.A[t.input_key] if eig is not None else None
+        eigG = eig.G[t.name] if eig is not None else None
+        W_hat, info = edit_matrix(spec["method"], W, float(spec["strength"]), eigA, eigG)
+        param = arch.module(model, t).weight
+        replace[t.param_name] = arch.to_storage(t, W_hat).to(param.dtype)
+        change = float((W_hat - W).norm() / W.norm()) if float(W.norm()) > 0 else 0.0
+        stats.append({"module": t.name, "short": t.short, "relative_change": change, **info})
+    return replace, stats

@@ -121,7 +121,7 @@ def cmd_kfac(args) -> None:
 def cmd_edit(args) -> None:
     import pandas as pd
 
-    from memctl.curvature.cli import make_edit
+    from memctl.curvature.edit import make_edit
     from memctl.curvature.store import load_eigen
     from memctl.edits import save_delta
     from memctl.store import write_parquet
