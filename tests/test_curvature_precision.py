@@ -206,7 +206,7 @@ def test_decomposition_device_choice(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert decompose_device("auto") == torch.device("cpu") == decompose_device("cpu")
-    with pytest.raises(ConfigError, match="--device: 'cuda', but this job sees no CUDA GPU"):
+    with pytest.raises(ConfigError, match="--device: 'cuda', but this job sees no usable CUDA GPU.*Use --device auto or cpu"):
         decompose_device("cuda")
     with pytest.raises(ConfigError, match="--device: 'mps'"):
         decompose_device("mps")

@@ -30,11 +30,19 @@ def torch_dtype(name: str):
 _EAGER_ATTENTION = {"gpt_neo"}
 
 
-def resolve_device(name: str = "auto"):
-    """``auto``: the GPU when one is visible, else the CPU. A named accelerator (``cuda``,
-    ``cuda:N``, ``mps``) must be there: no silent fall-back to the CPU. The workflow passes
-    ``cuda`` when the config asks for a GPU (``resources.gpu: true``) unless
-    ``resources.allow_cpu_fallback`` says the CPU is fine."""
+#: What a job that asks for a GPU it does not see is told (the workflow's device settings).
+GPU_HINT = ("The config asks for a GPU (resources.gpu: true): run the job where one is, or set "
+            "resources.allow_cpu_fallback: true to run it on the CPU")
+
+
+def resolve_device(name: str = "auto", what: str = "model.device", types: tuple[str, ...] | None = None,
+                   hint: str = GPU_HINT):
+    """The one device resolution of every command. ``auto``: the GPU when one is visible, else the
+    CPU. A named accelerator (``cuda``, ``cuda:N``, ``mps``) must be there: no silent fall-back to
+    the CPU. ``what`` names the setting in errors, ``types`` limits the device types a command
+    supports, ``hint`` says what to change when a CUDA GPU is missing. The workflow passes ``cuda``
+    when the config asks for a GPU (``resources.gpu: true``) unless ``resources.allow_cpu_fallback``
+    says the CPU is fine."""
     import torch
 
     if name == "auto":
@@ -42,21 +50,21 @@ def resolve_device(name: str = "auto"):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"model.device: {name!r} is not a device ({err})") from err
+        raise ConfigError(f"{what}: {name!r} is not a device ({err})") from err
+    if types is not None and device.type not in types:
+        raise ConfigError(f"{what}: {name!r}; use auto or one of {', '.join(types)}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             raise ConfigError(
-                f"model.device: {name!r}, but this job sees no usable CUDA GPU (torch.cuda.is_available() is False; "
+                f"{what}: {name!r}, but this job sees no usable CUDA GPU (torch.cuda.is_available() is False; "
                 f"CUDA_VISIBLE_DEVICES={visible if visible is not None else '<unset>'}; torch "
-                f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). The config asks for a GPU "
-                f"(resources.gpu: true): run the job where one is, or set resources.allow_cpu_fallback: true "
-                f"to run it on the CPU"
+                f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). {hint}"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"model.device: {name!r}, but this job sees {torch.cuda.device_count()} CUDA GPU(s)")
+            raise ConfigError(f"{what}: {name!r}, but this job sees {torch.cuda.device_count()} CUDA GPU(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"model.device: {name!r}, but MPS is not available on this machine")
+        raise ConfigError(f"{what}: {name!r}, but MPS is not available on this machine")
     return device
 
 

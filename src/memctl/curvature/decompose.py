@@ -35,20 +35,12 @@ FP32_RECONSTRUCTION_TOL = 1e-5
 
 
 def decompose_device(name: str = "auto") -> torch.device:
-    """``auto``: the GPU when one is visible, else the CPU; a named CUDA device must be there."""
-    from memctl.config import ConfigError
+    """``auto``: the GPU when one is visible, else the CPU; a named CUDA device must be there
+    (:func:`memctl.models.resolve_device`)."""
+    from memctl.models import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"kfac-decompose --device: {name!r} is not a device ({err})") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"kfac-decompose --device: {name!r}, but this job sees no CUDA GPU; use auto or cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"kfac-decompose --device: {name!r}; use auto, cpu or cuda[:N]")
-    return device
+    return resolve_device(name, what="kfac-decompose --device", types=("cpu", "cuda"),
+                          hint="Use --device auto or cpu.")
 
 
 def reconstruction_error(m: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> float:

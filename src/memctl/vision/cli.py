@@ -22,11 +22,9 @@ def _settings(args, section: str) -> dict:
 
 
 def _device(args) -> str:
-    import torch
+    from memctl.models import resolve_device
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to this job")
-    return "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    return str(resolve_device(args.device, what="--device"))
 
 
 def _model_provenance(prov, model, path) -> None:

@@ -63,10 +63,9 @@ def load_vit(path, device: str = "cpu"):
 
 
 def device_of(settings: Mapping[str, Any]) -> str:
-    want = settings.get("device", "auto")
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return want
+    from memctl.models import resolve_device
+
+    return str(resolve_device(settings.get("device", "auto"), what="vision.train.device"))
 
 
 def train_vit(images: ImageSet, arch: Mapping[str, Any], settings: Mapping[str, Any], progress: bool = False):
