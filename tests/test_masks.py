@@ -305,11 +305,13 @@ def mode_runs(memorizer):
             for mode in ("none", "up", "down")}
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_memorizer_has_memorized(memorizer):
     model, _, memorized = memorizer
     assert _mem_loss(model, memorized) < 0.2
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_up_lowers_and_down_raises_memorized_loss_relative_to_none(memorizer, mode_runs):
     model, _, memorized = memorizer
     loss = {mode: _mem_loss(_masked(model, r.masks), memorized) for mode, r in mode_runs.items()}
@@ -319,6 +321,7 @@ def test_up_lowers_and_down_raises_memorized_loss_relative_to_none(memorizer, mo
     assert loss["down"] > 4.0  # pushed towards the threshold t = 6
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_the_unpruned_memorization_loss_is_measured_on_every_training_memory(memorizer, mode_runs):
     """The delta records L_mem of the unpruned model over all 8 memorized sequences (the quantity t is
     read against): recomputed here token by token, summed over every target position and divided by
@@ -339,6 +342,7 @@ def test_the_unpruned_memorization_loss_is_measured_on_every_training_memory(mem
         assert stats["unpruned_mem_loss_tokens"] == "full" and stats["unpruned_mem_sequences"] == 8
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_masks_reach_the_target_sparsity_and_log_the_terms(mode_runs):
     for mode, r in mode_runs.items():
         assert abs(r.stats["sparsity"] - 0.3) <= 0.01, mode
@@ -356,6 +360,7 @@ def test_masks_reach_the_target_sparsity_and_log_the_terms(mode_runs):
     assert r.log["mem_loss"].notna().all() and mode_runs["none"].log["mem_loss"].isna().all()
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_resumed_run_is_identical_to_an_uninterrupted_one(memorizer, tmp_path):
     model, calibration, memorized = memorizer
     # 30 iterations do not reach the target: flag (a flagged run is as deterministic as any)
@@ -375,6 +380,7 @@ def test_resumed_run_is_identical_to_an_uninterrupted_one(memorizer, tmp_path):
     assert all(torch.equal(m, again.masks[k]) for k, m in whole.masks.items())
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_checkpoint_of_other_settings_is_ignored(memorizer, tmp_path):
     model, calibration, memorized = memorizer
     settings = {**SETTINGS, "mode": "none", "steps": 6, "checkpoint_every": 2, "on_unconverged": "flag"}
@@ -385,6 +391,7 @@ def test_checkpoint_of_other_settings_is_ignored(memorizer, tmp_path):
     assert all(torch.equal(m, fresh.masks[k]) for k, m in other.masks.items())
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 @pytest.mark.parametrize("variant", [{"gate": "deterministic"}, {"logit_rank": 4}, {"mode": "reciprocal"},
                                      {"eval_mask": "topk", "bf16": True}])
 def test_gate_variants_and_modes_train_to_the_target(memorizer, variant):
@@ -398,6 +405,7 @@ def test_gate_variants_and_modes_train_to_the_target(memorizer, variant):
         assert r.stats["mask_rule"] == "threshold"
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_bernoulli_gates_that_hover_at_the_boundary_are_flagged(memorizer):
     # Measured: the sampled sparsity reaches 0.30 largely by gates that stay open with p ~ 0.7
     # (logit + offset ~ +0.35) rather than by gates closing: the threshold mask prunes far less than
@@ -419,6 +427,7 @@ def test_bernoulli_gates_that_hover_at_the_boundary_are_flagged(memorizer):
 SHORT = {**SETTINGS, "mode": "down", "steps": 60, "lr": 2e-3}
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_an_unconverged_mask_fails_saying_what_to_change(memorizer):
     model, calibration, memorized = memorizer
     with pytest.raises(NotConvergedError) as err:
@@ -434,6 +443,7 @@ def test_an_unconverged_mask_fails_saying_what_to_change(memorizer):
     assert "masks.on_unconverged: flag" in message
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_an_unconverged_mask_is_flagged_when_asked(memorizer):
     model, calibration, memorized = memorizer
     r = train_mask(model, calibration, memorized, {**SHORT, "on_unconverged": "flag"}, progress=False)
@@ -444,6 +454,7 @@ def test_an_unconverged_mask_is_flagged_when_asked(memorizer):
     assert c["logit_shift_max"] < 0.2 and c["lr_travel"] == pytest.approx(2e-3 * schedule_sum(60))
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_defaults_train_a_working_mask_in_one_pass(memorizer):
     # Schema defaults (steps: one pass, lr: sized to it, lambda_s of the mode) on 512 windows at batch 8.
     model, _, memorized = memorizer
@@ -456,6 +467,7 @@ def test_defaults_train_a_working_mask_in_one_pass(memorizer):
     assert _mem_loss(_masked(model, r.masks), memorized) < 0.5  # measured 0.10 (the `none` mask: 1.7)
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_model_is_left_unchanged(memorizer, mode_runs):
     model, _, _ = memorizer
     assert all(not p.requires_grad for p in model.parameters())
@@ -463,12 +475,14 @@ def test_model_is_left_unchanged(memorizer, mode_runs):
         assert torch.equal(value, SNAPSHOT[name]), name
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_mode_without_memorized_data_fails(memorizer):
     model, calibration, _ = memorizer
     with pytest.raises(ValueError, match="needs memorized"):
         train_mask(model, calibration, None, {**SETTINGS, "mode": "up"}, progress=False)
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_balanced_subnet_unlearns_more_than_random_pruning(memorizer):
     from memctl.architectures import linear_targets
     from memctl.masks.balanced_subnet import lowest_fraction_mask, train_balanced_subnet
@@ -491,6 +505,7 @@ def test_balanced_subnet_unlearns_more_than_random_pruning(memorizer):
     assert _mem_loss(bsn, retain) < _mem_loss(rnd, retain) + 0.02
 
 
+@pytest.mark.slow  # trains a model of its own to memorize (module fixture: ~25 s on 2 cores)
 def test_a_balanced_subnet_that_kept_its_initial_mask_fails(memorizer):
     from memctl.masks.balanced_subnet import train_balanced_subnet
     from memctl.masks.data import sequences_from_windows
