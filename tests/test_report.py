@@ -22,6 +22,21 @@ def test_bucket_copies_pools_powers_of_two():
     assert out.loc[("b", -1), "n"] == 5  # unknown exposure stays one bucket
 
 
+
+def test_bucket_copies_pools_families_by_kind():
+    """Two record families and a control group: the families are one line, weighted by n, named
+    with their number; the control group stays as it is."""
+    by = pd.DataFrame({"group": ["canary-records-0", "canary-records-1", "canary-records-1", "canary-words"],
+                       "copies": [8, 8, 16, 8], "n": [1, 3, 2, 4], "exact_er": [1.0, 0.0, 0.5, 0.25],
+                       "fractional_er": [1.0, 0.5, 0.5, 0.5], "loose_accuracy": [1.0, 0.0, 1.0, 0.5]})
+    out = report.bucket_copies(by).set_index(["group", "copies"])
+    assert set(out.index) == {("canary-records (2 families)", 8), ("canary-records (2 families)", 16),
+                              ("canary-words", 8)}
+    assert out.loc[("canary-records (2 families)", 8), "n"] == 4
+    assert out.loc[("canary-records (2 families)", 8), "exact_er"] == pytest.approx(0.25)  # (1*1 + 3*0) / 4
+    assert out.loc[("canary-words", 8), "exact_er"] == pytest.approx(0.25)
+
+
 def test_tables_render_missing_values_and_unknown_counts(tmp_path):
     metrics = pd.DataFrame([{"model": "m", "edit": "none", "method": "Origin", "exact_er": float("nan"),
                              "heldout_ppl": 30.8123, "n_examples": 0}])

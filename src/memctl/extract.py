@@ -193,6 +193,12 @@ def is_family_group(group: str) -> bool:
     return bool(FAMILY_GROUP.match(str(group)))
 
 
+def family_kind(group: str) -> str:
+    """The group a family is reported under: ``canary-records-3`` -> ``canary-records``; any other
+    group is itself."""
+    return str(group).rpartition("-")[0] if is_family_group(group) else str(group)
+
+
 def split_extraction_rate(candidates: pd.DataFrame, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (train, test) of the extraction-rate track: within each stratum (group, copy
     count; one stratum per group where counts are unknown) a seeded permutation of the rows in

@@ -856,9 +856,18 @@ def bucket_copies(by_copies: pd.DataFrame) -> pd.DataFrame:
     """Pool counts into powers of two (1, 2, 3-4, 5-8, ...) so natural duplicates read like canaries.
 
     Candidates without a known exposure count (``copies <= 0``, e.g. benchmark files) form one
-    bucket with ``copies = -1`` per group.
+    bucket with ``copies = -1`` per group. Families of related memories (the demo's structured
+    canaries, one group per family: :func:`memctl.extract.is_family_group`) are pooled by kind,
+    e.g. ``canary-records (16 families)``.
     """
+    from memctl.extract import family_kind, is_family_group
+
     df = by_copies.copy()
+    family = df["group"].map(is_family_group).astype(bool)
+    if family.any():
+        kinds = df["group"].map(family_kind)
+        counts = df.loc[family].groupby(kinds[family])["group"].nunique()
+        df.loc[family, "group"] = kinds[family].map(lambda k: f"{k} ({counts[k]} families)")
     df["bucket"] = df["copies"].map(lambda c: 1 << max(int(c) - 1, 0).bit_length() if c > 0 else -1)
     rows = []
     for (group, bucket), part in df.groupby(["group", "bucket"], sort=True):
@@ -1144,7 +1153,8 @@ def report_figures(out: Path, metrics: pd.DataFrame, records: Sequence[dict[str,
             "extraction-by-copies", "Extraction by copy count, the unedited model",
             svg_path(out / "extraction_by_copies.png").read_bytes(),
             f"Greedy exact extraction rate of the unedited model on all {total} candidates, by how often each "
-            "occurs in the training data (buckets 1, 2, 3-4, 5-8, ...), one line per candidate group: "
+            "occurs in the training data (buckets 1, 2, 3-4, 5-8, ...), one line per candidate group (families "
+            "of related memories pooled by kind): "
             "memorization grows with duplication. Table: `extraction_by_copies.md`. " + config,
             ("extraction_by_copies.png", "extraction_by_copies.svg")))
     return figures
