@@ -69,20 +69,19 @@ def cmd_collect(args) -> None:
     with stage("collect_kfac", {**settings, "shard": list(shard)}, {"model": args.model, "windows": args.windows},
                outputs=[out / "factors", out / "summary.parquet"]) as prov:
         all_windows = load_file(args.windows)["windows"]
-        windows, offset, wanted, available = select_windows(all_windows, data.get("max_tokens"), shard)
+        windows, offset, wanted, available = select_windows(all_windows, data["max_tokens"], shard)
         if wanted > available:
             log.warning("curvature.data.max_tokens asks for %d windows; the calibration file has %d: using all",
                         wanted, available)
         model = _load_model(args, prov)
         try:
-            targets = arch.linear_targets(model, groups=modules.get("groups", ["mlp"]), layers=modules.get("layers"),
-                                          roles=modules.get("roles"))
+            targets = arch.linear_targets(model, groups=modules["groups"], layers=modules["layers"],
+                                          roles=modules["roles"])
         except ValueError as err:
             raise ConfigError(f"curvature.modules: {err}") from err
         factors = collect_factors(
-            model, windows, targets, labels=data.get("labels", "sampled"), seed=int(data.get("seed", 0)),
-            batch_size=int(data.get("batch_size", 8)), window_offset=offset, progress=True,
-            precision=data.get("precision", "auto"),
+            model, windows, targets, labels=data["labels"], seed=int(data["seed"]),  # validated: defaults filled
+            batch_size=int(data["batch_size"]), window_offset=offset, progress=True, precision=data["precision"],
         )
         prov.extra.update({
             "precision": factors.meta["precision"],

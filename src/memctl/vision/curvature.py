@@ -68,7 +68,7 @@ def collect(model, images: ImageSet, targets: Sequence[LinearTarget], settings: 
     assigned = torch.as_tensor(images.labels["label"].to_numpy()[rows], dtype=torch.long)
     factors = collect_factors(
         model, pixels, targets, labels=settings["labels"], seed=seed, batch_size=int(settings["batch_size"]),
-        progress=progress, precision=settings.get("precision", "auto"),
+        progress=progress, precision=settings["precision"],
         batch_loss=classification_loss(settings["labels"], seed, assigned), positions=None,
         tokens_per_window=sequence_length(model),
     )
