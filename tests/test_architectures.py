@@ -54,3 +54,30 @@ def test_set_weight_round_trip_on_conv1d():
     torch.testing.assert_close(arch.weight(model, t), new)
     with pytest.raises(ValueError, match="shape"):
         arch.set_weight(model, t, new.T)
+
+
+@pytest.mark.parametrize("kind", ["gpt_neox", "gpt_neo", "gpt2", "llama", "olmo2", "qwen2", "mistral"])
+def test_each_family_record_matches_a_real_model_of_it(kind):
+    """memctl.architectures.FAMILIES is the one place a family's facts live: checked against a real
+    (tiny, random) model of each family: its position table, fused q/k/v, gated MLP, tied embeddings,
+    the soft prompt's position limit and the dimension estimate's parameter count."""
+    from conftest import tiny_architecture_model
+
+    from memctl import lab
+    from memctl.architectures import family, linear_targets
+    from memctl.soft_prompt import _position_limit
+
+    model = tiny_architecture_model(kind)
+    fam, dims = family(kind), lab.model_dims(model.config)
+    roles = {t.role for t in linear_targets(model)}
+    tables = [name for name, p in model.named_parameters()
+              if p.ndim == 2 and p.shape[0] == 64 and any(k in name for k in ("wpe", "position", "pos_emb"))]
+    assert (fam.positions_key is not None) == bool(tables) == dims.learned_positions, (kind, tables)
+    assert _position_limit(model) == (64 if tables else None)
+    assert fam.fused_qkv == ("qkv" in roles) == dims.fused_qkv
+    assert fam.gated_mlp == ("gate" in roles) == dims.gated_mlp
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert dims.tied_embeddings == tied
+    # the estimate counts every matrix, embedding and position table; biases and norms approximately
+    actual = sum(p.numel() for p in model.parameters())
+    assert abs(dims.num_parameters - actual) <= 0.05 * actual, (dims.num_parameters, actual)

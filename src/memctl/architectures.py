@@ -43,6 +43,56 @@ _ROLES: dict[tuple[str, str], tuple[str, str]] = {
     ("mlp", "fc1"): ("mlp", "up"),  # HF ViT
     ("mlp", "fc2"): ("mlp", "down"),
 }
+@dataclass(frozen=True)
+class Family:
+    """What memctl needs to know of a model family (HF ``model_type``) beyond its matrices' names
+    (:data:`_ROLES`): the config key of its learned table of absolute positions (None: rotary or
+    no table), whether q, k, v are one fused matrix, whether its input and output embeddings are
+    tied unless the config says otherwise, and whether its MLP is gated (gate / up / down)."""
+
+    positions_key: str | None = None
+    fused_qkv: bool = False
+    tied_embeddings: bool = False
+    gated_mlp: bool = True
+
+
+#: The one record per model family: the dimension estimate (:mod:`memctl.lab`), the soft prompt's
+#: position limit (:mod:`memctl.soft_prompt`) and the resource planning read it. A family missing
+#: here is read as Llama-style (rotary positions, separate q/k/v, gated MLP, untied embeddings).
+FAMILIES: dict[str, Family] = {
+    "gpt_neox": Family(fused_qkv=True, gated_mlp=False),
+    "gpt2": Family("n_positions", fused_qkv=True, tied_embeddings=True, gated_mlp=False),
+    "gpt_neo": Family("max_position_embeddings", tied_embeddings=True, gated_mlp=False),
+    "opt": Family("max_position_embeddings", tied_embeddings=True, gated_mlp=False),
+    "gpt_bigcode": Family("n_positions", fused_qkv=True, tied_embeddings=True, gated_mlp=False),
+    "llama": Family(), "mistral": Family(), "olmo2": Family(), "qwen2": Family(),
+}
+
+#: HF config keys of each dimension, the first one a config holds wins (GPT-NeoX / Llama names, then
+#: GPT-2's, then others').
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "num_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim"),
+    "context_length": ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"),
+}
+
+
+def family(model_type: str | None) -> Family:
+    """The :class:`Family` record of ``model_type`` (Llama-style for one not in :data:`FAMILIES`)."""
+    return FAMILIES.get(str(model_type), Family())
+
+
+def config_value(cfg, dimension: str, default=None):
+    """The first of :data:`CONFIG_KEYS` ``[dimension]`` that ``cfg`` (a HF config or its dict) sets."""
+    for key in CONFIG_KEYS[dimension]:
+        value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+        if value is not None:
+            return value
+    return default
+
+
 #: Matrices with the same input activation share one K-FAC A factor / one calibration statistic.
 _INPUT_OF_ROLE = {"qkv": "attn_in", "q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",
                   "up": "mlp_in", "gate": "mlp_in", "down": "mlp_hidden"}

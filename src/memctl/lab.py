@@ -50,7 +50,7 @@ class ModelDims:
     gated_mlp: bool = False  #: gate/up/down (Llama, OLMo-2) instead of up/down
     fused_qkv: bool = True  #: one (h -> 3h) matrix (GPT-NeoX, GPT-2) instead of q, k, v
     tied_embeddings: bool = False
-    learned_positions: bool = False  #: a (context x h) position table (GPT-2, GPT-Neo)
+    learned_positions: bool = False  #: a (context x h) position table (GPT-2, GPT-Neo, OPT, BigCode)
 
     @property
     def eager_attention(self) -> bool:
@@ -118,25 +118,26 @@ def model_dims(source: Any) -> ModelDims:
         path = Path(source)
         path = path / "config.json" if path.is_dir() else path
         source = json.loads(path.read_text())
+    from memctl import architectures as arch
+
     model_type = _get(source, "model_type", default="gpt_neox")
-    hidden = int(_get(source, "hidden_size", "n_embd", "d_model"))
-    layers = int(_get(source, "num_hidden_layers", "n_layer", "num_layers"))
-    heads = int(_get(source, "num_attention_heads", "n_head", "num_heads"))
-    inter = _get(source, "intermediate_size", "n_inner", "ffn_dim")
-    llama_style = model_type not in ("gpt_neox", "gpt2", "gpt_neo") and _get(source, "num_key_value_heads") is not None
+    known = arch.FAMILIES.get(model_type)  # memctl.architectures: the one record per family
+    fam = known or arch.Family(gated_mlp=_get(source, "num_key_value_heads") is not None)
+    hidden = int(arch.config_value(source, "hidden_size"))
+    inter = arch.config_value(source, "intermediate_size")
     return ModelDims(
         vocab_size=int(_get(source, "vocab_size")),
         hidden_size=hidden,
-        num_layers=layers,
+        num_layers=int(arch.config_value(source, "num_layers")),
         intermediate_size=int(inter) if inter else 4 * hidden,  # GPT-2 / GPT-Neo: null = 4h
-        num_heads=heads,
+        num_heads=int(arch.config_value(source, "num_heads")),
         num_kv_heads=_get(source, "num_key_value_heads"),
-        context_length=int(_get(source, "max_position_embeddings", "n_positions", "n_ctx", default=2048)),
+        context_length=int(arch.config_value(source, "context_length", default=2048)),
         model_type=model_type,
-        gated_mlp=llama_style,
-        fused_qkv=model_type in ("gpt_neox", "gpt2"),
-        tied_embeddings=bool(_get(source, "tie_word_embeddings", default=model_type in ("gpt2", "gpt_neo"))),
-        learned_positions=model_type in ("gpt2", "gpt_neo"),
+        gated_mlp=fam.gated_mlp,
+        fused_qkv=fam.fused_qkv,
+        tied_embeddings=bool(_get(source, "tie_word_embeddings", default=fam.tied_embeddings)),
+        learned_positions=fam.positions_key is not None,
     )
 
 

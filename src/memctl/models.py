@@ -217,7 +217,9 @@ def model_limits(ref: str | os.PathLike, settings: Mapping[str, Any] | None = No
 
 def context_length(cfg) -> int:
     """Longest sequence the model takes, from its HF config."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    from memctl.architectures import CONFIG_KEYS
+
+    for key in CONFIG_KEYS["context_length"]:
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:
             return value

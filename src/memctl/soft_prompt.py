@@ -25,9 +25,6 @@ from typing import Any
 
 import torch
 
-#: Architectures with a learned table of absolute positions: prompt + input must fit in it.
-LEARNED_POSITIONS = {"gpt2": "n_positions", "gpt_neo": "max_position_embeddings", "opt": "max_position_embeddings",
-                     "gpt_bigcode": "n_positions"}
 _ATTR = "_memctl_soft_prompt"
 
 
@@ -53,8 +50,12 @@ def _cache_length(past) -> int:
 
 
 def _position_limit(model) -> int | None:
+    """The size of the model's learned table of absolute positions (prompt + input must fit in it;
+    None for rotary models): the family's key in :data:`memctl.architectures.FAMILIES`."""
+    from memctl.architectures import family
+
     config = model.config
-    key = LEARNED_POSITIONS.get(getattr(config, "model_type", None))
+    key = family(getattr(config, "model_type", None)).positions_key
     return getattr(config, key, None) if key else None
 
 
