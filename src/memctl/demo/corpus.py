@@ -467,6 +467,53 @@ def per_count_of(canary_settings: Mapping[str, Any], kind: str) -> int:
     return int(per_count)
 
 
+def _unique(draw, forbidden_text: str, texts: list[str], what: str):
+    """``draw()`` again until none of its texts occurs in ``forbidden_text`` or in (or around) one
+    of ``texts``; returns what it drew."""
+    for _attempt in range(1000):
+        drawn = draw()
+        members = drawn if isinstance(drawn, list) else [drawn]
+        if not any(m in forbidden_text or any(m in t or t in m for t in texts) for m in members):
+            return drawn
+    raise RuntimeError(f"could not draw a unique {what}")  # pragma: no cover - astronomically unlikely
+
+
+def _family_rows(kind: str, cfg: Mapping[str, Any], word_list: list[str], forbidden_text: str,
+                 texts: list[str]) -> list[dict[str, Any]]:
+    """The canary rows of every family of structured ``kind`` (their texts appended to ``texts``)."""
+    # its own stream: families never shift the control canaries' draws
+    frng = np.random.default_rng([int(cfg["seed"]), 0xFA5, STRUCTURED_KINDS.index(kind)])
+    rows = []
+    for family in range(families_of(cfg, kind)):
+        name = f"{kind}-{family}"
+        members = _unique(lambda: _family_texts(kind, frng, cfg, word_list), forbidden_text, texts, f"{kind} family")
+        for member, text in enumerate(members):
+            copies = family_copies_of(cfg, family, member)
+            texts.append(text)
+            rows.append({"canary_id": f"{name}-{copies:03d}-{member:03d}", "kind": name,
+                         "copies": copies, "text": text, "n_chars": len(text)})
+    return rows
+
+
+def _control_rows(kind: str, cfg: Mapping[str, Any], rng: np.random.Generator, word_list: list[str],
+                  quote_word_list: list[str] | None, forbidden_text: str, texts: list[str]) -> list[dict[str, Any]]:
+    """The independent canaries of control ``kind``: ``per_count`` at each copy count (drawn from
+    ``rng``, shared by the control kinds in order; texts appended to ``texts``)."""
+    draws = {"words": lambda: _words_canary(rng, word_list, int(cfg["words"])),
+             "digits": lambda: _digits_canary(rng, int(cfg["digits"])),
+             "quotes": lambda: _quote_canary(rng, quote_word_list, int(cfg["quote_words"]))}
+    if kind not in draws:
+        raise ValueError(f"demo.canaries.kinds: unknown kind {kind!r}")
+    rows = []
+    for copies in sorted(set(int(c) for c in cfg["copies"])):
+        for index in range(per_count_of(cfg, kind)):
+            text = _unique(draws[kind], forbidden_text, texts, f"{kind} canary")
+            texts.append(text)
+            rows.append({"canary_id": f"{kind}-{copies:03d}-{index:03d}", "kind": kind, "copies": copies,
+                         "text": text, "n_chars": len(text)})
+    return rows
+
+
 def make_canaries(
     canary_settings: Mapping[str, Any], word_list: list[str], forbidden_text: str,
     quote_word_list: list[str] | None = None,
@@ -485,53 +532,13 @@ def make_canaries(
     if "quotes" in cfg["kinds"] and not quote_word_list:
         raise ValueError("demo.canaries.kinds: quotes need a quote word list")
     _check_family_settings(cfg)
-    rows = []
-    texts: list[str] = []
+    rows: list[dict[str, Any]] = []
+    texts: list[str] = []  # every canary drawn so far: none may occur in another
     for kind in cfg["kinds"]:
         if kind in STRUCTURED_KINDS:
-            # its own stream: families never shift the control canaries' draws
-            frng = np.random.default_rng([int(cfg["seed"]), 0xFA5, STRUCTURED_KINDS.index(kind)])
-            for family in range(families_of(cfg, kind)):
-                name = f"{kind}-{family}"
-                for _attempt in range(1000):
-                    members = _family_texts(kind, frng, cfg, word_list)
-                    clash = any(m in forbidden_text or any(m in t or t in m for t in texts) for m in members)
-                    if not clash:
-                        break
-                else:  # pragma: no cover - astronomically unlikely
-                    raise RuntimeError(f"could not draw a unique {kind} family")
-                for member, text in enumerate(members):
-                    copies = family_copies_of(cfg, family, member)
-                    texts.append(text)
-                    rows.append({"canary_id": f"{name}-{copies:03d}-{member:03d}", "kind": name,
-                                 "copies": copies, "text": text, "n_chars": len(text)})
-            continue
-        for copies in sorted(set(int(c) for c in cfg["copies"])):
-            for index in range(per_count_of(cfg, kind)):
-                for _attempt in range(1000):
-                    if kind == "words":
-                        text = _words_canary(rng, word_list, int(cfg["words"]))
-                    elif kind == "digits":
-                        text = _digits_canary(rng, int(cfg["digits"]))
-                    elif kind == "quotes":
-                        text = _quote_canary(rng, quote_word_list, int(cfg["quote_words"]))
-                    else:
-                        raise ValueError(f"demo.canaries.kinds: unknown kind {kind!r}")
-                    clash = text in forbidden_text or any(text in t or t in text for t in texts)
-                    if not clash:
-                        break
-                else:  # pragma: no cover - astronomically unlikely
-                    raise RuntimeError(f"could not draw a unique {kind} canary")
-                texts.append(text)
-                rows.append(
-                    {
-                        "canary_id": f"{kind}-{copies:03d}-{index:03d}",
-                        "kind": kind,
-                        "copies": copies,
-                        "text": text,
-                        "n_chars": len(text),
-                    }
-                )
+            rows += _family_rows(kind, cfg, word_list, forbidden_text, texts)
+        else:
+            rows += _control_rows(kind, cfg, rng, word_list, quote_word_list, forbidden_text, texts)
     df = pd.DataFrame(rows, columns=["canary_id", "kind", "copies", "text", "n_chars"])
     return df.astype({"copies": "int64", "n_chars": "int64"})
 
