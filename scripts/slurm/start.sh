@@ -155,6 +155,6 @@ wait_for 30 bash -c "sinfo -h -N -n '$HOST' -o %T | grep -qvE 'unknown|down|drai
         die "node $HOST is $(node_state) (see $STATE/log/slurmd.log)"
 }
 echo $((ACCOUNTING)) >"$STATE/accounting"
-log "cluster $CLUSTER up on $HOST: partition $PARTITION, gres gpu:$GPU_TYPE:1," \
+log "cluster $CLUSTER up on $HOST: partition $PARTITION, gres gpu:$GPU_TYPE:2," \
     "accounting $( ((ACCOUNTING)) && echo "on (account $ACCOUNT)" || echo off), node $(node_state)," \
     "$(awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $t0 }") s"
