@@ -760,7 +760,9 @@ def test_killed_forcerun_evaluate_keeps_the_previous_outputs_and_accepts_nothing
     (metrics,) = store.glob("*/eval-*/svd-*/metrics.parquet")
     scores = metrics.with_name("scores.parquet")
     before = {p: sha(p) for p in (metrics, scores, sidecar_path(metrics), sidecar_path(scores))}
-    proc = start(work, "--forcerun", "evaluate", env=dict(ENV, **{PAUSE_ENV: "300:scores.parquet"}))
+    # only this evaluation pauses (the origin's, forced too, runs through: --cores 1 runs them in turn)
+    only = f"300:{scores.parent.name}/{scores.name}"
+    proc = start(work, "--forcerun", "evaluate", env=dict(ENV, **{PAUSE_ENV: only}))
     pause, deadline = None, time.time() + 600
     while pause is None and time.time() < deadline and proc.poll() is None:
         for log in store.glob("logs/evaluate/*.log"):

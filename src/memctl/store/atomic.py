@@ -98,7 +98,9 @@ def _test_pause(tmp: Path, final: Path) -> None:
     if not spec:
         return
     seconds, _, name = spec.partition(":")
-    if name and name not in final.name:
+    # "120:scores.parquet": any final file whose name contains it; "120:svd-ab12/scores.parquet":
+    # only the final path that ends with it (one job's output among several of the same name)
+    if name and not (str(final).endswith(name) if "/" in name else name in final.name):
         return
     print(
         f"memctl: {PAUSE_ENV}: {final} is complete in {tmp.name}; pausing {seconds} s before the rename",
