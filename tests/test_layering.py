@@ -83,7 +83,7 @@ LAYERS = {
     "memctl.soft_prompt": 1, "memctl.stats": 1, "memctl.power": 1, "memctl.plots": 1,
     "memctl.extract": 2, "memctl.evaluate": 2, "memctl.report": 2, "memctl.curvature": 2, "memctl.masks": 2,
     "memctl.pruning": 2, "memctl.demo": 2, "memctl.vision": 2,
-    "memctl.plan": 3, "memctl.lab": 3, "memctl.runner": 3,
+    "memctl.plan": 3, "memctl.planning": 3, "memctl.lab": 3, "memctl.runner": 3,
     "memctl.commands": 4, "memctl.curvature.cli": 4, "memctl.masks.cli": 4, "memctl.demo.cli": 4,
     "memctl.downstream": 4, "memctl.vision.cli": 4, "memctl.init": 4,
     "memctl.cli": 5,
