@@ -94,3 +94,82 @@ def test_calibration_and_ndcg_reference_commands(tmp_path, tiny_model_dir):
         ndcg[edit] = pd.read_parquet(out / "metrics.parquet")["ndcg10_text"].item()
     assert ndcg["none"] == pytest.approx(1.0)
     assert ndcg["zero-up"] < 0.99
+
+
+# ------------------------------------------------------------------ registration (memctl.arguments)
+
+
+def _planned_jobs(tmp_path):
+    """(config, job) of every job the rules run for the tiny config, config/config.yaml and config/paper.yaml."""
+    import tiny_store as ts
+
+    from memctl import lab
+    from memctl.config import read_yaml, workflow_config
+    from memctl.plan import build_plan
+
+    work = ts.make_workdir(tmp_path / "work")
+    plans = {"tests/tiny_config.yaml": ts.plan_of(work)}
+    for name in ("config/config.yaml", "config/paper.yaml"):
+        path = ts.REPO / name
+        cfg = workflow_config(read_yaml(path), [str(path)], {}, ts.REPO, ts.REPO)
+        plans[name] = build_plan(cfg, lab.workflow_model_dims(cfg))
+    for name, plan in plans.items():
+        wanted = set(plan.artifacts())
+        for job in plan.jobs():
+            if wanted & set(job.outputs.values()):  # what `rule all` runs
+                yield name, job
+
+
+def test_every_stage_has_a_command_that_parses_its_rules_arguments(tmp_path):
+    """Each planned job's command line, as its rule runs it, parses with the dispatcher's parser into
+    the registry's subcommand and entry function; every stage of the registry is among them."""
+    import shlex
+
+    from memctl import stages
+    from memctl.cli import build_parser
+
+    parser, seen = build_parser(), set()
+    for config, job in _planned_jobs(tmp_path):
+        argv = shlex.split(job.command(threads=2))
+        stage = stages.get(job.stage)
+        assert argv[:2] == ["memctl", stage.command], (config, job.stage)
+        args = parser.parse_args(argv[1:])
+        assert (args.func.__module__, args.func.__name__) == (stage.module, stage.function), (config, job.stage)
+        seen.add(job.stage)
+    assert seen == set(stages.STAGES)
+
+
+def test_subcommands_are_declared_through_the_one_helper():
+    """No module adds a subparser or sets its function by hand: memctl.arguments.command does."""
+    from pathlib import Path
+
+    import memctl
+
+    src = Path(memctl.__file__).parent
+    by_hand = [str(p.relative_to(src)) for p in sorted(src.rglob("*.py")) if p.name != "arguments.py"
+               and (".add_parser(" in p.read_text(encoding="utf-8") or ".set_defaults(func=" in p.read_text(encoding="utf-8"))]
+    assert by_hand == []
+
+
+def test_the_helper_builds_the_parser_argparse_would():
+    import argparse
+
+    from memctl.arguments import OUT_DIR, arg, command, settings_arg, threads_arg
+
+    def run(args):
+        return args
+
+    by_hand = argparse.ArgumentParser(prog="m").add_subparsers()
+    p = by_hand.add_parser("x", help="does x", description="long")
+    p.add_argument("config")
+    p.add_argument("--settings", required=True, help="JSON")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=run)
+    helped = argparse.ArgumentParser(prog="m").add_subparsers()
+    q = command(helped, "x", run, "does x", arg("config"), (settings_arg("JSON"), threads_arg()), OUT_DIR,
+                description="long")
+    assert q.format_help() == p.format_help()
+    argv = ["c", "--settings", "{}", "--out-dir", "d"]
+    assert vars(q.parse_args(argv)) == vars(p.parse_args(argv))
+    assert helped.choices["x"] is q and by_hand._choices_actions[0].help == helped._choices_actions[0].help

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from memctl.arguments import OUT_DIR, Arg, arg, command, out_arg, settings_arg
 from memctl.config import ConfigError, parse_settings, validate_section
 from memctl.runner import load, model_args, model_name, stage
 
@@ -69,12 +70,11 @@ def cmd_candidates(args) -> None:
     log.info("wrote %d candidates to %s (%s)", len(df), args.out, stats)
 
 
-def _batch_args(p, *names: str) -> None:
+def _batch_args(*names: str) -> tuple[Arg, ...]:
     """Batch sizes change how fast a stage runs, not what it writes: the workflow passes them as
     flags (from the job's resources), outside the settings that key and rerun the stage."""
-    for name in names:
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"overrides the settings' {name} (speed and memory only)")
+    return tuple(arg(f"--{name.replace('_', '-')}", type=int, default=None,
+                     help=f"overrides the settings' {name} (speed and memory only)") for name in names)
 
 
 def _with_batches(settings: dict, args) -> dict:
@@ -558,112 +558,82 @@ def _outermost(paths: list[str]) -> list[str]:
 
 def register(subparsers) -> None:
     """Add the core subcommands to the main parser."""
-    p = subparsers.add_parser("validate-config", help="validate a config file against the schema")
-    p.add_argument("config")
-    p.add_argument("--show", action="store_true", help="print the config with defaults filled in")
-    p.set_defaults(func=cmd_validate_config)
+    command(subparsers, "validate-config", cmd_validate_config, "validate a config file against the schema",
+            arg("config"), arg("--show", action="store_true", help="print the config with defaults filled in"))
 
-    p = subparsers.add_parser("candidates", help="build the candidate table (prefix/suffix token ids)")
-    model_args(p)
-    p.add_argument("--corpus", default=None, help="demo corpus directory (source 'demo')")
-    p.add_argument("--settings", required=True, help="the `candidates` subsection (JSON)")
-    p.add_argument("--extract-settings", required=True, help="the `extract` subsection (for lengths)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_candidates)
+    command(subparsers, "candidates", cmd_candidates, "build the candidate table (prefix/suffix token ids)",
+            model_args, arg("--corpus", default=None, help="demo corpus directory (source 'demo')"),
+            settings_arg("the `candidates` subsection (JSON)"),
+            arg("--extract-settings", required=True, help="the `extract` subsection (for lengths)"), out_arg())
 
-    p = subparsers.add_parser("extract", help="greedy extraction and memorized / non-memorized splits")
-    model_args(p)
-    p.add_argument("--candidates", required=True)
-    p.add_argument("--settings", required=True, help="the `extract` subsection (JSON)")
-    _batch_args(p, "batch_size")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_extract)
+    command(subparsers, "extract", cmd_extract, "greedy extraction and memorized / non-memorized splits",
+            model_args, arg("--candidates", required=True), settings_arg("the `extract` subsection (JSON)"),
+            _batch_args("batch_size"), OUT_DIR)
 
-    p = subparsers.add_parser("heldout", help="held-out text as non-overlapping context windows")
-    model_args(p)
-    p.add_argument("--corpus", default=None)
-    p.add_argument("--settings", required=True, help="the `heldout` subsection (JSON)")
-    p.add_argument("--reserve-positions", type=int, default=0,
-                   help="positions a soft prompt (CSP) takes in front of every window: windows are this much "
-                        "shorter than the context, for every row alike")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_heldout)
+    command(subparsers, "heldout", cmd_heldout, "held-out text as non-overlapping context windows",
+            model_args, arg("--corpus", default=None), settings_arg("the `heldout` subsection (JSON)"),
+            arg("--reserve-positions", type=int, default=0,
+                help="positions a soft prompt (CSP) takes in front of every window: windows are this much "
+                     "shorter than the context, for every row alike"),
+            out_arg())
 
-    p = subparsers.add_parser("calibration", help="calibration text (K-FAC, masks, pruning) as random full windows")
-    model_args(p)
-    p.add_argument("--corpus", default=None)
-    p.add_argument("--settings", required=True, help="the `calibration` subsection (JSON)")
-    p.add_argument("--exclude", nargs="*", default=[],
-                   help="test tables (memorized_test, er_test): windows sharing a run of tokens with them are dropped")
-    p.add_argument("--disjoint-ngram", type=int, default=16, help="that run's length in tokens (0 = keep all)")
-    p.add_argument("--demo-text", choices=["stream", "documents"], default=None,
-                   help="source demo: the training stream (documents and canary copies, as pretrained on; K-FAC) or "
-                        "the training documents without the canaries (masks, pruning baselines)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_calibration)
+    command(subparsers, "calibration", cmd_calibration,
+            "calibration text (K-FAC, masks, pruning) as random full windows",
+            model_args, arg("--corpus", default=None), settings_arg("the `calibration` subsection (JSON)"),
+            arg("--exclude", nargs="*", default=[],
+                help="test tables (memorized_test, er_test): windows sharing a run of tokens with them are dropped"),
+            arg("--disjoint-ngram", type=int, default=16, help="that run's length in tokens (0 = keep all)"),
+            arg("--demo-text", choices=["stream", "documents"], default=None,
+                help="source demo: the training stream (documents and canary copies, as pretrained on; K-FAC) or "
+                     "the training documents without the canaries (masks, pruning baselines)"),
+            out_arg())
 
-    p = subparsers.add_parser("reference-topk", help="the unedited model's top-10 next tokens on held-out text")
-    model_args(p)
-    p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
-    p.add_argument("--sequences", default=None,
-                   help="er_test.parquet: its rows the unedited model does not extract (non-memorized sequences)")
-    p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
-    _batch_args(p, "heldout_batch_size", "batch_size")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_reference_topk)
+    command(subparsers, "reference-topk", cmd_reference_topk, "the unedited model's top-10 next tokens on held-out text",
+            model_args, arg("--heldout", required=True, help="held-out windows (.safetensors)"),
+            arg("--sequences", default=None,
+                help="er_test.parquet: its rows the unedited model does not extract (non-memorized sequences)"),
+            settings_arg("the `evaluate` subsection (JSON)"), _batch_args("heldout_batch_size", "batch_size"), out_arg())
 
-    p = subparsers.add_parser("evaluate", help="memorization and utility metrics of one (model, edit)")
-    model_args(p)
-    p.add_argument("--edit", default="none")
-    p.add_argument("--method", default="Origin", help="row label in the results table")
-    p.add_argument("--delta", default=None, help="edit to apply to the model (delta.safetensors)")
-    p.add_argument("--reference", default=None, help="the unedited model's top-10 (reference-topk) for nDCG@10")
-    p.add_argument("--memorized", required=True, help="memorized_test.parquet (the memorized track)")
-    p.add_argument("--er-test", default=None, help="er_test.parquet (the extraction-rate track)")
-    p.add_argument("--validation", default=None,
-                   help="memorized_val.parquet (the validation slice edit strengths are chosen on)")
-    p.add_argument("--ood", default=None, help="ood.parquet (the out-of-domain family, short suffixes)")
-    p.add_argument("--forget", default=None, help="the edit's own training set (e.g. BalancedSubnet's forget set)")
-    p.add_argument("--heldout", required=True, help="held-out windows (.safetensors)")
-    p.add_argument("--settings", required=True, help="the `evaluate` subsection (JSON)")
-    _batch_args(p, "batch_size", "heldout_batch_size")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_evaluate)
+    command(subparsers, "evaluate", cmd_evaluate, "memorization and utility metrics of one (model, edit)",
+            model_args, arg("--edit", default="none"),
+            arg("--method", default="Origin", help="row label in the results table"),
+            arg("--delta", default=None, help="edit to apply to the model (delta.safetensors)"),
+            arg("--reference", default=None, help="the unedited model's top-10 (reference-topk) for nDCG@10"),
+            arg("--memorized", required=True, help="memorized_test.parquet (the memorized track)"),
+            arg("--er-test", default=None, help="er_test.parquet (the extraction-rate track)"),
+            arg("--validation", default=None,
+                help="memorized_val.parquet (the validation slice edit strengths are chosen on)"),
+            arg("--ood", default=None, help="ood.parquet (the out-of-domain family, short suffixes)"),
+            arg("--forget", default=None, help="the edit's own training set (e.g. BalancedSubnet's forget set)"),
+            arg("--heldout", required=True, help="held-out windows (.safetensors)"),
+            settings_arg("the `evaluate` subsection (JSON)"), _batch_args("batch_size", "heldout_batch_size"), OUT_DIR)
 
-    p = subparsers.add_parser("report", help="results tables and plots")
-    p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--by-copies", default=None, help="by_copies.parquet of the extraction stage")
-    p.add_argument("--data-provenance", nargs="*", default=[],
-                   help="artifacts of the data stages (candidates, an extract table, calibration windows) whose "
-                        "sidecars say what was dropped")
-    p.add_argument("--scores", nargs="*", default=[],
-                   help="scores.parquet of each edit, in the order of --metrics (intervals, copy-count buckets)")
-    p.add_argument("--spec", default=None,
-                   help='JSON {"edits": [{"edit", "label", "method", "strength", "layers", "sparsity", "seed", ...}], '
-                        '"run": {"model", "prefix_len", "suffix_len", ...}}: what tells the rows apart (the plan\'s '
-                        "edit records) and the configuration the figures' captions name")
-    p.add_argument("--masks-table", default=None,
-                   help="the masks report's table.md: the results page shows it (where the config runs masks)")
-    p.add_argument("--masks-figures", nargs="*", default=[],
-                   help="the masks report's ablation plots (.svg), embedded in the results page")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_report)
+    command(subparsers, "report", cmd_report, "results tables and plots",
+            arg("--metrics", nargs="+", required=True),
+            arg("--by-copies", default=None, help="by_copies.parquet of the extraction stage"),
+            arg("--data-provenance", nargs="*", default=[],
+                help="artifacts of the data stages (candidates, an extract table, calibration windows) whose "
+                     "sidecars say what was dropped"),
+            arg("--scores", nargs="*", default=[],
+                help="scores.parquet of each edit, in the order of --metrics (intervals, copy-count buckets)"),
+            arg("--spec", default=None,
+                help='JSON {"edits": [{"edit", "label", "method", "strength", "layers", "sparsity", "seed", ...}], '
+                     '"run": {"model", "prefix_len", "suffix_len", ...}}: what tells the rows apart (the plan\'s '
+                     "edit records) and the configuration the figures' captions name"),
+            arg("--masks-table", default=None,
+                help="the masks report's table.md: the results page shows it (where the config runs masks)"),
+            arg("--masks-figures", nargs="*", default=[],
+                help="the masks report's ablation plots (.svg), embedded in the results page"),
+            OUT_DIR)
 
-    p = subparsers.add_parser("verify", help="check artifacts against their provenance checksums")
-    p.add_argument(
-        "paths", nargs="*",
-        help="artifacts, or directories to check whole (missing or stray sidecars, leftovers of killed writes);"
-        " default with --configfile: the config's root and results_dir",
-    )
-    p.add_argument(
-        "--configfile", default=None, metavar="CONFIG",
-        help="the workflow's config: its plan tells which files without a sidecar are its artifacts"
-        " (incomplete: --repair removes them) and which are not memctl's (never removed)",
-    )
-    p.add_argument(
-        "--repair", action="store_true",
-        help="remove damaged or incomplete artifacts that the store wrote (with their sidecars; without a sidecar"
-        " only those the plan of --configfile names) and leftovers of dead writers, so that the next run rebuilds"
-        " them; files memctl did not write are never removed; run it when no workflow writes to these paths",
-    )
-    p.set_defaults(func=cmd_verify)
+    command(subparsers, "verify", cmd_verify, "check artifacts against their provenance checksums",
+            arg("paths", nargs="*",
+                help="artifacts, or directories to check whole (missing or stray sidecars, leftovers of killed writes);"
+                " default with --configfile: the config's root and results_dir"),
+            arg("--configfile", default=None, metavar="CONFIG",
+                help="the workflow's config: its plan tells which files without a sidecar are its artifacts"
+                " (incomplete: --repair removes them) and which are not memctl's (never removed)"),
+            arg("--repair", action="store_true",
+                help="remove damaged or incomplete artifacts that the store wrote (with their sidecars; without a sidecar"
+                " only those the plan of --configfile names) and leftovers of dead writers, so that the next run rebuilds"
+                " them; files memctl did not write are never removed; run it when no workflow writes to these paths"))

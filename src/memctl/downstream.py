@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from memctl.arguments import OUT_DIR, arg, command, out_arg, settings_arg
 from memctl.runner import count_tokens, load, model_args, model_name, stage
 
 log = logging.getLogger("memctl.downstream")
@@ -222,15 +223,11 @@ def cmd_downstream_report(args) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("downstream", help="lm-evaluation-harness tasks of one or more edits of one model")
-    model_args(p)
-    p.add_argument("--edits", required=True, help="JSON list of {edit, label, delta} (delta null = unedited)")
-    p.add_argument("--settings", required=True, help="the config's `downstream` section (JSON)")
-    p.add_argument("--out", required=True, help="results parquet: one row per (edit, task, metric)")
-    p.set_defaults(func=cmd_downstream)
+    command(subparsers, "downstream", cmd_downstream, "lm-evaluation-harness tasks of one or more edits of one model",
+            model_args, arg("--edits", required=True, help="JSON list of {edit, label, delta} (delta null = unedited)"),
+            settings_arg("the config's `downstream` section (JSON)"),
+            out_arg("results parquet: one row per (edit, task, metric)"))
 
-    p = subparsers.add_parser("downstream-report", help="the downstream table (weight-pruning paper Table 4)")
-    p.add_argument("--results", nargs="+", required=True, help="results parquet of every downstream job")
-    p.add_argument("--settings", required=True, help="the config's `downstream` section (JSON)")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_downstream_report)
+    command(subparsers, "downstream-report", cmd_downstream_report, "the downstream table (weight-pruning paper Table 4)",
+            arg("--results", nargs="+", required=True, help="results parquet of every downstream job"),
+            settings_arg("the config's `downstream` section (JSON)"), OUT_DIR)

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from memctl import stats
+from memctl.arguments import arg, command
 from memctl.config import ConfigError
 
 #: The standard windows, shortest first: ``32/32`` is the cheapest and the default.
@@ -420,17 +421,15 @@ def cmd_init(args) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "init", help="write a commented config for your own model and memories file",
-        description="Writes a complete workflow config for a local model directory or hub id and a memories "
-        "file (docs/data-formats.md), with window, split fractions, batch sizes and layers chosen from the "
-        "model and the data, and the reasons in comments. Never overwrites a file.")
-    p.add_argument("--model", required=True, help="a local HF model directory or a hub id")
-    p.add_argument("--revision", default=None, help="hub revision to pin")
-    p.add_argument("--memories", required=True, help="candidates: JSON lines, parquet or .npy (docs/data-formats.md)")
-    p.add_argument("--heldout", required=True, help="held-out text: plain text, JSON lines or parquet (column text)")
-    p.add_argument("--calibration", default=None, help="calibration text (default: the held-out file)")
-    p.add_argument("--root", default="results", help="artifact root (tables under <root>/tables)")
-    p.add_argument("--out", default="memctl.yaml", help="config file to write (must not exist)")
-    p.set_defaults(func=cmd_init)
+    command(subparsers, "init", cmd_init, "write a commented config for your own model and memories file",
+            arg("--model", required=True, help="a local HF model directory or a hub id"),
+            arg("--revision", default=None, help="hub revision to pin"),
+            arg("--memories", required=True, help="candidates: JSON lines, parquet or .npy (docs/data-formats.md)"),
+            arg("--heldout", required=True, help="held-out text: plain text, JSON lines or parquet (column text)"),
+            arg("--calibration", default=None, help="calibration text (default: the held-out file)"),
+            arg("--root", default="results", help="artifact root (tables under <root>/tables)"),
+            arg("--out", default="memctl.yaml", help="config file to write (must not exist)"),
+            description="Writes a complete workflow config for a local model directory or hub id and a memories "
+            "file (docs/data-formats.md), with window, split fractions, batch sizes and layers chosen from the "
+            "model and the data, and the reasons in comments. Never overwrites a file.")
 

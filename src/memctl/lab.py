@@ -561,26 +561,23 @@ def cmd_estimate_resources(args) -> None:
 
 def register(subparsers) -> None:
     """Add the lab subcommands to the main parser."""
-    p = subparsers.add_parser(
-        "install-profile",
-        help="install a Snakemake profile of this repo by name (snakemake --profile slurm all)",
-        description="Copy profiles/NAME to $XDG_CONFIG_HOME/snakemake/NAME (default ~/.config/snakemake), "
-        "where `snakemake --profile NAME` finds it from any directory.",
-    )
-    p.add_argument("--name", default="slurm", help="profile to install: profiles/NAME (default slurm)")
-    p.add_argument("--source", default=None, help="profile directory to install (default: profiles/NAME)")
-    p.add_argument("--dest", default=None, help="profile root (default $XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)")
-    p.add_argument("--as", dest="as_name", default=None, help="installed name (default NAME)")
-    p.add_argument("--force", action="store_true", help="replace an existing different profile")
-    p.add_argument("--link", action="store_true", help="symlink instead of copying (follows this checkout)")
-    p.set_defaults(func=cmd_install_profile)
+    from memctl.arguments import arg, command
 
-    p = subparsers.add_parser(
-        "estimate-resources",
-        help="per-stage memory (mem_mb), GPU memory and runtime estimates for a workflow config",
-    )
-    p.add_argument("config", help="workflow config (YAML)")
-    p.add_argument("--model", default=None, help="HF model directory or config.json (default: from the config)")
-    p.add_argument("--gpu", default=None, action=argparse.BooleanOptionalAction, help="estimate for a GPU run (default: resources.gpu)")
-    p.set_defaults(func=cmd_estimate_resources)
+    command(subparsers, "install-profile", cmd_install_profile,
+            "install a Snakemake profile of this repo by name (snakemake --profile slurm all)",
+            arg("--name", default="slurm", help="profile to install: profiles/NAME (default slurm)"),
+            arg("--source", default=None, help="profile directory to install (default: profiles/NAME)"),
+            arg("--dest", default=None, help="profile root (default $XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)"),
+            arg("--as", dest="as_name", default=None, help="installed name (default NAME)"),
+            arg("--force", action="store_true", help="replace an existing different profile"),
+            arg("--link", action="store_true", help="symlink instead of copying (follows this checkout)"),
+            description="Copy profiles/NAME to $XDG_CONFIG_HOME/snakemake/NAME (default ~/.config/snakemake), "
+            "where `snakemake --profile NAME` finds it from any directory.")
+
+    command(subparsers, "estimate-resources", cmd_estimate_resources,
+            "per-stage memory (mem_mb), GPU memory and runtime estimates for a workflow config",
+            arg("config", help="workflow config (YAML)"),
+            arg("--model", default=None, help="HF model directory or config.json (default: from the config)"),
+            arg("--gpu", default=None, action=argparse.BooleanOptionalAction,
+                help="estimate for a GPU run (default: resources.gpu)"))
 

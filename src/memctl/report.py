@@ -22,28 +22,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memctl import metric_records
 from memctl import stats
 
-# (column, header, format) in the order the papers print them.
-RESULT_COLUMNS = [
-    ("method", "Method", "{}"),
-    ("settings", "Settings", "{}"),
-    # Only where the metrics carry it (a trained edit's delta says converged: false when written with
-    # on_unconverged: flag): "no" marks a result that is not the method's.
-    ("converged", "Converged", "{}"),
-    ("heldout_loss", "Held-out loss", "{:.3f}"),
-    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
-    ("fractional_er", "Fractional ER", "{:.3f}"),
-    ("exact_er", "Exact ER", "{:.3f}"),
-    ("loose_accuracy", "Loose acc.", "{:.3f}"),
-    ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
-    ("mem_loss", "Mem. loss", "{:.3f}"),
-    ("mem_ppl", "Mem. PPL", "{:.2f}"),
-    ("ndcg10", "nDCG@10", "{:.3f}"),
-    ("n_examples", "N", "{}"),
-    ("edit", "Edit id", "{}"),  # the hash: a detail (Settings tells the rows apart)
-]
+#: The columns every results table opens with and ends on (not metrics: the row's identity). The
+#: convergence marker shows only where the metrics carry it (a trained edit's delta says converged:
+#: false when written with on_unconverged: flag): "no" marks a result that is not the method's.
+LEAD_COLUMNS = [("method", "Method", "{}"), ("settings", "Settings", "{}"), ("converged", "Converged", "{}")]
+EDIT_COLUMN = ("edit", "Edit id", "{}")  # the hash: a detail (Settings tells the rows apart)
 
+#: The metrics of the one-value-per-metric results table, in the order the papers print them.
+RESULT_METRICS = ("heldout_loss", "heldout_ppl", "fractional_er", "exact_er", "loose_accuracy", "avg_levenshtein",
+                  "mem_loss", "mem_ppl", "ndcg10")
+# (column, header, format): headers and formats from the metrics' records (memctl.metric_records).
+RESULT_COLUMNS = [*LEAD_COLUMNS, *(metric_records.by_key(k).column() for k in RESULT_METRICS), ("n_examples", "N", "{}"),
+                  EDIT_COLUMN]
 
 def md_cell(text) -> str:
     """``text`` as one markdown table cell: a ``|`` in a label (a user's edit label, a model name)
@@ -83,29 +76,32 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]]) ->
     return "\n".join(lines)
 
 
-ER_COLUMNS = [
-    ("method", "Method", "{}"),
-    ("settings", "Settings", "{}"),
-    ("converged", "Converged", "{}"),  # the marker: only where the metrics carry it
-    ("er_exact_er", "Exact ER", "{:.3f}"),
-    ("er_exact_count", "k/N", "{}"),
-    ("er_exact_ci", "95% CI", "{}"),
-    ("er_vs_origin", "vs Origin (Exact ER)", "{}"),
-    ("er_fractional_er", "Fractional ER", "{:.3f}"),
-    ("er_fractional_ci", "95% CI", "{}"),
-    ("er_frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
-    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
-    ("ppl_ratio", "PPL / Origin", "{:.3f}"),
-    ("ppl_ratio_ci", "95% CI (PPL ratio)", "{}"),
-    ("ppl_vs_origin", "vs Origin (PPL)", "{}"),
-    ("er_n_examples", "N", "{}"),
-    ("edit", "Edit id", "{}"),  # the hash: a detail (Settings tells the rows apart)
-]
+#: The order of each track table's metrics (:func:`track_columns`); a record naming the track that is
+#: not listed here follows them (memctl.metric_records.on_track).
+TRACK_ORDER = {
+    "extraction_rate": ("exact_er", "fractional_er", "heldout_ppl", "ppl_ratio"),
+    "memorized": ("heldout_loss", "heldout_ppl", "ppl_ratio", "fractional_er", "exact_er", "loose_accuracy",
+                  "avg_levenshtein", "mem_loss", "mem_ppl", "ndcg10", "ndcg10_text"),
+    "ood": ("exact_er", "fractional_er", "loose_accuracy"),
+}
+
+
+def track_columns(track: str) -> list[tuple[str, str, str]]:
+    """The columns of a track's table in ``results.md``: every metric record that names the track
+    (value, then its count, interval and verdict against Origin where it has them), its N, the edit."""
+    prefix = metric_records.PREFIXES[track]
+    cols = list(LEAD_COLUMNS)
+    for metric in metric_records.on_track(track, TRACK_ORDER.get(track, ())):
+        cols += metric.columns(prefix=prefix)
+    return [*cols, (f"{prefix}n_examples", "N", "{}"), EDIT_COLUMN]
+
+
+ER_COLUMNS = track_columns("extraction_rate")
 
 #: (column prefix, track) of the generation tracks that :func:`with_intervals` tests.
 TRACKS = (("", "memorized"), ("er_", "extraction_rate"), ("ood_", "ood"), ("ood_nonmem_", "ood_nonmemorized"))
 #: Per-example score columns the paired tests read.
-UNIT_COLUMNS = ("exact_match", "n_match", "n_suffix", "levenshtein_norm", "levenshtein_sim")
+UNIT_COLUMNS = metric_records.unit_columns()
 
 
 def _ci_text(lo: float, hi: float) -> str:
@@ -366,52 +362,8 @@ def paper_tests_markdown(part: pd.DataFrame) -> str:
     return markdown_table(pd.DataFrame(rows), cols)
 
 
-OOD_COLUMNS = [
-    ("method", "Method", "{}"),
-    ("settings", "Settings", "{}"),
-    ("converged", "Converged", "{}"),
-    ("ood_exact_er", "Exact ER", "{:.3f}"),
-    ("ood_exact_count", "k/N", "{}"),
-    ("ood_exact_ci", "95% CI", "{}"),
-    ("ood_vs_origin", "vs Origin (Exact ER)", "{}"),
-    ("ood_fractional_er", "Fractional ER", "{:.3f}"),
-    ("ood_fractional_ci", "95% CI", "{}"),
-    ("ood_frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
-    ("ood_loose_accuracy", "Loose acc.", "{:.3f}"),
-    ("ood_loose_ci", "95% CI", "{}"),
-    ("ood_n_examples", "N", "{}"),
-    ("edit", "Edit id", "{}"),  # the hash: a detail (Settings tells the rows apart)
-]
-
-
-MEMORIZED_COLUMNS = [
-    ("method", "Method", "{}"),
-    ("settings", "Settings", "{}"),
-    ("converged", "Converged", "{}"),  # the marker: only where the metrics carry it
-    ("heldout_loss", "Held-out loss", "{:.3f}"),
-    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
-    ("ppl_ratio", "PPL / Origin", "{:.3f}"),
-    ("ppl_ratio_ci", "95% CI (PPL ratio)", "{}"),
-    ("ppl_vs_origin", "vs Origin (PPL)", "{}"),
-    ("fractional_er", "Fractional ER", "{:.3f}"),
-    ("fractional_ci", "95% CI", "{}"),
-    ("frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
-    ("exact_er", "Exact ER", "{:.3f}"),
-    ("exact_count", "k/N", "{}"),
-    ("exact_ci", "95% CI", "{}"),
-    ("vs_origin", "vs Origin (Exact ER)", "{}"),
-    ("loose_accuracy", "Loose acc.", "{:.3f}"),
-    ("loose_ci", "95% CI", "{}"),
-    ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
-    ("levenshtein_ci", "95% CI", "{}"),
-    ("lev_vs_origin", "vs Origin (Levenshtein)", "{}"),
-    ("mem_loss", "Mem. loss", "{:.3f}"),
-    ("mem_ppl", "Mem. PPL", "{:.2f}"),
-    ("ndcg10", "nDCG@10", "{:.3f}"),
-    ("ndcg10_text", "nDCG@10 (text)", "{:.3f}"),
-    ("n_examples", "N", "{}"),
-    ("edit", "Edit id", "{}"),  # the hash: a detail (Settings tells the rows apart)
-]
+OOD_COLUMNS = track_columns("ood")
+MEMORIZED_COLUMNS = track_columns("memorized")
 
 #: Said under the results' title: how every interval and verdict is computed.
 STATS_NOTE = (
@@ -436,7 +388,7 @@ SPLITS = (
     ("memorized_val", "val_n_examples", None, "validation slice (memorized_val)"),
 )
 #: Verdict columns of a track (with its prefix) that :func:`mark_underpowered` marks.
-VERDICT_COLUMNS = ("vs_origin", "frac_vs_origin", "lev_vs_origin")
+VERDICT_COLUMNS = metric_records.verdict_columns()
 UNDERPOWERED = "underpowered"
 
 
@@ -606,15 +558,15 @@ def results_details_markdown(metrics: pd.DataFrame) -> str:
     for model, part in metrics.groupby("model", sort=True):
         parts += ["", f"## {model}"]
         if "er_n_examples" in part and (part["er_n_examples"].fillna(0) > 0).any():
-            parts += ["", "### Extraction-rate track", "", markdown_table(part, ER_COLUMNS)]
-        parts += ["", "### Memorized track", "", markdown_table(part, MEMORIZED_COLUMNS)]
+            parts += ["", "### Extraction-rate track", "", markdown_table(part, track_columns("extraction_rate"))]
+        parts += ["", "### Memorized track", "", markdown_table(part, track_columns("memorized"))]
         if "ood_n_examples" in part and (part["ood_n_examples"].fillna(0) > 0).any():
             parts += ["", "### Out-of-domain family", "",
                       "A candidate group held out of everything the edits train or are tuned on "
                       "(`extract.ood_group`; the demo's quotes), scored on a short suffix "
                       "(`extract.ood_suffix_len`, the loss-curvature paper's 8 tokens), all of its "
                       "candidates whatever the unedited model extracts.", "",
-                      markdown_table(part, OOD_COLUMNS)]
+                      markdown_table(part, track_columns("ood"))]
         paper = paper_tests_markdown(part)
         if paper:
             parts += ["", "### The papers' comparisons, paired", "",

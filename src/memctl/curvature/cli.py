@@ -10,6 +10,7 @@ import logging
 import math
 from pathlib import Path
 
+from memctl.arguments import OUT_DIR, arg, command, device_arg, out_arg, settings_arg, threads_arg
 from memctl.runner import load, model_args, set_threads, stage, write_dir
 
 log = logging.getLogger("memctl.curvature")
@@ -252,55 +253,40 @@ def cmd_report(args) -> None:
 
 def register(subparsers) -> None:
     """Add this stage family's subcommands to the main parser."""
-    p = subparsers.add_parser("kfac-collect", help="K-FAC factors A, G of the target matrices in one data pass")
-    model_args(p)
-    p.add_argument("--windows", required=True, help="calibration windows (.safetensors with 'windows')")
-    p.add_argument("--settings", required=True, help='{"data": curvature.data, "modules": curvature.modules} (JSON)')
-    p.add_argument("--shard", default=None, help="INDEX/COUNT: collect only this share of the windows")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_collect)
+    command(subparsers, "kfac-collect", cmd_collect, "K-FAC factors A, G of the target matrices in one data pass",
+            model_args, arg("--windows", required=True, help="calibration windows (.safetensors with 'windows')"),
+            settings_arg('{"data": curvature.data, "modules": curvature.modules} (JSON)'),
+            arg("--shard", default=None, help="INDEX/COUNT: collect only this share of the windows"), OUT_DIR)
 
-    p = subparsers.add_parser("kfac-merge", help="add K-FAC collections over disjoint windows")
-    p.add_argument("--inputs", nargs="+", required=True, help="kfac-collect output directories")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_merge)
+    command(subparsers, "kfac-merge", cmd_merge, "add K-FAC collections over disjoint windows",
+            arg("--inputs", nargs="+", required=True, help="kfac-collect output directories"), OUT_DIR)
 
-    p = subparsers.add_parser("kfac-decompose", help="eigenbases of the K-FAC factors, one layer at a time")
-    p.add_argument("--factors", required=True, help="the factors/ directory of kfac-collect")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (the GPU when one is visible), cpu or cuda[:N]")
-    p.add_argument("--precision", choices=("fp64", "fp32"), default="fp64",
-                   help="fp64, or fp32 accepted when it reconstructs each factor to 1e-5 (else fp64)")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_decompose)
+    command(subparsers, "kfac-decompose", cmd_decompose, "eigenbases of the K-FAC factors, one layer at a time",
+            arg("--factors", required=True, help="the factors/ directory of kfac-collect"), threads_arg(),
+            device_arg("auto (the GPU when one is visible), cpu or cuda[:N]"),
+            arg("--precision", choices=("fp64", "fp32"), default="fp64",
+                help="fp64, or fp32 accepted when it reconstructs each factor to 1e-5 (else fp64)"),
+            OUT_DIR)
 
-    p = subparsers.add_parser("curvature-edit", help="one K-FAC or SVD edit as a delta")
-    model_args(p)
-    p.add_argument("--eigen", default=None, help="the eigen/ directory of kfac-decompose (K-FAC methods)")
-    p.add_argument("--settings", required=True, help="the resolved edit spec (JSON)")
-    p.add_argument("--edit-id", default="edit")
-    p.add_argument("--out", required=True, help="delta.safetensors")
-    p.add_argument("--model-out", default=None, help="also write the edited model as a HF directory")
-    p.set_defaults(func=cmd_edit)
+    command(subparsers, "curvature-edit", cmd_edit, "one K-FAC or SVD edit as a delta",
+            model_args, arg("--eigen", default=None, help="the eigen/ directory of kfac-decompose (K-FAC methods)"),
+            settings_arg("the resolved edit spec (JSON)"), arg("--edit-id", default="edit"),
+            out_arg("delta.safetensors"),
+            arg("--model-out", default=None, help="also write the edited model as a HF directory"))
 
-    p = subparsers.add_parser("kfac-spectrum", help="memorized vs non-memorized inputs per curvature band")
-    model_args(p)
-    p.add_argument("--eigen", required=True)
-    p.add_argument("--memorized", required=True)
-    p.add_argument("--nonmemorized", required=True)
-    p.add_argument("--settings", required=True, help="curvature.spectrum (JSON)")
-    p.add_argument("--out", required=True, help="spectrum.parquet")
-    p.set_defaults(func=cmd_spectrum)
+    command(subparsers, "kfac-spectrum", cmd_spectrum, "memorized vs non-memorized inputs per curvature band",
+            model_args, arg("--eigen", required=True), arg("--memorized", required=True),
+            arg("--nonmemorized", required=True), settings_arg("curvature.spectrum (JSON)"),
+            out_arg("spectrum.parquet"))
 
-    p = subparsers.add_parser("curvature-report", help="tables, the declared K-FAC vs SVD choice and the frontier plot of the curvature edits")
-    p.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet of the unedited model and each edit")
-    p.add_argument("--scores", nargs="*", default=[],
-                   help="scores.parquet of each --metrics file, in its order (bootstrap intervals)")
-    p.add_argument("--memorized", default=None, help="memorized_test.parquet: the examples' prefixes and suffixes")
-    p.add_argument("--model", default=None, help="the model whose tokenizer decodes the examples")
-    p.add_argument("--model-settings", default="{}", help="the config's `model` subsection (JSON)")
-    p.add_argument("--deltas", nargs="*", default=[], help="the edits' delta files (their specs)")
-    p.add_argument("--spectrum", default=None)
-    p.add_argument("--settings", default="{}", help="curvature.report (JSON): the selection rule")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_report)
+    command(subparsers, "curvature-report", cmd_report,
+            "tables, the declared K-FAC vs SVD choice and the frontier plot of the curvature edits",
+            arg("--metrics", nargs="+", required=True, help="metrics.parquet of the unedited model and each edit"),
+            arg("--scores", nargs="*", default=[],
+                help="scores.parquet of each --metrics file, in its order (bootstrap intervals)"),
+            arg("--memorized", default=None, help="memorized_test.parquet: the examples' prefixes and suffixes"),
+            arg("--model", default=None, help="the model whose tokenizer decodes the examples"),
+            arg("--model-settings", default="{}", help="the config's `model` subsection (JSON)"),
+            arg("--deltas", nargs="*", default=[], help="the edits' delta files (their specs)"),
+            arg("--spectrum", default=None), settings_arg("curvature.report (JSON): the selection rule", default="{}"),
+            OUT_DIR)

@@ -17,9 +17,13 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from memctl import metric_records
 from memctl.curvature import selection
 from memctl.report import markdown_table
 
+#: The curvature edits are compared with the unedited model: the word the verdicts' headers use.
+UNEDITED = "unedited"
+M = metric_records
 COLUMNS = [
     ("method", "Method", "{}"),
     ("form", "Form", "{}"),
@@ -28,28 +32,22 @@ COLUMNS = [
     ("roles", "Roles", "{}"),
     ("strength", "Strength", "{:.3g}"),
     ("paper", "Paper's setting", "{}"),
-    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
-    ("ppl_ratio", "PPL / unedited (all windows)", "{:.3f}"),
-    ("ppl_ratio_ci", "95% CI", "{}"),
-    ("ppl_vs_origin", "vs unedited (PPL)", "{}"),
-    ("sel_ppl_ratio", "PPL / unedited (selection windows)", "{:.3f}"),
-    ("sel_ndcg10", "nDCG@10 (text)", "{:.3f}"),
-    ("val_exact_er", "Val. Exact ER", "{:.3f}"),
+    # headers and formats of the metrics from their records (memctl.metric_records)
+    M.HELDOUT_PPL.column(),
+    M.PPL_RATIO.column(header="{} (all windows)", reference=UNEDITED),
+    M.PPL_RATIO.column("ci", header="95% CI"),
+    M.PPL_RATIO.column("verdict", reference=UNEDITED),
+    M.PPL_RATIO.column(prefix="sel_", name="sel_ppl_ratio", header="{} (selection windows)", reference=UNEDITED),
+    M.NDCG10_TEXT.column(name="sel_ndcg10"),
+    M.EXACT_ER.column(prefix="val_", name="val_exact_er", header="Val. {}"),
     ("within_budget", "Within budget", "{}"),
-    ("strict_accuracy", "Strict acc.", "{:.3f}"),
-    ("exact_count", "k/N", "{}"),
-    ("exact_ci", "95% CI", "{}"),
-    ("vs_origin", "vs unedited (strict)", "{}"),
-    ("loose_accuracy", "Loose acc.", "{:.3f}"),
-    ("loose_ci", "95% CI", "{}"),
-    ("avg_levenshtein", "Avg. Levenshtein", "{:.3f}"),
-    ("levenshtein_ci", "95% CI", "{}"),
-    ("lev_vs_origin", "vs unedited (Levenshtein)", "{}"),
-    ("er_exact_er", "ER track Exact ER", "{:.3f}"),
-    ("ndcg10", "nDCG@10", "{:.3f}"),
-    ("mem_loss", "Mem. loss", "{:.3f}"),
+    *M.STRICT_ACCURACY.columns(reference=UNEDITED),
+    *M.LOOSE_ACCURACY.columns(),
+    *M.AVG_LEVENSHTEIN.columns(reference=UNEDITED),
+    M.EXACT_ER.column(prefix="er_", header="ER track {}"),
+    M.NDCG10.column(),
+    M.MEM_LOSS.column(),
 ]
-
 
 #: Columns of :func:`memctl.report.with_intervals` (memorized track, held-out windows) that the
 #: curvature table shows: exact intervals with counts, bootstrap intervals, paired tests vs unedited.
@@ -216,21 +214,32 @@ def point_rows(points: Sequence[tuple[str, Mapping]], scores: Mapping[str, pd.Da
     return pd.DataFrame(rows)
 
 
-def _track_columns(p: str) -> list[tuple[str, str, str]]:
-    return [("label", "Row", "{}"), ("edit", "Edit", "{}"), ("form", "Form", "{}"), ("layers", "Layers", "{}"),
-            ("strength", "Strength", "{:.3g}"), (f"{p}exact", "Exact ER", "{:.3f}"), (f"{p}count", "k/N", "{}"),
-            (f"{p}ci", "95% CI", "{}"), (f"{p}vs", "vs unedited (McNemar)", "{}"),
-            (f"{p}frac", "Fractional ER", "{:.3f}"), (f"{p}frac_ci", "95% CI", "{}"),
-            (f"{p}frac_vs", "vs unedited (paired bootstrap)", "{}"), (f"{p}lev", "Avg. Levenshtein", "{:.3f}"),
-            (f"{p}lev_ci", "95% CI", "{}"), (f"{p}lev_vs", "vs unedited (paired bootstrap)", "{}")]
+#: The metrics of a test track's table of :func:`point_rows`: record, then its columns there (after the
+#: track's prefix) per part of the record.
+POINT_METRICS = (
+    (M.EXACT_ER, {"value": "exact", "count": "count", "ci": "ci", "verdict": "vs"}),
+    (M.FRACTIONAL_ER, {"value": "frac", "ci": "frac_ci", "verdict": "frac_vs"}),
+    (M.AVG_LEVENSHTEIN, {"value": "lev", "ci": "lev_ci", "verdict": "lev_vs"}),
+)
 
+
+def _track_columns(p: str) -> list[tuple[str, str, str]]:
+    """The columns of a test track's table of :func:`point_rows` (``p``: its columns' prefix): each
+    metric's value, interval and verdict against the unedited model, named by its test."""
+    cols = [("label", "Row", "{}"), ("edit", "Edit", "{}"), ("form", "Form", "{}"), ("layers", "Layers", "{}"),
+            ("strength", "Strength", "{:.3g}")]
+    for metric, names in POINT_METRICS:
+        cols += [metric.column(part, name=p + name, reference=UNEDITED, by_test=True) for part, name in names.items()]
+    return cols
 
 UTILITY_COLUMNS = [
     ("label", "Row", "{}"), ("edit", "Edit", "{}"), ("within_budget", "Within budget", "{}"),
-    ("sel_ppl_ratio", "PPL / unedited (selection windows)", "{:.3f}"),
-    ("report_ppl_ratio", "PPL / unedited (report windows)", "{:.3f}"), ("report_ppl_ci", "95% CI", "{}"),
-    ("report_ppl_vs", "vs unedited (paired bootstrap)", "{}"), ("sel_ndcg10", "nDCG@10 (text windows)", "{:.3f}"),
-    ("ndcg10", "nDCG@10 (non-memorized ER-test sequences, the paper's column)", "{:.3f}"),
+    M.PPL_RATIO.column(name="sel_ppl_ratio", header="{} (selection windows)", reference=UNEDITED),
+    M.PPL_RATIO.column(name="report_ppl_ratio", header="{} (report windows)", reference=UNEDITED),
+    M.PPL_RATIO.column("ci", name="report_ppl_ci", header="95% CI"),
+    M.PPL_RATIO.column("verdict", name="report_ppl_vs", reference=UNEDITED, by_test=True),
+    M.NDCG10.column(name="sel_ndcg10", header="{} (text windows)"),
+    M.NDCG10.column(header="{} (non-memorized ER-test sequences, the paper's column)"),
 ]
 
 

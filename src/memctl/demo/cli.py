@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from memctl.arguments import arg, command, settings_arg, threads_arg
 from memctl.config import parse_settings
 from memctl.demo import resolve_settings
 from memctl.runner import stage, write_dir
@@ -25,40 +26,26 @@ WINDOW_NEEDS = {"32/32": 64, "50/50": 100}
 
 def register(subparsers) -> None:
     """Add the demo subcommands to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    p = subparsers.add_parser(
-        "demo-corpus",
-        help="build the offline demo corpus (stdlib sources + planted canaries)",
-        description="Write DIR/train.parquet, DIR/heldout.parquet and DIR/canaries.parquet.",
-    )
-    p.add_argument("--settings", default="{}", help="demo.corpus settings: JSON or @file")
-    p.add_argument("--canary-settings", default="{}", help="demo.canaries settings: JSON or @file")
-    p.add_argument("--out-dir", required=True, type=Path, help="output directory")
-    p.set_defaults(func=cmd_corpus)
+    command(subparsers, "demo-corpus", cmd_corpus, "build the offline demo corpus (stdlib sources + planted canaries)",
+            settings_arg("demo.corpus settings: JSON or @file", default="{}"),
+            arg("--canary-settings", default="{}", help="demo.canaries settings: JSON or @file"),
+            arg("--out-dir", required=True, type=Path, help="output directory"),
+            description="Write DIR/train.parquet, DIR/heldout.parquet and DIR/canaries.parquet.")
 
-    p = subparsers.add_parser(
-        "demo-tokenizer",
-        help="train the demo byte-level BPE tokenizer on the demo training stream",
-    )
-    p.add_argument("--corpus", required=True, type=Path, help="demo corpus directory")
-    p.add_argument("--settings", default="{}", help="demo.tokenizer settings: JSON or @file")
-    p.add_argument("--out", required=True, type=Path, help="output tokenizer directory")
-    p.set_defaults(func=cmd_tokenizer)
+    command(subparsers, "demo-tokenizer", cmd_tokenizer,
+            "train the demo byte-level BPE tokenizer on the demo training stream",
+            arg("--corpus", required=True, type=Path, help="demo corpus directory"),
+            settings_arg("demo.tokenizer settings: JSON or @file", default="{}"),
+            arg("--out", required=True, type=Path, help="output tokenizer directory"))
 
-    p = subparsers.add_parser(
-        "demo-pretrain",
-        help="pretrain the demo GPT-NeoX from scratch on the CPU",
-    )
-    p.add_argument("--corpus", required=True, type=Path, help="demo corpus directory")
-    p.add_argument("--tokenizer", required=True, type=Path, help="demo tokenizer directory")
-    p.add_argument("--arch-settings", default="{}", help="demo.architecture settings: JSON or @file")
-    p.add_argument("--settings", default="{}", help="demo.train settings: JSON or @file")
-    p.add_argument("--out", required=True, type=Path, help="output model directory")
-    p.add_argument(
-        "--threads", type=int, default=0,
-        help="torch threads when demo.train.threads is 0 (Snakemake passes the job's threads)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_pretrain)
+    command(subparsers, "demo-pretrain", cmd_pretrain, "pretrain the demo GPT-NeoX from scratch on the CPU",
+            arg("--corpus", required=True, type=Path, help="demo corpus directory"),
+            arg("--tokenizer", required=True, type=Path, help="demo tokenizer directory"),
+            arg("--arch-settings", default="{}", help="demo.architecture settings: JSON or @file"),
+            settings_arg("demo.train settings: JSON or @file", default="{}"),
+            arg("--out", required=True, type=Path, help="output model directory"),
+            threads_arg("torch threads when demo.train.threads is 0 (Snakemake passes the job's threads)"),
+            arg("--no-progress", action="store_true", help="no progress bar"))
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+from memctl.arguments import OUT_DIR, arg, command, out_arg, settings_arg
 from memctl.runner import count_tokens, load, model_args, stage
 
 log = logging.getLogger("memctl.masks")
@@ -288,56 +289,48 @@ def cmd_report(args) -> None:
     print(text)
 
 
+#: ``--label``: the edit's row label in the tables, recorded in its delta.
+LABEL = arg("--label", default=None)
+
+
 def register(subparsers) -> None:
     """Add this stage family's subcommands to the main parser."""
-    p = subparsers.add_parser("train-mask", help="train a pruning mask that suppresses or amplifies memorization")
-    model_args(p)
-    p.add_argument("--calibration", required=True, help="calibration windows (.safetensors)")
-    p.add_argument("--memorized", default=None, help="memorized_train.parquet (modes up, down, reciprocal)")
-    p.add_argument("--settings", required=True, help="the job's `masks` settings (JSON): mode, sparsity, lambda_s ...")
-    p.add_argument("--label", default=None, help="table label recorded in the delta")
-    p.add_argument("--out", required=True, help="delta.safetensors to write")
-    p.add_argument("--log", required=True, help="train_log.parquet to write")
-    p.add_argument("--work-dir", default=None, help="checkpoint directory (default: next to --out)")
-    p.set_defaults(func=cmd_train_mask)
+    command(subparsers, "train-mask", cmd_train_mask, "train a pruning mask that suppresses or amplifies memorization",
+            model_args, arg("--calibration", required=True, help="calibration windows (.safetensors)"),
+            arg("--memorized", default=None, help="memorized_train.parquet (modes up, down, reciprocal)"),
+            settings_arg("the job's `masks` settings (JSON): mode, sparsity, lambda_s ..."),
+            arg("--label", default=None, help="table label recorded in the delta"), out_arg("delta.safetensors to write"),
+            arg("--log", required=True, help="train_log.parquet to write"),
+            arg("--work-dir", default=None, help="checkpoint directory (default: next to --out)"))
 
-    p = subparsers.add_parser("sample-memories", help="a seeded sample of the masks' training memories (forget track)")
-    p.add_argument("--table", required=True, help="er_train.parquet (the masks' and CSP's training memories)")
-    p.add_argument("--settings", required=True, help="the `masks.own_memories` settings (JSON): rows, seed")
-    p.add_argument("--out", required=True, help="parquet to write (the rows kept, in the table's order)")
-    p.set_defaults(func=cmd_sample_memories)
+    command(subparsers, "sample-memories", cmd_sample_memories,
+            "a seeded sample of the masks' training memories (forget track)",
+            arg("--table", required=True, help="er_train.parquet (the masks' and CSP's training memories)"),
+            settings_arg("the `masks.own_memories` settings (JSON): rows, seed"),
+            out_arg("parquet to write (the rows kept, in the table's order)"))
 
-    p = subparsers.add_parser("prune", help="pruning baseline: magnitude, Wanda or SparseGPT")
-    model_args(p)
-    p.add_argument("--calibration", default=None, help="calibration windows (.safetensors); not needed by magnitude")
-    p.add_argument("--factors", default=None, help="K-FAC factors (curvature stage directory) for second_moments 'kfac'")
-    p.add_argument("--settings", required=True, help="the job's `pruning` settings (JSON): method, form, sparsity ...")
-    p.add_argument("--label", default=None)
-    p.add_argument("--out", required=True, help="delta.safetensors to write")
-    p.set_defaults(func=cmd_prune)
+    command(subparsers, "prune", cmd_prune, "pruning baseline: magnitude, Wanda or SparseGPT",
+            model_args,
+            arg("--calibration", default=None, help="calibration windows (.safetensors); not needed by magnitude"),
+            arg("--factors", default=None, help="K-FAC factors (curvature stage directory) for second_moments 'kfac'"),
+            settings_arg("the job's `pruning` settings (JSON): method, form, sparsity ..."), LABEL,
+            out_arg("delta.safetensors to write"))
 
-    p = subparsers.add_parser("balanced-subnet", help="BalancedSubnet baseline (forget memorized, retain other text)")
-    model_args(p)
-    p.add_argument("--forget", required=True, help="memorized_train.parquet")
-    p.add_argument("--retain", required=True, help="nonmemorized.parquet, or calibration windows (.safetensors)")
-    p.add_argument("--settings", required=True, help="the `pruning.balanced_subnet` settings (JSON)")
-    p.add_argument("--label", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--log", required=True)
-    p.set_defaults(func=cmd_balanced_subnet)
+    command(subparsers, "balanced-subnet", cmd_balanced_subnet,
+            "BalancedSubnet baseline (forget memorized, retain other text)",
+            model_args, arg("--forget", required=True, help="memorized_train.parquet"),
+            arg("--retain", required=True, help="nonmemorized.parquet, or calibration windows (.safetensors)"),
+            settings_arg("the `pruning.balanced_subnet` settings (JSON)"), LABEL, out_arg(),
+            arg("--log", required=True))
 
-    p = subparsers.add_parser("csp", help="CSP baseline: a soft prompt trained with the model frozen (suffix loss)")
-    model_args(p)
-    p.add_argument("--memorized", required=True, help="er_train.parquet (prefix_ids, suffix_ids)")
-    p.add_argument("--settings", required=True, help="the job's `csp` settings (JSON): mode, prompt_length, theta ...")
-    p.add_argument("--label", default=None)
-    p.add_argument("--out", required=True, help="delta.safetensors to write (a prompt/embeddings entry)")
-    p.add_argument("--log", required=True, help="train_log.parquet to write")
-    p.set_defaults(func=cmd_csp)
+    command(subparsers, "csp", cmd_csp, "CSP baseline: a soft prompt trained with the model frozen (suffix loss)",
+            model_args, arg("--memorized", required=True, help="er_train.parquet (prefix_ids, suffix_ids)"),
+            settings_arg("the job's `csp` settings (JSON): mode, prompt_length, theta ..."), LABEL,
+            out_arg("delta.safetensors to write (a prompt/embeddings entry)"),
+            arg("--log", required=True, help="train_log.parquet to write"))
 
-    p = subparsers.add_parser("masks-report", help="paper-style masks tables and ablation plots")
-    p.add_argument("--metrics", nargs="+", required=True, help="metrics.parquet of Origin and every masks edit")
-    p.add_argument("--spec", required=True, help="JSON: {title, edits: [{edit, series, family, tables, delta, ...}]}")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_report)
+    command(subparsers, "masks-report", cmd_report, "paper-style masks tables and ablation plots",
+            arg("--metrics", nargs="+", required=True, help="metrics.parquet of Origin and every masks edit"),
+            arg("--spec", required=True, help="JSON: {title, edits: [{edit, series, family, tables, delta, ...}]}"),
+            OUT_DIR)
 

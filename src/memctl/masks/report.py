@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memctl import stats
+from memctl import metric_records, stats
 from memctl.stats import ALPHA
 
 #: Row order of the main table (labels not listed here follow, in spec order).
@@ -37,19 +37,34 @@ ROW_ORDER = [
 #: (metrics column, table header, format). The metrics' naming is kept: ``er_`` = the extraction-rate
 #: track (the paper's split: the unlabelled Exact / Fractional ER columns), unprefixed = the memorized
 #: track (labelled "(memorized)"); Mem. loss / PPL are teacher-forced on the memorized track's suffixes.
-COLUMNS = [
-    ("heldout_loss", "Held-out loss", "{:.3f}"),
-    ("heldout_ppl", "Held-out PPL", "{:.2f}"),
-    ("er_fractional_er", "Fractional ER", "{:.3f}"),
-    ("er_exact_er", "Exact ER", "{:.3f}"),
-    ("forget_fractional_er", "Fractional ER (own training memories)", "{:.3f}"),
-    ("forget_exact_er", "Exact ER (own training memories)", "{:.3f}"),
-    ("fractional_er", "Fractional ER (memorized)", "{:.3f}"),
-    ("exact_er", "Exact ER (memorized)", "{:.3f}"),
-    ("mem_loss", "Mem. loss", "{:.3f}"),
-    ("mem_ppl", "Mem. PPL", "{:.3f}"),
-    ("sparsity", "Sparsity", "{:.3f}"),
-]
+#: (track, metric key, format) of the paper's columns; headers from the metrics' records
+#: (memctl.metric_records), labelled with the set they are computed on (:data:`TRACK_LABELS`).
+#: Mem. PPL keeps three decimals here (the paper's table).
+PAPER_METRICS = (
+    (None, "heldout_loss", None), (None, "heldout_ppl", None),
+    ("extraction_rate", "fractional_er", None), ("extraction_rate", "exact_er", None),
+    ("forget", "fractional_er", None), ("forget", "exact_er", None),
+    ("memorized", "fractional_er", None), ("memorized", "exact_er", None),
+    (None, "mem_loss", None), (None, "mem_ppl", "{:.3f}"), (None, "sparsity", None),
+)
+#: What each track's columns are labelled with (the extraction-rate track: none, the paper's split).
+TRACK_LABELS = {"extraction_rate": "", "memorized": "memorized", "forget": "own training memories"}
+#: The tests' columns shown after a value (:func:`with_test_columns`): (track, metric key) -> parts of
+#: its record (``against``: the verdict against the reference row); memorized: count and interval only.
+TEST_PARTS = {
+    ("extraction_rate", "exact_er"): ("count", "ci", "verdict", "against"),
+    ("extraction_rate", "fractional_er"): ("ci", "verdict", "against"),
+    ("memorized", "exact_er"): ("count", "ci"),
+    ("forget", "exact_er"): ("count", "ci", "verdict", "against"),
+}
+
+
+def _paper_column(track: str | None, key: str, fmt: str | None) -> tuple[str, str, str]:
+    prefix = metric_records.PREFIXES[track] if track else ""
+    return metric_records.by_key(key).column(prefix=prefix, label=TRACK_LABELS.get(track, ""), fmt=fmt)
+
+
+COLUMNS = [_paper_column(*entry) for entry in PAPER_METRICS]
 #: The examples each track scored (from the metrics; the same for every row of a run): the notes' N.
 N_COLUMNS = ("er_n_examples", "n_examples", "forget_n_examples")
 
@@ -545,25 +560,17 @@ def with_test_columns(df: pd.DataFrame, columns: Sequence[tuple[str, str, str]])
     after Exact ER (memorized) (its verdicts stay in the parquet). The perplexity verdict after
     held-out PPL."""
     against = "vs reference" if "reference" in df else "vs `none` mask"
+    where = {_paper_column(*entry)[0]: entry[:2] for entry in PAPER_METRICS}
     out = []
     for col, head, fmt in columns:
         out.append((col, head, fmt))
+        track, key = where.get(col, (None, None))
         extra: list[tuple[str, str, str]] = []
-        if col == "er_exact_er":
-            extra = [("er_exact_count", "k/N", "{}"), ("er_exact_ci", "95% CI", "{}"),
-                     ("er_vs_origin", "vs Origin (Exact ER)", "{}"), ("er_vs_ref", f"{against} (Exact ER)", "{}")]
-        elif col == "er_fractional_er":
-            extra = [("er_fractional_ci", "95% CI", "{}"), ("er_frac_vs_origin", "vs Origin (Fractional ER)", "{}"),
-                     ("er_frac_vs_ref", f"{against} (Fractional ER)", "{}")]
-        elif col == "exact_er":
-            extra = [("exact_count", "k/N (memorized)", "{}"), ("exact_ci", "95% CI (memorized)", "{}")]
-        elif col == "forget_exact_er":
-            extra = [("forget_exact_count", "k/N (own training memories)", "{}"),
-                     ("forget_exact_ci", "95% CI (own training memories)", "{}"),
-                     ("forget_vs_origin", "vs Origin (Exact ER, own training memories)", "{}"),
-                     ("forget_vs_ref", f"{against} (Exact ER, own training memories)", "{}")]
+        if (track, key) in TEST_PARTS:
+            extra = metric_records.by_key(key).columns(TEST_PARTS[track, key], metric_records.PREFIXES[track],
+                                                       label=TRACK_LABELS[track], against=against)
         elif col == "heldout_ppl":
-            extra = [("ppl_vs_origin", "vs Origin (PPL)", "{}")]
+            extra = [metric_records.PPL_RATIO.column("verdict")]
         out += [c for c in extra if c[0] in df]
     return out
 

@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from memctl.arguments import OUT_DIR, arg, command, device_arg, out_arg, settings_arg, threads_arg
 from memctl.runner import set_threads, stage, write_dir
 
 log = logging.getLogger("memctl.vision")
@@ -286,66 +287,40 @@ def _run_info(args) -> dict:
     return info
 
 
+#: The device and threads of the vision commands that run the ViT.
+DEVICE = (device_arg("cpu, cuda or auto (cuda when visible)"), threads_arg("torch threads (0 = torch default)"))
+
+
 def register(subparsers) -> None:
     """Add the vision family's subcommands to the main parser."""
-    def device(p):
-        p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when visible)")
-        p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    command(subparsers, "vision-data", cmd_data, "image set with a share of noised training labels",
+            settings_arg("vision.data (JSON)"), OUT_DIR)
 
-    p = subparsers.add_parser("vision-data", help="image set with a share of noised training labels")
-    p.add_argument("--settings", required=True, help="vision.data (JSON)")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_data)
+    command(subparsers, "vision-train", cmd_train, "train a ViT on the noised labels",
+            arg("--data", required=True, help="the vision-data output directory"),
+            settings_arg('{"model": vision.model, "train": vision.train} (JSON)'), OUT_DIR, DEVICE)
 
-    p = subparsers.add_parser("vision-train", help="train a ViT on the noised labels")
-    p.add_argument("--data", required=True, help="the vision-data output directory")
-    p.add_argument("--settings", required=True, help='{"model": vision.model, "train": vision.train} (JSON)')
-    p.add_argument("--out-dir", required=True)
-    device(p)
-    p.set_defaults(func=cmd_train)
+    command(subparsers, "vision-kfac", cmd_kfac, "K-FAC factors and eigenbases of the ViT's MLP matrices",
+            arg("--model", required=True, help="the trained ViT (model/ of vision-train)"), arg("--data", required=True),
+            settings_arg("vision.kfac (JSON)"), OUT_DIR, DEVICE)
 
-    p = subparsers.add_parser("vision-kfac", help="K-FAC factors and eigenbases of the ViT's MLP matrices")
-    p.add_argument("--model", required=True, help="the trained ViT (model/ of vision-train)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--settings", required=True, help="vision.kfac (JSON)")
-    p.add_argument("--out-dir", required=True)
-    device(p)
-    p.set_defaults(func=cmd_kfac)
+    command(subparsers, "vision-edit", cmd_edit, "K-FAC or SVD edits of every MLP block and block pair",
+            arg("--model", required=True), arg("--eigen", default=None, help="eigen/ of vision-kfac (K-FAC methods)"),
+            arg("--method", required=True, choices=["kfac", "kfac_factor", "kfac_pairwise", "svd"]),
+            settings_arg("vision.edits (JSON)"), OUT_DIR, threads_arg())
 
-    p = subparsers.add_parser("vision-edit", help="K-FAC or SVD edits of every MLP block and block pair")
-    p.add_argument("--model", required=True)
-    p.add_argument("--eigen", default=None, help="eigen/ of vision-kfac (K-FAC methods)")
-    p.add_argument("--method", required=True, choices=["kfac", "kfac_factor", "kfac_pairwise", "svd"])
-    p.add_argument("--settings", required=True, help="vision.edits (JSON)")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--threads", type=int, default=0)
-    p.set_defaults(func=cmd_edit)
+    command(subparsers, "vision-evaluate", cmd_evaluate, "the five accuracies of the ViT and of every edit",
+            arg("--model", required=True), arg("--data", required=True),
+            arg("--edits", nargs="*", default=[], help="vision-edit output directories"),
+            settings_arg("vision.evaluate (JSON)", default="{}"),
+            arg("--batch-size", type=int, default=256, help="images per forward pass (speed only)"),
+            out_arg("metrics.parquet"), DEVICE)
 
-    p = subparsers.add_parser("vision-evaluate", help="the five accuracies of the ViT and of every edit")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--edits", nargs="*", default=[], help="vision-edit output directories")
-    p.add_argument("--settings", default="{}", help="vision.evaluate (JSON)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (speed only)")
-    p.add_argument("--out", required=True, help="metrics.parquet")
-    device(p)
-    p.set_defaults(func=cmd_evaluate)
+    command(subparsers, "vision-spectrum", cmd_spectrum, "memorized vs clean images per curvature band (Fig. 2)",
+            arg("--model", required=True), arg("--data", required=True), arg("--eigen", required=True),
+            settings_arg("vision.spectrum (JSON)"), out_arg("spectrum.parquet"), DEVICE)
 
-    p = subparsers.add_parser("vision-spectrum", help="memorized vs clean images per curvature band (Fig. 2)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--eigen", required=True)
-    p.add_argument("--settings", required=True, help="vision.spectrum (JSON)")
-    p.add_argument("--out", required=True, help="spectrum.parquet")
-    device(p)
-    p.set_defaults(func=cmd_spectrum)
-
-    p = subparsers.add_parser("vision-report", help="per-block / best-pair tables and plots (Fig. 2, Fig. 4)")
-    p.add_argument("--metrics", required=True)
-    p.add_argument("--spectrum", default=None)
-    p.add_argument("--data", required=True)
-    p.add_argument("--train-dir", default=None, help="the vision-train output directory (model config, train log)")
-    p.add_argument("--kfac-summary", default=None)
-    p.add_argument("--settings", default="{}", help="vision.report (JSON)")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=cmd_report)
+    command(subparsers, "vision-report", cmd_report, "per-block / best-pair tables and plots (Fig. 2, Fig. 4)",
+            arg("--metrics", required=True), arg("--spectrum", default=None), arg("--data", required=True),
+            arg("--train-dir", default=None, help="the vision-train output directory (model config, train log)"),
+            arg("--kfac-summary", default=None), settings_arg("vision.report (JSON)", default="{}"), OUT_DIR)

@@ -16,30 +16,25 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from memctl import stats
+from memctl import metric_records, stats
 from memctl.report import markdown_table
 from memctl.stats import ALPHA
 
+#: The accuracies the tables show: record (memctl.metric_records), then the parts of it shown (value,
+#: count k/N, exact interval, McNemar verdict against Origin).
+ACCURACIES = (
+    (metric_records.MEMORIZATION_ACC, ("value", "count", "ci", "verdict")),
+    (metric_records.RECOVERY, ("value", "count", "verdict")),
+    (metric_records.CLEAN_TRAIN, ("value", "count")),
+    (metric_records.SELECTION, ("value", "count")),
+    (metric_records.VALIDATION, ("value", "count", "ci", "verdict")),
+)
 COLUMNS = [
     ("unit", "Unit", "{}"),
     ("blocks", "MLP blocks", "{}"),
     ("label", "Method", "{}"),
     ("strength", "Strength", "{:g}"),
-    ("memorization", "Memorization (noised labels)", "{:.3f}"),
-    ("memorization_count", "k/N", "{}"),
-    ("memorization_ci", "95% CI", "{}"),
-    ("memorization_vs_origin", "vs Origin (memorization)", "{}"),
-    ("recovery", "Recovered true labels", "{:.3f}"),
-    ("recovery_count", "k/N", "{}"),
-    ("recovery_vs_origin", "vs Origin (recovery)", "{}"),
-    ("clean_train", "Clean train", "{:.3f}"),
-    ("clean_train_count", "k/N", "{}"),
-    ("selection", "Selection slice", "{:.3f}"),
-    ("selection_count", "k/N", "{}"),
-    ("validation", "Validation", "{:.3f}"),
-    ("validation_count", "k/N", "{}"),
-    ("validation_ci", "95% CI", "{}"),
-    ("validation_vs_origin", "vs Origin (validation)", "{}"),
+    *(col for metric, parts in ACCURACIES for col in metric.columns(parts)),
 ]
 #: Said under the tables: what the counts, intervals and verdicts are.
 TESTS_NOTE = (
@@ -98,8 +93,8 @@ def add_tests(df: pd.DataFrame) -> pd.DataFrame:
         df[f"{metric}_vs_origin"], df[f"{metric}_vs_origin_p"] = verdicts, pvalues
     return df
 PLOT_METRICS = (("memorization", "memorization"), ("recovery", "recovered GT"), ("validation", "validation"))
-#: The five accuracies (memctl.vision.model.METRICS).
-METRIC_NAMES = ("memorization", "recovery", "clean_train", "selection", "validation")
+#: The five accuracies (memctl.vision.model.METRICS), from their records.
+METRIC_NAMES = tuple(metric.key for metric, _ in ACCURACIES)
 
 
 def _blocks(layers) -> str:
