@@ -12,7 +12,6 @@ import logging
 import sys
 from pathlib import Path
 
-from memctl.arguments import OUT_DIR, Arg, arg, command, out_arg, settings_arg
 from memctl.config import ConfigError, parse_settings, validate_section
 from memctl.runner import load, model_args, model_name, stage
 
@@ -70,9 +69,12 @@ def cmd_candidates(args) -> None:
     log.info("wrote %d candidates to %s (%s)", len(df), args.out, stats)
 
 
-def _batch_args(*names: str) -> tuple[Arg, ...]:
+def _batch_args(*names: str) -> tuple:
     """Batch sizes change how fast a stage runs, not what it writes: the workflow passes them as
-    flags (from the job's resources), outside the settings that key and rerun the stage."""
+    flags (from the job's resources), outside the settings that key and rerun the stage: one
+    ``memctl.arguments.arg`` each."""
+    from memctl.arguments import arg
+
     return tuple(arg(f"--{name.replace('_', '-')}", type=int, default=None,
                      help=f"overrides the settings' {name} (speed and memory only)") for name in names)
 
@@ -558,6 +560,10 @@ def _outermost(paths: list[str]) -> list[str]:
 
 def register(subparsers) -> None:
     """Add the core subcommands to the main parser."""
+    # imported here, not at the top: register() shapes no output, so it stays out of the stages' code hash
+    # (memctl.stages.code_hash hashes the entry module's top-level imports and assignments)
+    from memctl.arguments import OUT_DIR, arg, command, out_arg, settings_arg
+
     command(subparsers, "validate-config", cmd_validate_config, "validate a config file against the schema",
             arg("config"), arg("--show", action="store_true", help="print the config with defaults filled in"))
 

@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from memctl.arguments import OUT_DIR, arg, command, out_arg, settings_arg
 from memctl.runner import count_tokens, load, model_args, model_name, stage
 
 log = logging.getLogger("memctl.downstream")
@@ -223,6 +222,10 @@ def cmd_downstream_report(args) -> None:
 
 
 def register(subparsers) -> None:
+    # imported here, not at the top: register() shapes no output, so it stays out of the stages' code hash
+    # (memctl.stages.code_hash hashes the entry module's top-level imports and assignments)
+    from memctl.arguments import OUT_DIR, arg, command, out_arg, settings_arg
+
     command(subparsers, "downstream", cmd_downstream, "lm-evaluation-harness tasks of one or more edits of one model",
             model_args, arg("--edits", required=True, help="JSON list of {edit, label, delta} (delta null = unedited)"),
             settings_arg("the config's `downstream` section (JSON)"),

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from memctl import stats
-from memctl.arguments import arg, command
 from memctl.config import ConfigError
 
 #: The standard windows, shortest first: ``32/32`` is the cheapest and the default.
@@ -421,6 +420,9 @@ def cmd_init(args) -> None:
 
 
 def register(subparsers) -> None:
+    # imported here, as in every command module (register() stays out of the stages' code hash)
+    from memctl.arguments import arg, command
+
     command(subparsers, "init", cmd_init, "write a commented config for your own model and memories file",
             arg("--model", required=True, help="a local HF model directory or a hub id"),
             arg("--revision", default=None, help="hub revision to pin"),

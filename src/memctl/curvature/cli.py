@@ -10,7 +10,6 @@ import logging
 import math
 from pathlib import Path
 
-from memctl.arguments import OUT_DIR, arg, command, device_arg, out_arg, settings_arg, threads_arg
 from memctl.runner import load, model_args, set_threads, stage, write_dir
 
 log = logging.getLogger("memctl.curvature")
@@ -253,6 +252,10 @@ def cmd_report(args) -> None:
 
 def register(subparsers) -> None:
     """Add this stage family's subcommands to the main parser."""
+    # imported here, not at the top: register() shapes no output, so it stays out of the stages' code hash
+    # (memctl.stages.code_hash hashes the entry module's top-level imports and assignments)
+    from memctl.arguments import OUT_DIR, arg, command, device_arg, out_arg, settings_arg, threads_arg
+
     command(subparsers, "kfac-collect", cmd_collect, "K-FAC factors A, G of the target matrices in one data pass",
             model_args, arg("--windows", required=True, help="calibration windows (.safetensors with 'windows')"),
             settings_arg('{"data": curvature.data, "modules": curvature.modules} (JSON)'),

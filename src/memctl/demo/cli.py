@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from memctl.arguments import arg, command, settings_arg, threads_arg
 from memctl.config import parse_settings
 from memctl.demo import resolve_settings
 from memctl.runner import stage, write_dir
@@ -26,6 +25,10 @@ WINDOW_NEEDS = {"32/32": 64, "50/50": 100}
 
 def register(subparsers) -> None:
     """Add the demo subcommands to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    # imported here, not at the top: register() shapes no output, so it stays out of the stages' code hash
+    # (memctl.stages.code_hash hashes the entry module's top-level imports and assignments)
+    from memctl.arguments import arg, command, settings_arg, threads_arg
+
     command(subparsers, "demo-corpus", cmd_corpus, "build the offline demo corpus (stdlib sources + planted canaries)",
             settings_arg("demo.corpus settings: JSON or @file", default="{}"),
             arg("--canary-settings", default="{}", help="demo.canaries settings: JSON or @file"),

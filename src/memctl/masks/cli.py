@@ -11,7 +11,6 @@ import logging
 import time
 from pathlib import Path
 
-from memctl.arguments import OUT_DIR, arg, command, out_arg, settings_arg
 from memctl.runner import count_tokens, load, model_args, stage
 
 log = logging.getLogger("memctl.masks")
@@ -289,12 +288,13 @@ def cmd_report(args) -> None:
     print(text)
 
 
-#: ``--label``: the edit's row label in the tables, recorded in its delta.
-LABEL = arg("--label", default=None)
-
-
 def register(subparsers) -> None:
     """Add this stage family's subcommands to the main parser."""
+    # imported here, not at the top: register() shapes no output, so it stays out of the stages' code hash
+    # (memctl.stages.code_hash hashes the entry module's top-level imports and assignments)
+    from memctl.arguments import OUT_DIR, arg, command, out_arg, settings_arg
+
+    label = arg("--label", default=None)  # the edit's row label in the tables, recorded in its delta
     command(subparsers, "train-mask", cmd_train_mask, "train a pruning mask that suppresses or amplifies memorization",
             model_args, arg("--calibration", required=True, help="calibration windows (.safetensors)"),
             arg("--memorized", default=None, help="memorized_train.parquet (modes up, down, reciprocal)"),
@@ -313,19 +313,19 @@ def register(subparsers) -> None:
             model_args,
             arg("--calibration", default=None, help="calibration windows (.safetensors); not needed by magnitude"),
             arg("--factors", default=None, help="K-FAC factors (curvature stage directory) for second_moments 'kfac'"),
-            settings_arg("the job's `pruning` settings (JSON): method, form, sparsity ..."), LABEL,
+            settings_arg("the job's `pruning` settings (JSON): method, form, sparsity ..."), label,
             out_arg("delta.safetensors to write"))
 
     command(subparsers, "balanced-subnet", cmd_balanced_subnet,
             "BalancedSubnet baseline (forget memorized, retain other text)",
             model_args, arg("--forget", required=True, help="memorized_train.parquet"),
             arg("--retain", required=True, help="nonmemorized.parquet, or calibration windows (.safetensors)"),
-            settings_arg("the `pruning.balanced_subnet` settings (JSON)"), LABEL, out_arg(),
+            settings_arg("the `pruning.balanced_subnet` settings (JSON)"), label, out_arg(),
             arg("--log", required=True))
 
     command(subparsers, "csp", cmd_csp, "CSP baseline: a soft prompt trained with the model frozen (suffix loss)",
             model_args, arg("--memorized", required=True, help="er_train.parquet (prefix_ids, suffix_ids)"),
-            settings_arg("the job's `csp` settings (JSON): mode, prompt_length, theta ..."), LABEL,
+            settings_arg("the job's `csp` settings (JSON): mode, prompt_length, theta ..."), label,
             out_arg("delta.safetensors to write (a prompt/embeddings entry)"),
             arg("--log", required=True, help="train_log.parquet to write"))
 

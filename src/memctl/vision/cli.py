@@ -10,7 +10,6 @@ import json
 import logging
 from pathlib import Path
 
-from memctl.arguments import OUT_DIR, arg, command, device_arg, out_arg, settings_arg, threads_arg
 from memctl.runner import set_threads, stage, write_dir
 
 log = logging.getLogger("memctl.vision")
@@ -287,22 +286,25 @@ def _run_info(args) -> dict:
     return info
 
 
-#: The device and threads of the vision commands that run the ViT.
-DEVICE = (device_arg("cpu, cuda or auto (cuda when visible)"), threads_arg("torch threads (0 = torch default)"))
-
-
 def register(subparsers) -> None:
     """Add the vision family's subcommands to the main parser."""
+    # imported here, not at the top: register() shapes no output, so it stays out of the stages' code hash
+    # (memctl.stages.code_hash hashes the entry module's top-level imports and assignments)
+    from memctl.arguments import OUT_DIR, arg, command, device_arg, out_arg, settings_arg, threads_arg
+
+    # the device and threads of the commands that run the ViT
+    device = (device_arg("cpu, cuda or auto (cuda when visible)"), threads_arg("torch threads (0 = torch default)"))
+
     command(subparsers, "vision-data", cmd_data, "image set with a share of noised training labels",
             settings_arg("vision.data (JSON)"), OUT_DIR)
 
     command(subparsers, "vision-train", cmd_train, "train a ViT on the noised labels",
             arg("--data", required=True, help="the vision-data output directory"),
-            settings_arg('{"model": vision.model, "train": vision.train} (JSON)'), OUT_DIR, DEVICE)
+            settings_arg('{"model": vision.model, "train": vision.train} (JSON)'), OUT_DIR, device)
 
     command(subparsers, "vision-kfac", cmd_kfac, "K-FAC factors and eigenbases of the ViT's MLP matrices",
             arg("--model", required=True, help="the trained ViT (model/ of vision-train)"), arg("--data", required=True),
-            settings_arg("vision.kfac (JSON)"), OUT_DIR, DEVICE)
+            settings_arg("vision.kfac (JSON)"), OUT_DIR, device)
 
     command(subparsers, "vision-edit", cmd_edit, "K-FAC or SVD edits of every MLP block and block pair",
             arg("--model", required=True), arg("--eigen", default=None, help="eigen/ of vision-kfac (K-FAC methods)"),
@@ -314,11 +316,11 @@ def register(subparsers) -> None:
             arg("--edits", nargs="*", default=[], help="vision-edit output directories"),
             settings_arg("vision.evaluate (JSON)", default="{}"),
             arg("--batch-size", type=int, default=256, help="images per forward pass (speed only)"),
-            out_arg("metrics.parquet"), DEVICE)
+            out_arg("metrics.parquet"), device)
 
     command(subparsers, "vision-spectrum", cmd_spectrum, "memorized vs clean images per curvature band (Fig. 2)",
             arg("--model", required=True), arg("--data", required=True), arg("--eigen", required=True),
-            settings_arg("vision.spectrum (JSON)"), out_arg("spectrum.parquet"), DEVICE)
+            settings_arg("vision.spectrum (JSON)"), out_arg("spectrum.parquet"), device)
 
     command(subparsers, "vision-report", cmd_report, "per-block / best-pair tables and plots (Fig. 2, Fig. 4)",
             arg("--metrics", required=True), arg("--spectrum", default=None), arg("--data", required=True),
