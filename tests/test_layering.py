@@ -81,7 +81,7 @@ LAYERS = {
     "memctl.metric_records": 0, "memctl.arguments": 0,
     "memctl.architectures": 1, "memctl.models": 1, "memctl.metrics": 1, "memctl.capture": 1,
     "memctl.edits": 1, "memctl.data": 1, "memctl.generation": 1, "memctl.corpus_stream": 1, "memctl.overlap": 1,
-    "memctl.soft_prompt": 1, "memctl.stats": 1, "memctl.power": 1, "memctl.plots": 1,
+    "memctl.soft_prompt": 1, "memctl.stats": 1, "memctl.splits": 1, "memctl.power": 1, "memctl.plots": 1,
     "memctl.extract": 2, "memctl.evaluate": 2, "memctl.report": 2, "memctl.curvature": 2, "memctl.masks": 2,
     "memctl.pruning": 2, "memctl.demo": 2, "memctl.vision": 2,
     "memctl.plan": 3, "memctl.planning": 3, "memctl.lab": 3, "memctl.runner": 3,

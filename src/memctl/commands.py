@@ -152,7 +152,7 @@ def cmd_extract(args) -> None:
         int(extraction["exact_match"].sum()), len(extraction),
         len(splits["memorized_train"]), len(splits["memorized_test"]),
     )
-    from memctl.report import split_warnings
+    from memctl.splits import split_warnings
 
     for line in split_warnings({k: len(v) for k, v in splits.items() if k != "dropped"}):
         log.warning("extract: %s", line)  # also at the top of results.md (memctl.report.warnings_markdown)

@@ -24,6 +24,7 @@ import pandas as pd
 
 from memctl import metric_records
 from memctl import stats
+from memctl.splits import SPLITS, UNDERPOWERED, split_warnings  # noqa: F401 (split_warnings: re-exported)
 
 #: The columns every results table opens with and ends on (not metrics: the row's identity). The
 #: convergence marker shows only where the metrics carry it (a trained edit's delta says converged:
@@ -379,17 +380,8 @@ STATS_NOTE = (
 )
 
 
-#: The splits whose size the report and the extract log check: (table, metrics column of its size,
-#: verdict prefix of its track or None, what it is).
-SPLITS = (
-    ("er_test", "er_n_examples", "er_", "extraction-rate test split (er_test)"),
-    ("memorized_test", "n_examples", "", "memorized test split (memorized_test)"),
-    ("ood", "ood_n_examples", "ood_", "out-of-domain family (ood)"),
-    ("memorized_val", "val_n_examples", None, "validation slice (memorized_val)"),
-)
 #: Verdict columns of a track (with its prefix) that :func:`mark_underpowered` marks.
 VERDICT_COLUMNS = metric_records.verdict_columns()
-UNDERPOWERED = "underpowered"
 
 
 def _layers_text(layers) -> str:
@@ -432,38 +424,6 @@ def with_settings(metrics: pd.DataFrame, records: Sequence[dict[str, Any]] = ())
     by_edit = {str(r.get("edit")): r for r in records}
     out = metrics.copy()
     out["settings"] = [edit_settings(by_edit.get(str(e)), str(e)) for e in out["edit"]] if "edit" in out else "-"
-    return out
-
-
-def split_warnings(sizes: dict[str, int]) -> list[str]:
-    """One sentence per split that is too small for its purpose (``sizes``: table name -> rows,
-    :data:`SPLITS`): a test track below :func:`memctl.stats.min_n_for_width` (its exact 95%
-    interval cannot be narrower than :data:`memctl.stats.TARGET_WIDTH`), the validation slice below
-    :func:`memctl.stats.min_n_zero_below`. An absent out-of-domain family (0 rows) is not one."""
-    need = stats.min_n_for_width()
-    out = []
-    for table, _, prefix, what in SPLITS:
-        if table not in sizes or sizes[table] is None or (isinstance(sizes[table], float) and math.isnan(sizes[table])):
-            continue
-        n = int(sizes[table])
-        if table == "ood" and n == 0:
-            continue
-        if prefix is None:
-            val_min = stats.min_n_zero_below()
-            if n < val_min:
-                out.append(f"Small {what}: N={n}. Edit strengths and layers are chosen on it; it needs {val_min} "
-                           f"sequences for a clean 0/N to rule out a rate of {stats.VALIDATION_BOUND:g} at 95% "
-                           f"(0/{n} rules out only {stats.zero_upper_bound(n):.3f}). Raise "
-                           f"extract.validation_fraction or add memories.")
-            continue
-        if n < need:
-            out.append(f"Underpowered {what}: N={n}. An exact 95% interval of a rate is narrower than "
-                       f"{stats.TARGET_WIDTH:g} only from {need} examples (worst case, a rate of 0.5); at N={n} it "
-                       f"can be {stats.worst_case_width(n):.2f} wide. Its 'no evidence of a difference' verdicts are marked '{UNDERPOWERED}' (a significant one "
-                       f"stands at any N). "
-                       + ("Raise extract.er_test_fraction or add candidates (memctl init sizes it from the data)."
-                          if table == "er_test" else "Add candidates or raise extract.test_fraction."
-                          if table == "memorized_test" else "Add candidates to that group."))
     return out
 
 

@@ -29,8 +29,8 @@ SRC = Path(__file__).resolve().parent
 #: store (atomic writes, sidecars), the dispatcher, this registry, the planner, the resource
 #: estimates and the runner's plumbing (argument parsing, logging; the model itself is loaded by
 #: memctl.models, which counts).
-INFRASTRUCTURE = ("memctl.store", "memctl.cli", "memctl.stages", "memctl.plan", "memctl.lab", "memctl.runner",
-                  "memctl.progress")
+INFRASTRUCTURE = ("memctl.store", "memctl.cli", "memctl.stages", "memctl.plan", "memctl.planning", "memctl.lab",
+                  "memctl.runner", "memctl.progress")
 
 
 @dataclass(frozen=True)
