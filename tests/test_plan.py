@@ -322,6 +322,11 @@ def test_stage_code_follows_the_imports():
     assert {"curvature/edit.py", "architectures.py", "edits.py"} <= edit
     masks = {p.relative_to(src).as_posix() for p in stages.code_files("train_mask")}
     assert {"masks/training.py", "masks/gates.py", "masks/data.py"} <= masks
+    # the extraction and the evaluation are no report's code: a table's wording reruns only reports
+    for name in ("extract", "evaluate", "collect_kfac", "train_mask"):
+        files = {p.relative_to(src).as_posix() for p in stages.code_files(name)}
+        assert not files & {"report.py", "masks/report.py", "curvature/report.py", "plots.py"}, (name, files)
+        assert not any(p.startswith("planning/") for p in files), name
 
 
 def test_stage_code_hash_changes_with_a_used_helper_only(tmp_path, monkeypatch):
