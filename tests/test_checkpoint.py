@@ -167,7 +167,10 @@ def test_a_resumed_train_mask_job_records_the_whole_cost_in_its_sidecar(tiny_mod
     save_file({"windows": torch.from_numpy(gen.integers(1, 250, size=(16, 24)))}, str(tmp_path / "cal.safetensors"))
     pd.DataFrame({"candidate_id": [f"m{i}" for i in range(6)], "prefix_ids": list(gen.integers(1, 250, size=(6, 8))),
                   "suffix_ids": list(gen.integers(1, 250, size=(6, 8)))}).to_parquet(tmp_path / "mem.parquet")
-    settings = {**SETTINGS, "keep_checkpoint": False}
+    from memctl.masks.settings import resolve_mask_job
+
+    # the job as the planner writes it (memctl train-mask reads a resolved job back, fills nothing)
+    settings = resolve_mask_job({**SETTINGS, "keep_checkpoint": False}).to_dict()
 
     def run(out):
         main(["train-mask", "--model", str(tiny_model_dir), "--threads", "1",

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from memctl.cli import main
 from memctl.edits import apply_delta, load_delta
 from memctl.masks import report
+from memctl.masks.settings import resolve_mask_job
 from memctl.masks.training import schedule_sum
 from memctl.store import hash_path, read_sidecar, verify
 
@@ -38,9 +39,12 @@ def _run(*args):
 
 
 def _train(tiny_model_dir, data, out, settings):
+    """``memctl train-mask`` with ``settings`` resolved as the planner resolves them (a dict; or the
+    ``--settings`` text itself)."""
+    text = settings if isinstance(settings, str) else resolve_mask_job(settings).to_json()
     _run("train-mask", "--model", str(tiny_model_dir), "--model-settings", MODEL_SETTINGS, "--threads", "1",
          "--calibration", str(data / "calibration.safetensors"), "--memorized", str(data / "memorized_train.parquet"),
-         "--settings", json.dumps(settings), "--label", "Ours (up)", "--out", str(out / "delta.safetensors"),
+         "--settings", text, "--label", "Ours (up)", "--out", str(out / "delta.safetensors"),
          "--log", str(out / "train_log.parquet"))
 
 
@@ -81,11 +85,39 @@ def test_train_mask_writes_a_sound_deterministic_delta(tiny_model_dir, tiny_mode
 
 
 def test_bad_settings_exit_early_naming_the_key(tiny_model_dir, data, tmp_path, capsys):
-    with pytest.raises(SystemExit) as err:
-        _train(tiny_model_dir, data, tmp_path, {**SETTINGS, "tau": -1})
-    assert err.value.code == 2
-    assert "masks.tau" in capsys.readouterr().err
-    assert not (tmp_path / "delta.safetensors").exists()
+    # the command reads the planned job back (MaskJob.from_json): a wrong type, an unknown key or a
+    # missing key fails before any model is loaded, naming it; limits are the planner's (resolve_mask_job)
+    planned = json.loads(resolve_mask_job(SETTINGS).to_json())
+    unplanned = {k: v for k, v in planned.items() if k != "offset"}
+    for settings, named in (({**planned, "tau": "0.4"}, "masks.tau: '0.4' is not of type number"),
+                            ({**planned, "tua": 0.4}, "masks.tua: unknown key"),
+                            (unplanned, "masks: missing key offset")):
+        with pytest.raises(SystemExit) as err:
+            _train(tiny_model_dir, data, tmp_path, json.dumps(settings))
+        assert err.value.code == 2
+        assert named in capsys.readouterr().err
+        assert not (tmp_path / "delta.safetensors").exists()
+    with pytest.raises(Exception, match=r"masks\.tau"):
+        resolve_mask_job({**SETTINGS, "tau": -1})  # at plan time
+
+
+def test_the_command_does_not_resolve_the_job_again(tiny_model_dir, data, tmp_path, monkeypatch):
+    """``memctl train-mask`` trains on the planned job as it reads back: neither the command nor
+    train_mask calls resolve_mask_job (the planner did, once)."""
+    from memctl.masks import settings as mask_settings
+    from memctl.masks import training
+
+    planned = resolve_mask_job({**SETTINGS, "steps": 4, "on_unconverged": "flag"}).to_json()
+
+    def refuse(*_a, **_k):
+        raise AssertionError("resolve_mask_job called by the command")
+
+    monkeypatch.setattr(mask_settings, "resolve_mask_job", refuse)
+    monkeypatch.setattr(training, "resolve_mask_job", refuse)
+    _train(tiny_model_dir, data, tmp_path, planned)
+    meta = load_delta(tmp_path / "delta.safetensors").metadata
+    assert {**meta["settings"], "lr": None} == json.loads(planned)  # lr: null derived from the run, recorded
+    assert meta["lr_rule"] != "set" and meta["steps"] == 4
 
 
 def test_an_unconverged_mask_fails_the_job_naming_steps_and_lr(tiny_model_dir, data, tmp_path, capsys):

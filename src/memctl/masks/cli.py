@@ -25,22 +25,22 @@ def cmd_train_mask(args) -> None:
     from memctl.config import parse_settings
     from memctl.edits import save_delta
     from memctl.masks.data import load_windows, sequences_from_table
-    from memctl.masks.settings import resolve_mask_job
+    from memctl.masks.settings import MaskJob
     from memctl.masks.training import train_mask
     from memctl.store import write_parquet
 
-    settings = resolve_mask_job(parse_settings(args.settings))
-    if settings["mode"] != "none" and not args.memorized:
-        raise FileNotFoundError(f"mode {settings['mode']!r} needs --memorized (the memorized training split)")
+    # the planner resolved the job (memctl.masks.settings.resolve_mask_job); here it is only read back
+    job = MaskJob.from_json(args.settings)
+    if job.mode != "none" and not args.memorized:
+        raise FileNotFoundError(f"mode {job.mode!r} needs --memorized (the memorized training split)")
     with stage(
         "train_mask",
-        {"masks": settings, "model": parse_settings(args.model_settings)},
+        {"masks": job.to_dict(), "model": parse_settings(args.model_settings)},
         {"model": args.model, "calibration": args.calibration, "memorized": args.memorized},
         outputs=[args.out, args.log],
     ) as prov:
         calibration = load_windows(args.calibration)
-        memorized = (sequences_from_table(args.memorized, settings["mem_loss_tokens"])
-                     if settings["mode"] != "none" else None)
+        memorized = sequences_from_table(args.memorized, job.mem_loss_tokens) if job.mode != "none" else None
         model, _ = load(args, prov)
         work_dir = Path(args.work_dir or Path(args.out).parent)
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -48,21 +48,21 @@ def cmd_train_mask(args) -> None:
         # its target and on_unconverged is 'fail'; with 'flag' the delta says converged: false.
         # The sidecar's training cost is the whole job's: a resumed run adds what its checkpoint says
         # the earlier segments cost (tokens, forward calls, wall time) to its own.
-        result = train_mask(model, calibration, memorized, settings, work_dir=work_dir, started=prov.started)
+        result = train_mask(model, calibration, memorized, job, work_dir=work_dir, started=prov.started)
         prov.extra["cost"] = {k: result.cost[k] for k in ("tokens_processed", "forward_calls", "segments",
                                                           "devices", "resumed_at_iteration")}
         prov.extra["wall_time_s"] = round(result.cost["earlier_wall_time_s"] + time.time() - prov.started, 3)
-        # steps / lr as trained (null = one pass over the windows / sized to the run: resolved here)
-        resolved = {**settings, "steps": result.stats["steps"], "lr": result.stats["lr"]}
-        meta = {"method": "mask", "label": args.label, "mode": settings["mode"], "settings": resolved,
+        # steps / lr as trained (null = one pass over the windows / sized to the run: derived here)
+        resolved = {**job.to_dict(), "steps": result.stats["steps"], "lr": result.stats["lr"]}
+        meta = {"method": "mask", "label": args.label, "mode": job.mode, "settings": resolved,
                 **_public_stats(result.stats)}
         prov.extra["stats"] = result.stats
         prov.extra["resolved_settings"] = resolved
         save_delta(args.out, masks=result.masks, metadata=meta, provenance=prov)
         write_parquet(result.log, args.log, provenance=prov)
-    target = "none: lambda_s 0" if result.stats["target_sparsity"] is None else f"{settings['sparsity']:.3f}"
+    target = "none: lambda_s 0" if result.stats["target_sparsity"] is None else f"{job.sparsity:.3f}"
     log.info("%s mask: sparsity %.4f (target %s, %s); %d iterations (%s), lr %.4g (%s); final calibration "
-             "loss %.4f%s", settings["mode"], result.stats["sparsity"], target,
+             "loss %.4f%s", job.mode, result.stats["sparsity"], target,
              result.stats["mask_rule"], result.stats["steps"], result.stats["steps_rule"], result.stats["lr"],
              result.stats["lr_rule"], result.log["calib_loss"].iloc[-1],
              "" if result.stats["converged"] else "; DID NOT CONVERGE: " + result.stats["unconverged_reason"])

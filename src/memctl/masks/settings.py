@@ -4,20 +4,29 @@ A job gets a slice of its config section (plus the mode, sparsity and threshold 
 ``--settings`` JSON. The job schemas are derived from ``schemas/stages/{masks,pruning}.schema.yaml``
 so that defaults and limits live in one place, and a hand-written bad value fails before any model
 is loaded, with the key named (``masks.lr: -1 is less than or equal to the minimum of 0``).
+
+A ``train-mask`` job is resolved once, by the planner (:func:`resolve_mask_job`: the schema check,
+the defaults and the cross-key rules), into a frozen :class:`MaskJob`; its ``--settings`` JSON is
+:meth:`MaskJob.to_json`, and the command rebuilds the object with :meth:`MaskJob.from_json`, which
+checks keys and types only (every key present, none unknown) and fills nothing.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import json
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from memctl.config import ConfigError, _DefaultFillingValidator
+from memctl.config import ConfigError, _DefaultFillingValidator, parse_settings
 
 #: Memorization terms of the mask objective (memctl.masks.regularizers implements them).
 MODES = ("none", "up", "down", "reciprocal")
@@ -129,8 +138,129 @@ def _resolve(schema: Mapping[str, Any], settings: Mapping[str, Any], where: str)
     return resolved
 
 
-def resolve_mask_job(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``train-mask`` job's settings with defaults; fails early naming the bad key."""
+@dataclass(frozen=True)
+class MaskJob(Mapping):
+    """One ``train-mask`` job's settings, resolved (every key of :func:`mask_job_schema`, defaults
+    filled): built once by :func:`resolve_mask_job` at plan time, carried as ``--settings``
+    (:meth:`to_json`), rebuilt by the command (:meth:`from_json`: keys and types checked, nothing
+    filled). Limits, defaults and descriptions live in ``schemas/stages/masks.schema.yaml`` only.
+
+    Fields are in the order of the ``--settings`` JSON (sorted keys). Values keep their JSON type
+    (``lambda_s: 240`` stays an integer), so :meth:`to_json` writes the planned text byte for byte.
+    Also a read-only mapping (``job["lr"]``, ``dict(job)``) for callers that take plain settings.
+    ``steps`` / ``lr`` null are derived per run from the data and the gates
+    (:func:`memctl.masks.training.resolve_budget`), not defaults.
+    """
+
+    batch_size: int
+    bf16: bool | Literal["auto"]  # the planner resolves `auto`; a job run by hand may keep it
+    calibration_windows: int | None
+    checkpoint_every: int
+    eval_mask: str
+    gate: str
+    groups: tuple[str, ...]
+    keep_checkpoint: bool
+    lambda_m: float
+    lambda_s: float
+    log_every: int
+    logit_init: float
+    logit_rank: int | None
+    lr: float | None
+    mem_batch_size: int
+    mem_loss_tokens: str
+    min_lr_ratio: float
+    mode: str
+    offset: float
+    on_unconverged: str
+    seed: int
+    sparsity: float
+    sparsity_tolerance: float
+    steps: int | None
+    tau: float
+    threshold: float | None
+    warmup_steps: int
+    weight_decay: float
+
+    # -- the read-only mapping view
+    def __getitem__(self, key: str) -> Any:
+        if key not in _mask_job_types():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_mask_job_types())
+
+    def __len__(self) -> int:
+        return len(_mask_job_types())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (``groups`` a list), in field (sorted key) order."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in self)}
+
+    def to_json(self) -> str:
+        """The ``--settings`` text: canonical JSON, as :func:`memctl.planning.core.as_json` writes it."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any], where: str = "masks") -> MaskJob:
+        """A resolved job's settings as they come back from JSON: every key present, none unknown, each
+        of its field's type (a clear :class:`ConfigError` naming the key otherwise); nothing filled
+        in and no schema limits or defaults applied (:func:`resolve_mask_job` did that, once)."""
+        hints = _mask_job_types()
+        problems = [f"{where}.{k}: unknown key; allowed keys: {', '.join(hints)}" for k in settings if k not in hints]
+        missing = [k for k in hints if k not in settings]
+        if missing:
+            problems.append(f"{where}: missing key{'s' * (len(missing) > 1)} {', '.join(missing)} (a planned job's "
+                            "settings list every key: memctl.masks.settings.resolve_mask_job(...).to_json())")
+        problems += [f"{where}.{k}: {settings[k]!r} is not of type {_type_name(hint)}"
+                     for k, hint in hints.items() if k in settings and not _is_of(hint, settings[k])]
+        if problems:
+            raise ConfigError(f"invalid {where} settings:\n  " + "\n  ".join(problems))
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> MaskJob:
+        """The job of a ``--settings`` argument (inline JSON or ``@file``): :meth:`from_dict`."""
+        return cls.from_dict(parse_settings(text))
+
+
+@cache
+def _mask_job_types() -> dict[str, Any]:
+    return typing.get_type_hints(MaskJob)
+
+
+def _is_of(hint: Any, value: Any) -> bool:
+    """Whether a JSON value fits a field type (a bool is no number; an int is a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_of(a, value) for a in args)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_is_of(args[0], v) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " or ".join(map(repr, args))
+    if origin is tuple:
+        return f"list of {_type_name(args[0])}"
+    return {type(None): "null", float: "number", int: "integer", bool: "boolean", str: "string"}.get(hint, str(hint))
+
+
+def resolve_mask_job(settings: Mapping[str, Any]) -> MaskJob:
+    """A ``train-mask`` job's settings resolved (schema check, defaults, cross-key rules) into a
+    :class:`MaskJob`; fails early naming the bad key. The planner calls it, once per job."""
     job = _resolve(mask_job_schema(), settings, "masks")
     if job["mode"] == "down" and job.get("threshold") is None:
         raise ConfigError("invalid masks settings:\n  masks.threshold: mode 'down' needs a learning threshold t")
@@ -138,7 +268,7 @@ def resolve_mask_job(settings: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             "invalid masks settings:\n  masks.eval_mask: 'topk' cuts the mask to the target sparsity, but "
             "lambda_s 0 has no sparsity term (the target is not part of the objective); use 'threshold'")
-    return job
+    return MaskJob.from_dict(job)
 
 
 def has_sparsity_term(job: Mapping[str, Any]) -> bool:

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from memctl.masks import checkpoint, gates
 from memctl.masks.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError
 from memctl.masks.data import Sequences, cycling_indices, sequence_loss, window_loss
 from memctl.masks.regularizers import memorization_term, sparsity_regularizer
-from memctl.masks.settings import has_sparsity_term, resolve_mask_job
+from memctl.masks.settings import MaskJob, has_sparsity_term, resolve_mask_job
 
 log = logging.getLogger(__name__)
 
@@ -179,36 +179,37 @@ def schedule_sum(steps: int, warmup: int = 0, min_ratio: float = 0.0) -> float:
     return float(sum(cosine_lr(it, steps, 1.0, warmup, min_ratio) for it in range(steps)))
 
 
-def boundary_distance(s: Mapping[str, Any]) -> float:
+def boundary_distance(s: MaskJob) -> float:
     """How far a logit starts from the gate boundary ``logit + offset = 0`` (at least 1)."""
-    return max(abs(float(s["logit_init"]) + float(s["offset"])), 1.0)
+    return max(abs(float(s.logit_init) + float(s.offset)), 1.0)
 
 
-def resolve_budget(settings: Mapping[str, Any], n_windows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def resolve_budget(job: MaskJob | Mapping[str, Any], n_windows: int) -> tuple[MaskJob, dict[str, Any]]:
     """``steps: null`` -> one pass over ``n_windows`` calibration windows; ``lr: null`` -> sized to the run.
 
-    Returns the settings with both resolved and a record of how (for the delta and its sidecar).
+    Both are derived from this run (its windows, the gates' distance to their boundary), not defaults.
+    Returns the job with both set and a record of how (for the delta and its sidecar).
     """
-    s = dict(settings)
+    s = job if isinstance(job, MaskJob) else MaskJob.from_dict(job)
     info: dict[str, Any] = {"calibration_windows_used": int(n_windows)}
-    if s.get("steps") is None:
-        s["steps"] = max(1, math.ceil(n_windows / s["batch_size"]))
-        info["steps_rule"] = f"one pass over {n_windows} calibration windows at batch_size {s['batch_size']}"
+    if s.steps is None:
+        s = replace(s, steps=max(1, math.ceil(n_windows / s.batch_size)))
+        info["steps_rule"] = f"one pass over {n_windows} calibration windows at batch_size {s.batch_size}"
     else:
         info["steps_rule"] = "set"
-    if s.get("lr") is None:
-        total = schedule_sum(s["steps"], s["warmup_steps"], s["min_lr_ratio"])
-        s["lr"] = AUTO_LR_TRAVEL * boundary_distance(s) / max(total, 1e-12)
+    if s.lr is None:
+        total = schedule_sum(s.steps, s.warmup_steps, s.min_lr_ratio)
+        s = replace(s, lr=AUTO_LR_TRAVEL * boundary_distance(s) / max(total, 1e-12))
         info["lr_rule"] = (f"{AUTO_LR_TRAVEL:g} x distance to the gate boundary {boundary_distance(s):g} / "
-                           f"schedule sum {total:.4g} over {s['steps']} iterations")
+                           f"schedule sum {total:.4g} over {s.steps} iterations")
     else:
         info["lr_rule"] = "set"
-    info["steps"], info["lr"] = int(s["steps"]), float(s["lr"])
+    info["steps"], info["lr"] = int(s.steps), float(s.lr)
     return s, info
 
 
 class _Trainer:
-    def __init__(self, model, calibration, memorized, settings, device):
+    def __init__(self, model, calibration, memorized, settings: MaskJob, device):
         self.s = settings
         self.model = model
         self.device = device
@@ -217,7 +218,7 @@ class _Trainer:
         self.memorized = memorized
         from memctl.config import resolve_bf16  # `auto` (a job run by hand): bf16 where it is fast
 
-        bf16 = resolve_bf16(settings["bf16"], device.type == "cuda")
+        bf16 = resolve_bf16(settings.bf16, device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _forward(self, masked, **inputs):
@@ -225,12 +226,12 @@ class _Trainer:
             return torch.func.functional_call(self.model, masked, args=(), kwargs={**inputs, "use_cache": False}).logits
 
     def calib_loss(self, masked, iteration: int, stream: int) -> torch.Tensor:
-        idx = cycling_indices(len(self.calibration), self.s["batch_size"], iteration, self.s["seed"], stream)
+        idx = cycling_indices(len(self.calibration), self.s.batch_size, iteration, self.s.seed, stream)
         ids = self.calibration[torch.as_tensor(idx)].to(self.device)
         return window_loss(self._forward(masked, input_ids=ids), ids)
 
     def mem_loss(self, masked, iteration: int, stream: int) -> torch.Tensor:
-        idx = cycling_indices(len(self.memorized), self.s["mem_batch_size"], iteration, self.s["seed"], stream)
+        idx = cycling_indices(len(self.memorized), self.s.mem_batch_size, iteration, self.s.seed, stream)
         ids, attention, targets = self.memorized.batch(idx, self.device)
         return sequence_loss(self._forward(masked, input_ids=ids, attention_mask=attention), ids, targets)
 
@@ -240,7 +241,7 @@ class _Trainer:
         tokens of ``mem_loss_tokens``, the training forward's autocast): the quantity the learning
         threshold t is compared with (below it, mode down amplifies; paper Fig. 4)."""
         total = tokens = 0.0
-        size = max(int(self.s["mem_batch_size"]), 1)
+        size = max(int(self.s.mem_batch_size), 1)
         for start in range(0, len(self.memorized), size):
             idx = np.arange(start, min(start + size, len(self.memorized)))
             ids, attention, targets = self.memorized.batch(idx, self.device)
@@ -254,7 +255,7 @@ def train_mask(
     model: nn.Module,
     calibration: torch.Tensor,
     memorized: Sequences | None,
-    settings: Mapping[str, Any],
+    settings: MaskJob | Mapping[str, Any],
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
     stop_after: int | None = None,
@@ -278,47 +279,49 @@ def train_mask(
     from memctl.capture import count_tokens
 
     started = time.time() if started is None else float(started)
-    s = resolve_mask_job(settings)
-    mode = s["mode"]
+    # the job as planned (memctl train-mask passes the planner's MaskJob, read back, never resolved again);
+    # plain settings (a call by hand: tests, a notebook) are resolved here, as the planner would
+    s = settings if isinstance(settings, MaskJob) else resolve_mask_job(settings)
+    mode = s.mode
     if mode != "none" and (memorized is None or len(memorized) == 0):
         raise ValueError(f"mode {mode!r} needs memorized training sequences")
     device = next(model.parameters()).device
     model.eval()
     model.requires_grad_(False)
     calibration = torch.as_tensor(calibration, dtype=torch.long)
-    if s["calibration_windows"]:
-        calibration = calibration[: s["calibration_windows"]]
+    if s.calibration_windows:
+        calibration = calibration[: s.calibration_windows]
     s, budget = resolve_budget(s, len(calibration))
-    targets = linear_targets(model, groups=s["groups"])
+    targets = linear_targets(model, groups=s.groups)
     trainer = _Trainer(model, calibration, memorized, s, device)
     # measured before training and outside the cost count (a measurement, not the method's work)
     unpruned = trainer.unpruned_mem_loss() if memorized is not None and len(memorized) else None
     mask_gates, optimizer, start, rows, earlier, ckpt_path = _start_or_resume(work_dir, s, model, targets)
     total = mask_gates.total
-    gate_args = (s["gate"], s["tau"], s["offset"])
+    gate_args = (s.gate, s.tau, s.offset)
 
     def step(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    lambda_s, lambda_m = float(s["lambda_s"]), float(s["lambda_m"])
+    lambda_s, lambda_m = float(s.lambda_s), float(s.lambda_m)
     def cost_so_far() -> dict[str, Any]:  # `counted`: this segment's forward passes (count_tokens below)
         return {"tokens_processed": earlier["tokens_processed"] + counted["tokens"],
                 "forward_calls": earlier["forward_calls"] + counted["forward_calls"],
                 "wall_time_s": round(earlier["wall_time_s"] + (time.time() - started), 3),
                 "segments": earlier["segments"] + 1, "devices": [*earlier["devices"], str(device)]}
 
-    bar = tqdm(range(start, s["steps"]), initial=start, total=s["steps"], desc=f"mask ({mode})", unit="it",
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc=f"mask ({mode})", unit="it",
                disable=not progress)
     with count_tokens(model) as counted:
         for it in bar:
-            lr = cosine_lr(it, s["steps"], s["lr"], s["warmup_steps"], s["min_lr_ratio"])
+            lr = cosine_lr(it, s.steps, s.lr, s.warmup_steps, s.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            masked, kept = mask_gates.sample(trainer.params, derive_seed(s["seed"], it, 0), *gate_args)
+            masked, kept = mask_gates.sample(trainer.params, derive_seed(s.seed, it, 0), *gate_args)
             calib = trainer.calib_loss(masked, it, stream=0)
-            r_s = sparsity_regularizer(kept, total, s["sparsity"]).float()
+            r_s = sparsity_regularizer(kept, total, s.sparsity).float()
             loss = calib + lambda_s * r_s
             mem = term = None
             if mode in ("up", "reciprocal"):
@@ -328,9 +331,9 @@ def train_mask(
             step(loss)
             if mode == "down":
                 del masked
-                masked2, _ = mask_gates.sample(trainer.params, derive_seed(s["seed"], it, 1), *gate_args)
+                masked2, _ = mask_gates.sample(trainer.params, derive_seed(s.seed, it, 1), *gate_args)
                 mem = trainer.mem_loss(masked2, it, stream=1)
-                term = memorization_term(mode, mem, lambda_m, s["threshold"])
+                term = memorization_term(mode, mem, lambda_m, s.threshold)
                 step(term)
                 del masked2
             train_sparsity = 1.0 - float(kept.detach()) / total
@@ -338,17 +341,17 @@ def train_mask(
             mem = None if mem is None else mem.detach()
             bar.set_postfix(calib=f"{float(calib):.3f}", mem="-" if mem is None else f"{float(mem):.3f}",
                             r_s=f"{float(r_s):.4f}", sparsity=f"{train_sparsity:.3f}", refresh=False)
-            last = it + 1 == s["steps"]
-            if (it + 1) % s["log_every"] == 0 or last or it == 0:
+            last = it + 1 == s.steps
+            if (it + 1) % s.log_every == 0 or last or it == 0:
                 rows.append({
                     "iteration": it + 1, "lr": lr,
                     "loss": float(loss.detach()) + (float(term.detach()) if mode == "down" else 0.0),
                     "calib_loss": float(calib), "mem_loss": _float(mem), "mem_term": _float(term),
                     "r_s": float(r_s), "train_sparsity": train_sparsity,
-                    "eval_sparsity": mask_sparsity(mask_gates.eval_masks(s["offset"])),
+                    "eval_sparsity": mask_sparsity(mask_gates.eval_masks(s.offset)),
                 })
-            if ckpt_path is not None and s["checkpoint_every"] and ((it + 1) % s["checkpoint_every"] == 0 or last):
-                checkpoint.save(ckpt_path, s, it + 1, mask_gates, optimizer, rows, cost_so_far())
+            if ckpt_path is not None and s.checkpoint_every and ((it + 1) % s.checkpoint_every == 0 or last):
+                checkpoint.save(ckpt_path, s.to_dict(), it + 1, mask_gates, optimizer, rows, cost_so_far())
             if stop_after is not None and it + 1 >= stop_after and not last:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped after {it + 1} iterations")
@@ -358,9 +361,9 @@ def train_mask(
     masks, stats = final_masks(mask_gates, s)
     stats.update(budget)
     if unpruned is not None:  # the masks report draws it on the threshold plot; t is read against it
-        stats.update(unpruned_mem_loss=round(unpruned, 6), unpruned_mem_loss_tokens=s["mem_loss_tokens"],
+        stats.update(unpruned_mem_loss=round(unpruned, 6), unpruned_mem_loss_tokens=s.mem_loss_tokens,
                      unpruned_mem_sequences=len(memorized))
-    if ckpt_path is not None and not s["keep_checkpoint"]:
+    if ckpt_path is not None and not s.keep_checkpoint:
         checkpoint.remove(ckpt_path)
     _check_convergence(mask_gates, masks, s, stats, rows)
     history = pd.DataFrame(rows, columns=LOG_COLUMNS)
@@ -371,13 +374,13 @@ def _float(value: torch.Tensor | None) -> float:
     return math.nan if value is None else float(value.detach())
 
 
-def _fresh(model: nn.Module, targets, s: Mapping[str, Any]):
+def _fresh(model: nn.Module, targets, s: MaskJob):
     """(gates, AdamW over them) at their initial state."""
-    mask_gates = MaskGates(model, targets, s["logit_init"], s["logit_rank"], s["seed"])
-    return mask_gates, torch.optim.AdamW(mask_gates.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    mask_gates = MaskGates(model, targets, s.logit_init, s.logit_rank, s.seed)
+    return mask_gates, torch.optim.AdamW(mask_gates.parameters(), lr=s.lr, weight_decay=s.weight_decay)
 
 
-def _start_or_resume(work_dir, s: Mapping[str, Any], model: nn.Module, targets):
+def _start_or_resume(work_dir, s: MaskJob, model: nn.Module, targets):
     """(gates, optimizer, first iteration, log rows, cost of earlier segments, checkpoint path or
     None): fresh, or from a usable checkpoint in ``work_dir`` (an unusable one is ignored with a warning)."""
     mask_gates, optimizer = _fresh(model, targets, s)
@@ -390,7 +393,7 @@ def _start_or_resume(work_dir, s: Mapping[str, Any], model: nn.Module, targets):
     if not ckpt_path.exists():
         return mask_gates, optimizer, 0, [], dict(checkpoint.NO_COST), ckpt_path
     try:
-        saved = checkpoint.read(ckpt_path, s, mask_gates, optimizer, LOG_COLUMNS)
+        saved = checkpoint.read(ckpt_path, s.to_dict(), mask_gates, optimizer, LOG_COLUMNS)
     except CheckpointError as err:
         log.warning("ignoring checkpoint %s (%s): training from scratch", ckpt_path, err)
         return mask_gates, optimizer, 0, [], dict(checkpoint.NO_COST), ckpt_path
@@ -400,12 +403,12 @@ def _start_or_resume(work_dir, s: Mapping[str, Any], model: nn.Module, targets):
     except Exception as err:  # noqa: BLE001 - anything odd: never train on a half-loaded state
         log.warning("ignoring checkpoint %s (cannot be applied: %s): training from scratch", ckpt_path, err)
         return *_fresh(model, targets, s), 0, [], dict(checkpoint.NO_COST), ckpt_path
-    log.info("resuming %s mask training at iteration %d / %d from %s", s["mode"], saved.iteration, s["steps"],
+    log.info("resuming %s mask training at iteration %d / %d from %s", s.mode, saved.iteration, s.steps,
              ckpt_path)
     return mask_gates, optimizer, saved.iteration, saved.rows, saved.cost, ckpt_path
 
 
-def _check_convergence(mask_gates: MaskGates, masks, s: Mapping[str, Any], stats: dict[str, Any],
+def _check_convergence(mask_gates: MaskGates, masks, s: MaskJob, stats: dict[str, Any],
                        rows: list[dict[str, Any]]) -> None:
     """Record :func:`convergence` in ``stats``; an unconverged mask fails (``on_unconverged: fail``)
     or is flagged with a warning."""
@@ -413,7 +416,7 @@ def _check_convergence(mask_gates: MaskGates, masks, s: Mapping[str, Any], stats
     stats["converged"] = report["converged"]
     stats["convergence"] = {k: v for k, v in report.items() if k not in ("converged", "message")}
     if not report["converged"]:
-        if s["on_unconverged"] == "fail":
+        if s.on_unconverged == "fail":
             raise NotConvergedError(report["message"])
         stats["unconverged_reason"] = report["reason"]
         log.warning("%s\n(masks.on_unconverged: flag: the mask is written, marked 'did not converge')",
@@ -441,8 +444,8 @@ def expected_sparsity(logits: torch.Tensor, kind: str, tau: float, offset: float
 
 
 @torch.no_grad()
-def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Mapping[str, Any],
-                stats: Mapping[str, Any], last_sampled: float = math.nan) -> dict[str, Any]:
+def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: MaskJob,
+                stats: MaskJob, last_sampled: float = math.nan) -> dict[str, Any]:
     """Did the mask reach its target? Two measurable conditions, both required:
 
     1. **Sparsity reached**: the gates' expected sampled sparsity under the final logits (the
@@ -457,27 +460,27 @@ def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Map
     Returns the numbers, ``converged``, and for an unconverged mask a ``reason`` and a ``message``
     that says what to change (steps, lr, lambda_s) with the numbers seen.
     """
-    target, tol, offset = float(s["sparsity"]), float(s["sparsity_tolerance"]), float(s["offset"])
-    init_open = float(s["logit_init"]) + offset > 0
+    target, tol, offset = float(s.sparsity), float(s.sparsity_tolerance), float(s.offset)
+    init_open = float(s.logit_init) + offset > 0
     closed = decided = backed = 0.0
     shift_max = shift_sum = 0.0
     reached = 0
     distance = boundary_distance(s)
     for i, t in enumerate(mask_gates.targets):
         logits = mask_gates.logits_of(i).detach().float()
-        closed += expected_sparsity(logits, s["gate"], float(s["tau"]), offset)
+        closed += expected_sparsity(logits, s.gate, float(s.tau), offset)
         crossed = (logits + offset > 0) != init_open
         differs = masks[t.param_name].to(logits.device) != init_open
         decided += float(differs.sum())
         backed += float((differs & crossed).sum())
-        shift = (logits - float(s["logit_init"])).abs()
+        shift = (logits - float(s.logit_init)).abs()
         shift_max = max(shift_max, float(shift.max()))
         shift_sum += float(shift.double().sum())
         reached += int((shift >= distance).sum())
     total = mask_gates.total
     expected = closed / total
     crossed_share = backed / decided if decided else 1.0
-    travel = float(s["lr"]) * schedule_sum(s["steps"], s["warmup_steps"], s["min_lr_ratio"])
+    travel = float(s.lr) * schedule_sum(s.steps, s.warmup_steps, s.min_lr_ratio)
     out: dict[str, Any] = {
         "expected_train_sparsity": round(expected, 6),
         "last_train_sparsity": None if math.isnan(last_sampled) else round(float(last_sampled), 6),
@@ -497,7 +500,7 @@ def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Map
     if out["converged"]:
         return out
 
-    mode = s["mode"]
+    mode = s.mode
     problems, reasons = [], []
     if not sparsity_ok:
         sampled = "" if math.isnan(last_sampled) else f"; the last sample's: {last_sampled:.3f}"
@@ -511,11 +514,11 @@ def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Map
             f"needed: {MIN_CROSSED_SHARE:.0%}): the cut ranks logits that barely moved")
         reasons.append(f"only {crossed_share:.0%} of the pruned weights crossed the gate boundary")
     moved = (f"the logits moved at most {shift_max:.3f} (mean {shift_sum / total:.3f}) from logit_init "
-             f"{float(s['logit_init']):g}; the gate boundary is {distance:g} away")
-    steps, lr = int(s["steps"]), float(s["lr"])
+             f"{float(s.logit_init):g}; the gate boundary is {distance:g} away")
+    steps, lr = int(s.steps), float(s.lr)
     one_pass = stats.get("calibration_windows_used")
-    pass_note = (f"; one pass over the {one_pass} calibration windows at batch_size {s['batch_size']} is "
-                 f"{max(1, math.ceil(one_pass / s['batch_size']))}" if one_pass else "")
+    pass_note = (f"; one pass over the {one_pass} calibration windows at batch_size {s.batch_size} is "
+                 f"{max(1, math.ceil(one_pass / s.batch_size))}" if one_pass else "")
     needed = AUTO_LR_TRAVEL * distance
     if travel < needed:
         lr_needed = needed / max(travel / lr, 1e-12)
@@ -527,15 +530,15 @@ def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Map
             f"at this lr.")
     elif expected > target + tol:
         advice = (f"The logits had room to move (sum_t lr_t = {travel:.3g}); the sparsity overshot: lower "
-                  f"masks.lambda_s (now {float(s['lambda_s']):g}; the {mode} entry of a per-mode mapping) or masks.lr (now {lr:g}), or raise "
+                  f"masks.lambda_s (now {float(s.lambda_s):g}; the {mode} entry of a per-mode mapping) or masks.lr (now {lr:g}), or raise "
                   f"masks.steps (now {steps}{pass_note}) so the schedule settles.")
     else:
         advice = (f"The logits had room to move (sum_t lr_t = {travel:.3g}) but the sparsity term did not close "
-                  f"enough gates: raise masks.lambda_s (now {float(s['lambda_s']):g}; the {mode} entry of a per-mode mapping) or masks.steps "
+                  f"enough gates: raise masks.lambda_s (now {float(s.lambda_s):g}; the {mode} entry of a per-mode mapping) or masks.steps "
                   f"(now {steps}{pass_note}).")
     out["reason"] = "; ".join(reasons)
     out["message"] = (
-        f"the {mode} mask did not converge after {steps} iterations (lr {lr:g}, lambda_s {float(s['lambda_s']):g}, "
+        f"the {mode} mask did not converge after {steps} iterations (lr {lr:g}, lambda_s {float(s.lambda_s):g}, "
         f"target sparsity {target:g}):\n  - " + "\n  - ".join([*problems, moved]) + f"\n{advice}\n"
         "Or set masks.on_unconverged: flag to write this mask anyway, marked 'did not converge' in its delta "
         "and in every masks table and plot."
@@ -543,20 +546,20 @@ def convergence(mask_gates: MaskGates, masks: Mapping[str, torch.Tensor], s: Map
     return out
 
 
-def final_masks(mask_gates: MaskGates, s: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def final_masks(mask_gates: MaskGates, s: MaskJob) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The deterministic eval mask, or the exact global top-(1 - r) when asked or when it misses r."""
-    target = float(s["sparsity"])
-    threshold_masks = mask_gates.eval_masks(s["offset"])
+    target = float(s.sparsity)
+    threshold_masks = mask_gates.eval_masks(s.offset)
     threshold_sparsity = mask_sparsity(threshold_masks)
     rule = "threshold"
     masks = threshold_masks
     if not has_sparsity_term(s):  # lambda_s 0: no target in the objective, so nothing to cut to
         rule = "threshold (no sparsity term)"
-    elif s["eval_mask"] == "topk" or abs(threshold_sparsity - target) > s["sparsity_tolerance"]:
-        if s["eval_mask"] == "threshold":
+    elif s.eval_mask == "topk" or abs(threshold_sparsity - target) > s.sparsity_tolerance:
+        if s.eval_mask == "threshold":
             log.warning(
                 "threshold mask sparsity %.4f misses the target %.4f by more than %.3f: using the exact "
-                "global top-%.3f logits", threshold_sparsity, target, s["sparsity_tolerance"], 1 - target,
+                "global top-%.3f logits", threshold_sparsity, target, s.sparsity_tolerance, 1 - target,
             )
             rule = "topk (threshold missed target)"
         else:

@@ -32,11 +32,12 @@ def mask_point(src: Sources, mode: str, sparsity: float, threshold: float | None
     job.update(change)
     if mode == "down":
         job["threshold"] = threshold
-    job = mask_settings.resolve_mask_job(job)
     job["bf16"] = resolve_bf16(job["bf16"], bool(ctx.base.gpu))  # `auto`: bf16 where it is fast
+    job = mask_settings.resolve_mask_job(job)  # the job's settings, resolved once (a frozen MaskJob)
+    settings = job.to_dict()  # what --settings carries (MaskJob.to_json) and the hash covers
     calibration = src.calibration
     upstream = [calibration.hash, ctx.data.extract_hash if mode != "none" else None]
-    h = settings_hash(ctx.model.key, ctx.config["model"], ctx.base.gpu, upstream, job)
+    h = settings_hash(ctx.model.key, ctx.config["model"], ctx.base.gpu, upstream, settings)
     inputs = {"calibration": calibration.path}
     args: tuple[str, ...] = ("--calibration", calibration.path)
     if mode != "none":  # the memorization term trains on the extraction-rate track's train side
@@ -46,9 +47,9 @@ def mask_point(src: Sources, mode: str, sparsity: float, threshold: float | None
     series = MASK_MODE_LABELS[mode]
     # forget: scored on its own training memories (the `none` mask on the same rows: the paired
     # `up` vs `none` comparison there too); lambda_s: the tables check the comparison is paired
-    return Point("train_mask", f"mask-{mode}-{h}", job, label or series, series, table, inputs, args,
+    return Point("train_mask", f"mask-{mode}-{h}", settings, label or series, series, table, inputs, args,
                  dict(family="ours", mode=mode, sparsity=sparsity, threshold=threshold if mode == "down" else None,
-                      seed=job["seed"], lambda_s=job["lambda_s"], mem_loss_tokens=job["mem_loss_tokens"],
+                      seed=job.seed, lambda_s=job.lambda_s, mem_loss_tokens=job.mem_loss_tokens,
                       forget=src.forget), (calibration,))
 
 
