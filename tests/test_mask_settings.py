@@ -1,5 +1,6 @@
-"""A train-mask job's settings: resolved once by the planner into a frozen MaskJob, carried as
-``--settings`` JSON, read back by the command (keys and types checked, nothing filled)."""
+"""A train-mask job's settings (and a prune or sample-memories job's): resolved once by the planner
+into a frozen MaskJob (PruneJob, OwnMemories), carried as ``--settings`` JSON, read back by the
+command (keys and types checked, nothing filled)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ import pytest
 
 from memctl import lab
 from memctl.config import ConfigError, read_yaml, workflow_config
-from memctl.masks.settings import MaskJob, mask_job_schema, resolve_mask_job
+from memctl.masks.settings import (
+    MaskJob,
+    OwnMemories,
+    PruneJob,
+    fragment,
+    mask_job_schema,
+    prune_job_schema,
+    resolve_mask_job,
+    resolve_own_memories,
+    resolve_prune_job,
+)
 from memctl.masks.training import resolve_budget
 from memctl.plan import build_plan
 from memctl.planning.core import as_json
@@ -22,7 +33,9 @@ JOB = {"mode": "up", "lambda_s": 240, "steps": 60, "batch_size": 4}
 
 
 def test_every_key_of_the_job_schema_is_a_typed_field():
-    assert list(MaskJob.__dataclass_fields__) == sorted(mask_job_schema()["properties"])  # the JSON's order
+    own = fragment("masks")["properties"]["own_memories"]
+    for cls, schema in ((MaskJob, mask_job_schema()), (PruneJob, prune_job_schema()), (OwnMemories, own)):
+        assert list(cls.__dataclass_fields__) == sorted(schema["properties"])  # in the JSON's order
 
 
 def test_the_job_is_frozen_and_resolved_with_the_schema_defaults():
@@ -75,16 +88,29 @@ def test_lr_null_is_derived_per_run_not_a_default():
     assert dataclasses.replace(run, lr=None) == job  # only lr was derived (steps was set)
 
 
+def test_prune_and_own_memories_jobs_read_back_the_same_way():
+    job = resolve_prune_job({"method": "wanda", "sparsity": 0.3})
+    assert isinstance(job, PruneJob) and job.form == "sequential" and PruneJob.from_json(job.to_json()) == job
+    with pytest.raises(ConfigError, match=r"pruning\.damp: 'x' is not of type number"):
+        PruneJob.from_json(json.dumps({**job.to_dict(), "damp": "x"}))
+    own = resolve_own_memories({})
+    assert own == OwnMemories(rows=256, seed=0) and own.to_json() == '{"rows":256,"seed":0}'
+    with pytest.raises(ConfigError, match=r"masks\.own_memories: missing key seed"):
+        OwnMemories.from_json('{"rows": 4}')
+
+
 @pytest.mark.parametrize("config", ["tests/tiny_config.yaml", "config/config.yaml", "config/paper.yaml"])
 def test_every_planned_job_reads_back_to_the_same_settings(config):
     path = REPO / config
     cfg = workflow_config(read_yaml(path), [str(path)], {}, REPO, REPO)
     plan = build_plan(cfg, lab.workflow_model_dims(cfg), python_version="3.11")
-    jobs = list(plan.stage("train_mask").jobs.values())
-    assert jobs
-    for job in jobs:
-        text = job.args[job.args.index("--settings") + 1]
-        back = MaskJob.from_json(text)
-        assert back.to_json() == text == as_json(job.settings)
-        assert back == resolve_mask_job(json.loads(text))  # resolving again would change nothing
-        assert f"--settings {shlex.quote(text)}" in job.command(2)
+    for stage, cls, resolve in (("train_mask", MaskJob, resolve_mask_job), ("prune_baseline", PruneJob, resolve_prune_job),
+                                ("sample_memories", OwnMemories, resolve_own_memories)):
+        jobs = list(plan.stage(stage).jobs.values())
+        assert jobs, stage
+        for job in jobs:
+            text = job.args[job.args.index("--settings") + 1]
+            back = cls.from_json(text)
+            assert back.to_json() == text == as_json(job.settings)
+            assert back == resolve(json.loads(text))  # resolving again would change nothing
+            assert f"--settings {shlex.quote(text)}" in job.command(2)

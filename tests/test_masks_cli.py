@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from memctl.cli import main
+from memctl.config import ConfigError
 from memctl.edits import apply_delta, load_delta
 from memctl.masks import report
-from memctl.masks.settings import resolve_mask_job
+from memctl.masks.settings import resolve_mask_job, resolve_own_memories, resolve_prune_job
 from memctl.masks.training import schedule_sum
 from memctl.store import hash_path, read_sidecar, verify
 
@@ -97,7 +98,7 @@ def test_bad_settings_exit_early_naming_the_key(tiny_model_dir, data, tmp_path, 
         assert err.value.code == 2
         assert named in capsys.readouterr().err
         assert not (tmp_path / "delta.safetensors").exists()
-    with pytest.raises(Exception, match=r"masks\.tau"):
+    with pytest.raises(ConfigError, match=r"masks\.tau"):
         resolve_mask_job({**SETTINGS, "tau": -1})  # at plan time
 
 
@@ -151,9 +152,10 @@ def test_steps_default_to_one_pass_over_the_calibration_windows(tiny_model_dir, 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_prune_command(tiny_model_dir, data, tmp_path, method):
-    settings = {"method": method, "form": "sequential", "sparsity": 0.3, "block_size": 16, "calibration_windows": 8}
+    settings = resolve_prune_job({"method": method, "form": "sequential", "sparsity": 0.3, "block_size": 16,
+                                  "calibration_windows": 8})  # as the planner resolves it
     args = ["prune", "--model", str(tiny_model_dir), "--model-settings", MODEL_SETTINGS, "--threads", "1",
-            "--settings", json.dumps(settings), "--label", method, "--out", str(tmp_path / "delta.safetensors")]
+            "--settings", settings.to_json(), "--label", method, "--out", str(tmp_path / "delta.safetensors")]
     if method != "magnitude":
         args += ["--calibration", str(data / "calibration.safetensors")]
     _run(*args)
@@ -167,7 +169,7 @@ def test_prune_command(tiny_model_dir, data, tmp_path, method):
 def test_prune_needs_calibration(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run("prune", "--model", str(tiny_model_dir), "--model-settings", MODEL_SETTINGS, "--settings",
-             json.dumps({"method": "wanda", "sparsity": 0.3}), "--out", str(tmp_path / "d.safetensors"))
+             resolve_prune_job({"method": "wanda", "sparsity": 0.3}).to_json(), "--out", str(tmp_path / "d.safetensors"))
     assert "needs --calibration" in capsys.readouterr().err
 
 
@@ -372,7 +374,7 @@ def test_sample_memories_keeps_a_seeded_sample_in_the_tables_order(data, tmp_pat
     table = pd.read_parquet(data / "memorized_train.parquet")
     out = tmp_path / "sample.parquet"
     _run("sample-memories", "--table", str(data / "memorized_train.parquet"),
-         "--settings", json.dumps({"rows": 4, "seed": 5}), "--out", str(out))
+         "--settings", resolve_own_memories({"rows": 4, "seed": 5}).to_json(), "--out", str(out))
     sample = pd.read_parquet(out)
     # by hand: numpy's seeded choice of 4 of 6 rows, sorted back into the table's order
     keep = sorted(np.random.default_rng(5).choice(6, size=4, replace=False))
@@ -382,7 +384,9 @@ def test_sample_memories_keeps_a_seeded_sample_in_the_tables_order(data, tmp_pat
     # the same settings, the same rows; rows >= the table (or null): all of it
     assert sample_rows(table, 4, 5)["candidate_id"].tolist() == sample["candidate_id"].tolist()
     assert len(sample_rows(table, 99, 5)) == len(sample_rows(table, None, 0)) == 6
-    with pytest.raises(SystemExit) as err:  # a bad value fails before reading anything, naming the key
-        _run("sample-memories", "--table", str(tmp_path / "missing.parquet"), "--settings", json.dumps({"rows": 0}),
-             "--out", str(tmp_path / "x.parquet"))
-    assert err.value.code == 2 and "masks.own_memories.rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # a bad job fails before reading anything, naming the key
+        _run("sample-memories", "--table", str(tmp_path / "missing.parquet"), "--settings",
+             json.dumps({"rows": "4", "seed": 5}), "--out", str(tmp_path / "x.parquet"))
+    assert err.value.code == 2 and "masks.own_memories.rows: '4' is not of type integer or null" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"masks\.own_memories\.rows"):
+        resolve_own_memories({"rows": 0})  # limits: at plan time

@@ -73,15 +73,14 @@ def cmd_sample_memories(args) -> None:
     scored by the evaluation of every edit trained on them, of the `none` masks and of Origin."""
     import pandas as pd
 
-    from memctl.config import parse_settings
     from memctl.masks.data import sample_rows
-    from memctl.masks.settings import resolve_own_memories
+    from memctl.masks.settings import OwnMemories
     from memctl.store import write_parquet
 
-    settings = resolve_own_memories(parse_settings(args.settings))
-    with stage("sample_memories", {"own_memories": settings}, {"table": args.table}, outputs=[args.out]) as prov:
+    own = OwnMemories.from_json(args.settings)  # resolved by the planner (resolve_own_memories)
+    with stage("sample_memories", {"own_memories": own.to_dict()}, {"table": args.table}, outputs=[args.out]) as prov:
         table = pd.read_parquet(args.table)
-        sample = sample_rows(table, settings["rows"], settings["seed"])
+        sample = sample_rows(table, own.rows, own.seed)
         prov.extra["rows"] = {"available": int(len(table)), "kept": int(len(sample))}
         write_parquet(sample, args.out, provenance=prov)
     log.info("own training memories: %d of the %d rows of %s", len(sample), len(table), args.table)
@@ -91,12 +90,13 @@ def cmd_prune(args) -> None:
     from memctl.config import parse_settings
     from memctl.edits import save_delta
     from memctl.masks.data import load_windows
-    from memctl.masks.settings import resolve_prune_job
+    from memctl.masks.settings import PruneJob
     from memctl.pruning.runner import prune_model
 
-    settings = resolve_prune_job(parse_settings(args.settings))
-    if settings["second_moments"] == "kfac" and settings["method"] != "magnitude" and not args.factors:
+    job = PruneJob.from_json(args.settings)  # resolved by the planner (resolve_prune_job), read back
+    if job.second_moments == "kfac" and job.method != "magnitude" and not args.factors:
         raise FileNotFoundError("pruning.second_moments is 'kfac' but no --factors file was given")
+    settings = job.to_dict()  # prune_model (memctl.pruning.runner) and the delta's metadata take plain settings
     with stage(
         "prune_baseline",
         {"pruning": settings, "model": parse_settings(args.model_settings)},
@@ -104,21 +104,21 @@ def cmd_prune(args) -> None:
         outputs=[args.out],
     ) as prov:
         calibration = None
-        if settings["method"] != "magnitude" and settings["second_moments"] == "calibration":
+        if job.method != "magnitude" and job.second_moments == "calibration":
             if not args.calibration:
-                raise FileNotFoundError(f"{settings['method']} needs --calibration windows")
-            calibration = load_windows(args.calibration, settings["calibration_windows"])
-        factors = _load_factors(args.factors) if settings["second_moments"] == "kfac" and args.factors else None
+                raise FileNotFoundError(f"{job.method} needs --calibration windows")
+            calibration = load_windows(args.calibration, job.calibration_windows)
+        factors = _load_factors(args.factors) if job.second_moments == "kfac" and args.factors else None
         model, _ = load(args, prov)
         result = prune_model(model, settings, calibration, factors)
         # layer-wise passes bypass the model's forward: the calibration tokens it pruned with
         prov.extra["cost"] = {"tokens_processed": int(result.stats.get("calibration_tokens", 0))}
-        meta = {"method": settings["method"], "label": args.label, "form": result.stats["form"],
+        meta = {"method": job.method, "label": args.label, "form": result.stats["form"],
                 "settings": settings, **_public_stats(result.stats)}
         prov.extra["stats"] = result.stats
         save_delta(args.out, replace=result.replace, masks=result.masks, metadata=meta, provenance=prov)
-    log.info("%s (%s): sparsity %.4f (target %.3f)", settings["method"], result.stats["form"],
-             result.stats["sparsity"], settings["sparsity"])
+    log.info("%s (%s): sparsity %.4f (target %.3f)", job.method, result.stats["form"],
+             result.stats["sparsity"], job.sparsity)
 
 
 def _load_factors(path):

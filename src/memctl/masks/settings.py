@@ -2,18 +2,21 @@
 
 A job gets a slice of its config section (plus the mode, sparsity and threshold of that job) as
 ``--settings`` JSON. The job schemas are derived from ``schemas/stages/{masks,pruning}.schema.yaml``
-so that defaults and limits live in one place, and a hand-written bad value fails before any model
+so that defaults and limits live in one place, and a bad value fails at plan time, before any model
 is loaded, with the key named (``masks.lr: -1 is less than or equal to the minimum of 0``).
 
-A ``train-mask`` job is resolved once, by the planner (:func:`resolve_mask_job`: the schema check,
-the defaults and the cross-key rules), into a frozen :class:`MaskJob`; its ``--settings`` JSON is
-:meth:`MaskJob.to_json`, and the command rebuilds the object with :meth:`MaskJob.from_json`, which
-checks keys and types only (every key present, none unknown) and fills nothing.
+A ``train-mask``, ``prune`` or ``sample-memories`` job is resolved once, by the planner
+(:func:`resolve_mask_job`, :func:`resolve_prune_job`, :func:`resolve_own_memories`: the schema
+check, the defaults and the cross-key rules), into a frozen :class:`MaskJob`, :class:`PruneJob` or
+:class:`OwnMemories`; its ``--settings`` JSON is their ``to_json()``, and the command rebuilds the
+object with ``from_json()``, which checks keys and types only (every key present, none unknown) and
+fills nothing.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import types
 import typing
@@ -138,19 +141,78 @@ def _resolve(schema: Mapping[str, Any], settings: Mapping[str, Any], where: str)
     return resolved
 
 
+class Resolved(Mapping):
+    """Base of a job's settings resolved at plan time (:class:`MaskJob`, :class:`PruneJob`,
+    :class:`OwnMemories`): a frozen dataclass with a typed field per key of its job schema, in the
+    order of the ``--settings`` JSON (sorted keys). Values keep their JSON type (``lambda_s: 240``
+    stays an integer; a list is a tuple), so :meth:`to_json` writes the planned text byte for byte;
+    :meth:`from_json` reads it back checking keys and types only. Also a read-only mapping
+    (``job["lr"]``, ``dict(job)``) for code that takes plain settings."""
+
+    where = ""  #: the settings' config key, in messages
+    resolver = ""  #: the function of this module that resolves them (at plan time)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _field_types(type(self)):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_field_types(type(self)))
+
+    def __len__(self) -> int:
+        return len(_field_types(type(self)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (tuples as lists), in field (sorted key) order."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in self)}
+
+    def to_json(self) -> str:
+        """The ``--settings`` text: canonical JSON, as :func:`memctl.planning.core.as_json` writes it."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]):
+        """Resolved settings as they come back from JSON: every key present, none unknown, each of its
+        field's type (a :class:`ConfigError` naming the key otherwise); nothing filled in and no schema
+        limits or defaults applied (the resolver did that, once, at plan time)."""
+        hints, where = _field_types(cls), cls.where
+        problems = [f"{where}.{k}: unknown key; allowed keys: {', '.join(hints)}" for k in settings if k not in hints]
+        missing = [k for k in hints if k not in settings]
+        if missing:
+            problems.append(f"{where}: missing key{'s' * (len(missing) > 1)} {', '.join(missing)} (planned "
+                            f"settings list every key: memctl.masks.settings.{cls.resolver}(...).to_json())")
+        problems += [f"{where}.{k}: {settings[k]!r} is not of type {_type_name(hint)}"
+                     for k, hint in hints.items() if k in settings and not _is_of(hint, settings[k])]
+        if problems:
+            raise ConfigError(f"invalid {where} settings:\n  " + "\n  ".join(problems))
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+
+    @classmethod
+    def from_json(cls, text: str):
+        """The settings of a ``--settings`` argument (inline JSON or ``@file``): :meth:`from_dict`."""
+        return cls.from_dict(parse_settings(text))
+
+
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 @dataclass(frozen=True)
-class MaskJob(Mapping):
+class MaskJob(Resolved):
     """One ``train-mask`` job's settings, resolved (every key of :func:`mask_job_schema`, defaults
     filled): built once by :func:`resolve_mask_job` at plan time, carried as ``--settings``
     (:meth:`to_json`), rebuilt by the command (:meth:`from_json`: keys and types checked, nothing
     filled). Limits, defaults and descriptions live in ``schemas/stages/masks.schema.yaml`` only.
 
-    Fields are in the order of the ``--settings`` JSON (sorted keys). Values keep their JSON type
-    (``lambda_s: 240`` stays an integer), so :meth:`to_json` writes the planned text byte for byte.
-    Also a read-only mapping (``job["lr"]``, ``dict(job)``) for callers that take plain settings.
     ``steps`` / ``lr`` null are derived per run from the data and the gates
     (:func:`memctl.masks.training.resolve_budget`), not defaults.
     """
+
+    where = "masks"
+    resolver = "resolve_mask_job"
 
     batch_size: int
     bf16: bool | Literal["auto"]  # the planner resolves `auto`; a job run by hand may keep it
@@ -181,52 +243,34 @@ class MaskJob(Mapping):
     warmup_steps: int
     weight_decay: float
 
-    # -- the read-only mapping view
-    def __getitem__(self, key: str) -> Any:
-        if key not in _mask_job_types():
-            raise KeyError(key)
-        return getattr(self, key)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(_mask_job_types())
+@dataclass(frozen=True)
+class PruneJob(Resolved):
+    """One ``prune`` job's settings, resolved by :func:`resolve_prune_job` (keys: :func:`prune_job_schema`)."""
 
-    def __len__(self) -> int:
-        return len(_mask_job_types())
+    where = "pruning"
+    resolver = "resolve_prune_job"
 
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON values (``groups`` a list), in field (sorted key) order."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(self, k)) for k in self)}
-
-    def to_json(self) -> str:
-        """The ``--settings`` text: canonical JSON, as :func:`memctl.planning.core.as_json` writes it."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_dict(cls, settings: Mapping[str, Any], where: str = "masks") -> MaskJob:
-        """A resolved job's settings as they come back from JSON: every key present, none unknown, each
-        of its field's type (a clear :class:`ConfigError` naming the key otherwise); nothing filled
-        in and no schema limits or defaults applied (:func:`resolve_mask_job` did that, once)."""
-        hints = _mask_job_types()
-        problems = [f"{where}.{k}: unknown key; allowed keys: {', '.join(hints)}" for k in settings if k not in hints]
-        missing = [k for k in hints if k not in settings]
-        if missing:
-            problems.append(f"{where}: missing key{'s' * (len(missing) > 1)} {', '.join(missing)} (a planned job's "
-                            "settings list every key: memctl.masks.settings.resolve_mask_job(...).to_json())")
-        problems += [f"{where}.{k}: {settings[k]!r} is not of type {_type_name(hint)}"
-                     for k, hint in hints.items() if k in settings and not _is_of(hint, settings[k])]
-        if problems:
-            raise ConfigError(f"invalid {where} settings:\n  " + "\n  ".join(problems))
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-
-    @classmethod
-    def from_json(cls, text: str) -> MaskJob:
-        """The job of a ``--settings`` argument (inline JSON or ``@file``): :meth:`from_dict`."""
-        return cls.from_dict(parse_settings(text))
+    batch_size: int
+    block_size: int
+    calibration_windows: int
+    damp: float
+    form: str
+    groups: tuple[str, ...]
+    method: str
+    second_moments: str
+    sparsity: float
 
 
-@cache
-def _mask_job_types() -> dict[str, Any]:
-    return typing.get_type_hints(MaskJob)
+@dataclass(frozen=True)
+class OwnMemories(Resolved):
+    """A ``sample-memories`` job's ``masks.own_memories`` settings, resolved by :func:`resolve_own_memories`."""
+
+    where = "masks.own_memories"
+    resolver = "resolve_own_memories"
+
+    rows: int | None
+    seed: int
 
 
 def _is_of(hint: Any, value: Any) -> bool:
@@ -280,21 +324,22 @@ def has_sparsity_term(job: Mapping[str, Any]) -> bool:
     return float(job["lambda_s"]) > 0
 
 
-def resolve_own_memories(settings: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_own_memories(settings: Mapping[str, Any]) -> OwnMemories:
     """The ``masks.own_memories`` settings of a sample_memories job (rows, seed) with defaults."""
     schema = copy.deepcopy(fragment("masks")["properties"]["own_memories"])
     schema.pop("default", None)
-    return _resolve(schema, settings, "masks.own_memories")
+    return OwnMemories.from_dict(_resolve(schema, settings, "masks.own_memories"))
 
 
-def resolve_prune_job(settings: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_prune_job(settings: Mapping[str, Any]) -> PruneJob:
+    """A ``prune`` job's settings resolved (schema check, defaults) into a :class:`PruneJob`."""
     job = _resolve(prune_job_schema(), settings, "pruning")
     if job["second_moments"] == "kfac" and job["form"] != "one_pass" and job["method"] != "magnitude":
         raise ConfigError(
             "invalid pruning settings:\n  pruning.second_moments: 'kfac' factors come from the unpruned "
             "model, so they serve the one_pass form only"
         )
-    return job
+    return PruneJob.from_dict(job)
 
 
 def resolve_balanced_subnet(settings: Mapping[str, Any]) -> dict[str, Any]:

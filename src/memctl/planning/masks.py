@@ -219,7 +219,7 @@ def plan_masks(ctx: Context) -> FamilyPlan:
     if masks["enabled"]:
         # the forget track: one seeded sample of the masks' training memories (er_train), scored by
         # every edit trained on them, the `none` masks and Origin (the same rows for all)
-        own = mask_settings.resolve_own_memories(masks["own_memories"])
+        own = mask_settings.resolve_own_memories(masks["own_memories"]).to_dict()  # once: OwnMemories.to_json()
         h = settings_hash(ctx.data.extract_hash, own)
         forget, er_train = f"{m.dir}/memories-{h}/er_train.parquet", ctx.data.tables["er_train"]
         origin = ctx.edits["none"]

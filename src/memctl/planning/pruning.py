@@ -55,7 +55,7 @@ def baseline_point(src: Sources, method: str, form: str, sparsity: float, table:
         keys += ["damp", "block_size"] if method == "sparsegpt" else []
         job.update({k: pruning[k] for k in keys}, form=form)
     kfac = job.get("second_moments") == "kfac"
-    job = mask_settings.resolve_prune_job(job)
+    job = mask_settings.resolve_prune_job(job).to_dict()  # resolved once: --settings is PruneJob.to_json()
     inputs, args, upstream, calibration = {}, (), [], ()
     if method != "magnitude":  # statistics: the K-FAC factors' A, or the masks' calibration windows
         if kfac:
