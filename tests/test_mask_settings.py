@@ -64,6 +64,8 @@ def test_the_json_keeps_every_value_and_its_type():
     ({"batch_size": True}, r"masks\.batch_size: True is not of type integer"),
     ({"groups": ["mlp", 3]}, r"masks\.groups: \['mlp', 3\] is not of type list of string"),
     ({"bf16": "yes"}, r"masks\.bf16: 'yes' is not of type boolean or 'auto'"),
+    ({"tau": -1}, r"masks\.tau: -1 is less than"),  # the schema's limits, checked on reading too
+    ({"gate": "coin"}, r"masks\.gate: 'coin' is not one of"),
 ])
 def test_reading_a_job_back_refuses_a_bad_key_naming_it(change, named):
     planned = resolve_mask_job(JOB).to_dict()

@@ -9,8 +9,8 @@ A ``train-mask``, ``prune`` or ``sample-memories`` job is resolved once, by the 
 (:func:`resolve_mask_job`, :func:`resolve_prune_job`, :func:`resolve_own_memories`: the schema
 check, the defaults and the cross-key rules), into a frozen :class:`MaskJob`, :class:`PruneJob` or
 :class:`OwnMemories`; its ``--settings`` JSON is their ``to_json()``, and the command rebuilds the
-object with ``from_json()``, which checks keys and types only (every key present, none unknown) and
-fills nothing.
+object with ``from_json()``, which checks keys, types and the schema's limits (every key present,
+none unknown) and fills nothing.
 """
 
 from __future__ import annotations
@@ -146,11 +146,12 @@ class Resolved(Mapping):
     :class:`OwnMemories`): a frozen dataclass with a typed field per key of its job schema, in the
     order of the ``--settings`` JSON (sorted keys). Values keep their JSON type (``lambda_s: 240``
     stays an integer; a list is a tuple), so :meth:`to_json` writes the planned text byte for byte;
-    :meth:`from_json` reads it back checking keys and types only. Also a read-only mapping
+    :meth:`from_json` reads it back checking keys, types and limits, filling nothing. Also a read-only mapping
     (``job["lr"]``, ``dict(job)``) for code that takes plain settings."""
 
     where = ""  #: the settings' config key, in messages
     resolver = ""  #: the function of this module that resolves them (at plan time)
+    schema = ""  #: the function of this module that gives their job schema (limits checked on reading)
 
     def __getitem__(self, key: str) -> Any:
         if key not in _field_types(type(self)):
@@ -175,7 +176,7 @@ class Resolved(Mapping):
     def from_dict(cls, settings: Mapping[str, Any]):
         """Resolved settings as they come back from JSON: every key present, none unknown, each of its
         field's type (a :class:`ConfigError` naming the key otherwise); nothing filled in and no schema
-        limits or defaults applied (the resolver did that, once, at plan time)."""
+        defaults applied (the resolver did that, once, at plan time); the schema's limits checked again."""
         hints, where = _field_types(cls), cls.where
         problems = [f"{where}.{k}: unknown key; allowed keys: {', '.join(hints)}" for k in settings if k not in hints]
         missing = [k for k in hints if k not in settings]
@@ -186,6 +187,9 @@ class Resolved(Mapping):
                      for k, hint in hints.items() if k in settings and not _is_of(hint, settings[k])]
         if problems:
             raise ConfigError(f"invalid {where} settings:\n  " + "\n  ".join(problems))
+        # the schema's limits and choices, checked (a hand-edited `tau: -1` is refused, naming the
+        # key, before any model is loaded); every key is present, so nothing is filled in
+        _resolve(globals()[cls.schema](), settings, where)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
 
     @classmethod
@@ -213,6 +217,7 @@ class MaskJob(Resolved):
 
     where = "masks"
     resolver = "resolve_mask_job"
+    schema = "mask_job_schema"
 
     batch_size: int
     bf16: bool | Literal["auto"]  # the planner resolves `auto`; a job run by hand may keep it
@@ -250,6 +255,7 @@ class PruneJob(Resolved):
 
     where = "pruning"
     resolver = "resolve_prune_job"
+    schema = "prune_job_schema"
 
     batch_size: int
     block_size: int
@@ -268,6 +274,7 @@ class OwnMemories(Resolved):
 
     where = "masks.own_memories"
     resolver = "resolve_own_memories"
+    schema = "own_memories_schema"
 
     rows: int | None
     seed: int
@@ -324,11 +331,16 @@ def has_sparsity_term(job: Mapping[str, Any]) -> bool:
     return float(job["lambda_s"]) > 0
 
 
-def resolve_own_memories(settings: Mapping[str, Any]) -> OwnMemories:
-    """The ``masks.own_memories`` settings of a sample_memories job (rows, seed) with defaults."""
+def own_memories_schema() -> dict[str, Any]:
+    """The schema of a sample_memories job's settings: ``masks.own_memories`` of the masks schema."""
     schema = copy.deepcopy(fragment("masks")["properties"]["own_memories"])
     schema.pop("default", None)
-    return OwnMemories.from_dict(_resolve(schema, settings, "masks.own_memories"))
+    return schema
+
+
+def resolve_own_memories(settings: Mapping[str, Any]) -> OwnMemories:
+    """The ``masks.own_memories`` settings of a sample_memories job (rows, seed) with defaults."""
+    return OwnMemories.from_dict(_resolve(own_memories_schema(), settings, "masks.own_memories"))
 
 
 def resolve_prune_job(settings: Mapping[str, Any]) -> PruneJob:
