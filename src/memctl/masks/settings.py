@@ -189,7 +189,7 @@ class Resolved(Mapping):
             raise ConfigError(f"invalid {where} settings:\n  " + "\n  ".join(problems))
         # the schema's limits and choices, checked (a hand-edited `tau: -1` is refused, naming the
         # key, before any model is loaded); every key is present, so nothing is filled in
-        _resolve(globals()[cls.schema](), settings, where)
+        _resolve(globals()[cls.schema](), {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, where)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
 
     @classmethod
