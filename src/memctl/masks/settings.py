@@ -173,7 +173,7 @@ class Resolved(Mapping):
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, settings: Mapping[str, Any]):
+    def from_dict(cls, settings: Mapping[str, Any], *, limits: bool = True):
         """Resolved settings as they come back from JSON: every key present, none unknown, each of its
         field's type (a :class:`ConfigError` naming the key otherwise); nothing filled in and no schema
         defaults applied (the resolver did that, once, at plan time); the schema's limits checked again."""
@@ -189,7 +189,9 @@ class Resolved(Mapping):
             raise ConfigError(f"invalid {where} settings:\n  " + "\n  ".join(problems))
         # the schema's limits and choices, checked (a hand-edited `tau: -1` is refused, naming the
         # key, before any model is loaded); every key is present, so nothing is filled in
-        _resolve(globals()[cls.schema](), {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, where)
+        if limits:  # (the resolvers have just checked them: they pass limits=False)
+            _resolve(globals()[cls.schema](), {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+                     where)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
 
     @classmethod
@@ -319,7 +321,7 @@ def resolve_mask_job(settings: Mapping[str, Any]) -> MaskJob:
         raise ConfigError(
             "invalid masks settings:\n  masks.eval_mask: 'topk' cuts the mask to the target sparsity, but "
             "lambda_s 0 has no sparsity term (the target is not part of the objective); use 'threshold'")
-    return MaskJob.from_dict(job)
+    return MaskJob.from_dict(job, limits=False)
 
 
 def has_sparsity_term(job: Mapping[str, Any]) -> bool:
@@ -340,7 +342,7 @@ def own_memories_schema() -> dict[str, Any]:
 
 def resolve_own_memories(settings: Mapping[str, Any]) -> OwnMemories:
     """The ``masks.own_memories`` settings of a sample_memories job (rows, seed) with defaults."""
-    return OwnMemories.from_dict(_resolve(own_memories_schema(), settings, "masks.own_memories"))
+    return OwnMemories.from_dict(_resolve(own_memories_schema(), settings, "masks.own_memories"), limits=False)
 
 
 def resolve_prune_job(settings: Mapping[str, Any]) -> PruneJob:
@@ -351,7 +353,7 @@ def resolve_prune_job(settings: Mapping[str, Any]) -> PruneJob:
             "invalid pruning settings:\n  pruning.second_moments: 'kfac' factors come from the unpruned "
             "model, so they serve the one_pass form only"
         )
-    return PruneJob.from_dict(job)
+    return PruneJob.from_dict(job, limits=False)
 
 
 def resolve_balanced_subnet(settings: Mapping[str, Any]) -> dict[str, Any]:
