@@ -78,6 +78,7 @@ def imports_of(name: str) -> set[str]:
 #: Layer of each module, bottom (0) to top; a module may import its own layer or lower ones.
 LAYERS = {
     "memctl.config": 0, "memctl.store": 0, "memctl.stages": 0, "memctl.progress": 0, "memctl.labels": 0,
+    "memctl.edit_methods": 0,
     "memctl.metric_records": 0, "memctl.arguments": 0,
     "memctl.architectures": 1, "memctl.models": 1, "memctl.metrics": 1, "memctl.capture": 1,
     "memctl.edits": 1, "memctl.data": 1, "memctl.generation": 1, "memctl.corpus_stream": 1, "memctl.overlap": 1,

@@ -124,7 +124,19 @@ def load_schema() -> dict[str, Any]:
     once per process for as long as the files are unchanged (each parse takes ~0.15 s of
     pure-Python YAML, and planning, validation and every stage's settings read it)."""
     paths = [schema_path(), *stage_schema_paths()]
-    return copy.deepcopy(_parsed_schema(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)))
+    schema = copy.deepcopy(_parsed_schema(tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)))
+    return _with_registered_methods(schema)
+
+
+def _with_registered_methods(schema: dict[str, Any]) -> dict[str, Any]:
+    """``pruning.methods`` may list the registered pruning baselines (:mod:`memctl.edit_methods`,
+    the one place that declares them): their names become the items' enum here, at load time."""
+    from memctl.edit_methods import baseline_methods
+
+    methods = schema["properties"].get("pruning", {}).get("properties", {}).get("methods")
+    if methods is not None:
+        methods["items"] = {**methods.get("items", {}), "enum": list(baseline_methods())}
+    return schema
 
 
 @functools.lru_cache(maxsize=4)
@@ -341,11 +353,12 @@ def check_store_path(value: str, key: str, workdir: str | os.PathLike | None = N
 def _label_problems(cfg: Mapping[str, Any]) -> list[str]:
     """Edit labels a user gave (``curvature.edits[i].label``) must tell the edits apart in the
     tables: no two alike, none equal to a label the plan gives another edit."""
-    from memctl.labels import BASELINE_LABELS, FIXED_LABELS, MASK_MODE_LABELS
+    from memctl.edit_methods import family
     from memctl.labels import CURVATURE_LABELS as LABELS
+    from memctl.labels import FIXED_LABELS
 
-    reserved = {**FIXED_LABELS, **{v: f"the {k} mask" for k, v in MASK_MODE_LABELS.items()},
-                **{v: f"the {k} baseline" for k, v in BASELINE_LABELS.items()}}
+    reserved = {**FIXED_LABELS, **{m.label: m.description for name in ("mask", "baseline")
+                                   for m in family(name).values()}}
     problems, seen = [], {}
     for i, spec in enumerate(cfg.get("curvature", {}).get("edits", [])):
         label = spec.get("label")

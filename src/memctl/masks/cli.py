@@ -88,13 +88,15 @@ def cmd_sample_memories(args) -> None:
 
 def cmd_prune(args) -> None:
     from memctl.config import parse_settings
+    from memctl.edit_methods import baseline
     from memctl.edits import save_delta
     from memctl.masks.data import load_windows
     from memctl.masks.settings import PruneJob
     from memctl.pruning.runner import prune_model
 
     job = PruneJob.from_json(args.settings)  # resolved by the planner (resolve_prune_job), read back
-    if job.second_moments == "kfac" and job.method != "magnitude" and not args.factors:
+    reads_data = baseline(job.method).reads_data  # calibration statistics (memctl.edit_methods)
+    if job.second_moments == "kfac" and reads_data and not args.factors:
         raise FileNotFoundError("pruning.second_moments is 'kfac' but no --factors file was given")
     settings = job.to_dict()  # prune_model (memctl.pruning.runner) and the delta's metadata take plain settings
     with stage(
@@ -104,7 +106,7 @@ def cmd_prune(args) -> None:
         outputs=[args.out],
     ) as prov:
         calibration = None
-        if job.method != "magnitude" and job.second_moments == "calibration":
+        if reads_data and job.second_moments == "calibration":
             if not args.calibration:
                 raise FileNotFoundError(f"{job.method} needs --calibration windows")
             calibration = load_windows(args.calibration, job.calibration_windows)

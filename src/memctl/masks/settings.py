@@ -30,10 +30,10 @@ from typing import Any, Literal
 import yaml
 
 from memctl.config import ConfigError, _DefaultFillingValidator, parse_settings
+from memctl.edit_methods import baseline, baseline_methods
 
 #: Memorization terms of the mask objective (memctl.masks.regularizers implements them).
 MODES = ("none", "up", "down", "reciprocal")
-PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
 FORMS = ("sequential", "one_pass")
 
 
@@ -95,14 +95,19 @@ def mask_job_schema() -> dict[str, Any]:
     )
 
 
-@cache
 def prune_job_schema() -> dict[str, Any]:
+    """A ``prune`` job's schema; ``method``: the registered pruning baselines (memctl.edit_methods)."""
+    return _prune_job_schema(tuple(baseline_methods()))
+
+
+@cache
+def _prune_job_schema(methods: tuple[str, ...]) -> dict[str, Any]:
     masks = fragment("masks")["properties"]
     return _job_schema(
         fragment("pruning"),
         drop=("methods", "forms", "balanced_subnet"),
         add={
-            "method": {"enum": list(PRUNING_METHODS)},
+            "method": {"enum": list(methods)},
             "form": {"enum": list(FORMS), "default": "sequential"},
             "sparsity": masks["sparsity"],
         },
@@ -348,7 +353,7 @@ def resolve_own_memories(settings: Mapping[str, Any]) -> OwnMemories:
 def resolve_prune_job(settings: Mapping[str, Any]) -> PruneJob:
     """A ``prune`` job's settings resolved (schema check, defaults) into a :class:`PruneJob`."""
     job = _resolve(prune_job_schema(), settings, "pruning")
-    if job["second_moments"] == "kfac" and job["form"] != "one_pass" and job["method"] != "magnitude":
+    if job["second_moments"] == "kfac" and job["form"] != "one_pass" and baseline(job["method"]).reads_data:
         raise ConfigError(
             "invalid pruning settings:\n  pruning.second_moments: 'kfac' factors come from the unpruned "
             "model, so they serve the one_pass form only"

@@ -10,7 +10,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from memctl.config import ConfigError, resolve_bf16, settings_hash
-from memctl.labels import BASELINE_LABELS, MASK_MODE_LABELS
+from memctl.edit_methods import baseline
+from memctl.labels import MASK_MODE_LABELS
 from memctl.planning.context import Context, FamilyPlan
 from memctl.planning.core import Edit, Job, StagePlan, as_json, model_args, new_edit
 from memctl.planning.data import calibration_windows
@@ -64,7 +65,7 @@ def _main_points(src: Sources) -> list[Point]:
         )
     r = masks["sparsity"]
     points = [baseline_point(src, method, form, r, "main") for method in pruning["methods"]
-              for form in (["sequential"] if method == "magnitude" else pruning["forms"])]
+              for form in baseline(method).planned_forms(pruning["forms"])]
     if pruning["balanced_subnet"]["enabled"]:
         points.append(balanced_subnet_point(src))
     points += csp_points(src)
@@ -147,8 +148,8 @@ def _sweep_points(src: Sources) -> list[Point]:
         points += [mask_point(src, mode, s, masks["threshold"], "sparsity", f"{MASK_MODE_LABELS[mode]}, sparsity {s:.2f}")
                    for mode in sweep["sparsity_modes"]]
         if sweep["baselines"]:
-            points += [baseline_point(src, method, "sequential" if method == "magnitude" else pruning["forms"][0], s,
-                                      "sparsity", f"{BASELINE_LABELS[method]}, sparsity {s:.2f}")
+            points += [baseline_point(src, method, baseline(method).planned_forms(pruning["forms"])[0], s,
+                                      "sparsity", f"{baseline(method).label}, sparsity {s:.2f}")
                        for method in pruning["methods"]]
     points += [mask_point(src, "down", r, t, "threshold", f"Ours (down), t={t:g}") for t in sweep["thresholds"]]
     if sweep["thresholds"]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memctl.config import ConfigError, settings_hash
-from memctl.labels import BASELINE_LABELS
+from memctl.edit_methods import baseline
 from memctl.planning.context import Calibration, Context
 
 
@@ -49,15 +49,14 @@ def baseline_point(src: Sources, method: str, form: str, sparsity: float, table:
 
     ctx = src.ctx
     cfg, pruning = ctx.config, ctx.config["pruning"]
+    record = baseline(method)  # its statistics and settings (memctl.edit_methods)
     job = {"method": method, "sparsity": sparsity, "groups": pruning["groups"]}
-    if method != "magnitude":
-        keys = ["calibration_windows", "batch_size", "second_moments"]
-        keys += ["damp", "block_size"] if method == "sparsegpt" else []
-        job.update({k: pruning[k] for k in keys}, form=form)
+    if record.reads_data:
+        job.update({k: pruning[k] for k in record.setting_keys}, form=form)
     kfac = job.get("second_moments") == "kfac"
     job = mask_settings.resolve_prune_job(job).to_dict()  # resolved once: --settings is PruneJob.to_json()
     inputs, args, upstream, calibration = {}, (), [], ()
-    if method != "magnitude":  # statistics: the K-FAC factors' A, or the masks' calibration windows
+    if record.reads_data:  # statistics: the K-FAC factors' A, or the masks' calibration windows
         if kfac:
             factors = ctx.exports["kfac_factors"]
             name, path, upstream = "factors", factors, [factors]
@@ -66,10 +65,10 @@ def baseline_point(src: Sources, method: str, form: str, sparsity: float, table:
             calibration = (src.calibration,)
         inputs, args = {name: path}, (f"--{name}", path)
     h = settings_hash(ctx.model.key, cfg["model"], ctx.base.gpu, upstream, job)
-    tag = "-onepass" if form == "one_pass" and method != "magnitude" else ""
-    series = BASELINE_LABELS[method] + (" (one-pass)" if tag else "")
+    tag = "-onepass" if form == "one_pass" and record.reads_data else ""
+    series = record.label + (" (one-pass)" if tag else "")
     return Point("prune_baseline", f"{method}{tag}-{h}", job, label or series, series, table, inputs, args,
-                 dict(family="baseline", method=method, form=form if method != "magnitude" else "none",
+                 dict(family="baseline", method=method, form=form if record.reads_data else "none",
                       sparsity=sparsity), calibration)
 
 

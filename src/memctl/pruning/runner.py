@@ -31,6 +31,7 @@ from memctl.progress import tqdm
 from memctl import architectures as arch
 from memctl.architectures import LinearTarget
 from memctl.capture import Capture, call_arguments
+from memctl.edit_methods import baseline
 from memctl.pruning.methods import magnitude_mask, sparsegpt_prune, wanda_mask
 
 log = logging.getLogger(__name__)
@@ -163,34 +164,39 @@ def prune_model(
     damp, block_size, groups). ``factors``: K-FAC A factors by input key for ``second_moments: kfac``.
     """
     method, form, sparsity = settings["method"], settings.get("form", "sequential"), float(settings["sparsity"])
+    record = baseline(method)  # its statistics and per-matrix rule (memctl.edit_methods)
+    rule = record.rule()
     model.eval()
     targets = arch.linear_targets(model, groups=settings["groups"])
     result = PruneResult()
 
-    if method == "magnitude":
-        for t in targets:
-            keep = magnitude_mask(arch.weight(model, t), sparsity)
+    def prune_one(t: LinearTarget, statistic: torch.Tensor | None) -> None:
+        w = arch.weight(model, t)
+        keep, new = rule(w, statistic, sparsity, settings)
+        if new is None:
             _apply_mask(model, t, keep, result)
+            return
+        arch.set_weight(model, t, new)
+        result.replace[t.param_name] = arch.to_storage(t, new.detach().to("cpu", w.dtype))
+        result.stats.setdefault("per_matrix_sparsity", {})[t.short] = round(1.0 - float(keep.float().mean()), 6)
+
+    if record.statistics is None:
+        for t in targets:
+            prune_one(t, None)
         return _finish(model, targets, result, settings)
 
     if calibration is None and factors is None:
         raise ValueError(f"{method} needs calibration windows (or K-FAC A factors)")
-    full = method == "sparsegpt"
+    full = record.statistics == "full"
 
     def prune_targets(block_targets: list[LinearTarget], moments: InputMoments) -> None:
         for t in block_targets:
             if t.input_key not in moments.sums:
                 raise ValueError(f"no input statistics for {t.name} (input {t.input_key})")
-            w = arch.weight(model, t)
-            if method == "wanda":
-                diag = moments.diag(t.input_key)[: t.d_in]
-                _apply_mask(model, t, wanda_mask(w, diag, sparsity), result)
+            if full:
+                prune_one(t, moments.sums[t.input_key][: t.d_in, : t.d_in])
             else:
-                h = moments.sums[t.input_key][: t.d_in, : t.d_in]
-                new, keep = sparsegpt_prune(w, h, sparsity, settings["block_size"], settings["damp"])
-                arch.set_weight(model, t, new)
-                result.replace[t.param_name] = arch.to_storage(t, new.detach().to("cpu", w.dtype))
-                result.stats.setdefault("per_matrix_sparsity", {})[t.short] = round(1.0 - float(keep.float().mean()), 6)
+                prune_one(t, moments.diag(t.input_key)[: t.d_in])
 
     windows = None
     if calibration is not None:
@@ -207,6 +213,25 @@ def prune_model(
     else:
         prune_targets(targets, one_pass_moments(model, targets, windows, settings["batch_size"], full, progress))
     return _finish(model, targets, result, settings)
+
+
+# ------------------------------------------------- the baselines' per-matrix rules (their records name them)
+
+
+def magnitude_rule(weight, statistic, sparsity, settings):
+    """Magnitude pruning of one matrix (no statistics): ``(keep, None)``."""
+    return magnitude_mask(weight, sparsity), None
+
+
+def wanda_rule(weight, statistic, sparsity, settings):
+    """Wanda on one matrix from its inputs' summed squares: ``(keep, None)``."""
+    return wanda_mask(weight, statistic, sparsity), None
+
+
+def sparsegpt_rule(weight, statistic, sparsity, settings):
+    """SparseGPT on one matrix from ``X^T X``: ``(keep, new weight)``."""
+    new, keep = sparsegpt_prune(weight, statistic, sparsity, settings["block_size"], settings["damp"])
+    return keep, new
 
 
 @torch.no_grad()
@@ -226,7 +251,7 @@ def _finish(model, targets, result: PruneResult, settings) -> PruneResult:
         pruned = sum(int((v == 0).sum()) for v in result.replace.values())
     result.stats.update(
         method=settings["method"],
-        form="none" if settings["method"] == "magnitude" else settings.get("form", "sequential"),
+        form=settings.get("form", "sequential") if baseline(settings["method"]).reads_data else "none",
         target_sparsity=float(settings["sparsity"]),
         sparsity=pruned / total,
         matrix_weights=int(total),
