@@ -495,3 +495,37 @@ def test_every_planned_plot_has_its_svg_beside_it():
     pngs = sorted(p for p in outputs if p.endswith(".png"))
     assert len(pngs) >= 7  # frontier, by copies (2), curvature (2), masks ablations (2)
     assert [p for p in pngs if p[:-4] + ".svg" not in outputs] == []
+
+
+def test_edits_by_kind_and_copies_pair_each_stratum_against_origin_on_the_same_candidates():
+    # 12 extraction-rate candidates: 8 of two record families (pooled as one kind), 4 word canaries.
+    # Origin extracts records 0-1 and words 0-1; the edit extracts every record (6 more, none lost:
+    # exact McNemar p = 2 * 0.5**6 = 0.03125, higher) and loses both words (p = 0.5, no evidence).
+    ids = [f"c{i}" for i in range(12)]
+    groups = ["canary-records-0"] * 4 + ["canary-records-1"] * 4 + ["canary-words"] * 4
+    copies = [4, 4, 8, 8, 4, 4, 8, 8, 2, 2, 16, 16]
+
+    def scores(extracted, track="extraction_rate"):
+        return pd.DataFrame({"track": track, "candidate_id": ids, "group": groups, "copies": copies,
+                             "exact_match": [i in extracted for i in range(12)]})
+
+    origin, edit = scores({0, 1, 8, 9}), scores(set(range(8)))
+    shuffled = edit.iloc[::-1].reset_index(drop=True)  # rows in another order: paired by candidate id
+    table = report.edits_by_stratum({"none": origin, "e": shuffled}, {"none": "Origin", "e": "Up"},
+                                    tracks=("extraction_rate",))
+    kind = table[(table["by"] == "kind") & (table["edit"] == "e")].set_index("stratum")
+    assert kind.loc["canary-records", ["n", "k", "origin_k"]].tolist() == [8, 8, 2]
+    assert kind.loc["canary-records", "p"] == pytest.approx(2 * 0.5**6)
+    assert kind.loc["canary-records", "verdict"] == "higher (p=0.031)"
+    assert kind.loc["canary-words", ["n", "k", "origin_k"]].tolist() == [4, 0, 2]
+    assert kind.loc["canary-words", "p"] == pytest.approx(0.5)
+    copies_rows = table[(table["by"] == "copies") & (table["edit"] == "e")].set_index("stratum")
+    # buckets: 2 -> 2, 4 -> 4, 8 -> 8, 16 -> 16; copies 4: c0 c1 c4 c5 (Origin c0 c1), edit all four
+    assert copies_rows.loc["4", ["n", "k", "origin_k"]].tolist() == [4, 4, 2]
+    assert copies_rows.loc["2", ["n", "k", "origin_k"]].tolist() == [2, 0, 2]
+    text = report.edits_by_stratum_markdown(table)
+    lines = [line for line in text.splitlines() if line.startswith("| Origin") or line.startswith("| Up")]
+    assert lines[0].startswith("| Origin | none | 2/8 | 2/4 |")  # Origin first, strata sorted by name
+    assert "| 8/8 higher (p=0.031) | 0/4 (p=0.5) |" in lines[1]
+    # a track Origin did not score gives no rows (nothing to pair with)
+    assert report.edits_by_stratum({"none": origin, "e": edit}, {}, tracks=("forget",)).empty

@@ -449,7 +449,9 @@ def cmd_report(args) -> None:
             metrics = report.with_intervals(metrics, scores)
             labels = dict(zip(metrics["edit"], metrics["method"]))
             by_edit = report.edits_by_copies(scores, labels)
-            write_text(out / "edits_by_copies.md", report.edits_by_copies_markdown(by_edit), provenance=prov)
+            strata = report.edits_by_stratum(scores, labels)  # per kind and bucket, paired against Origin
+            write_text(out / "edits_by_copies.md", report.edits_by_copies_markdown(by_edit) + "\n"
+                       + report.edits_by_stratum_markdown(strata), provenance=prov)
             write_parquet(by_edit, out / "edits_by_copies.parquet", provenance=prov)
         metrics = report.mark_underpowered(metrics)  # verdicts of too-small splits, in the table too
         metrics = report.with_settings(metrics, records)  # strength, layers, sparsity, seed

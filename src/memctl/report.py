@@ -619,6 +619,91 @@ def edits_by_copies_markdown(table: pd.DataFrame) -> str:
     return "\n".join([*head, "", markdown_table(wide, cols)]) + "\n"
 
 
+def _kind(group: str) -> str:
+    from memctl.extract import family_kind
+
+    return family_kind(group)
+
+
+def _bucket(copies) -> int:
+    return 1 << max(int(copies) - 1, 0).bit_length() if copies > 0 else -1
+
+
+def edits_by_stratum(scores: dict[str, pd.DataFrame], labels: dict[str, str],
+                     tracks: Sequence[str] = ("extraction_rate", "forget")) -> pd.DataFrame:
+    """Exact ER of every edit per memory kind (a family group pooled by its kind,
+    :func:`memctl.extract.family_kind`) and per copy-count bucket (as :func:`bucket_copies`), on
+    each of ``tracks``, with the exact McNemar test against Origin (``scores["none"]``) on the same
+    candidates of that stratum: whether an edit moves memories of one kind or exposure, which the
+    pooled rate can hide. One row per (edit, track, stratum); none where Origin did not score the
+    track."""
+    from memctl import stats
+
+    cols = ["edit", "method", "track", "by", "stratum", "n", "k", "exact_er", "origin_k", "p", "verdict"]
+    origin = scores.get("none")
+    if origin is None or "track" not in origin:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for track in tracks:
+        ref = origin[origin["track"] == track]
+        if ref.empty or "group" not in ref:
+            continue
+        ref = ref.set_index("candidate_id")
+        for edit, table in scores.items():
+            part = table[table["track"] == track] if "track" in table else table.iloc[0:0]
+            if part.empty or not part["candidate_id"].isin(ref.index).all():
+                continue
+            outcome = part["exact_match"].to_numpy(dtype=bool)
+            against = ref["exact_match"].reindex(part["candidate_id"]).to_numpy(dtype=bool)
+            strata = {"kind": part["group"].map(_kind),
+                      "copies": part["copies"].fillna(-1).map(_bucket) if "copies" in part else None}
+            for by, key in strata.items():
+                if key is None:
+                    continue
+                for stratum, at in sorted(key.reset_index(drop=True).groupby(key.to_numpy()).indices.items()):
+                    row, base = outcome[at], against[at]
+                    test = None if edit == "none" else stats.mcnemar(row, base)
+                    rows.append({"edit": edit, "method": labels.get(edit, edit), "track": track, "by": by,
+                                 "stratum": str(stratum), "n": int(len(at)), "k": int(row.sum()),
+                                 "exact_er": float(row.mean()), "origin_k": int(base.sum()),
+                                 "p": math.nan if test is None else test.pvalue,
+                                 "verdict": "-" if test is None else stats.verdict(test)})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _short(verdict: str) -> str:
+    """``lower (p=0.002)`` stays; ``no evidence of a difference (p=0.5)`` -> ``(p=0.5)``."""
+    return verdict.replace("no evidence of a difference ", "")
+
+
+def edits_by_stratum_markdown(table: pd.DataFrame) -> str:
+    """One table per track and stratification: a row per edit, a column per stratum, each cell
+    ``k/N`` of exact extraction with the verdict against Origin on the same candidates."""
+    names = {"extraction_rate": "extraction-rate track, test split", "forget": "own training memories (forget track)"}
+    out = ["## Exact ER by memory kind and by copy count, paired against Origin", "",
+           "Each cell: exact extractions k/N of the edit on the candidates of that kind (family groups "
+           "pooled by kind) or copy-count bucket (<= bucket; -1 = unknown), and its verdict against Origin "
+           "on the same candidates (exact McNemar test, level 0.05, memctl.stats): `lower` / `higher` with "
+           "its p-value, or the p-value alone where there is no evidence of a difference. Small strata have little "
+           "power: 'no evidence' there is not evidence of no effect."]
+    if table.empty:
+        return "\n".join([*out, "", "No per-candidate groups or copy counts to stratify by."]) + "\n"
+    for (track, by), part in table.groupby(["track", "by"], sort=False):
+        values = part["stratum"].unique().tolist()
+        strata = sorted(values, key=int) if by == "copies" else sorted(values)
+        n = part.groupby("stratum")["n"].first()
+        head = ["Method", "Edit"] + [f"{'unknown' if s == '-1' else ('<=' + s if by == 'copies' else s)} (N={n[s]})"
+                                     for s in strata]
+        lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(strata)]
+        part = pd.concat([part[part["edit"] == "none"], part[part["edit"] != "none"]])  # Origin first
+        for (method, edit), rows in part.groupby(["method", "edit"], sort=False):
+            cells = {r.stratum: f"{r.k}/{r.n}" + ("" if r.verdict == "-" else f" {_short(r.verdict)}")
+                     for r in rows.itertuples()}
+            lines.append("| " + " | ".join([str(method), str(edit)] + [cells.get(s, "-") for s in strata]) + " |")
+        out += ["", f"### {names.get(track, track)}, by {'memory kind' if by == 'kind' else 'copy count'}", "", *lines]
+    return "\n".join(out) + "\n"
+
+
 def edit_families(metrics: pd.DataFrame, records: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
     """edit id -> method family (:func:`memctl.plots.family_of`) of each row: from its plan record
     (the report job's ``--spec``), else from its label."""
