@@ -128,7 +128,7 @@ def table4(results, metric: str, tasks: Sequence[str]):
     if missing:
         have = sorted(set(results.loc[results["task"] == missing[0], "metric"]))
         raise ValueError(f"downstream.metric: task {missing[0]!r} has no {metric!r} (it has {have})")
-    from memctl.masks.report import ROW_ORDER
+    from memctl.masks.report import row_order
 
     rows = []
     for edit, group in results.groupby("edit", sort=False):
@@ -137,7 +137,7 @@ def table4(results, metric: str, tasks: Sequence[str]):
             row[task] = float(group.loc[(group["task"] == task) & (group["metric"] == metric), "value"].iloc[0])
         row["Avg"] = float(sum(row[t] for t in tasks) / len(tasks))
         rows.append(row)
-    rank = {label: i for i, label in enumerate(ROW_ORDER)}  # the masks table's row order, then the rest
+    rank = {label: i for i, label in enumerate(row_order())}  # the masks table's row order, then the rest
     rows.sort(key=lambda r: rank.get(r["method"], len(rank)))
     return pd.DataFrame(rows)
 

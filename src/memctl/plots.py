@@ -126,8 +126,11 @@ def family_of(record: Mapping[str, Any] | None, label: str = "") -> str:
     if family == "baseline":
         return "baseline"
     # no record (an older spec, a hand-made table): the row labels the planner gives
+    from memctl.edit_methods import family as method_family
+
+    baselines = tuple((m.label, "baseline") for m in method_family("baseline").values())  # the records' labels
     for prefix, fam in (("K-FAC", "kfac"), ("SVD", "svd"), ("CSP", "csp"), ("BalancedSubnet", "balanced_subnet"),
-                        ("Magnitude", "baseline"), ("Wanda", "baseline"), ("SparseGPT", "baseline")):
+                        *baselines):
         if label.startswith(prefix):
             return fam
     for mode in ("down", "up", "reciprocal", "none"):

@@ -29,11 +29,21 @@ from memctl import metric_records, stats
 from memctl.stats import ALPHA
 
 #: Row order of the main table (labels not listed here follow, in spec order).
-ROW_ORDER = [
-    "Origin", "Magnitude", "SparseGPT", "SparseGPT (one-pass)", "Wanda", "Wanda (one-pass)", "BalancedSubnet",
-    "CSP (down)", "CSP (up)",
-    "Ours (none)", "Ours (up)", "Ours (down)", "Ours (reciprocal)",
-]
+def row_order() -> list[str]:
+    """The main table's row order, from the edit methods' records (:mod:`memctl.edit_methods`, so a
+    method registered later has its place): Origin, the pruning baselines by label (each followed by
+    its one-pass form), BalancedSubnet, CSP, then the masks' modes; any other row after them."""
+    from memctl.edit_methods import family
+
+    rows = ["Origin"]
+    for label in sorted(m.label for m in family("baseline").values()):
+        rows += [label, f"{label} (one-pass)"]
+    for name in ("balanced_subnet", "csp", "mask"):
+        rows += [m.label for m in family(name).values()]
+    return rows
+
+
+ROW_ORDER = row_order()  #: the built-in methods' order (:func:`row_order` at import)
 #: (metrics column, table header, format). The metrics' naming is kept: ``er_`` = the extraction-rate
 #: track (the paper's split: the unlabelled Exact / Fractional ER columns), unprefixed = the memorized
 #: track (labelled "(memorized)"); Mem. loss / PPL are teacher-forced on the memorized track's suffixes.
@@ -185,7 +195,7 @@ def _method_cell(row) -> str:
 
 def main_table(metrics: pd.DataFrame, spec: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     df = aggregate_seeds(_rows(metrics, spec, "main"))
-    rank = {label: i for i, label in enumerate(ROW_ORDER)}
+    rank = {label: i for i, label in enumerate(row_order())}
     df["_order"] = [rank.get(m, len(rank) + i) for i, m in enumerate(df["method"])]
     return df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
 
