@@ -160,8 +160,8 @@ def test_csp_command_writes_the_prompt_delta_and_its_cost(tiny_model_dir, tmp_pa
     pd.DataFrame({"prefix_ids": prefixes, "suffix_ids": suffixes}).to_parquet(table)
     out = tmp_path / "edit"
     main(["csp", "--model", str(tiny_model_dir), "--model-settings", MODEL_SETTINGS, "--threads", "1",
-          "--memorized", str(table), "--settings", json.dumps({"mode": "up", "prompt_length": 3, "steps": 5,
-                                                                "batch_size": 4, "log_every": 2}),
+          "--memorized", str(table), "--settings", resolve_job({"mode": "up", "prompt_length": 3, "steps": 5,
+                                                                 "batch_size": 4, "log_every": 2}).to_json(),
           "--label", "CSP (up)", "--out", str(out / "delta.safetensors"), "--log", str(out / "train_log.parquet")])
     assert verify(out / "delta.safetensors") == []
     delta = load_delta(out / "delta.safetensors")

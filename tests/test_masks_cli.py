@@ -14,7 +14,7 @@ from memctl.cli import main
 from memctl.config import ConfigError
 from memctl.edits import apply_delta, load_delta
 from memctl.masks import report
-from memctl.masks.settings import resolve_mask_job, resolve_own_memories, resolve_prune_job
+from memctl.masks.settings import resolve_balanced_subnet, resolve_mask_job, resolve_own_memories, resolve_prune_job
 from memctl.masks.training import schedule_sum
 from memctl.store import hash_path, read_sidecar, verify
 
@@ -178,21 +178,21 @@ def test_balanced_subnet_that_did_not_move_fails(tiny_model_dir, data, tmp_path,
             "--forget", str(data / "memorized_train.parquet"), "--retain", str(data / "nonmemorized.parquet"),
             "--out", str(tmp_path / "delta.safetensors"), "--log", str(tmp_path / "log.parquet")]
     settings = {"epochs": 2, "batch_size": 3, "ratio": 0.05}  # reference lr 0.1: 0.5% of the cut moves
-    with pytest.raises(SystemExit) as err:
-        _run(*args, "--settings", json.dumps(settings))
+    with pytest.raises(SystemExit) as err:  # the settings as the planner resolves them
+        _run(*args, "--settings", resolve_balanced_subnet(settings).to_json())
     assert err.value.code == 2
     stderr = capsys.readouterr().err
     assert "BalancedSubnet did not converge" in stderr and "pruning.balanced_subnet.lr (now 0.1)" in stderr
     assert not (tmp_path / "delta.safetensors").exists()
-    _run(*args, "--settings", json.dumps({**settings, "on_unconverged": "flag"}))
+    _run(*args, "--settings", resolve_balanced_subnet({**settings, "on_unconverged": "flag"}).to_json())
     assert report.delta_info(tmp_path / "delta.safetensors")[1]["converged"] is False
 
 
 def test_balanced_subnet_command(tiny_model_dir, data, tmp_path):
     _run("balanced-subnet", "--model", str(tiny_model_dir), "--model-settings", MODEL_SETTINGS, "--threads", "1",
          "--forget", str(data / "memorized_train.parquet"), "--retain", str(data / "nonmemorized.parquet"),
-         "--settings", json.dumps({"epochs": 2, "batch_size": 3, "ratio": 0.05, "lr": 10.0}), "--out",
-         str(tmp_path / "delta.safetensors"), "--log", str(tmp_path / "log.parquet"))
+         "--settings", resolve_balanced_subnet({"epochs": 2, "batch_size": 3, "ratio": 0.05, "lr": 10.0}).to_json(),
+         "--out", str(tmp_path / "delta.safetensors"), "--log", str(tmp_path / "log.parquet"))
     sparsity, meta = report.delta_info(tmp_path / "delta.safetensors")
     assert sparsity == pytest.approx(0.05, abs=1e-3) and meta["method"] == "balanced_subnet"
     assert meta["converged"] is True and meta["convergence"]["changed_share"] >= 0.01

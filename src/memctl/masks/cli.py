@@ -147,26 +147,27 @@ def cmd_balanced_subnet(args) -> None:
         sequences_from_table,
         sequences_from_windows,
     )
-    from memctl.masks.settings import resolve_balanced_subnet
+    from memctl.masks.settings import BalancedSubnetJob
     from memctl.store import write_parquet
 
-    settings = resolve_balanced_subnet(parse_settings(args.settings))
+    job = BalancedSubnetJob.from_json(args.settings)  # resolved by the planner (resolve_balanced_subnet), read back
+    settings = job.to_dict()  # the provenance and the delta's metadata take plain settings
     with stage(
         "balanced_subnet",
         {"balanced_subnet": settings, "model": parse_settings(args.model_settings)},
         {"model": args.model, "forget": args.forget, "retain": args.retain},
         outputs=[args.out, args.log],
     ) as prov:
-        forget = sequences_from_table(args.forget, settings["loss_tokens"])
+        forget = sequences_from_table(args.forget, job.loss_tokens)
         if str(args.retain).endswith(".safetensors"):
             retain = sequences_from_windows(load_windows(args.retain))
         else:
-            retain = sequences_from_table(args.retain, settings["loss_tokens"])
+            retain = sequences_from_table(args.retain, job.loss_tokens)
         model, _ = load(args, prov)
         # Fails (NotConvergedError: one message, exit status 2) when the final mask is (almost) the initial
         # one and on_unconverged is 'fail'; with 'flag' the delta says converged: false.
         with count_tokens(model) as cost:
-            result = train_balanced_subnet(model, forget, retain, settings)
+            result = train_balanced_subnet(model, forget, retain, job)  # a resolved job: not resolved again
         prov.extra["cost"] = {"tokens_processed": cost["tokens"], "forward_calls": cost["forward_calls"]}
         meta = {"method": "balanced_subnet", "label": args.label, "settings": settings,
                 **_public_stats(result.stats)}
@@ -182,11 +183,12 @@ def cmd_balanced_subnet(args) -> None:
 def cmd_csp(args) -> None:
     from memctl.config import parse_settings
     from memctl.edits import save_delta
-    from memctl.masks.csp import resolve_job, train_soft_prompt
+    from memctl.masks.csp import CspJob, train_soft_prompt
     from memctl.masks.data import sequences_from_table
     from memctl.store import write_parquet
 
-    settings = resolve_job(parse_settings(args.settings))
+    job = CspJob.from_json(args.settings)  # resolved by the planner (memctl.masks.csp.resolve_job), read back
+    settings = job.to_dict()  # mode up: no theta key
     with stage(
         "csp",
         {"csp": settings, "model": parse_settings(args.model_settings)},
@@ -196,15 +198,15 @@ def cmd_csp(args) -> None:
         sequences = sequences_from_table(args.memorized, "suffix")  # CSP's loss: suffix tokens only
         model, _ = load(args, prov)
         with count_tokens(model) as cost:
-            result = train_soft_prompt(model, sequences, settings)
+            result = train_soft_prompt(model, sequences, job)
         prov.extra["cost"] = {"tokens_processed": cost["tokens"], "forward_calls": cost["forward_calls"]}
         prov.extra["stats"] = result.stats
-        meta = {"method": "csp", "label": args.label, "mode": settings["mode"], "settings": settings, **result.stats}
+        meta = {"method": "csp", "label": args.label, "mode": job.mode, "settings": settings, **result.stats}
         save_delta(args.out, prompt=result.prompt, metadata=meta, provenance=prov)
         write_parquet(result.log, args.log, provenance=prov)
-    log.info("csp (%s): %d prompt vectors, %d iterations; train suffix loss %.4f -> %.4f%s", settings["mode"],
-             settings["prompt_length"], settings["steps"], result.stats["initial_suffix_loss"],
-             result.stats["final_suffix_loss"], f" (theta {settings['theta']:g})" if "theta" in settings else "")
+    log.info("csp (%s): %d prompt vectors, %d iterations; train suffix loss %.4f -> %.4f%s", job.mode,
+             job.prompt_length, job.steps, result.stats["initial_suffix_loss"],
+             result.stats["final_suffix_loss"], f" (theta {job.theta:g})" if job.theta is not None else "")
 
 
 def cmd_report(args) -> None:

@@ -24,7 +24,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from memctl.masks.settings import Resolved
 
 if TYPE_CHECKING:  # torch, pandas and the data module load inside the functions: the planner
     import pandas as pd  # resolves jobs (resolve_job) while Snakemake parses the workflow
@@ -52,15 +54,44 @@ def job_schema() -> dict[str, Any]:
                        required=["mode"])
 
 
-def resolve_job(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``csp`` job's settings with defaults; fails naming the bad key, before any model is loaded.
-    Mode ``up`` has no threshold (``theta`` is dropped: it does not change an ``up`` prompt)."""
+@dataclass(frozen=True)
+class CspJob(Resolved):
+    """One ``csp`` job's settings, resolved by :func:`resolve_job` (keys: :func:`job_schema`), carried
+    as ``--settings`` (:meth:`to_json`) and read back by ``memctl csp`` (:meth:`from_json`).
+
+    Mode ``up`` has no threshold: ``theta`` is None, left out of its JSON and mapping view (so an
+    ``up`` job's text, hash and paths stay those of the settings without it), and refused if given;
+    mode ``down`` needs it."""
+
+    where = "csp"
+    resolver = "resolve_job"
+    schema = "job_schema"
+
+    batch_size: int
+    init: str
+    log_every: int
+    lr: float
+    mode: Literal["down", "up"]
+    prompt_length: int
+    seed: int
+    steps: int
+    theta: float | None
+
+    @classmethod
+    def absent(cls, settings: Mapping[str, Any]) -> dict[str, str]:
+        return {"theta": "mode up has no threshold"} if settings.get("mode") == "up" else {}
+
+
+def resolve_job(settings: Mapping[str, Any]) -> CspJob:
+    """A ``csp`` job's settings with defaults, as a :class:`CspJob`; fails naming the bad key, before
+    any model is loaded. Mode ``up`` has no threshold (``theta`` is dropped: it does not change an
+    ``up`` prompt)."""
     from memctl.masks.settings import _resolve
 
     job = _resolve(job_schema(), settings, "csp")
     if job["mode"] == "up":
         job.pop("theta", None)
-    return job
+    return CspJob.from_dict(job, limits=False)
 
 
 def initial_prompt(model, length: int, init: str, seed: int) -> torch.Tensor:
@@ -81,8 +112,8 @@ def initial_prompt(model, length: int, init: str, seed: int) -> torch.Tensor:
 def train_soft_prompt(model, sequences: Sequences, settings: Mapping[str, Any], progress: bool = True) -> CSPResult:
     """Train a soft prompt on ``sequences`` (suffix-only targets) with ``model`` frozen.
 
-    ``settings`` is a resolved job (:func:`resolve_job`). The model leaves as it came: no parameter
-    changes, no prompt attached, ``requires_grad`` flags restored.
+    ``settings`` is a resolved job (:func:`resolve_job`, a :class:`CspJob`). The model leaves as it
+    came: no parameter changes, no prompt attached, ``requires_grad`` flags restored.
     """
     import pandas as pd
     import torch

@@ -5,12 +5,14 @@ A job gets a slice of its config section (plus the mode, sparsity and threshold 
 so that defaults and limits live in one place, and a bad value fails at plan time, before any model
 is loaded, with the key named (``masks.lr: -1 is less than or equal to the minimum of 0``).
 
-A ``train-mask``, ``prune`` or ``sample-memories`` job is resolved once, by the planner
-(:func:`resolve_mask_job`, :func:`resolve_prune_job`, :func:`resolve_own_memories`: the schema
-check, the defaults and the cross-key rules), into a frozen :class:`MaskJob`, :class:`PruneJob` or
-:class:`OwnMemories`; its ``--settings`` JSON is their ``to_json()``, and the command rebuilds the
-object with ``from_json()``, which checks keys, types and the schema's limits (every key present,
-none unknown) and fills nothing.
+A ``train-mask``, ``prune``, ``sample-memories``, ``balanced-subnet`` or ``csp`` job is resolved
+once, by the planner (:func:`resolve_mask_job`, :func:`resolve_prune_job`,
+:func:`resolve_own_memories`, :func:`resolve_balanced_subnet`,
+:func:`memctl.masks.csp.resolve_job`: the schema check, the defaults and the cross-key rules),
+into a frozen :class:`MaskJob`, :class:`PruneJob`, :class:`OwnMemories`, :class:`BalancedSubnetJob`
+or :class:`memctl.masks.csp.CspJob`; its ``--settings`` JSON is their ``to_json()``, and the command
+rebuilds the object with ``from_json()``, which checks keys, types and the schema's limits (every
+key present, none unknown) and fills nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import sys
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -148,26 +151,38 @@ def _resolve(schema: Mapping[str, Any], settings: Mapping[str, Any], where: str)
 
 class Resolved(Mapping):
     """Base of a job's settings resolved at plan time (:class:`MaskJob`, :class:`PruneJob`,
-    :class:`OwnMemories`): a frozen dataclass with a typed field per key of its job schema, in the
-    order of the ``--settings`` JSON (sorted keys). Values keep their JSON type (``lambda_s: 240``
+    :class:`OwnMemories`, :class:`BalancedSubnetJob`, :class:`memctl.masks.csp.CspJob`): a frozen
+    dataclass with a typed field per key of its job schema, in the order of the ``--settings`` JSON
+    (sorted keys). Values keep their JSON type (``lambda_s: 240``
     stays an integer; a list is a tuple), so :meth:`to_json` writes the planned text byte for byte;
     :meth:`from_json` reads it back checking keys, types and limits, filling nothing. Also a read-only mapping
     (``job["lr"]``, ``dict(job)``) for code that takes plain settings."""
 
     where = ""  #: the settings' config key, in messages
-    resolver = ""  #: the function of this module that resolves them (at plan time)
-    schema = ""  #: the function of this module that gives their job schema (limits checked on reading)
+    resolver = ""  #: the function of the class's module that resolves them (at plan time)
+    schema = ""  #: the function of the class's module that gives their job schema (limits checked on reading)
+
+    @classmethod
+    def absent(cls, settings: Mapping[str, Any]) -> dict[str, str]:
+        """Fields that ``settings`` do not carry (the field is None, the key is left out of the JSON
+        and may not be given), with the reason: none here (:class:`memctl.masks.csp.CspJob`: ``theta``
+        in mode ``up``)."""
+        return {}
+
+    def _keys(self) -> list[str]:
+        absent = self.absent({k: getattr(self, k) for k in _field_types(type(self))})
+        return [k for k in _field_types(type(self)) if k not in absent]
 
     def __getitem__(self, key: str) -> Any:
-        if key not in _field_types(type(self)):
+        if key not in self._keys():
             raise KeyError(key)
         return getattr(self, key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(_field_types(type(self)))
+        return iter(self._keys())
 
     def __len__(self) -> int:
-        return len(_field_types(type(self)))
+        return len(self._keys())
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON values (tuples as lists), in field (sorted key) order."""
@@ -182,12 +197,13 @@ class Resolved(Mapping):
         """Resolved settings as they come back from JSON: every key present, none unknown, each of its
         field's type (a :class:`ConfigError` naming the key otherwise); nothing filled in and no schema
         defaults applied (the resolver did that, once, at plan time); the schema's limits checked again."""
-        hints, where = _field_types(cls), cls.where
+        hints, where, absent = _field_types(cls), cls.where, cls.absent(settings)
         problems = [f"{where}.{k}: unknown key; allowed keys: {', '.join(hints)}" for k in settings if k not in hints]
-        missing = [k for k in hints if k not in settings]
+        problems += [f"{where}.{k}: not a setting of this job: {why}" for k, why in absent.items() if k in settings]
+        missing = [k for k in hints if k not in settings and k not in absent]
         if missing:
             problems.append(f"{where}: missing key{'s' * (len(missing) > 1)} {', '.join(missing)} (planned "
-                            f"settings list every key: memctl.masks.settings.{cls.resolver}(...).to_json())")
+                            f"settings list every key: {cls.__module__}.{cls.resolver}(...).to_json())")
         problems += [f"{where}.{k}: {settings[k]!r} is not of type {_type_name(hint)}"
                      for k, hint in hints.items() if k in settings and not _is_of(hint, settings[k])]
         if problems:
@@ -195,9 +211,9 @@ class Resolved(Mapping):
         # the schema's limits and choices, checked (a hand-edited `tau: -1` is refused, naming the
         # key, before any model is loaded); every key is present, so nothing is filled in
         if limits:  # (the resolvers have just checked them: they pass limits=False)
-            _resolve(globals()[cls.schema](), {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-                     where)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+            schema = getattr(sys.modules[cls.__module__], cls.schema)()  # the class's module (csp.py: CspJob)
+            _resolve(schema, {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, where)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}, **dict.fromkeys(absent))
 
     @classmethod
     def from_json(cls, text: str):
@@ -287,6 +303,30 @@ class OwnMemories(Resolved):
     seed: int
 
 
+@dataclass(frozen=True)
+class BalancedSubnetJob(Resolved):
+    """A ``balanced-subnet`` job's ``pruning.balanced_subnet`` settings, resolved by
+    :func:`resolve_balanced_subnet` (keys: :func:`balanced_subnet_schema`)."""
+
+    where = "pruning.balanced_subnet"
+    resolver = "resolve_balanced_subnet"
+    schema = "balanced_subnet_schema"
+
+    balance: float
+    batch_size: int
+    epochs: int
+    loss_tokens: str
+    lr: float
+    momentum: float
+    on_unconverged: str
+    ratio: float
+    retain: str
+    roles: tuple[str, ...]
+    score_init: str
+    seed: int
+    weight_decay: float
+
+
 def _is_of(hint: Any, value: Any) -> bool:
     """Whether a JSON value fits a field type (a bool is no number; an int is a float)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -361,5 +401,11 @@ def resolve_prune_job(settings: Mapping[str, Any]) -> PruneJob:
     return PruneJob.from_dict(job, limits=False)
 
 
-def resolve_balanced_subnet(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return _resolve(balanced_subnet_schema(), settings, "pruning.balanced_subnet")
+def resolve_balanced_subnet(settings: Mapping[str, Any]) -> BalancedSubnetJob:
+    """A ``balanced-subnet`` job's settings resolved (schema check, defaults) into a
+    :class:`BalancedSubnetJob`. A job already resolved is returned as it is
+    (:func:`memctl.masks.balanced_subnet.train_balanced_subnet` resolves plain settings given by hand)."""
+    if isinstance(settings, BalancedSubnetJob):
+        return settings
+    return BalancedSubnetJob.from_dict(_resolve(balanced_subnet_schema(), settings, "pruning.balanced_subnet"),
+                                       limits=False)

@@ -79,8 +79,8 @@ def balanced_subnet_point(src: Sources) -> Point:
 
     ctx = src.ctx
     data = ctx.data
-    bsn = mask_settings.resolve_balanced_subnet(
-        {k: v for k, v in ctx.config["pruning"]["balanced_subnet"].items() if k != "enabled"})
+    bsn = mask_settings.resolve_balanced_subnet(  # resolved once: --settings is BalancedSubnetJob.to_json()
+        {k: v for k, v in ctx.config["pruning"]["balanced_subnet"].items() if k != "enabled"}).to_dict()
     calibration: tuple[Calibration, ...] = ()
     if bsn["retain"] == "nonmemorized":
         retain, retain_hash = data.tables["nonmemorized"], data.extract_hash
@@ -127,7 +127,7 @@ def csp_points(src: Sources) -> list[Point]:
     er_train = ctx.data.tables["er_train"]
     planned = []
     for mode, theta, table in points:
-        job = resolve_job({**base, "mode": mode, "theta": theta})
+        job = resolve_job({**base, "mode": mode, "theta": theta}).to_dict()  # --settings: CspJob.to_json()
         h = settings_hash(ctx.model.key, ctx.config["model"], ctx.base.gpu, ctx.data.extract_hash, job)
         series = f"CSP ({mode})"
         label = series if table == "main" or theta == cfg["theta"] else f"{series}, theta={theta:g}"
