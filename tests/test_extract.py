@@ -202,3 +202,33 @@ def test_evaluation_scores_memorized_quotes_as_the_ood_track_and_the_others_apar
     assert row["ood_nonmem_n_examples"] == 2 and row["ood_nonmem_exact_er"] == 0.0
     assert set(scores.loc[scores["track"] == "ood", "candidate_id"]) == {"q0", "q1", "q2"}
     assert set(scores.loc[scores["track"] == "ood_nonmemorized", "candidate_id"]) == {"q3", "q4"}
+
+
+def test_a_training_side_emptied_by_the_overlap_filter_is_said_at_extraction():
+    from memctl.extract import drop_test_overlap
+    from memctl.splits import overlap_warnings
+
+    # every memory ends with the same 20-token sentence (the new user's templated secrets): every
+    # training row shares a 16-token run with the test rows and is dropped
+    closing = list(range(100, 120))
+
+    def rows(start, n):
+        return pd.DataFrame({"prefix_ids": [np.arange(start + 10 * i, start + 10 * i + 8) for i in range(n)],
+                             "suffix_ids": [np.array(closing) for _ in range(n)]})
+
+    empty = rows(0, 0)
+    splits = {"memorized_test": rows(0, 2), "er_test": rows(50, 2), "memorized_train": rows(500, 3),
+              "memorized_val": rows(900, 1), "er_train": pd.concat([rows(1000, 2), pd.DataFrame(
+                  {"prefix_ids": [np.arange(3000, 3008)], "suffix_ids": [np.arange(4000, 4020)]})],
+                  ignore_index=True), "ood": empty}
+    out = drop_test_overlap(splits, 16)
+    assert out["dropped"] == {"memorized_train": 3, "memorized_val": 1, "er_train": 2}
+    kept = {k: len(v) for k, v in out.items() if k != "dropped"}
+    lines = overlap_warnings(out["dropped"], kept, 16)
+    assert len(lines) == 3  # memorized_train and memorized_val emptied, er_train lost 2 of 3 (more than half)
+    train = next(line for line in lines if line.startswith("memorized_train"))
+    assert "all rows dropped" in train and "nothing is left to train on" in train and "extract.disjoint_ngram: 16" in train
+    assert next(line for line in lines if line.startswith("er_train")).startswith("er_train (the masks' and CSP's "
+                                                                                  "memorization data): 2 of 3 rows")
+    # a few rows lost is the filter doing its job: no warning
+    assert overlap_warnings({"er_train": 1}, {"er_train": 99}, 16) == []

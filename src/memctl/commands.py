@@ -152,10 +152,14 @@ def cmd_extract(args) -> None:
         int(extraction["exact_match"].sum()), len(extraction),
         len(splits["memorized_train"]), len(splits["memorized_test"]),
     )
-    from memctl.splits import split_warnings
+    from memctl.overlap import DEFAULT_N
+    from memctl.splits import overlap_warnings, split_warnings
 
-    for line in split_warnings({k: len(v) for k, v in splits.items() if k != "dropped"}):
+    sizes = {k: len(v) for k, v in splits.items() if k != "dropped"}
+    for line in split_warnings(sizes):
         log.warning("extract: %s", line)  # also at the top of results.md (memctl.report.warnings_markdown)
+    for line in overlap_warnings(splits.get("dropped", {}), sizes, int(settings.get("disjoint_ngram", DEFAULT_N))):
+        log.warning("extract: %s", line)
 
 
 def _write_windows(args, kind: str) -> None:

@@ -52,3 +52,29 @@ def split_warnings(sizes: dict[str, int]) -> list[str]:
                           if table == "er_test" else "Add candidates or raise extract.test_fraction."
                           if table == "memorized_test" else "Add candidates to that group."))
     return out
+
+
+#: The training sides the disjointness filter prunes (``memctl.extract.drop_test_overlap``), and what trains on them.
+TRAINING_SIDES = {
+    "er_train": "the masks' and CSP's memorization data",
+    "memorized_train": "BalancedSubnet's forget set",
+    "memorized_val": "the validation slice edit strengths are chosen on",
+}
+
+
+def overlap_warnings(dropped: dict[str, int], kept: dict[str, int], ngram: int) -> list[str]:
+    """One sentence per training side the test-overlap filter emptied or more than halved
+    (``dropped`` / ``kept``: rows per table after the filter): the rows shared an ``ngram``-token
+    run with a test sequence, as memories do that share boilerplate (a template's fixed sentence, a
+    licence header); said at extraction, before a stage that trains on the side finds it empty."""
+    out = []
+    for table, what in TRAINING_SIDES.items():
+        lost, left = int(dropped.get(table, 0)), int(kept.get(table, 0))
+        if lost == 0 or lost < left:
+            continue
+        share = "all" if left == 0 else f"{lost} of {lost + left}"
+        out.append(f"{table} ({what}): {share} rows dropped for sharing a {ngram}-token run with a test sequence "
+                   f"(extract.disjoint_ngram: {ngram}){'; nothing is left to train on' if left == 0 else ''}. "
+                   f"Memories that share text (a template's fixed sentence, boilerplate) overlap across the split: "
+                   f"vary that text, or raise extract.disjoint_ngram above the shared run's length (0 turns the check off).")
+    return out

@@ -115,7 +115,9 @@ def sequences_from_table(path_or_df, tokens: str = "full", pad_id: int = 0) -> S
     if missing:
         raise ValueError(f"{path_or_df if not isinstance(path_or_df, pd.DataFrame) else 'table'}: missing columns {sorted(missing)}")
     if len(df) == 0:
-        raise ValueError(f"{path_or_df if not isinstance(path_or_df, pd.DataFrame) else 'table'}: no sequences")
+        raise ValueError(f"{path_or_df if not isinstance(path_or_df, pd.DataFrame) else 'table'}: no sequences "
+                         "(a training split the extract stage left empty: its log says why, e.g. every row shared "
+                         "a run of extract.disjoint_ngram tokens with a test sequence)")
     return sequences_from_pairs(list(df["prefix_ids"]), list(df["suffix_ids"]), tokens, pad_id)
 
 
