@@ -367,6 +367,9 @@ def build_config(model: str, memories: str, heldout: str, calibration: str | Non
         "",
         "pruning:",
         "  methods: [magnitude, wanda, sparsegpt]",
+        "  balanced_subnet:",
+        "    on_unconverged: flag  # a BalancedSubnet that barely moved (few memories) is shown 'did not converge', "
+        "not a failed run",
         "",
         "downstream:",
         "  tasks: []",
