@@ -227,8 +227,9 @@ def tiny_store_copy(tiny_store, tmp_path):
 
 
 #: Test files in the order their (measured) wall time asks them to start: the longest first, so that
-#: pytest-xdist's per-file scheduling (``--dist loadfile`` hands out files in collection order) does
-#: not start a 7-minute file last. Measured 2026-12-07 on the idle 2-vCPU VM (`--durations`):
+#: pytest-xdist's per-file scheduling (``--dist loadfile --no-loadscope-reorder`` in pyproject.toml:
+#: files in collection order; by default xdist reorders them by their number of tests, which put the
+#: two-test SLURM file near the end) does not start a 7-minute file last. Measured 2026-12-07 on the idle 2-vCPU VM (`--durations`):
 #: test_slurm's SLURM run 460 s, test_integrity's lab and kills ~8 min together, test_cache's
 #: second user 122 s, test_workflow's determinism and hub-format runs 90 s.
 LONGEST_FIRST = ("test_slurm.py", "test_integrity.py", "test_cache.py", "test_workflow.py")
@@ -247,9 +248,3 @@ def pytest_collection_modifyitems(config, items):
 
     items.sort(key=rank)
 
-
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: two workers per core (at most 8, ``--maxprocesses``). Much of the full suite
-    waits on subprocesses (Snakemake runs, the local SLURM cluster's polling, the kill tests'
-    pauses): on 2 idle cores with one worker per core it used 108% CPU over 19 min 46 s."""
-    return 2 * (os.cpu_count() or 1)
