@@ -148,7 +148,6 @@ def test_balanced_subnet_and_csp_jobs_are_typed_fields_of_their_schemas():
     assert list(CspJob.__dataclass_fields__) == sorted(csp_job_schema()["properties"])
     bsn = resolve_balanced_subnet({})
     assert isinstance(bsn, BalancedSubnetJob) and bsn.roles == ("gate", "up", "down") and bsn.on_unconverged == "fail"
-    assert resolve_balanced_subnet(bsn) is bsn  # resolved already: as it is
     down, up = (resolve_csp_job({"mode": m}) for m in ("down", "up"))
     assert isinstance(down, CspJob) and down.theta == 4.0 and down.to_dict()["theta"] == 4.0
     # mode up has no threshold: None, and no key in its JSON or mapping view (its hash and paths unchanged)
@@ -223,7 +222,10 @@ def test_the_bsn_and_csp_commands_do_not_resolve_the_job_again(tiny_model_dir, t
     given = []
     monkeypatch.setattr(mask_settings, "resolve_balanced_subnet", refuse)
     monkeypatch.setattr(csp, "resolve_job", refuse)
-    monkeypatch.setattr(balanced_subnet, "resolve_balanced_subnet", lambda s: given.append(s) or s)
+    monkeypatch.setattr(balanced_subnet, "resolve_balanced_subnet", refuse)  # the trainer takes the typed job as is
+    train = balanced_subnet.train_balanced_subnet
+    monkeypatch.setattr(balanced_subnet, "train_balanced_subnet",
+                        lambda model, forget, retain, job, **kw: given.append(job) or train(model, forget, retain, job, **kw))
     gen = np.random.default_rng(0)
     for name in ("memorized", "retain"):
         pd.DataFrame({"candidate_id": [f"{name}{i}" for i in range(6)],

@@ -26,7 +26,7 @@ from memctl.progress import tqdm
 
 from memctl.architectures import linear_targets
 from memctl.masks.data import Sequences, cycling_indices, sequence_loss
-from memctl.masks.settings import resolve_balanced_subnet
+from memctl.masks.settings import BalancedSubnetJob, resolve_balanced_subnet
 from memctl.masks.training import MaskResult, NotConvergedError, derive_seed, mask_sparsity
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ def train_balanced_subnet(
     progress: bool = True,
 ) -> MaskResult:
     """Train the scores and return the final keep-masks (storage layout) of the scored matrices."""
-    s = resolve_balanced_subnet(settings)
+    # the job as planned (memctl balanced-subnet passes the planner's BalancedSubnetJob, read back, never
+    # resolved again); plain settings (a call by hand: tests, a notebook) are resolved here, as in train_mask
+    s = settings if isinstance(settings, BalancedSubnetJob) else resolve_balanced_subnet(settings)
     device = next(model.parameters()).device
     model.eval()
     model.requires_grad_(False)

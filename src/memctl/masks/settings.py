@@ -33,11 +33,10 @@ from typing import Any, Literal
 import yaml
 
 from memctl.config import ConfigError, _DefaultFillingValidator, parse_settings
-from memctl.edit_methods import baseline, baseline_methods
+from memctl.edit_methods import FORMS, baseline, baseline_methods
 
 #: Memorization terms of the mask objective (memctl.masks.regularizers implements them).
 MODES = ("none", "up", "down", "reciprocal")
-FORMS = ("sequential", "one_pass")
 
 
 @cache
@@ -403,9 +402,6 @@ def resolve_prune_job(settings: Mapping[str, Any]) -> PruneJob:
 
 def resolve_balanced_subnet(settings: Mapping[str, Any]) -> BalancedSubnetJob:
     """A ``balanced-subnet`` job's settings resolved (schema check, defaults) into a
-    :class:`BalancedSubnetJob`. A job already resolved is returned as it is
-    (:func:`memctl.masks.balanced_subnet.train_balanced_subnet` resolves plain settings given by hand)."""
-    if isinstance(settings, BalancedSubnetJob):
-        return settings
+    :class:`BalancedSubnetJob`, once, by the planner."""
     return BalancedSubnetJob.from_dict(_resolve(balanced_subnet_schema(), settings, "pruning.balanced_subnet"),
                                        limits=False)
