@@ -358,6 +358,48 @@ def test_stage_code_hash_changes_with_a_used_helper_only(tmp_path, monkeypatch):
     stages.clear_caches()
 
 
+def test_code_hashes_are_kept_between_processes_until_any_source_changes(tmp_path, monkeypatch):
+    """Snakemake hashes every stage's code in every run and every cluster job: the hashes are kept
+    in the package's __pycache__ under the digest of all its sources, and any edit recomputes them."""
+    pkg = tmp_path / "memctl"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "helper.py").write_text("def helper():\n    return 1\n")
+    (pkg / "fake.py").write_text("from memctl.sub.helper import helper\n\ndef cmd_a(args):\n    return helper()\n")
+    (pkg / "unrelated.py").write_text("X = 1\n")
+    monkeypatch.setattr(stages, "SRC", pkg)
+    monkeypatch.setitem(stages.STAGES, "fake", stages.Stage("fake", "fake", "memctl.fake:cmd_a", "light"))
+    compute = stages._compute_code_hash
+    calls = []
+    monkeypatch.setattr(stages, "_compute_code_hash", lambda stage: calls.append(stage.name) or compute(stage))
+    stages.clear_caches()
+    first = stages.code_hash("fake")
+    assert calls == ["fake"] and (pkg / "__pycache__" / stages.CODE_HASH_CACHE).is_file()
+    stages.clear_caches()  # a new process: read back, nothing parsed
+    assert stages.code_hash("fake") == first and calls == ["fake"]
+    # an edit the stage does not depend on: computed again, the same hash
+    (pkg / "unrelated.py").write_text("X = 2\n")
+    stages.clear_caches()
+    assert stages.code_hash("fake") == first and calls == ["fake", "fake"]
+    # an edit it depends on (two modules away): a new hash, cached in turn
+    (pkg / "sub" / "helper.py").write_text("def helper():\n    return 2\n")
+    stages.clear_caches()
+    second = stages.code_hash("fake")
+    assert second != first and calls == ["fake"] * 3
+    stages.clear_caches()
+    assert stages.code_hash("fake") == second and calls == ["fake"] * 3
+    # a damaged cache file or a package it cannot write to: computed, never an error
+    (pkg / "__pycache__" / stages.CODE_HASH_CACHE).write_text("{not json")
+    stages.clear_caches()
+    assert stages.code_hash("fake") == second and calls == ["fake"] * 4
+    monkeypatch.setattr(stages.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(PermissionError("read-only")))
+    (pkg / "__pycache__" / stages.CODE_HASH_CACHE).unlink()
+    stages.clear_caches()
+    assert stages.code_hash("fake") == second and calls == ["fake"] * 5
+    stages.clear_caches()
+
+
 # ---------------------------------------------------------------------- config composition
 
 

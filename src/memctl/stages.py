@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -252,14 +255,73 @@ def code_files(name: str) -> tuple[Path, ...]:
 
 def clear_caches() -> None:
     """Forget parsed sources (after editing them in the same process, as the tests do)."""
-    for cached in (_module_file, _source, _parsed, _module_imports, _entry_closure, code_files):
+    for cached in (_module_file, _source, _parsed, _module_imports, _entry_closure, code_files, _source_digest):
         cached.cache_clear()
+
+
+#: Code hashes computed by earlier processes, kept beside Python's own bytecode cache
+#: (``SRC/__pycache__``) under the digest of every source file of the package: Snakemake parses
+#: the workflow (and hashes every stage's code, 0.8 s of parsing 60 modules) in every run and, on a
+#: cluster, in every job. Any edit to any module changes the digest and the hashes are computed
+#: again; an unwritable package (a read-only install) is simply not cached.
+CODE_HASH_CACHE = "memctl-code-hashes.json"
+
+
+@cache
+def _source_digest() -> str:
+    """sha256 of every ``.py`` file under :data:`SRC` (relative path and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(SRC.rglob("*.py")):
+        digest.update(path.relative_to(SRC).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _cached_code_hashes() -> dict[str, str]:
+    try:
+        saved = json.loads((SRC / "__pycache__" / CODE_HASH_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict) or saved.get("sources") != _source_digest() or not isinstance(saved.get("hashes"), dict):
+        return {}
+    return saved["hashes"]
+
+
+def _save_code_hash(key: str, value: str) -> None:
+    """Add one hash to the cache file (written whole and renamed into place: concurrent jobs never
+    read half a file; one of two simultaneous additions may be lost and is computed again)."""
+    folder = SRC / "__pycache__"
+    hashes = {**_cached_code_hashes(), key: value}
+    try:
+        folder.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CODE_HASH_CACHE}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"sources": _source_digest(), "hashes": hashes}, f, sort_keys=True)
+            os.replace(tmp, folder / CODE_HASH_CACHE)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass  # a read-only package: computed again in the next process
 
 
 def code_hash(name: str) -> str:
     """Short hash of the code stage ``name`` runs: the entry function with the top-level
-    definitions and imports of its module that it uses, and every module of :func:`code_files`."""
+    definitions and imports of its module that it uses, and every module of :func:`code_files`.
+    Kept between processes while no source file of the package changes (:data:`CODE_HASH_CACHE`)."""
     stage = get(name)
+    key = stage.entry
+    known = _cached_code_hashes().get(key)
+    if known is not None:
+        return known
+    value = _compute_code_hash(stage)
+    _save_code_hash(key, value)
+    return value
+
+
+def _compute_code_hash(stage: Stage) -> str:
+    name = stage.name
     digest = hashlib.sha256()
     _, lines = _source(_module_file(stage.module))
     nodes, _ = _entry_closure(stage.module, stage.function)
