@@ -230,7 +230,7 @@ def tiny_store_copy(tiny_store, tmp_path):
 #: pytest-xdist's per-file scheduling (``--dist loadfile --no-loadscope-reorder`` in pyproject.toml:
 #: files in collection order; by default xdist reorders them by their number of tests, which put the
 #: two-test SLURM file near the end) does not start a 7-minute file last. Measured 2026-12-07 on the idle 2-vCPU VM (`--durations`):
-#: test_slurm's SLURM run 460 s, test_integrity's lab and kills ~8 min together, test_cache's
+#: test_slurm's SLURM run 449 s, test_integrity's lab and kills ~8 min together, test_cache's
 #: second user 122 s, test_workflow's determinism and hub-format runs 90 s.
 LONGEST_FIRST = ("test_slurm.py", "test_integrity.py", "test_cache.py", "test_workflow.py")
 
