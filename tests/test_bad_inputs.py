@@ -136,13 +136,14 @@ def _local_raw(model_dir: Path, data: Path, **extract) -> dict:
     data.mkdir(parents=True, exist_ok=True)
     (data / "c.jsonl").write_text(json.dumps({"tokens": list(range(1, 80))}) + "\n")
     (data / "wiki.txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    (data / "c4.txt").write_text("A stitch in time saves nine, and a rolling stone gathers no moss. " * 40)
     return {
         "root": str(data / "results"), "results_dir": str(data / "results" / "tables"),
         "model": {"source": "local", "name_or_path": str(model_dir)},
         "candidates": {"source": "jsonl", "path": str(data / "c.jsonl")},
         "extract": {"preset": "32/32", **extract},
         "heldout": {"source": "text", "path": str(data / "wiki.txt"), "max_windows": 4},
-        "calibration": {"source": "text", "path": str(data / "wiki.txt"), "max_windows": 4},
+        "calibration": {"source": "text", "path": str(data / "c4.txt"), "max_windows": 4},
     }
 
 

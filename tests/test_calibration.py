@@ -139,3 +139,40 @@ def test_demo_text_is_named_where_it_is_needed(corpus, tiny_model_dir, tmp_path,
               "--demo-text", "stream"])
     assert "only for calibration.source 'demo'" in capsys.readouterr().err
     assert not (tmp_path / "w.safetensors").exists()
+
+
+def _text_windows(model_dir, tmp_path, kind: str, settings: dict, *extra: str):
+    out = tmp_path / f"{kind}.safetensors"
+    main([kind, "--model", str(model_dir), "--model-settings", '{"source": "local"}',
+          "--settings", json.dumps(settings), *extra, "--out", str(out)])
+    from safetensors.numpy import load_file
+
+    return load_file(str(out))["windows"], json.loads(sidecar_path(out).read_text())
+
+
+def test_calibration_on_the_held_out_text_drops_the_held_out_windows(tiny_model_dir, tmp_path, capsys):
+    """`memctl init` without --calibration reads one file for both: the calibration windows then share
+    no 16-token run with a held-out window (checked with tuples, not the stage's own index), so the
+    masks are not fitted on the text their held-out perplexity is measured on."""
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    text = tmp_path / "heldout.txt"  # random letters: no 16-token run repeats by chance
+    text.write_text(" ".join("".join(rng.choice(letters, size=5)) for _ in range(1500)))
+    source = {"source": "text", "path": str(text), "context_length": CTX}
+    held, _ = _text_windows(tiny_model_dir, tmp_path, "heldout", {**source, "max_windows": 20})
+    cal, prov = _text_windows(tiny_model_dir, tmp_path, "calibration", {**source, "max_windows": 500, "seed": 0},
+                              "--heldout-windows", str(tmp_path / "heldout.safetensors"), "--disjoint-ngram", str(N))
+    every = len(cal) + prov["dropped_for_heldout_overlap"]["windows"]
+    held_runs = {tuple(w[i:i + N]) for w in held.tolist() for i in range(len(w) - N + 1)}
+    assert not any(tuple(w[i:i + N]) in held_runs for w in cal.tolist() for i in range(len(w) - N + 1))
+    # the two stages cut the same token stream into the same 32-token windows: exactly the first 20 go
+    assert prov["dropped_for_heldout_overlap"] == {"windows": 20, "of": every, "ngram": N,
+                                                           "heldout": str(tmp_path / "heldout.safetensors")}
+    assert every > 20 and len(cal) == every - 20
+    assert prov["inputs"]["heldout_windows"]["path"] == str(tmp_path / "heldout.safetensors")
+    # a held-out section that takes the whole text leaves calibration nothing: an error naming the fix
+    _text_windows(tiny_model_dir, tmp_path, "heldout", source)
+    with pytest.raises(SystemExit):
+        _text_windows(tiny_model_dir, tmp_path / "x", "calibration", {**source, "seed": 0},
+                      "--heldout-windows", str(tmp_path / "heldout.safetensors"))
+    assert "heldout.max_windows" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -77,6 +77,7 @@ def family_run(request, tmp_path_factory, tiny_tokenizer_dir):
     pd.DataFrame({"id": [f"s{i}" for i in range(8)], "prefix_ids": list(prefixes), "suffix_ids": suffixes}
                  ).to_parquet(tmp / "cands.parquet")
     (tmp / "text.txt").write_text("The quick brown fox jumps over the lazy dog. 0123456789 " * 30)
+    (tmp / "c4.txt").write_text("A stitch in time saves nine, and a rolling stone gathers no moss. 42 " * 30)
     cfg_path = tmp / "config.yaml"
     import yaml
 
@@ -89,7 +90,7 @@ def family_run(request, tmp_path_factory, tiny_tokenizer_dir):
         # GPT-Neo / GPT-2 have only CONTEXT learned positions (the plan refuses a prompt that does not fit)
         "heldout": {"source": "text", "path": str(tmp / "text.txt"), "context_length": CONTEXT - 8},
         "csp": {"prompt_length": 4, "steps": 2, "batch_size": 4},
-        "calibration": {"source": "text", "path": str(tmp / "text.txt")},
+        "calibration": {"source": "text", "path": str(tmp / "c4.txt")},
         "resources": {"threads": 1},
         "curvature": {
             "data": {"max_tokens": 256, "batch_size": 4},

@@ -58,6 +58,23 @@ def test_init_writes_a_valid_commented_config_with_sizes_from_the_data(initializ
     assert text.count("#") > 20  # every choice has its reason beside it
 
 
+def test_one_text_for_held_out_and_calibration_is_split_in_two(initialized, tiny_tokenizer):
+    """No --calibration: the held-out file is both texts, so the held-out windows are its first half
+    and calibration reads the other (the calibration stage drops every window sharing a run with a
+    held-out one: tests/test_calibration.py); no edit is fitted on its own held-out text."""
+    from memctl.config import load_config
+
+    _, out, _ = initialized
+    cfg = load_config(str(out))
+    assert cfg["calibration"]["path"] == cfg["heldout"]["path"] == str((EXAMPLES / "heldout.txt").resolve())
+    windows = len(tiny_tokenizer((EXAMPLES / "heldout.txt").read_text())["input_ids"]) // 64  # the model's context
+    assert windows >= 32  # enough for 16 on each side
+    assert cfg["heldout"]["context_length"] is None and cfg["calibration"]["context_length"] is None
+    assert cfg["heldout"]["max_windows"] == windows // 2
+    assert cfg["calibration"]["max_windows"] == windows - windows // 2
+    assert "the calibration stage drops every" in out.read_text()
+
+
 def test_init_refuses_to_overwrite_and_names_bad_input(initialized, tiny_model_dir, tmp_path):
     work, out, _ = initialized
     before = out.read_text()

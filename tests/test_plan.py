@@ -154,6 +154,28 @@ def test_a_user_text_is_one_calibration_for_every_consumer(tmp_path):
         "edit": next(iter(plan.stage("train_mask").jobs))}).inputs["calibration"]
 
 
+def test_calibration_on_the_held_out_text_drops_the_held_out_windows(tmp_path):
+    """One text for held-out and calibration (`memctl init` without --calibration): the calibration
+    job reads the held-out windows and drops those it shares a run with; a different text, or the
+    demo's, keeps its job as it was. With the n-gram check off the plan refuses."""
+    (tmp_path / "heldout.txt").write_text("text " * 100)
+    (tmp_path / "c4.txt").write_text("other " * 100)
+    same = {"source": "text", "path": str(tmp_path / "heldout.txt")}
+    plan = tiny(lambda c: c.update(heldout=dict(same), calibration={**same, "path": str(tmp_path / "." / "heldout.txt")}))
+    (job,) = plan.stage("calibration").jobs.values()
+    heldout = plan.job("heldout").outputs["windows"]
+    assert job.inputs["heldout_windows"] == heldout == _flag(job, "--heldout-windows")
+    assert _flag(job, "--disjoint-ngram") == "16"
+    other = tiny(lambda c: c.update(heldout=dict(same), calibration={**same, "path": str(tmp_path / "c4.txt")}))
+    (plain,) = other.stage("calibration").jobs.values()
+    assert "heldout_windows" not in plain.inputs and "--heldout-windows" not in plain.args
+    assert job.key != plain.key  # its own artifact
+    demo = tiny()
+    assert all("heldout_windows" not in j.inputs for j in demo.stage("calibration").jobs.values())
+    with pytest.raises(ConfigError, match="same text as heldout .* extract.disjoint_ngram 0"):
+        tiny(lambda c: (c.update(heldout=dict(same), calibration=dict(same)), c["extract"].update(disjoint_ngram=0)))
+
+
 def test_the_calibration_ablation_is_a_second_kfac_chain_with_labels_that_say_so():
     before = tiny()
     plan = tiny(lambda c: c["curvature"].update(ablations={"calibration_without_memories": True}))

@@ -245,14 +245,17 @@ def test_dag_on_a_local_hf_model_with_file_sources(tmp_path, tiny_model_dir, tin
     pd.DataFrame(
         {"id": [f"s{i}" for i in range(12)], "prefix_ids": list(prefixes), "suffix_ids": suffixes}
     ).to_parquet(tmp_path / "cands.parquet")
-    (tmp_path / "heldout.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    # one text for held-out and calibration, as `memctl init` writes it without --calibration: the
+    # calibration stage drops the held-out windows (random words: no 16-token run repeats by chance)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=5)) for _ in range(600)]
+    (tmp_path / "heldout.txt").write_text(" ".join(words))
     work = tmp_path / "work"
     (work / "config").mkdir(parents=True)
     cfg = {
         "model": {"source": "local", "name_or_path": str(tiny_model_dir)},
         "candidates": {"source": "parquet", "path": str(tmp_path / "cands.parquet")},
         "extract": {"preset": "32/32", "test_fraction": 0.5},
-        "heldout": {"source": "text", "path": str(tmp_path / "heldout.txt")},
+        "heldout": {"source": "text", "path": str(tmp_path / "heldout.txt"), "max_windows": 8},
         "calibration": {"source": "text", "path": str(tmp_path / "heldout.txt")},
         "resources": {"threads": 1},
         # One job of each edit family (every rule runs), a few steps each: this test is about the
@@ -275,3 +278,13 @@ def test_dag_on_a_local_hf_model_with_file_sources(tmp_path, tiny_model_dir, tin
     assert metrics["model"] == tiny_model_dir.name and metrics["n_examples"] == 3
     assert metrics["exact_er"] == 1.0 and metrics["heldout_tokens"] > 0
     assert "| all | unknown | 12 | 0.500 |" in (work / "results" / "tables" / "extraction_by_copies.md").read_text()
+    # the held-out windows (the text's first 8, of 64 - 20 tokens: CSP's prompt is reserved) are no
+    # calibration text: the calibration windows (64 tokens) they cover, and the one they end in
+    # (32 of its tokens are held-out text, more than a 16-token run), were dropped
+    (held_dir,) = work.glob(f"results/{tiny_model_dir.name}/heldout-*")
+    held = json.loads((held_dir / "windows.safetensors.meta.json").read_text())
+    assert (held["windows"], held["context_length"]) == (8, 44)
+    (cal_dir,) = work.glob(f"results/{tiny_model_dir.name}/calibration-*")
+    prov = json.loads((cal_dir / "windows.safetensors.meta.json").read_text())
+    assert prov["context_length"] == 64 and prov["dropped_for_heldout_overlap"]["windows"] == 8 * 44 // 64 + 1
+    assert prov["windows"] == prov["dropped_for_heldout_overlap"]["of"] - 6 > 0

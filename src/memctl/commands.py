@@ -176,7 +176,8 @@ def _write_windows(args, kind: str) -> None:
         _check_demo_text(settings, getattr(args, "demo_text", None))
     model_settings = _model_settings(args)
     inputs = {"model": args.model, "corpus": args.corpus, "path": settings.get("path"),
-              **{f"exclude[{i}]": p for i, p in enumerate(getattr(args, "exclude", None) or [])}}
+              **{f"exclude[{i}]": p for i, p in enumerate(getattr(args, "exclude", None) or [])},
+              **({"heldout_windows": args.heldout_windows} if getattr(args, "heldout_windows", None) else {})}
     with stage(kind, settings, inputs, outputs=[args.out]) as prov:
         tokenizer = load_tokenizer(args.model, model_settings)
         vocab_size, model_ctx = model_limits(args.model, model_settings)
@@ -243,6 +244,8 @@ def _calibration_windows(args, settings, tokenizer, ctx: int, prov):
         texts, sep = text_documents(settings, args.corpus, "calibration", demo_split="train")
         windows = heldout_windows(texts, sep, tokenizer, ctx)
         prov.extra["text"] = settings["source"]
+    if getattr(args, "heldout_windows", None):
+        windows = _without_heldout(windows, args.heldout_windows, int(args.disjoint_ngram), prov)
     exclude = list(getattr(args, "exclude", None) or [])
     n = int(args.disjoint_ngram) if exclude else 0
     index = None
@@ -271,6 +274,32 @@ def _calibration_windows(args, settings, tokenizer, ctx: int, prov):
                     "%d", len(windows), ctx, budget)
         prov.extra["short_of_max_windows"] = int(budget) - int(len(windows))
     return windows
+
+
+def _without_heldout(windows, heldout: str, n: int, prov):
+    """``windows`` without those sharing an ``n``-token run with a held-out window (the planner passes
+    ``--heldout-windows`` when the calibration and held-out sections read the same text): the
+    held-out perplexity is then measured on text no edit was fitted on."""
+    from safetensors.numpy import load_file
+
+    from memctl import overlap
+    from memctl.data import DataError
+
+    if n <= 0:
+        raise DataError("calibration: --heldout-windows needs --disjoint-ngram above 0 (the run length that counts "
+                        "as shared text)")
+    held = load_file(heldout)["windows"]
+    hit = overlap.overlapping(windows, overlap.ngram_index(held, n), n)
+    prov.extra["dropped_for_heldout_overlap"] = {"windows": int(hit.sum()), "of": int(len(windows)), "ngram": n,
+                                                 "heldout": heldout}
+    if hit.all():
+        raise DataError(f"calibration: all {len(windows)} windows of the calibration text share a {n}-token run with "
+                        f"the {len(held)} held-out windows of {heldout} (the two sections read the same text); set "
+                        "heldout.max_windows below the windows the text gives, or give calibration other text")
+    if hit.any():
+        log.info("calibration: dropped %d of %d windows that share a %d-token run with the held-out windows (the same "
+                 "text); %d left", int(hit.sum()), len(windows), n, int((~hit).sum()))
+    return windows[~hit]
 
 
 def cmd_heldout(args) -> None:
@@ -594,6 +623,9 @@ def register(subparsers) -> None:
             model_args, arg("--corpus", default=None), settings_arg("the `calibration` subsection (JSON)"),
             arg("--exclude", nargs="*", default=[],
                 help="test tables (memorized_test, er_test): windows sharing a run of tokens with them are dropped"),
+            arg("--heldout-windows", default=None,
+                help="the held-out windows (.safetensors) when calibration reads the same text: windows sharing a "
+                     "run of tokens with them are dropped"),
             arg("--disjoint-ngram", type=int, default=16, help="that run's length in tokens (0 = keep all)"),
             arg("--demo-text", choices=["stream", "documents"], default=None,
                 help="source demo: the training stream (documents and canary copies, as pretrained on; K-FAC) or "

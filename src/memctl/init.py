@@ -269,10 +269,26 @@ def build_config(model: str, memories: str, heldout: str, calibration: str | Non
     cal_path = Path(calibration) if calibration else held_path
     cal_source = _text_source(cal_path, "--calibration") if calibration else held_source
     held_tokens = _text_tokens(held_path, held_source, tokenizer)
-    held_ctx, held_why = _window_length(held_tokens, dims.context_length)
-    cal_tokens = held_tokens if cal_path == held_path else _text_tokens(cal_path, cal_source, tokenizer)
-    cal_ctx, cal_why = _window_length(cal_tokens, dims.context_length)
-    cal_windows = min(512, max(1, cal_tokens // (cal_ctx or dims.context_length)))
+    shared = cal_path.resolve() == held_path.resolve()
+    held_max: int | None = None
+    if shared:
+        # one text for both: the held-out windows are its first half, the calibration stage drops them
+        # (every window sharing extract.disjoint_ngram tokens with one), so no edit is fitted on the
+        # text its held-out perplexity is measured on
+        held_ctx, _ = _window_length(held_tokens // 2, dims.context_length)
+        length = held_ctx or dims.context_length
+        total = held_tokens // length
+        held_max = max(1, total // 2)
+        held_why = (f"{held_tokens} tokens: {total} windows of "
+                    + (f"the model's {length}-token context" if held_ctx is None else f"{length} tokens")
+                    + f", half of them held out (at least {MIN_WINDOWS} each where the text allows)")
+        cal_ctx, cal_why = held_ctx, "the held-out windows' length (the same text)"
+        cal_windows = min(512, max(1, total - held_max))
+    else:
+        held_ctx, held_why = _window_length(held_tokens, dims.context_length)
+        cal_tokens = _text_tokens(cal_path, cal_source, tokenizer)
+        cal_ctx, cal_why = _window_length(cal_tokens, dims.context_length)
+        cal_windows = min(512, max(1, cal_tokens // (cal_ctx or dims.context_length)))
     params = dims.num_parameters
     batch = _batch(params)
     n_layers = dims.num_layers
@@ -329,13 +345,17 @@ def build_config(model: str, memories: str, heldout: str, calibration: str | Non
         f"  source: {held_source}",
         f"  path: {_yaml(str(held_path.resolve()))}",
         f"  context_length: {_yaml(held_ctx)}" + f"   # {held_why}",
+        *([f"  max_windows: {held_max}           # the text's first {held_max} windows; calibration reads the rest"]
+          if shared else []),
         "",
         "calibration:               # K-FAC factors, masks and the pruning baselines fit on this text"
-        + ("" if calibration else "; --calibration not given: the held-out file (give other text for a real run)"),
+        + ("" if not shared else "; the held-out file (no other --calibration text given): the calibration "
+           "stage drops every window sharing extract.disjoint_ngram tokens with a held-out window"),
         f"  source: {cal_source}",
         f"  path: {_yaml(str(cal_path.resolve()))}",
         f"  context_length: {_yaml(cal_ctx)}" + f"   # {cal_why}",
-        f"  max_windows: {cal_windows}          # all the text gives, at most 512",
+        f"  max_windows: {cal_windows}          # "
+        + ("the windows left after the held-out ones, at most 512" if shared else "all the text gives, at most 512"),
         "",
         "evaluate:",
         f"  batch_size: {batch['evaluate']}",

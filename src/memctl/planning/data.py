@@ -4,7 +4,10 @@ asked for them, the calibration texts (:func:`plan_calibration`)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import PurePosixPath
+from typing import Any
 
 from memctl.config import ConfigError, resolve_bf16, settings_hash
 from memctl.planning.context import Base, Calibration, Context, Corpus, Data, FamilyPlan
@@ -158,20 +161,66 @@ def calibration_windows(ctx: Context, consumer: str, without_memories: bool = Fa
     text = ("documents" if without_memories else cfg["calibration"]["demo_text"][consumer]) if demo else None
     n = data.disjoint_ngram
     exclude = [*data.evaluated, *([data.tables["memorized"]] if without_memories else [])] if n > 0 else []
+    # the held-out perplexity must not be measured on text the edits were fitted on
+    heldout = data.heldout if same_text(cfg["heldout"], cfg["calibration"]) else None
+    if heldout and n == 0:
+        raise ConfigError(f"calibration: reads the same text as heldout ({text_source(cfg['heldout'])}), and with "
+                          "extract.disjoint_ngram 0 nothing keeps the held-out windows out of the calibration windows; "
+                          "set extract.disjoint_ngram (default 16) or give calibration other text")
     h = settings_hash(m.key, settings, *([{"demo_text": text}] if demo else []),
-                      *([data.extract_hash, n, [PurePosixPath(p).stem for p in exclude]] if exclude else []))
+                      *([data.extract_hash, n, [PurePosixPath(p).stem for p in exclude]] if exclude else []),
+                      *([{"heldout_windows": PurePosixPath(heldout).parent.name, "disjoint_ngram": n}] if heldout else []))
     out = f"{m.dir}/calibration-{h}/windows.safetensors"
-    extra = ("--exclude", *exclude, "--disjoint-ngram", str(n)) if exclude else ()
+    extra = ("--exclude", *exclude) if exclude else ()
+    extra += ("--heldout-windows", heldout) if heldout else ()
+    extra += ("--disjoint-ngram", str(n)) if exclude or heldout else ()
     extra += ("--demo-text", text) if demo else ()
     job = Job(
         "calibration", h,
-        {**m.inputs, **data.corpus.inputs(cfg, "calibration"), **({"exclude": exclude} if exclude else {})},
+        {**m.inputs, **data.corpus.inputs(cfg, "calibration"), **({"exclude": exclude} if exclude else {}),
+         **({"heldout_windows": heldout} if heldout else {})},
         {"windows": out},
         (*model_args(m), *data.corpus.args(cfg, "calibration"), "--settings", as_json(settings), *extra, "--out", out),
         ctx.base.log("calibration", h), ctx.base.bench("calibration", h),
-        dict(settings, **({"demo_text": text} if demo else {}), exclude=[PurePosixPath(p).stem for p in exclude]),
+        dict(settings, **({"demo_text": text} if demo else {}), exclude=[PurePosixPath(p).stem for p in exclude],
+             **({"heldout_windows": PurePosixPath(heldout).parent.name} if heldout else {})),
     )
     return Calibration(consumer, without_memories, out, h, job)
+
+
+#: The keys that say which text a text section (``heldout``, ``calibration``) reads, per source (the
+#: others keep their schema defaults, which differ between the two sections).
+TEXT_IDENTITY = {"text": ("path",), "jsonl": ("path", "text_column"), "parquet": ("path", "text_column"),
+                 "hf": ("hf_name", "hf_config", "hf_split", "hf_revision", "text_column")}
+
+
+def same_text(heldout: Mapping[str, Any], calibration: Mapping[str, Any]) -> bool:
+    """Whether the held-out and calibration sections read the same text (not ``demo``: its held-out
+    documents and its training text are different tables). Then the calibration windows must drop
+    the held-out ones, or the masks and pruning baselines are fitted on the text the held-out
+    perplexity is measured on (``memctl init`` without ``--calibration`` writes such a config)."""
+    source = heldout["source"]
+    if source not in TEXT_IDENTITY or calibration["source"] != source:
+        return False
+
+    def key(section: Mapping[str, Any]) -> tuple:
+        values = {k: section.get(k) for k in TEXT_IDENTITY[source]}
+        if values.get("path"):
+            values["path"] = os.path.realpath(str(values["path"]))
+        if "text_column" in values:
+            values["text_column"] = values["text_column"] or "text"
+        return tuple(values.items())
+
+    return key(heldout) == key(calibration)
+
+
+def text_source(section: Mapping[str, Any]) -> str:
+    """A text section's source in words (an error message's)."""
+    if section.get("path"):
+        return f"{section['source']} {section['path']}"
+    if section.get("hf_name"):
+        return f"hf {section['hf_name']} {section.get('hf_config') or ''} {section.get('hf_split') or ''}".strip()
+    return str(section["source"])
 
 
 def calibration_used(ctx: Context) -> dict[str, str]:
