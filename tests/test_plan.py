@@ -412,13 +412,26 @@ def test_code_hashes_are_kept_between_processes_until_any_source_changes(tmp_pat
     stages.clear_caches()
     assert stages.code_hash("fake") == second and calls == ["fake"] * 3
     # a damaged cache file or a package it cannot write to: computed, never an error
-    (pkg / "__pycache__" / stages.CODE_HASH_CACHE).write_text("{not json")
+    cache = pkg / "__pycache__" / stages.CODE_HASH_CACHE
+    cache.write_text("{not json")
     stages.clear_caches()
     assert stages.code_hash("fake") == second and calls == ["fake"] * 4
-    monkeypatch.setattr(stages.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(PermissionError("read-only")))
-    (pkg / "__pycache__" / stages.CODE_HASH_CACHE).unlink()
+    # a write that fails half way (after its temporary sibling exists) removes that sibling and
+    # nothing else of the folder: Python's own bytecode beside it stays
+    (pkg / "__pycache__" / "fake.cpython-311.pyc").write_bytes(b"bytecode")
+    cache.unlink()  # (the test's own file: the next write has to create it)
+    import memctl.store.atomic as atomic
+
+    def fail(path):
+        assert path.name.startswith(".") and path.is_file()  # the temporary sibling, written
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(atomic, "fsync_tree", fail)
     stages.clear_caches()
     assert stages.code_hash("fake") == second and calls == ["fake"] * 5
+    left = sorted(p.name for p in (pkg / "__pycache__").iterdir())
+    assert not [n for n in left if stages.CODE_HASH_CACHE in n], left  # no cache, no temporary leftover
+    assert (pkg / "__pycache__" / "fake.cpython-311.pyc").read_bytes() == b"bytecode"
     stages.clear_caches()
 
 

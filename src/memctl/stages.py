@@ -17,8 +17,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -288,20 +286,14 @@ def _cached_code_hashes() -> dict[str, str]:
 
 
 def _save_code_hash(key: str, value: str) -> None:
-    """Add one hash to the cache file (written whole and renamed into place: concurrent jobs never
-    read half a file; one of two simultaneous additions may be lost and is computed again)."""
-    folder = SRC / "__pycache__"
-    hashes = {**_cached_code_hashes(), key: value}
+    """Add one hash to the cache file with the store's atomic write (a temporary sibling renamed
+    into place; a writer killed half way leaves a leftover the next write removes): concurrent jobs
+    never read half a file; one of two simultaneous additions may be lost and is computed again."""
+    from memctl.store import write_json
+
     try:
-        folder.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CODE_HASH_CACHE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"sources": _source_digest(), "hashes": hashes}, f, sort_keys=True)
-            os.replace(tmp, folder / CODE_HASH_CACHE)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_json(SRC / "__pycache__" / CODE_HASH_CACHE,
+                   {"sources": _source_digest(), "hashes": {**_cached_code_hashes(), key: value}})
     except OSError:
         pass  # a read-only package: computed again in the next process
 
